@@ -1,0 +1,160 @@
+"""The `regcache` command: a thin layer over the Python API (each command calls one function)."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .features import DEFAULT_FEATURES, FEATURES
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def _kv(pairs: tuple[str, ...]) -> dict:
+    """``depth=2`` -> {"depth": 2}: values are parsed as JSON when they can be."""
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise click.BadParameter(f"{p!r} is not KEY=VALUE")
+        k, v = p.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return ""
+
+
+cache_option = click.option("--cache", type=click.Path(path_type=Path), envvar="REGCACHE_CACHE",
+                            default=None, show_envvar=True,
+                            help="Cache root for feature sets [default: ~/.cache/regcache].")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="regcache")
+def main() -> None:
+    """Cache frozen-ViT token features once, then probe them as often as you like.
+
+    \b
+    regcache extract --model vitl_reg --data manifests/imagenet1k-val.yaml
+    regcache ls
+    """
+
+
+@main.command()
+@click.option("--model", "-m", required=True,
+              help="Alias (vits, vitb, vitl, vitg, and *_reg with registers) or any timm ViT name[.tag].")
+@click.option("--data", "-d", required=True,
+              help="Manifest (manifests/NAME.yaml) or shard pattern such as 'shards/train-{000..099}.tar'.")
+@click.option("--features", "-f", default=None, metavar="LIST",
+              help=f"Comma list of {', '.join(FEATURES)} [default: {','.join(DEFAULT_FEATURES)}, "
+                   "those the model has].")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Local weights (.safetensors, or a torch file read weights-only) instead of the hub.")
+@click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
+              help="Extra timm.create_model argument (part of the fingerprint), e.g. depth=2.")
+@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--workers", "-j", default=4, show_default=True, help="DataLoader decode workers.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda if present).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Forward-pass precision (autocast).")
+@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+              show_default=True, help="Stored dtype.")
+@click.option("--size", default=224, show_default=True, help="Crop size (pixels).")
+@click.option("--resize", default=256, show_default=True, help="Shorter side is resized to this before the crop.")
+@click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest"]), default="bicubic",
+              show_default=True)
+@click.option("--mean", default="0.485,0.456,0.406", show_default=True)
+@click.option("--std", default="0.229,0.224,0.225", show_default=True)
+@click.option("--views", default=1, show_default=True,
+              help="Rows per image: view 0 is the plain crop, views 1.. are seeded random-resized crops.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the augmented views.")
+@cache_option
+@click.option("--store", type=click.Path(path_type=Path), default=None,
+              help="Write to this feature-set directory instead of the fingerprinted path under --cache.")
+@click.option("--part", default=0, show_default=True, help="With --num-parts: which part of the shards to do.")
+@click.option("--num-parts", default=1, show_default=True,
+              help="Split the shards into this many parts (array jobs); the last part to finish writes the index.")
+@click.option("--unit-rows", type=int, default=None,
+              help="Rows reserved per shard [default: the largest shard, from the manifest or tar headers].")
+@click.option("--allow-pipe", is_flag=True, help="Permit 'pipe:' shard URLs, which run shell commands.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
+def extract(model, data, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
+            resize, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
+            quiet):
+    """Stream DATA through MODEL once and store its token features.
+
+    Every shard is committed whole; rerunning skips what is committed and retries what failed.
+    A feature set that already holds these features is reused with no backbone work.
+    Exit status 1 if any shard failed.
+    """
+    from .extract import ExtractConfig, default_cache_root
+    from .extract import extract as run
+    from .features import parse_features
+    from .models import Preprocess
+
+    _setup_logging(quiet)
+    floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
+    try:
+        cfg = ExtractConfig(
+            model=model, data=data, features=parse_features(features) if features else None,
+            cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
+            preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=floats(mean),
+                                  std=floats(std), views=views, seed=seed),
+            precision=precision, dtype=dtype, batch_size=batch_size, workers=workers, device=device, part=part,
+            num_parts=num_parts, unit_rows=unit_rows, allow_pipe=allow_pipe, progress=not quiet)
+        res = run(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    state = "complete" if res.complete else "incomplete"
+    click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
+               f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
+               f"skipped, {res.seconds:.1f} s; {state} store {res.path}")
+    for shard, reason in res.failed_shards.items():
+        click.echo(f"  failed shard {shard}: {reason}", err=True)
+    if res.failed_shards:
+        sys.exit(1)
+
+
+@main.command("ls")
+@cache_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per feature set, for other tools.")
+def ls(cache, as_json):
+    """List the feature sets under the cache root."""
+    from .extract import default_cache_root
+    from .store import list_feature_sets
+
+    root = cache or default_cache_root()
+    rows = []
+    for fs in list_feature_sets(root):
+        m = fs.meta
+        rows.append({"path": str(fs.path), "model": m["model"]["name"], "dataset": m["dataset"]["name"],
+                     "features": ",".join(fs.features), "rows": len(fs.index), "failed": len(fs.errors),
+                     "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
+                     "bytes": fs.nbytes(), "created": m["provenance"]["created"], "fingerprint": fs.fingerprint})
+    if as_json:
+        for r in rows:
+            click.echo(json.dumps(r))
+        return
+    if not rows:
+        click.echo(f"no feature sets under {root}")
+        return
+    head = ("model", "dataset", "features", "rows", "failed", "units", "size", "created", "path")
+    table = [head] + [(r["model"], r["dataset"], r["features"], str(r["rows"]), str(r["failed"]), r["units"],
+                       _human(r["bytes"]), r["created"], str(Path(r["path"]).relative_to(root)))
+                      for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    for t in table:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())

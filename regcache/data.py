@@ -1,0 +1,343 @@
+"""Datasets: manifests and shard lists, WebDataset streaming, decoding, and per-sample errors.
+
+Each input shard is one unit of work. A worker streams one shard at a time and yields `Batch`es
+that never mix shards; the last batch of a shard carries its failed samples, or the reason the
+whole shard failed, so that the writer can commit the shard or nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from braceexpand import braceexpand
+from PIL import Image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+ROLES = ("id-train", "id-val", "ood-gen", "anomaly")
+
+
+class DataError(ValueError):
+    """A manifest or shard list that cannot be used; the message names the file and the field."""
+
+
+class SampleError(ValueError):
+    """One sample that cannot be used (its key and reason go to the errors table)."""
+
+
+# --------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset split, as extraction needs it. ``shards`` are expanded URLs in their fixed order."""
+
+    name: str
+    shards: tuple[str, ...]
+    counts: tuple[int | None, ...] | None = None  # per shard; None where unknown
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    label_key: str | None = "cls"
+    label_field: str | None = None
+    classes: tuple[str, ...] | None = None
+    role: str | None = None
+    split: str | None = None
+    subset: tuple[str, ...] | None = None
+    source: str = ""  # the manifest text or the pattern as given, before ${VARS}: what the digest hashes
+
+    @property
+    def digest(self) -> str:
+        """Identifies the data independently of where ``${VARS}`` point on this machine."""
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    def shard_name(self, unit: int) -> str:
+        return Path(self.shards[unit].split("::")[0]).name if not self.shards[unit].startswith("pipe:") \
+            else self.shards[unit]
+
+
+def expand_vars(text: str, where: str) -> str:
+    """``${NAME}`` from the environment; an unset one is an error naming it."""
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise DataError(f"{where}: environment variable ${{{m.group(1)}}} is not set")
+        return os.environ[m.group(1)]
+
+    return re.sub(r"\$\{(\w+)\}", sub, text)
+
+
+def expand_shards(spec: str | Sequence[str], where: str = "shards") -> tuple[str, ...]:
+    """A brace pattern, a list of patterns, or a comma-free path list -> the ordered shard URLs."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for p in patterns for u in braceexpand(expand_vars(str(p), where))]
+    if not urls:
+        raise DataError(f"{where}: no shard")
+    return tuple(urls)
+
+
+def load_dataset(data: str | os.PathLike, name: str | None = None) -> Dataset:
+    """A manifest (``*.yaml``/``*.yml``) or a shard pattern such as ``data/train-{000..009}.tar``."""
+    text = str(data)
+    if text.endswith((".yaml", ".yml")):
+        return load_manifest(text)
+    shards = expand_shards(text.split(" ") if " " in text else text)
+    default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
+    return Dataset(name=name or default, shards=shards, source=text)
+
+
+def load_manifest(path: str | os.PathLike) -> Dataset:
+    """Read a manifest (DESIGN §4); every malformed field is an error that names it and the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    text = path.read_text()
+    try:
+        m = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(m, dict):
+        raise DataError(f"{path}: a manifest is a mapping of fields")
+
+    def field_(key: str, types: type | tuple[type, ...], required: bool = False) -> Any:
+        if key not in m or m[key] is None:
+            if required:
+                raise DataError(f"{path}: missing field '{key}'")
+            return None
+        if not isinstance(m[key], types):
+            names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise DataError(f"{path}: field '{key}' must be {names}, got {type(m[key]).__name__}")
+        return m[key]
+
+    unknown = set(m) - {"name", "split", "role", "shards", "counts", "image", "label", "classes",
+                        "classes_file", "subset", "subset_file", "description", "source"}
+    if unknown:
+        raise DataError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
+    name = field_("name", str, required=True)
+    shards = expand_shards(field_("shards", (str, list), required=True), f"{path}: field 'shards'")
+    counts = field_("counts", list)
+    if counts is not None and (len(counts) != len(shards) or not all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise DataError(f"{path}: field 'counts' must list one non-negative integer per shard ({len(shards)})")
+    role = field_("role", str)
+    if role is not None and role not in ROLES:
+        raise DataError(f"{path}: field 'role' is {role!r}; one of {', '.join(ROLES)}")
+    image = field_("image", str) or ";".join(IMAGE_KEYS)
+    label = field_("label", str)
+    label_key, label_field = label, None
+    if label and label.startswith("json:"):
+        label_key, label_field = "json", label[len("json:"):]
+    classes = _name_list(m, "classes", path)
+    subset = _name_list(m, "subset", path)
+    if subset is not None and role == "anomaly":
+        raise DataError(f"{path}: an anomaly set has no class subset")
+    return Dataset(name=name, shards=shards, counts=tuple(counts) if counts else None,
+                   image_keys=tuple(k.strip().lower() for k in image.split(";") if k.strip()),
+                   label_key=label_key if role != "anomaly" else None, label_field=label_field,
+                   classes=classes, role=role, split=field_("split", str), subset=subset, source=text)
+
+
+def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:
+    """An inline list under ``key`` or a one-name-per-line file under ``key_file`` (relative to the manifest)."""
+    if m.get(key) is not None and m.get(f"{key}_file") is not None:
+        raise DataError(f"{path}: give '{key}' or '{key}_file', not both")
+    if m.get(f"{key}_file") is not None:
+        f = path.parent / str(m[f"{key}_file"])
+        if not f.is_file():
+            raise DataError(f"{path}: field '{key}_file': {f} does not exist")
+        return tuple(line.strip() for line in f.read_text().splitlines() if line.strip())
+    if m.get(key) is None:
+        return None
+    if not isinstance(m[key], list) or not all(isinstance(c, (str, int)) for c in m[key]):
+        raise DataError(f"{path}: field '{key}' must be a list of names")
+    return tuple(str(c) for c in m[key])
+
+
+def count_samples(url: str) -> int | None:
+    """Samples in a local tar, from its headers alone (seeks past the data); None if unreadable or remote."""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        with tarfile.open(url, "r:") as tar:
+            keys = {base_plus_ext(m.name)[0] for m in tar if m.isreg() and not Path(m.name).name.startswith("__")}
+    except (tarfile.TarError, OSError):
+        return None
+    return len(keys - {None})
+
+
+# --------------------------------------------------------------------------- decoding
+
+def decode_image(sample: dict, image_keys: Sequence[str]) -> Image.Image:
+    """The sample's image as RGB; corrupt, empty, odd-mode and decompression-bomb images raise SampleError."""
+    ext = next((k for k in image_keys if k in sample), None)
+    if ext is None:
+        raise SampleError(f"no image (looked for {', '.join(image_keys)}; has {', '.join(_exts(sample))})")
+    data = sample[ext]
+    if not data:
+        raise SampleError(f"zero-length .{ext}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+            if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "I;16", "I", "F"):
+                raise SampleError(f"unsupported image mode {img.mode}")
+            return img.convert("RGB")
+    except SampleError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError(f"decompression bomb: {e}") from e
+    except Exception as e:
+        raise SampleError(f"cannot decode .{ext}: {type(e).__name__}: {e}") from e
+
+
+def decode_label(sample: dict, ds: Dataset) -> int:
+    """Class index, checked against the class list; -1 for unlabelled sets."""
+    if ds.label_key is None:
+        return -1
+    if ds.label_key not in sample:
+        raise SampleError(f"no label .{ds.label_key} (has {', '.join(_exts(sample))})")
+    raw = sample[ds.label_key]
+    try:
+        value = json.loads(raw)[ds.label_field] if ds.label_field else raw.decode().strip()
+        label = int(value)
+        if str(label) != str(value).strip():
+            raise ValueError
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, json.JSONDecodeError):
+        shown = raw[:40].decode(errors="replace") if isinstance(raw, bytes) else raw
+        raise SampleError(f"label {shown!r} is not an integer" +
+                          (f" in json field '{ds.label_field}'" if ds.label_field else "")) from None
+    if label < 0 or (ds.classes is not None and label >= len(ds.classes)):
+        top = f"0..{len(ds.classes) - 1}" if ds.classes else "0.."
+        raise SampleError(f"label {label} outside {top}")
+    return label
+
+
+def _exts(sample: dict) -> list[str]:
+    return [k for k in sample if not k.startswith("__")]
+
+
+# --------------------------------------------------------------------------- streaming
+
+@dataclass
+class Batch:
+    """Up to ``batch_size`` rows of one unit (shard); ``end`` closes the unit with its accounting."""
+
+    unit: int
+    images: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    views: list[int] = field(default_factory=list)
+    end: bool = False
+    samples: int = 0                       # on `end`: samples read from the shard
+    errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason)
+    shard_error: str | None = None         # on `end`: the shard failed as a whole
+
+    def pin_memory(self) -> "Batch":
+        return replace(self, images=self.images.pin_memory()) if self.images is not None else self
+
+
+def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
+    """WebDataset samples of one shard; reading errors propagate (the unit fails)."""
+    from webdataset.tariterators import tarfile_samples
+
+    if url.startswith("pipe:") and not allow_pipe:
+        raise DataError(f"{url}: 'pipe:' URLs run shell commands; pass --allow-pipe to permit them")
+    if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
+        raise DataError(f"{url}: no such file")
+    return tarfile_samples([{"url": url}])
+
+
+class UnitStream(torch.utils.data.IterableDataset):
+    """Streams the given units (shard indices) split across DataLoader workers, shard by shard.
+
+    ``transform(img, view, key)`` makes one view; each sample gives ``views`` rows.
+    """
+
+    def __init__(self, ds: Dataset, units: Sequence[int], transform: Callable[..., torch.Tensor],
+                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False):
+        self.ds, self.units, self.transform = ds, list(units), transform
+        self.views, self.batch_size, self.allow_pipe = views, batch_size, allow_pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.units if info is None else self.units[info.id::info.num_workers]
+        for unit in mine:
+            yield from self.read_unit(unit)
+
+    def read_unit(self, unit: int) -> Iterator[Batch]:
+        url, ds = self.ds.shards[unit], self.ds
+        rows: list[tuple[str, int, int, torch.Tensor]] = []
+        errors: list[tuple[str, str]] = []
+        seen: set[str] = set()
+        n = 0
+        try:
+            for sample in open_shard(url, self.allow_pipe):
+                key = sample["__key__"]
+                n += 1
+                try:
+                    if key in seen:
+                        raise SampleError("duplicate key in shard")
+                    seen.add(key)
+                    img, label = decode_image(sample, ds.image_keys), decode_label(sample, ds)
+                    rows.extend((key, label, v, self.transform(img, v, key)) for v in range(self.views))
+                except SampleError as e:
+                    errors.append((key, str(e)))
+                while len(rows) >= self.batch_size:
+                    yield self._batch(unit, rows[: self.batch_size])
+                    rows = rows[self.batch_size:]
+            expected = ds.counts[unit] if ds.counts else None  # known counts catch a cut at a file boundary
+            if expected is not None and n != expected:
+                raise DataError(f"expected {expected} samples, read {n} (truncated or changed shard?)")
+        except Exception as e:  # the shard as a whole: missing, truncated, unreadable
+            yield Batch(unit=unit, end=True, samples=n, shard_error=f"{type(e).__name__}: {e}")
+            return
+        if rows:
+            yield self._batch(unit, rows)
+        yield Batch(unit=unit, end=True, samples=n, errors=errors)
+
+    @staticmethod
+    def _batch(unit: int, rows: list) -> Batch:
+        keys, labels, views, images = zip(*rows)
+        return Batch(unit=unit, images=torch.stack(images), keys=list(keys), labels=list(labels), views=list(views))
+
+
+# --------------------------------------------------------------------------- writing shards
+
+def write_shards(samples: Iterable[tuple[str, Any, int | None]], pattern: str, per_shard: int = 1000,
+                 ext: str = "png") -> list[str]:
+    """Write ``(key, image, label)`` triples as WebDataset tars ``pattern % i``; byte-identical on rerun.
+
+    ``image`` is a PIL image, a uint8 array (H, W[, C]) or encoded bytes; ``label`` None for unlabelled sets.
+    """
+    import numpy as np
+    import webdataset as wds
+
+    paths: list[str] = []
+    writer = None
+    for i, (key, image, label) in enumerate(samples):
+        if i % per_shard == 0:
+            if writer is not None:
+                writer.close()
+            paths.append(pattern % len(paths))
+            Path(paths[-1]).parent.mkdir(parents=True, exist_ok=True)
+            writer = wds.TarWriter(paths[-1], mtime=0.0, encoder=False)
+        if not isinstance(image, bytes):
+            img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+            buf = io.BytesIO()
+            img.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper()))
+            image = buf.getvalue()
+        record = {"__key__": key, ext: image}
+        if label is not None:
+            record["cls"] = str(int(label)).encode()
+        writer.write(record)
+    if writer is not None:
+        writer.close()
+    return paths

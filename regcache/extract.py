@@ -1,0 +1,257 @@
+"""Stage 1: stream a dataset through a frozen ViT once and store every token feature.
+
+data (workers decode shard by shard) -> tokens (one forward pass) -> store (a writer thread
+commits whole units). Re-running skips committed units; a feature set that already holds the
+features asked for is reused without any backbone work.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .data import Dataset, UnitStream, count_samples, load_dataset
+from .features import TokenLayout, select_features
+from .models import ModelSpec, Preprocess, load_model, state_dict_digest
+from .store import SCHEMA_VERSION, FeatureSet, feature_set_path, find_reusable, fingerprint
+from .tokens import layout_of, token_features
+
+log = logging.getLogger("regcache")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = ("float16", "float32", "bfloat16")
+FALLBACK_UNIT_ROWS = 10_000
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("REGCACHE_CACHE", Path.home() / ".cache" / "regcache"))
+
+
+@dataclass
+class ExtractConfig:
+    """Everything `extract` needs; the CLI fills it from flags."""
+
+    model: str
+    data: str
+    features: tuple[str, ...] | None = None
+    cache: Path = field(default_factory=default_cache_root)
+    store: Path | None = None
+    checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    precision: str = "fp32"
+    dtype: str = "float16"
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    part: int = 0
+    num_parts: int = 1
+    unit_rows: int | None = None
+    allow_pipe: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if not 0 <= self.part < self.num_parts:
+            raise ValueError(f"part {self.part} is not in 0..{self.num_parts - 1}")
+
+
+@dataclass
+class ExtractResult:
+    """What a run did: the store, its counts, and what failed (a non-empty ``failed_shards`` means exit 1)."""
+
+    path: Path
+    fingerprint: str
+    ok: int = 0      # rows in the store (all parts), after this run
+    failed: int = 0  # samples in its errors table
+    failed_shards: dict[str, str] = field(default_factory=dict)
+    units_done: int = 0
+    units_skipped: int = 0
+    seconds: float = 0.0
+    reused: bool = False
+    complete: bool = False
+
+
+def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...]) -> dict:
+    """What determines the content of a feature set; its hash names the store."""
+    return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
+            "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
+            "features": sorted(features), "dataset": ds.digest}
+
+
+def shard_counts(ds: Dataset) -> list[int | None]:
+    """Samples per shard: from the manifest, else from local tar headers (None where unknown)."""
+    return list(ds.counts) if ds.counts else [count_samples(u) for u in ds.shards]
+
+
+def unit_capacity(cfg: ExtractConfig, counts: list[int | None]) -> int:
+    """Rows per unit: given, else the largest shard's samples times the views, else a fallback."""
+    if cfg.unit_rows:
+        return cfg.unit_rows
+    known = [c for c in counts if c is not None]
+    return max(1, max(known) if known else FALLBACK_UNIT_ROWS) * cfg.preprocess.views
+
+
+def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, layout: TokenLayout,
+               features: tuple[str, ...], identity: dict) -> dict:
+    import timm
+    import zarr
+
+    counts = shard_counts(ds)
+    return {
+        "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(identity), "identity": identity,
+        "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
+        "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
+        "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
+                  "weights_digest": digest, "kwargs": spec.kwargs},
+        "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
+        "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
+                    "urls": list(ds.shards), "counts": counts,
+                    "role": ds.role, "split": ds.split, "classes": list(ds.classes) if ds.classes else None,
+                    "subset": list(ds.subset) if ds.subset else None},
+        "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "regcache": __version__, "timm": timm.__version__, "torch": torch.__version__,
+                       "zarr": zarr.__version__, "python": platform.python_version(),
+                       "host": socket.gethostname(), "command": sys.argv},
+    }
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class _UnitBuffer:
+    """The rows of one unit as they arrive, until the unit is complete."""
+
+    def __init__(self, limit: int):
+        self.limit, self.parts, self.records, self.overflow = limit, [], [], False
+
+    def add(self, feats: dict[str, np.ndarray], keys, labels, views) -> None:
+        if len(self.records) + len(keys) > self.limit:
+            self.overflow = True
+            return
+        self.parts.append(feats)
+        self.records.extend(zip(keys, labels, views))
+
+    def arrays(self, layout: TokenLayout, names) -> dict[str, np.ndarray]:
+        return {n: np.concatenate([p[n] for p in self.parts]) if self.parts else np.zeros((0, *layout.shape(n)))
+                for n in names}
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
+    t0 = time.perf_counter()
+    ds = load_dataset(cfg.data)
+    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
+    model = load_model(spec, cfg.preprocess.size)
+    digest = state_dict_digest(model)
+    layout = layout_of(model)
+    features = select_features(cfg.features, layout)
+    identity = identity_of(spec, digest, cfg, ds, features)
+    fp = fingerprint(identity)
+
+    if cfg.store is None:
+        reuse = find_reusable(cfg.cache, identity)
+        if reuse is not None:
+            log.info("cached: %s already holds %s for %s on %s; no backbone work",
+                     reuse.path, ",".join(reuse.features), cfg.model, ds.name)
+            return ExtractResult(path=reuse.path, fingerprint=reuse.fingerprint, ok=len(reuse.index),
+                                 failed=len(reuse.errors), reused=True, complete=True,
+                                 units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
+    path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
+    fs = FeatureSet.create(path, build_meta(cfg, spec, digest, ds, layout, features, identity))
+
+    # counts found when the store was made let every later run detect a truncated or changed shard
+    ds = replace(ds, counts=tuple(fs.meta["dataset"]["counts"]))
+    mine = [u for u in range(len(ds.shards)) if u % cfg.num_parts == cfg.part]
+    done = fs.committed_units()
+    pending = [u for u in mine if u not in done]
+    result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending))
+    if pending:
+        log.info("extracting %d of %d shards of %s with %s into %s (%d already committed)",
+                 len(pending), len(ds.shards), ds.name, cfg.model, fs.path, result.units_skipped)
+        _run(cfg, model, layout, features, ds, fs, pending, result)
+    else:
+        log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
+    result.complete = fs.finalize()
+    stored = FeatureSet(fs.path)  # re-read: other parts may have committed meanwhile
+    result.ok, result.failed = len(stored.index), len(stored.errors)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ...], ds: Dataset,
+         fs: FeatureSet, pending: list[int], result: ExtractResult) -> None:
+    from tqdm import tqdm
+
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views,
+                        batch_size=cfg.batch_size, allow_pipe=cfg.allow_pipe)
+    workers = min(cfg.workers, len(pending))
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         pin_memory=device.type == "cuda",
+                                         persistent_workers=False, prefetch_factor=4 if workers else None)
+    autocast = PRECISIONS[cfg.precision]
+    store_dtype = fs.dtype
+    known = [ds.counts[u] for u in pending if ds.counts[u] is not None]
+    total = sum(known) * cfg.preprocess.views if len(known) == len(pending) else None
+    bar = tqdm(total=total, unit="img" if cfg.preprocess.views == 1 else "view", disable=not cfg.progress,
+               desc=f"{cfg.model} {ds.name}", dynamic_ncols=True, smoothing=0.1)
+    buffers: dict[int, _UnitBuffer] = {}
+    writes: list[tuple[int, Future]] = []
+
+    def settle(keep: int) -> None:  # bounded queue between compute and store writes
+        while len(writes) > keep:
+            unit, fut = writes.pop(0)
+            try:
+                fut.result()
+                result.units_done += 1
+            except Exception as e:
+                result.failed_shards[ds.shard_name(unit)] = f"{type(e).__name__}: {e}"
+                fs.fail_unit(unit, str(e))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writer") as writer:
+        for batch in loader:
+            buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
+            if batch.images is not None and not buf.overflow:
+                images = batch.images.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    out = token_features(model, images, layout, features)
+                buf.add({k: v.to(torch.float32).cpu().numpy().astype(store_dtype) for k, v in out.items()},
+                        batch.keys, batch.labels, batch.views)
+                bar.update(len(batch.keys))
+            if not batch.end:
+                continue
+            buffers.pop(batch.unit)
+            name = ds.shard_name(batch.unit)
+            reason = batch.shard_error or (f"more than {fs.unit_rows} rows in one unit; recreate the store with "
+                                           "a larger --unit-rows" if buf.overflow else None)
+            if reason:
+                log.error("shard %s failed: %s", name, reason)
+                result.failed_shards[name] = reason
+                fs.fail_unit(batch.unit, reason)
+                continue
+            for key, why in batch.errors:
+                log.warning("skipped %s in %s: %s", key, name, why)
+            writes.append((batch.unit, writer.submit(fs.commit_unit, batch.unit, buf.arrays(layout, features),
+                                                     buf.records, batch.errors)))
+            settle(keep=2)
+        settle(keep=0)
+    bar.close()

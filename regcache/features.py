@@ -1,0 +1,92 @@
+"""The token features of DESIGN §2: names, shapes and the token layout that splits them.
+
+This is the one place that knows which features exist. It imports nothing heavy, so the probe
+stage can use it without torch models or timm.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+#: name -> what it is (shown by `--help` and `regcache ls`)
+FEATURES: dict[str, str] = {
+    "cls": "[CLS] token after the final norm, [D]",
+    "patch": "mean of the patch tokens after the final norm (muP), [D]",
+    "reg": "mean of the register tokens after the final norm (muR), [D]",
+    "reg_all": "every register token after the final norm, [M, D]",
+    "norms": "L2 norm of every token before the final norm, [T] in layout order",
+}
+#: stored when the user names none: every cheap one
+DEFAULT_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
+
+
+class FeatureError(ValueError):
+    """A feature name that does not exist, or does not exist for this model."""
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Token order of a ViT's output: ``[cls?, reg_1..reg_M, patch_1..patch_L]``, patches row-major."""
+
+    has_cls: bool
+    num_reg: int
+    grid: tuple[int, int]
+    dim: int
+
+    @property
+    def num_prefix(self) -> int:
+        return int(self.has_cls) + self.num_reg
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefix + self.num_patches
+
+    def available(self) -> tuple[str, ...]:
+        absent = ({"cls"} if not self.has_cls else set()) | ({"reg", "reg_all"} if not self.num_reg else set())
+        return tuple(f for f in FEATURES if f not in absent)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Per-sample shape of a stored feature."""
+        shapes = {"cls": (self.dim,), "patch": (self.dim,), "reg": (self.dim,),
+                  "reg_all": (self.num_reg, self.dim), "norms": (self.num_tokens,)}
+        return shapes[name]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenLayout":
+        return cls(has_cls=bool(d["has_cls"]), num_reg=int(d["num_reg"]), grid=tuple(d["grid"]), dim=int(d["dim"]))
+
+
+def parse_features(spec: str | Iterable[str]) -> tuple[str, ...]:
+    """``"cls,reg"`` or ``["cls", "reg"]`` -> ``("cls", "reg")``: order kept, duplicates dropped, names checked."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        if not name:
+            continue
+        if name not in FEATURES:
+            raise FeatureError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise FeatureError("no feature named")
+    return tuple(out)
+
+
+def select_features(requested: Iterable[str] | None, layout: TokenLayout) -> tuple[str, ...]:
+    """The features to store for a model: the default set keeps those the model has; an explicit
+    request for a token type the model lacks is an error, never zeros."""
+    if requested is None:
+        return tuple(f for f in DEFAULT_FEATURES if f in layout.available())
+    names = parse_features(requested)
+    missing = [f for f in names if f not in layout.available()]
+    if missing:
+        what = "no class token" if "cls" in missing else "no register tokens"
+        raise FeatureError(f"the model has {what}, so it has no {', '.join(missing)}")
+    return names
