@@ -122,6 +122,8 @@ def extract(model, data, features, checkpoint, model_arg, batch_size, workers, d
     click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
                f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
                f"skipped, {res.seconds:.1f} s; {state} store {res.path}")
+    if res.stream_seconds:
+        click.echo(f"  streamed {res.units_done} shards in {res.stream_seconds:.1f} s")
     for shard, reason in res.failed_shards.items():
         click.echo(f"  failed shard {shard}: {reason}", err=True)
     if res.failed_shards:

@@ -85,7 +85,7 @@ def load_dataset(data: str | os.PathLike, name: str | None = None) -> Dataset:
     text = str(data)
     if text.endswith((".yaml", ".yml")):
         return load_manifest(text)
-    shards = expand_shards(text.split(" ") if " " in text else text)
+    shards = expand_shards(text)
     default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
     return Dataset(name=name or default, shards=shards, source=text)
 
@@ -128,7 +128,7 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
     if role is not None and role not in ROLES:
         raise DataError(f"{path}: field 'role' is {role!r}; one of {', '.join(ROLES)}")
     image = field_("image", str) or ";".join(IMAGE_KEYS)
-    label = field_("label", str)
+    label = field_("label", str) or "cls"
     label_key, label_field = label, None
     if label and label.startswith("json:"):
         label_key, label_field = "json", label[len("json:"):]
@@ -244,6 +244,13 @@ class Batch:
         return replace(self, images=self.images.pin_memory()) if self.images is not None else self
 
 
+def check_pipes(ds: Dataset, allow_pipe: bool) -> None:
+    """'pipe:' URLs run shell commands: refused unless the user asked for them."""
+    pipes = [u for u in ds.shards if u.startswith("pipe:")]
+    if pipes and not allow_pipe:
+        raise DataError(f"{ds.name}: {pipes[0]!r} runs a shell command; pass --allow-pipe to permit 'pipe:' URLs")
+
+
 def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     """WebDataset samples of one shard; reading errors propagate (the unit fails)."""
     from webdataset.tariterators import tarfile_samples
@@ -297,7 +304,8 @@ class UnitStream(torch.utils.data.IterableDataset):
             if expected is not None and n != expected:
                 raise DataError(f"expected {expected} samples, read {n} (truncated or changed shard?)")
         except Exception as e:  # the shard as a whole: missing, truncated, unreadable
-            yield Batch(unit=unit, end=True, samples=n, shard_error=f"{type(e).__name__}: {e}")
+            # webdataset appends the stream and URL to args; the first is the message
+            yield Batch(unit=unit, end=True, samples=n, shard_error=f"{type(e).__name__}: {e.args[0] if e.args else e}")
             return
         if rows:
             yield self._batch(unit, rows)

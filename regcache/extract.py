@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import Dataset, UnitStream, count_samples, load_dataset
+from .data import Dataset, UnitStream, check_pipes, count_samples, load_dataset
 from .features import TokenLayout, select_features
 from .models import ModelSpec, Preprocess, load_model, state_dict_digest
 from .store import SCHEMA_VERSION, FeatureSet, feature_set_path, find_reusable, fingerprint
@@ -81,7 +81,8 @@ class ExtractResult:
     failed_shards: dict[str, str] = field(default_factory=dict)
     units_done: int = 0
     units_skipped: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0         # the whole call
+    stream_seconds: float = 0.0  # streaming: first batch to last commit (images/s = rows / this)
     reused: bool = False
     complete: bool = False
 
@@ -111,7 +112,7 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
     import timm
     import zarr
 
-    counts = shard_counts(ds)
+    counts = shard_counts(ds)  # for sizing and progress; only declared counts are checked against
     return {
         "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(identity), "identity": identity,
         "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
@@ -120,7 +121,7 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
                   "weights_digest": digest, "kwargs": spec.kwargs},
         "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
         "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
-                    "urls": list(ds.shards), "counts": counts,
+                    "urls": list(ds.shards), "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
                     "role": ds.role, "split": ds.split, "classes": list(ds.classes) if ds.classes else None,
                     "subset": list(ds.subset) if ds.subset else None},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -158,6 +159,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
     t0 = time.perf_counter()
     ds = load_dataset(cfg.data)
+    check_pipes(ds, cfg.allow_pipe)
     spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
     model = load_model(spec, cfg.preprocess.size)
     digest = state_dict_digest(model)
@@ -177,8 +179,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
     fs = FeatureSet.create(path, build_meta(cfg, spec, digest, ds, layout, features, identity))
 
-    # counts found when the store was made let every later run detect a truncated or changed shard
-    ds = replace(ds, counts=tuple(fs.meta["dataset"]["counts"]))
     mine = [u for u in range(len(ds.shards)) if u % cfg.num_parts == cfg.part]
     done = fs.committed_units()
     pending = [u for u in mine if u not in done]
@@ -186,7 +186,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if pending:
         log.info("extracting %d of %d shards of %s with %s into %s (%d already committed)",
                  len(pending), len(ds.shards), ds.name, cfg.model, fs.path, result.units_skipped)
+        t = time.perf_counter()
         _run(cfg, model, layout, features, ds, fs, pending, result)
+        result.stream_seconds = time.perf_counter() - t
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
     result.complete = fs.finalize()
@@ -210,7 +212,8 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
     autocast = PRECISIONS[cfg.precision]
     store_dtype = fs.dtype
-    known = [ds.counts[u] for u in pending if ds.counts[u] is not None]
+    sizes = fs.meta["dataset"]["sizes"]
+    known = [sizes[u] for u in pending if sizes[u] is not None]
     total = sum(known) * cfg.preprocess.views if len(known) == len(pending) else None
     bar = tqdm(total=total, unit="img" if cfg.preprocess.views == 1 else "view", disable=not cfg.progress,
                desc=f"{cfg.model} {ds.name}", dynamic_ncols=True, smoothing=0.1)

@@ -119,8 +119,9 @@ class FeatureSet:
             if (path / META).is_file():
                 old = json.loads((path / META).read_text())
                 if old["fingerprint"] != meta["fingerprint"]:
-                    diff = sorted(k for k in set(old["identity"]) | set(meta["identity"])
-                                  if old["identity"].get(k) != meta["identity"].get(k))
+                    new = json.loads(json.dumps(meta["identity"]))
+                    diff = sorted(k for k in set(old["identity"]) | set(new)
+                                  if old["identity"].get(k) != new.get(k))
                     raise StoreError(f"{path} holds a different feature set (fingerprint {old['fingerprint'][:12]}, "
                                      f"asked {meta['fingerprint'][:12]}; differs in: {', '.join(diff)}); "
                                      "refusing to mix them. Use another cache root or --store path.")
@@ -329,6 +330,7 @@ def list_feature_sets(root: str | os.PathLike) -> list[FeatureSet]:
 
 def find_reusable(root: str | os.PathLike, identity: dict) -> FeatureSet | None:
     """A complete feature set with the same identity except that it stores at least the asked features."""
+    identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
     want = set(identity["features"])
     same = {k: v for k, v in identity.items() if k != "features"}
     for fs in list_feature_sets(root):

@@ -1,0 +1,144 @@
+"""Run directories: results (Parquet, Markdown in the layout of the paper's Table I), heads, config, plots."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__, ood
+
+METRIC_LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑", "aupr_out": "AUPR-out↑"}
+
+
+def _pct(v: float) -> str:
+    return "" if pd.isna(v) else f"{100 * v:.2f}"
+
+
+def markdown(results: pd.DataFrame) -> str:
+    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, mean FPR95 and AUROC."""
+    res = results[results.role != "selection"]
+    acc = res[res.metric == "top1"]
+    ano = res[res.role == "anomaly"]
+    scorers = list(dict.fromkeys(ano.scorer)) or [""]
+    acc_sets = list(dict.fromkeys(acc.set))
+    ano_sets = [s for s in dict.fromkeys(ano.set) if s != "mean"]
+    n_of = {r.set: r.n for r in res.itertuples()}
+    seeds = ",".join(str(s) for s in sorted(set(res.seed)))
+    out = []
+    for scorer in scorers:
+        head = ["model", "features"] + [f"{s} top-1" for s in acc_sets]
+        if scorer:
+            head += [f"{s} FPR95↓" for s in ano_sets] + ["mean FPR95↓", "mean AUROC↑"]
+        lines = [f"### {'accuracy' if not scorer else 'anomaly scorer: ' + scorer} (%, seed {seeds})", "",
+                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for (model, feats), g in res.groupby(["model", "features"], sort=False):
+            get = lambda s, m, sc="": g[(g.set == s) & (g.metric == m) & (g.scorer == sc)].value  # noqa: E731
+            cells = [model, f"[{feats.replace(',', ';')}]"] + [_pct(get(s, "top1").mean()) for s in acc_sets]
+            if scorer:
+                cells += [_pct(get(s, "fpr95", scorer).mean()) for s in ano_sets]
+                cells += [_pct(get("mean", "fpr95", scorer).mean()), _pct(get("mean", "auroc", scorer).mean())]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    counts = ", ".join(f"{s}: n={n_of[s]}" for s in [*acc_sets, *ano_sets])
+    out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID "
+               "(Hendrycks & Gimpel; Liu et al.). Full numbers (AUPR, every scorer) in results.parquet.")
+    return "\n\n".join(out) + "\n"
+
+
+def save_heads(path: Path, heads: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors, info = {}, []
+    for h in heads.values():
+        tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
+        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc})
+    save_file(tensors, str(path), metadata={"heads": json.dumps(info), **{k: json.dumps(v) for k, v in meta.items()}})
+
+
+def load_heads(path: Path) -> list:
+    from safetensors import safe_open
+
+    from .probe import Head
+
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["heads"])
+        return [Head(tuple(h["features"]), h["lr"], h["wd"], f.get_tensor(f"{','.join(h['features'])}/weight"),
+                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"]) for h in info]
+
+
+def plot_scores(out: Path, scores: dict) -> list[Path]:
+    """Per anomaly set and feature combination: ROC curves and score histograms of every scorer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_pair: dict[tuple[str, str], dict] = {}
+    for (feats, name, scorer), pair in scores.items():
+        by_pair.setdefault((feats, name), {})[scorer] = pair
+    for (feats, name), per in by_pair.items():
+        stem = f"{name}__{feats.replace(',', '+')}"
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        for scorer, (a, b) in per.items():
+            fpr, tpr = ood.roc_points(a, b)
+            ax.plot(fpr, tpr, label=f"{scorer} (AUROC {100 * ood.auroc(a, b):.1f})")
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.axhline(0.95, color="grey", lw=0.5)
+        ax.set(xlabel="FPR (anomaly accepted)", ylabel="TPR (ID kept)", title=f"[{feats}] vs {name}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"roc__{stem}.png", dpi=110)
+        plt.close(fig)
+        fig, axes = plt.subplots(1, len(per), figsize=(3.2 * len(per), 3), squeeze=False)
+        for ax, (scorer, (a, b)) in zip(axes[0], per.items()):
+            bins = np.histogram_bin_edges(np.r_[a, b], bins=40)
+            ax.hist(a, bins, alpha=0.6, density=True, label="ID")
+            ax.hist(b, bins, alpha=0.6, density=True, label=name)
+            ax.set(title=scorer, xlabel="score (higher = ID)")
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"hist__{stem}.png", dpi=110)
+        plt.close(fig)
+        written += [out / f"roc__{stem}.png", out / f"hist__{stem}.png"]
+    return written
+
+
+def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
+    """Everything a run leaves: results.parquet, results.md, heads.safetensors, config.json, plots/."""
+    out.mkdir(parents=True, exist_ok=True)
+    result.results.to_parquet(out / "results.parquet", index=False)
+    (out / "results.md").write_text(markdown(result.results))
+    config = {"job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
+              "probe": asdict(cfg), "sets": result.sets,
+              "fingerprints": {k: json.loads((Path(p) / "regcache.json").read_text())["fingerprint"]
+                               for k, p in result.sets.items()},
+              "regcache": __version__, "torch": torch.__version__,
+              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_heads(out / "heads.safetensors", result.heads, {"model": job.model, "train": result.sets["train"]})
+    if plots and result.scores:
+        plot_scores(out / "plots", result.scores)
+
+
+def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
+    """The long results of several run directories (or results.parquet files), one table."""
+    frames = []
+    for r in runs:
+        p = Path(r)
+        p = p / "results.parquet" if p.is_dir() else p
+        if not p.is_file():
+            raise FileNotFoundError(f"{r}: no results.parquet")
+        df = pd.read_parquet(p)
+        df.insert(0, "run", str(p.parent))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)

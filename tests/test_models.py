@@ -1,0 +1,87 @@
+"""Model names, weight loading and real pretrained weights."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from regcache.extract import extract
+from regcache.models import ALIASES, ModelError, ModelSpec, load_model, read_checkpoint, resolve_name
+from regcache.store import FeatureSet
+
+from conftest import NOREG, REG, SHARED, SIZE, config
+
+
+def test_aliases_cover_the_dinov2_family_and_name_real_timm_models():
+    assert set(ALIASES) == {f"vit{s}{r}" for s in "sblg" for r in ("", "_reg")}
+    for alias, name in ALIASES.items():
+        arch, tag = name.split(".")
+        assert timm.is_model(arch) and tag == "lvd142m"
+        assert ("reg4" in arch) == alias.endswith("_reg")
+        assert name in timm.list_pretrained(arch + "*")
+    assert resolve_name("vit_base_patch16_224.augreg_in21k") == "vit_base_patch16_224.augreg_in21k"
+
+
+def test_unknown_model_error_lists_aliases():
+    with pytest.raises(ModelError, match="vits_reg"):
+        resolve_name("vitx")
+
+
+def test_checkpoint_that_does_not_fit_names_the_keys(noreg_ckpt):
+    with pytest.raises(ModelError, match=r"missing: reg_token"):
+        load_model(ModelSpec(REG, str(noreg_ckpt)), SIZE)
+
+
+def test_torch_checkpoints_load_weights_only(reg_ckpt, tmp_path):
+    sd = read_checkpoint(reg_ckpt)
+    torch.save({"model": sd}, tmp_path / "w.pth")
+    model = load_model(ModelSpec(REG, str(tmp_path / "w.pth")), SIZE)
+    assert torch.equal(model.cls_token, sd["cls_token"])
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"model": sd, "x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ModelError, match="weights only"):
+        load_model(ModelSpec(REG, str(tmp_path / "evil.pth")), SIZE)
+    with pytest.raises(ModelError, match="does not exist"):
+        read_checkpoint(tmp_path / "none.safetensors")
+
+
+@pytest.fixture(scope="session")
+def real_vits14(tmp_path_factory):
+    """Real DINOv2 ViT-S/14 weights from the development tool in ../shared (CI has it; the package never uses it)."""
+    tool = SHARED / "tools" / "dinov2_vits14_offline.py"
+    if not tool.is_file():
+        pytest.skip("../shared/tools is not beside this checkout")
+    out = tmp_path_factory.mktemp("real") / "vits14.safetensors"
+    subprocess.run([sys.executable, str(tool), str(out)], check=True, capture_output=True, timeout=900)
+    return out
+
+
+@pytest.mark.slow
+def test_real_weights_put_a_flipped_image_nearest_to_its_original(real_vits14, tmp_path):
+    from skimage import data as skdata
+
+    from regcache.data import write_shards
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
+    images = [np.asarray(getattr(skdata, n)()) for n in names]
+    samples = [(n, im, 0) for n, im in zip(names, images)] + [(f"{n}_flip", im[:, ::-1].copy(), 0)
+                                                              for n, im in zip(names, images)]
+    write_shards(samples, str(tmp_path / "photos-%03d.tar"), per_shard=100)
+    from regcache.models import Preprocess
+    res = extract(config(NOREG, real_vits14, str(tmp_path / "photos-000.tar"), tmp_path / "c",
+                         preprocess=Preprocess(), features=("cls", "patch")))
+    got = FeatureSet(res.path).load("cls")
+    x = got.x / np.linalg.norm(got.x, axis=1, keepdims=True)
+    sim = x @ x.T
+    n = len(names)
+    for i in range(n):
+        others = [sim[i, j] for j in range(n) if j != i]
+        assert sim[i, n + i] > max(others), names[i]

@@ -1,0 +1,81 @@
+"""Scores and metrics against independent computations (scikit-learn, brute-force loops, numpy formulas)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.special import logsumexp, softmax
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from regcache import ood
+
+
+def brute_fpr95(id_s, ood_s, tpr=0.95):
+    """Try every candidate threshold; keep the largest that accepts >= tpr of ID; count OOD at or above it."""
+    best = None
+    for t in sorted(set(id_s) | set(ood_s)):
+        if np.mean(np.asarray(id_s) >= t) >= tpr:
+            best = t
+    return float(np.mean(np.asarray(ood_s) >= best))
+
+
+scores = st.lists(st.integers(-5, 5).map(float), min_size=1, max_size=60)  # small ints: many ties
+
+
+@settings(max_examples=200, deadline=None)
+@given(id_s=scores, ood_s=scores)
+def test_metrics_match_brute_force_and_sklearn(id_s, ood_s):
+    assert ood.fpr_at_tpr(id_s, ood_s) == pytest.approx(brute_fpr95(id_s, ood_s))
+    y = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
+    s = np.r_[id_s, ood_s]
+    assert ood.auroc(id_s, ood_s) == pytest.approx(roc_auc_score(y, s))
+    assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(y, s))
+    assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - y, -s))
+
+
+def test_fpr95_hand_made_cases():
+    id_s = np.arange(1, 21, dtype=float)             # 20 ID scores 1..20; keep 19 -> threshold 2
+    assert ood.fpr_at_tpr(id_s, [0, 1, 2, 3]) == 0.5  # 2 and 3 are at or above
+    assert ood.fpr_at_tpr(id_s, [1.5]) == 0.0
+    assert ood.fpr_at_tpr(np.ones(10), [1.0, 0.0]) == 0.5  # all tied: threshold 1 keeps every ID
+    assert ood.fpr_at_tpr(id_s, [100.0]) == 1.0            # a single anomaly sample
+
+
+def test_empty_and_non_finite_scores_are_errors():
+    with pytest.raises(ValueError, match="need ID and OOD"):
+        ood.auroc([1.0], [])
+    with pytest.raises(ValueError, match="NaN"):
+        ood.fpr_at_tpr([1.0, np.nan], [0.0])
+
+
+def test_logit_scores_match_numpy_formulas():
+    z = np.random.default_rng(0).normal(size=(50, 7)) * 30  # large logits: stability matters
+    np.testing.assert_allclose(ood.msp(z), softmax(z, axis=1).max(1), rtol=1e-12)
+    np.testing.assert_allclose(ood.energy(z), logsumexp(z, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(ood.energy(z, temperature=2.0), 2 * logsumexp(z / 2, axis=1), rtol=1e-12)
+    np.testing.assert_array_equal(ood.max_logit(z), z.max(1))
+
+
+def test_roc_points_end_at_one_and_match_auroc():
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1, 1, 300), rng.normal(0, 1, 200)
+    fpr, tpr = ood.roc_points(a, b)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1
+    assert np.trapezoid(tpr, fpr) == pytest.approx(ood.auroc(a, b))
+
+
+def test_knn_and_mahalanobis_against_brute_force():
+    rng = np.random.default_rng(2)
+    train, labels = rng.normal(size=(60, 5)), rng.integers(0, 3, 60)
+    test = rng.normal(size=(9, 5))
+    n = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    for i, x in enumerate(n(test)):
+        d = np.sort(np.linalg.norm(n(train) - x, axis=1))
+        assert ood.knn_score(train, test, k=4)[i] == pytest.approx(-d[3], abs=1e-5)
+    maha = ood.Mahalanobis(train, labels)
+    means = [train[labels == c].mean(0) for c in range(3)]
+    cov = sum(np.outer(x - means[c], x - means[c]) for x, c in zip(train, labels)) / len(train)
+    inv = np.linalg.inv(cov)
+    for i, x in enumerate(test):
+        assert maha.score(test)[i] == pytest.approx(-min((x - m) @ inv @ (x - m) for m in means), rel=1e-6)

@@ -1,0 +1,122 @@
+"""The store's guarantees (DESIGN §3), checked on hand-made units without any model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from regcache.features import TokenLayout
+from regcache.store import FeatureSet, StoreError, find_reusable, fingerprint
+
+LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=3)
+FEATS = ["cls", "reg_all", "norms"]
+
+
+def make_meta(num_units: int, unit_rows: int, dtype: str = "float32", **identity) -> dict:
+    ident = {"model": "m", "dataset": "d", "features": sorted(FEATS), **identity}
+    return {"fingerprint": fingerprint(ident), "identity": ident, "features": FEATS, "layout": LAYOUT.to_dict(),
+            "dtype": dtype, "unit_rows": unit_rows, "num_units": num_units,
+            "dataset": {"shards": [f"s{u}.tar" for u in range(num_units)]}}
+
+
+def unit_data(unit: int, n: int):
+    rng = np.random.default_rng(unit)
+    arrays = {f: rng.normal(size=(n, *LAYOUT.shape(f))).astype(np.float32) for f in FEATS}
+    records = [(f"u{unit}-k{i}", int(rng.integers(0, 5)), 0) for i in range(n)]
+    return arrays, records
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sizes=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 3)), min_size=1, max_size=5),
+       order=st.randoms(use_true_random=False))
+def test_units_in_any_order_give_one_table_in_dataset_order(tmp_path_factory, sizes, order):
+    path = tmp_path_factory.mktemp("fs")
+    fs = FeatureSet.create(path, make_meta(len(sizes), unit_rows=6))
+    units = list(range(len(sizes)))
+    order.shuffle(units)
+    for i, u in enumerate(units):
+        assert not fs.complete
+        n_ok, n_bad = sizes[u]
+        arrays, records = unit_data(u, n_ok)
+        fs.commit_unit(u, arrays, records, [(f"u{u}-bad{j}", "corrupt") for j in range(n_bad)])
+        assert fs.finalize() == (i == len(units) - 1)
+    fs = FeatureSet(path)
+    idx, err = fs.index, fs.errors
+    # exactly once: ok + failed = total, no key twice
+    assert len(idx) + len(err) == sum(a + b for a, b in sizes)
+    assert not set(idx.key) & set(err.key) and idx.key.is_unique and err.key.is_unique
+    assert list(idx.key) == [f"u{u}-k{i}" for u, (n, _) in enumerate(sizes) for i in range(n)]
+    got = fs.load(FEATS, concat=False)
+    for u, (n, _) in enumerate(sizes):
+        arrays, records = unit_data(u, n)
+        sel = idx.shard == f"s{u}.tar"
+        for f in FEATS:
+            np.testing.assert_array_equal(got.x[f][sel.to_numpy()], arrays[f])
+        assert list(idx.label[sel]) == [r[1] for r in records]
+    # readable with zarr-python and pandas alone, as DESIGN §3 promises
+    index = pd.read_parquet(path / "index.parquet")
+    X = zarr.open_array(path / "features.zarr" / "cls")[:][index["row"]]
+    np.testing.assert_array_equal(X, got.x["cls"])
+
+
+def test_unit_is_invisible_until_committed_and_recommit_is_identical(tmp_path):
+    fs = FeatureSet.create(tmp_path, make_meta(2, unit_rows=4))
+    arrays, records = unit_data(0, 3)
+    fs.commit_unit(0, arrays, records)
+    assert fs.committed_units() == {0}
+    assert len(FeatureSet(tmp_path).index) == 3 and not fs.complete
+    with pytest.raises(StoreError, match="incomplete"):
+        FeatureSet(tmp_path).load("cls")
+    before = FeatureSet(tmp_path).load(FEATS, allow_incomplete=True).x
+    fs.commit_unit(0, arrays, records)  # a rerun of the same unit
+    np.testing.assert_array_equal(FeatureSet(tmp_path).load(FEATS, allow_incomplete=True).x, before)
+
+
+def test_unit_overflow_is_refused(tmp_path):
+    fs = FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
+    with pytest.raises(StoreError, match="unit-rows"):
+        fs.commit_unit(0, *unit_data(0, 3))
+    assert fs.committed_units() == set()
+
+
+def test_other_fingerprint_is_refused_and_names_the_difference(tmp_path):
+    FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
+    FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))  # same identity: opens
+    with pytest.raises(StoreError, match="differs in: model"):
+        FeatureSet.create(tmp_path, make_meta(1, unit_rows=2, model="other"))
+
+
+def test_failed_unit_is_recorded_then_cleared_by_a_commit(tmp_path):
+    fs = FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
+    fs.fail_unit(0, "truncated")
+    assert fs.failed_units() == {0: "truncated"}
+    fs.commit_unit(0, *unit_data(0, 2))
+    assert fs.failed_units() == {} and fs.finalize()
+
+
+def test_float16_padding_compresses_to_almost_nothing(tmp_path):
+    fs = FeatureSet.create(tmp_path, make_meta(2, unit_rows=5000, dtype="float16"))
+    fs.commit_unit(0, *unit_data(0, 10))
+    fs.commit_unit(1, *unit_data(1, 0))
+    stored = fs.nbytes()
+    meta = json.loads((tmp_path / "features.zarr" / "cls" / "zarr.json").read_text())
+    assert meta["data_type"] == "float16"
+    assert stored < 10_000  # 2 units x 5000 rows x (3 + 6 + 8) values x 2 bytes = 340 kB uncompressed
+
+
+def test_reuse_finds_a_superset_of_the_features(tmp_path):
+    meta = make_meta(1, unit_rows=2)
+    fs = FeatureSet.create(tmp_path / "a", meta)
+    fs.commit_unit(0, *unit_data(0, 1))
+    ident = dict(meta["identity"])
+    assert find_reusable(tmp_path, ident) is None  # incomplete sets are never reused
+    assert fs.finalize()
+    assert find_reusable(tmp_path, ident).path == fs.path
+    assert find_reusable(tmp_path, {**ident, "features": ["cls"]}).path == fs.path
+    assert find_reusable(tmp_path, {**ident, "features": ["cls", "patch"]}) is None
+    assert find_reusable(tmp_path, {**ident, "model": "other"}) is None
