@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
 
     import timm
@@ -69,7 +70,8 @@ def main() -> None:
     # the same images, decoded and preprocessed once, up front
     from PIL import Image
     pre = Preprocess()
-    tensors = torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB")) for _, b, _ in photo_samples(args.images)])
+    tensors = pre.normalize(torch.stack([pre(Image.open(io.BytesIO(b)).convert("RGB"))
+                                         for _, b, _ in photo_samples(args.images)]))
     batches = list(tensors.split(args.batch_size))
 
     def timed(fn) -> float:
@@ -91,17 +93,17 @@ def main() -> None:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return token_features(model, b, layout, features)
 
-    rounds = {"bare": [], "features": []}
-    for _ in range(2):  # interleaved, so drift hits both alike
+    pattern = str(tmp / "shards" / f"b-{{0000..{len(shards) - 1:04d}}}.tar")
+    rounds: dict[str, list[float]] = {"bare": [], "features": [], "pipeline": []}
+    for r in range(args.rounds):  # interleaved, so that drift in machine speed hits all three alike
         rounds["bare"].append(timed(bare))
         rounds["features"].append(timed(ours))
-    bare_ips, feat_ips = max(rounds["bare"]), max(rounds["features"])
-
-    pattern = str(tmp / "shards" / f"b-{{0000..{len(shards) - 1:04d}}}.tar")
-    cfg = ExtractConfig(model=args.model, checkpoint=str(tmp / "w.safetensors"), data=pattern, cache=tmp / "cache", features=features, precision=args.precision, batch_size=args.batch_size,
-                        workers=args.workers, device=args.device, progress=False)
-    res = extract(cfg)
-    pipe_ips = res.ok / res.stream_seconds  # from the first batch read to the last unit committed
+        cfg = ExtractConfig(model=args.model, checkpoint=str(tmp / "w.safetensors"), data=pattern,
+                            cache=tmp / f"cache{r}", features=features, precision=args.precision,
+                            batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False)
+        res = extract(cfg)
+        rounds["pipeline"].append(res.ok / res.stream_seconds)  # first batch read to last unit committed
+    bare_ips, feat_ips, pipe_ips = (max(rounds[k]) for k in ("bare", "features", "pipeline"))
     fs = FeatureSet(res.path)
     report = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -112,6 +114,7 @@ def main() -> None:
         "extra_cost_all_features_pct": round(100 * (bare_ips / feat_ips - 1), 2),
         "pipeline_img_s": round(pipe_ips, 2),
         "pipeline_over_bare": round(pipe_ips / bare_ips, 3),
+        "rounds_img_s": {k: [round(v, 2) for v in vs] for k, vs in rounds.items()},
         "stored_bytes_per_sample": round(fs.nbytes() / res.ok, 1),
         "raw_float16_bytes_per_sample": sum(2 * int(np.prod(fs.layout.shape(f))) for f in features),
     }

@@ -160,3 +160,119 @@ def ls(cache, as_json):
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     for t in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+
+
+def _names(values: tuple[str, ...]) -> list[str]:
+    """``--eval a,b --eval c`` -> [a, b, c]."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Alias, timm name, or fingerprint prefix of the cached sets.")
+@click.option("--features", "-f", "combos", multiple=True, required=True, metavar="LIST",
+              help="A feature combination such as cls,reg; repeat for several, all trained in one pass.")
+@click.option("--train", required=True, help="Dataset name (manifest name) or feature-set path of the ID train set.")
+@click.option("--val", default=None, help="Selection and ID-accuracy set [default: a held-out part of --train].")
+@click.option("--eval", "eval_", multiple=True, metavar="LIST", help="OOD-generalisation sets (top-1).")
+@click.option("--anomaly", multiple=True, metavar="LIST", help="Anomaly sets (FPR95, AUROC, AUPR).")
+@cache_option
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: runs/MODEL-TIME].")
+@click.option("--lr", default="0.01", show_default=True, help="Learning rates (comma list): one head each.")
+@click.option("--wd", default="0", show_default=True, help="Weight decays (comma list): one head each.")
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
+@click.option("--iterations", default=10_000, show_default=True)
+@click.option("--batch-size", default=4096, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--val-fraction", default=0.1, show_default=True, help="Held out of --train when no --val.")
+@click.option("--scorers", default="msp,energy,maxlogit", show_default=True,
+              help="Anomaly scores: msp, energy, maxlogit, knn, mahalanobis.")
+@click.option("--knn-k", default=50, show_default=True)
+@click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
+@click.option("--quiet", "-q", is_flag=True)
+def probe(model, combos, train, val, eval_, anomaly, cache, out, lr, wd, optimizer, iterations, batch_size, seed,
+          device, val_fraction, scorers, knn_k, no_plots, quiet):
+    """Train linear heads on cached features and evaluate them (never loads a backbone).
+
+    Writes results.parquet (long format), results.md (the paper's Table I layout), heads.safetensors,
+    config.json and plots/ into the run directory, and prints the tables.
+    """
+    from datetime import datetime
+
+    from .extract import default_cache_root
+    from .probe import ProbeConfig, ProbeJob, run_probe
+    from .report import write_run
+
+    _setup_logging(quiet)
+    out = out or Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    try:
+        job = ProbeJob(model=model, train=train, cache=cache or default_cache_root(), val=val, eval=_names(eval_),
+                       anomaly=_names(anomaly), scorers=tuple(_names((scorers,))), knn_k=knn_k)
+        cfg = ProbeConfig(features=list(combos), lrs=_floats(lr), wds=_floats(wd), optimizer=optimizer,
+                          iterations=iterations, batch_size=batch_size, seed=seed, device=device,
+                          val_fraction=val_fraction)
+        result = run_probe(job, cfg, progress=not quiet)
+        write_run(out, result, job, cfg, plots=not no_plots)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo((out / "results.md").read_text())
+    click.echo(f"run directory: {out}")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--eval", "eval_", multiple=True, metavar="LIST", help="OOD-generalisation sets (top-1).")
+@click.option("--anomaly", multiple=True, metavar="LIST", help="Anomaly sets.")
+@click.option("--scorers", default=None, help="Override the run's scorers.")
+@cache_option
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RUN/score-TIME]")
+def score(run, eval_, anomaly, scorers, cache, out):
+    """Apply the heads saved in RUN to further cached sets."""
+    from datetime import datetime
+
+    from .probe import score_run
+    from .report import markdown, plot_scores
+
+    _setup_logging(False)
+    out = out or run / f"score-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    try:
+        result = score_run(run, _names(eval_), _names(anomaly), _names((scorers,)) if scorers else None, cache)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    out.mkdir(parents=True, exist_ok=True)
+    result.results.to_parquet(out / "results.parquet", index=False)
+    (out / "results.md").write_text(markdown(result.results))
+    if result.scores:
+        plot_scores(out / "plots", result.scores)
+    click.echo((out / "results.md").read_text())
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write the merged table: .md for Markdown, .parquet or .csv for the long results.")
+def report(runs, out):
+    """Merge the results of several runs (directories or results.parquet files) into one table."""
+    from .report import markdown, merge
+
+    try:
+        df = merge(runs)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    text = markdown(df)
+    click.echo(text)
+    if out is None:
+        return
+    if out.suffix == ".md":
+        out.write_text(text)
+    elif out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    elif out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    else:
+        raise click.BadParameter("--out must end in .md, .csv or .parquet")

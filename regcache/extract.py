@@ -234,7 +234,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
         for batch in loader:
             buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
             if batch.images is not None and not buf.overflow:
-                images = batch.images.to(device, non_blocking=True)
+                images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     out = token_features(model, images, layout, features)
                 buf.add({k: v.to(torch.float32).cpu().numpy().astype(store_dtype) for k, v in out.items()},

@@ -66,8 +66,7 @@ class Preprocess:
         from torchvision import transforms as T
 
         interp = T.InterpolationMode(self.interpolation)
-        return T.Compose([T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.size),
-                          T.ToTensor(), T.Normalize(self.mean, self.std)])
+        return T.Compose([T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.size), T.PILToTensor()])
 
     @cached_property
     def _augment(self) -> Callable[[Any], torch.Tensor]:
@@ -75,16 +74,25 @@ class Preprocess:
 
         interp = T.InterpolationMode(self.interpolation)
         return T.Compose([T.RandomResizedCrop(self.size, interpolation=interp), T.RandomHorizontalFlip(),
-                          T.ToTensor(), T.Normalize(self.mean, self.std)])
+                          T.PILToTensor()])
 
     def __call__(self, img: Any, view: int = 0, key: str = "") -> torch.Tensor:
-        """One view of one RGB PIL image; augmented views are seeded by (seed, key, view) alone."""
+        """One view of one RGB PIL image as uint8 [3, size, size]; augmented views are seeded by (seed, key, view).
+
+        Pixels stay uint8 until `normalize`, which runs batched on the model's device.
+        """
         if view == 0:
             return self._plain(img)
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}/{key}/{view}".encode()).digest()[:8], "little")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self._augment(img)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float32, the same arithmetic as torchvision's ToTensor + Normalize."""
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return images.float().div_(255).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ is one matmul per combination, and each head keeps its own optimiser state.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -174,6 +175,25 @@ class Head:
         return ",".join(self.features)
 
 
+def save_heads(path: Path, heads: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors, info = {}, []
+    for h in heads.values():
+        tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
+        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc})
+    save_file(tensors, str(path), metadata={"heads": json.dumps(info), **{k: json.dumps(v) for k, v in meta.items()}})
+
+
+def load_heads(path: Path) -> list:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        info = json.loads(f.metadata()["heads"])
+        return [Head(tuple(h["features"]), h["lr"], h["wd"], f.get_tensor(f"{','.join(h['features'])}/weight"),
+                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"]) for h in info]
+
+
 class _Stacked:
     """SGD (momentum, cosine schedule) or AdamW over a stack of heads, each with its own lr and weight decay."""
 
@@ -250,10 +270,6 @@ def predict(logits: np.ndarray, subset: np.ndarray | None = None) -> np.ndarray:
     if subset is None:
         return logits.argmax(1)
     return np.asarray(subset)[logits[:, subset].argmax(1)]
-
-
-def restrict(logits: np.ndarray, subset: np.ndarray | None) -> np.ndarray:
-    return logits if subset is None else logits[:, subset]
 
 
 def select(heads: list[Head], val: Split) -> dict[tuple[str, ...], Head]:
@@ -367,45 +383,90 @@ class ProbeResult:
     sets: dict[str, str]                   # set name -> feature-set path
 
 
-def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
-    """Find the cached sets, train all heads together, select per combination on validation, evaluate."""
+@dataclass
+class _Data:
+    train: Split
+    val: Split
+    ood_gen: list[Split]
+    anomalies: list[Split]
+    num_classes: int
+
+    def bank(self) -> tuple[Split, np.ndarray]:
+        """View-0 training rows and their labels, for the feature-space scorers."""
+        rows = np.flatnonzero(self.train.views == 0)
+        return self.train.take(rows), self.train.labels[rows]
+
+
+def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
+    find = lambda name: find_feature_set(job.cache, name, job.model, union)  # noqa: E731
+    known = known or {}
+    sets = {"train": FeatureSet(known["train"]) if "train" in known else find(job.train)}
+    if job.val:
+        sets["val"] = FeatureSet(known["val"]) if "val" in known else find(job.val)
+    sets.update({n: find(n) for n in [*job.eval, *job.anomaly]})
+    check_compatible(sets)
+    return sets
+
+
+def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed: int,
+          val_fraction: float) -> _Data:
+    """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads."""
+    classes = sets["train"].meta["dataset"].get("classes")
+    train = load_split(sets["train"], union, job.train, views=None, id_classes=classes)
+    if train.labels.min() < 0:
+        raise ProbeError(f"{job.train} has unlabelled rows; a training set needs labels")
+    if job.val:
+        val = load_split(sets["val"], union, job.val, id_classes=classes)
+    else:
+        fit_rows, val_rows = holdout(train, val_fraction, seed)
+        val, train = train.take(val_rows, name=f"{job.train}[held-out]"), train.take(fit_rows)
+    num_classes = len(classes) if classes else int(max(train.labels.max(), val.labels.max())) + 1
+    return _Data(train, val, [load_split(sets[n], union, n, id_classes=classes) for n in job.eval],
+                 [load_split(sets[n], union, n, id_classes=classes) for n in job.anomaly], num_classes)
+
+
+def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row]):
     import pandas as pd
 
+    bank = data.bank() if any(s in ("knn", "mahalanobis") for s in job.scorers) else None
+    scores: dict = {}
+    for head in heads:
+        rows = rows + evaluate(head, data.val, data.ood_gen, data.anomalies, job.scorers, bank, job.knn_k, scores)
+    df = pd.DataFrame([asdict(r) for r in rows])
+    df.insert(0, "model", job.model)
+    df["seed"] = seed
+    return df, scores
+
+
+def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
+    """Find the cached sets, train all heads together, select per combination on validation, evaluate."""
     unknown = [s for s in job.scorers if s not in SCORERS]
     if unknown:
         raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
     union = sorted({f for combo in cfg.features for f in combo})
-    find = lambda name: find_feature_set(job.cache, name, job.model, union)  # noqa: E731
-    sets = {"train": find(job.train)}
-    if job.val:
-        sets["val"] = find(job.val)
-    sets.update({n: find(n) for n in [*job.eval, *job.anomaly]})
-    check_compatible(sets)
-    train_fs = sets["train"]
-    classes = train_fs.meta["dataset"].get("classes")
-    train = load_split(train_fs, union, job.train, views=None, id_classes=classes)
-    if job.val:
-        val = load_split(sets["val"], union, job.val, id_classes=classes)
-    else:
-        fit_rows, val_rows = holdout(train, cfg.val_fraction, cfg.seed)
-        val = train.take(val_rows, name=f"{job.train}[held-out]")
-        train = train.take(fit_rows)
-    num_classes = len(classes) if classes else int(max(train.labels.max(), val.labels.max())) + 1
-    if train.labels.min() < 0:
-        raise ProbeError(f"{job.train} has unlabelled rows; a training set needs labels")
-    candidates = train_heads(train, num_classes, cfg, progress=progress)
-    heads = select(candidates, val)
-    ood_gen = [load_split(sets[n], union, n, id_classes=classes) for n in job.eval]
-    anomalies = [load_split(sets[n], union, n, id_classes=classes) for n in job.anomaly]
-    needs_bank = any(s in ("knn", "mahalanobis") for s in job.scorers)
-    bank_rows = np.flatnonzero(train.views == 0)
-    bank = (train.take(bank_rows), train.labels[bank_rows]) if needs_bank else None
-    rows: list[Row] = [Row(h.name, val.name, "selection", "top1", h.val_acc, len(val), lr=h.lr, wd=h.wd)
-                       for h in candidates]
-    scores: dict = {}
-    for head in heads.values():
-        rows += evaluate(head, val, ood_gen, anomalies, job.scorers, bank, job.knn_k, scores)
-    df = pd.DataFrame([asdict(r) for r in rows])
-    df.insert(0, "model", job.model)
-    df["seed"] = cfg.seed
+    sets = _find_sets(job, union)
+    data = _load(job, sets, union, cfg.seed, cfg.val_fraction)
+    candidates = train_heads(data.train, data.num_classes, cfg, progress=progress)
+    heads = select(candidates, data.val)
+    selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
+                 for h in candidates]
+    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection)
     return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()})
+
+
+def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequence[str] = (),
+              scorers: Sequence[str] | None = None, cache: str | os.PathLike | None = None) -> ProbeResult:
+    """Apply a run's saved heads to further cached sets (found as the run found its own)."""
+    run = Path(run)
+    config = json.loads((run / "config.json").read_text())
+    job = ProbeJob(**{**config["job"], "cache": Path(cache or config["job"]["cache"]),
+                      "eval": list(eval), "anomaly": list(anomaly)})
+    if scorers:
+        job.scorers = tuple(scorers)
+    heads = load_heads(run / "heads.safetensors")
+    union = sorted({f for h in heads for f in h.features})
+    sets = _find_sets(job, union, known=config["sets"])
+    seed = config["probe"]["seed"]
+    data = _load(job, sets, union, seed, config["probe"]["val_fraction"])  # same held-out rows: same seed
+    df, scores = _evaluate_all(job, heads, data, seed, [])
+    return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()})

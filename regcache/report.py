@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from . import __version__, ood
+from .probe import save_heads
 
 METRIC_LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑", "aupr_out": "AUPR-out↑"}
 
@@ -24,7 +25,9 @@ def _pct(v: float) -> str:
 
 def markdown(results: pd.DataFrame) -> str:
     """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, mean FPR95 and AUROC."""
-    res = results[results.role != "selection"]
+    res = results[results.role != "selection"].copy()
+    if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart
+        res["model"] = res.model + " (" + res.run.map(lambda r: Path(r).name) + ")"
     acc = res[res.metric == "top1"]
     ano = res[res.role == "anomaly"]
     scorers = list(dict.fromkeys(ano.scorer)) or [""]
@@ -51,27 +54,6 @@ def markdown(results: pd.DataFrame) -> str:
     out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID "
                "(Hendrycks & Gimpel; Liu et al.). Full numbers (AUPR, every scorer) in results.parquet.")
     return "\n\n".join(out) + "\n"
-
-
-def save_heads(path: Path, heads: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
-
-    tensors, info = {}, []
-    for h in heads.values():
-        tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
-        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc})
-    save_file(tensors, str(path), metadata={"heads": json.dumps(info), **{k: json.dumps(v) for k, v in meta.items()}})
-
-
-def load_heads(path: Path) -> list:
-    from safetensors import safe_open
-
-    from .probe import Head
-
-    with safe_open(str(path), "pt") as f:
-        info = json.loads(f.metadata()["heads"])
-        return [Head(tuple(h["features"]), h["lr"], h["wd"], f.get_tensor(f"{','.join(h['features'])}/weight"),
-                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"]) for h in info]
 
 
 def plot_scores(out: Path, scores: dict) -> list[Path]:

@@ -299,7 +299,8 @@ class FeatureSet:
             x = np.concatenate([a.reshape(len(rows), -1) for a in out.values()], axis=1)
         else:
             x = out
-        labels, keys, vs = idx["label"].to_numpy(), idx["key"].to_numpy(zero_copy_only=False), idx["view"].to_numpy()
+        labels, vs = idx["label"].to_numpy().copy(), idx["view"].to_numpy().copy()  # writable, for torch
+        keys = idx["key"].to_numpy(zero_copy_only=False)
         if as_torch:
             import torch
 
