@@ -52,7 +52,7 @@ def main() -> None:
     import timm
     from safetensors.torch import save_file
 
-    from regcache.data import write_shards
+    from regcache.shards import write_shards
     from regcache.extract import PRECISIONS, ExtractConfig, extract, resolve_device
     from regcache.models import Preprocess
     from regcache.store import FeatureSet

@@ -49,7 +49,7 @@ class Dataset:
     role: str | None = None
     split: str | None = None
     subset: tuple[str, ...] | None = None
-    source: str = ""  # the manifest text or the pattern as given, before ${VARS}: what the digest hashes
+    source: str = ""  # what identifies the data, before ${VARS} are expanded: what the digest hashes
 
     @property
     def digest(self) -> str:
@@ -120,7 +120,10 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
     if unknown:
         raise DataError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
     name = field_("name", str, required=True)
-    shards = expand_shards(field_("shards", (str, list), required=True), f"{path}: field 'shards'")
+    raw_shards = field_("shards", (str, list), required=True)
+    # a relative local path is relative to the manifest, so shards and manifest can move together
+    shards = tuple(u if "://" in u or u.startswith("pipe:") or os.path.isabs(u) else str(path.parent / u)
+                   for u in expand_shards(raw_shards, f"{path}: field 'shards'"))
     counts = field_("counts", list)
     if counts is not None and (len(counts) != len(shards) or not all(isinstance(c, int) and c >= 0 for c in counts)):
         raise DataError(f"{path}: field 'counts' must list one non-negative integer per shard ({len(shards)})")
@@ -136,10 +139,21 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
     subset = _name_list(m, "subset", path)
     if subset is not None and role == "anomaly":
         raise DataError(f"{path}: an anomaly set has no class subset")
+    if subset is not None:
+        if classes is None:
+            raise DataError(f"{path}: field 'subset' needs the ID class list in 'classes' or 'classes_file'")
+        outside = [c for c in subset if c not in set(classes)]
+        if outside:
+            raise DataError(f"{path}: field 'subset' names classes outside the ID classes: {', '.join(outside[:5])}")
+    split = field_("split", str)
+    # what identifies the data: everything but the counts (which a scan may add) and free text
+    identity = {"name": name, "split": split, "role": role, "shards": raw_shards, "image": image, "label": label,
+                "classes": classes, "subset": subset}
     return Dataset(name=name, shards=shards, counts=tuple(counts) if counts else None,
                    image_keys=tuple(k.strip().lower() for k in image.split(";") if k.strip()),
                    label_key=label_key if role != "anomaly" else None, label_field=label_field,
-                   classes=classes, role=role, split=field_("split", str), subset=subset, source=text)
+                   classes=classes, role=role, split=split, subset=subset,
+                   source=json.dumps(identity, sort_keys=True))
 
 
 def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:
@@ -315,37 +329,3 @@ class UnitStream(torch.utils.data.IterableDataset):
     def _batch(unit: int, rows: list) -> Batch:
         keys, labels, views, images = zip(*rows)
         return Batch(unit=unit, images=torch.stack(images), keys=list(keys), labels=list(labels), views=list(views))
-
-
-# --------------------------------------------------------------------------- writing shards
-
-def write_shards(samples: Iterable[tuple[str, Any, int | None]], pattern: str, per_shard: int = 1000,
-                 ext: str = "png") -> list[str]:
-    """Write ``(key, image, label)`` triples as WebDataset tars ``pattern % i``; byte-identical on rerun.
-
-    ``image`` is a PIL image, a uint8 array (H, W[, C]) or encoded bytes; ``label`` None for unlabelled sets.
-    """
-    import numpy as np
-    import webdataset as wds
-
-    paths: list[str] = []
-    writer = None
-    for i, (key, image, label) in enumerate(samples):
-        if i % per_shard == 0:
-            if writer is not None:
-                writer.close()
-            paths.append(pattern % len(paths))
-            Path(paths[-1]).parent.mkdir(parents=True, exist_ok=True)
-            writer = wds.TarWriter(paths[-1], mtime=0.0, encoder=False)
-        if not isinstance(image, bytes):
-            img = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-            buf = io.BytesIO()
-            img.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG"}.get(ext, ext.upper()))
-            image = buf.getvalue()
-        record = {"__key__": key, ext: image}
-        if label is not None:
-            record["cls"] = str(int(label)).encode()
-        writer.write(record)
-    if writer is not None:
-        writer.close()
-    return paths

@@ -367,7 +367,8 @@ class ProbeJob:
     model: str
     train: str
     cache: Path
-    val: str | None = None
+    val: str | None = None    # selects the heads; default: a held-out part of train
+    test: str | None = None   # ID accuracy and the ID side of anomaly scores; default: the val set
     eval: list[str] = field(default_factory=list)
     anomaly: list[str] = field(default_factory=list)
     scorers: tuple[str, ...] = ("msp", "energy", "maxlogit")
@@ -387,6 +388,7 @@ class ProbeResult:
 class _Data:
     train: Split
     val: Split
+    test: Split
     ood_gen: list[Split]
     anomalies: list[Split]
     num_classes: int
@@ -401,8 +403,9 @@ def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None
     find = lambda name: find_feature_set(job.cache, name, job.model, union)  # noqa: E731
     known = known or {}
     sets = {"train": FeatureSet(known["train"]) if "train" in known else find(job.train)}
-    if job.val:
-        sets["val"] = FeatureSet(known["val"]) if "val" in known else find(job.val)
+    for role in ("val", "test"):
+        if getattr(job, role):
+            sets[role] = FeatureSet(known[role]) if role in known else find(getattr(job, role))
     sets.update({n: find(n) for n in [*job.eval, *job.anomaly]})
     check_compatible(sets)
     return sets
@@ -421,7 +424,8 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
         fit_rows, val_rows = holdout(train, val_fraction, seed)
         val, train = train.take(val_rows, name=f"{job.train}[held-out]"), train.take(fit_rows)
     num_classes = len(classes) if classes else int(max(train.labels.max(), val.labels.max())) + 1
-    return _Data(train, val, [load_split(sets[n], union, n, id_classes=classes) for n in job.eval],
+    test = load_split(sets["test"], union, job.test, id_classes=classes) if job.test else val
+    return _Data(train, val, test, [load_split(sets[n], union, n, id_classes=classes) for n in job.eval],
                  [load_split(sets[n], union, n, id_classes=classes) for n in job.anomaly], num_classes)
 
 
@@ -431,7 +435,7 @@ def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, 
     bank = data.bank() if any(s in ("knn", "mahalanobis") for s in job.scorers) else None
     scores: dict = {}
     for head in heads:
-        rows = rows + evaluate(head, data.val, data.ood_gen, data.anomalies, job.scorers, bank, job.knn_k, scores)
+        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, bank, job.knn_k, scores)
     df = pd.DataFrame([asdict(r) for r in rows])
     df.insert(0, "model", job.model)
     df["seed"] = seed

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from regcache.data import write_shards
+from regcache.shards import write_shards
 from regcache.extract import ExtractConfig
 from regcache.models import Preprocess
 

@@ -68,7 +68,7 @@ def real_vits14(tmp_path_factory):
 def test_real_weights_put_a_flipped_image_nearest_to_its_original(real_vits14, tmp_path):
     from skimage import data as skdata
 
-    from regcache.data import write_shards
+    from regcache.shards import write_shards
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry"]
     images = [np.asarray(getattr(skdata, n)()) for n in names]

