@@ -74,16 +74,24 @@ def main() -> None:
                                          for _, b, _ in photo_samples(args.images)]))
     batches = list(tensors.split(args.batch_size))
 
-    def timed(fn) -> float:
-        fn(batches[0].to(device))  # warm-up
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def paired(fns) -> list[float]:
+        """Images/s of each function, alternating them batch by batch so that drift hits all alike."""
+        for fn in fns:
+            fn(batches[0].to(device))  # warm-up
+        spent = [0.0] * len(fns)
         for b in batches:
-            fn(b.to(device, non_blocking=True))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return args.images / (time.perf_counter() - t)
+            b = b.to(device, non_blocking=True)
+            for i, fn in enumerate(fns):
+                sync()
+                t = time.perf_counter()
+                fn(b)
+                sync()
+                spent[i] += time.perf_counter() - t
+        return [args.images / s for s in spent]
 
     def bare(b):
         with torch.inference_mode(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -96,8 +104,9 @@ def main() -> None:
     pattern = str(tmp / "shards" / f"b-{{0000..{len(shards) - 1:04d}}}.tar")
     rounds: dict[str, list[float]] = {"bare": [], "features": [], "pipeline": []}
     for r in range(args.rounds):  # interleaved, so that drift in machine speed hits all three alike
-        rounds["bare"].append(timed(bare))
-        rounds["features"].append(timed(ours))
+        b_ips, f_ips = paired([bare, ours])
+        rounds["bare"].append(b_ips)
+        rounds["features"].append(f_ips)
         cfg = ExtractConfig(model=args.model, checkpoint=str(tmp / "w.safetensors"), data=pattern,
                             cache=tmp / f"cache{r}", features=features, precision=args.precision,
                             batch_size=args.batch_size, workers=args.workers, device=args.device, progress=False)

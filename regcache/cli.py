@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -90,10 +91,17 @@ def main() -> None:
 @click.option("--unit-rows", type=int, default=None,
               help="Rows reserved per shard [default: the largest shard, from the manifest or tar headers].")
 @click.option("--allow-pipe", is_flag=True, help="Permit 'pipe:' shard URLs, which run shell commands.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on long GPU runs).")
+@click.option("--finalize", is_flag=True,
+              help="Extract nothing; write the index if every part is committed, else say what is missing.")
+@click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
+              help="torchrun: start --nproc-per-node ranks on this node, one part each "
+                   "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
+@click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 def extract(model, data, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
             resize, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
-            quiet):
+            compile_, finalize, launcher, nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
@@ -105,6 +113,8 @@ def extract(model, data, features, checkpoint, model_arg, batch_size, workers, d
     from .features import parse_features
     from .models import Preprocess
 
+    if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
+        _exec_torchrun(nproc_per_node)
     _setup_logging(quiet)
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     try:
@@ -114,11 +124,12 @@ def extract(model, data, features, checkpoint, model_arg, batch_size, workers, d
             preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=floats(mean),
                                   std=floats(std), views=views, seed=seed),
             precision=precision, dtype=dtype, batch_size=batch_size, workers=workers, device=device, part=part,
-            num_parts=num_parts, unit_rows=unit_rows, allow_pipe=allow_pipe, progress=not quiet)
+            num_parts=num_parts, unit_rows=unit_rows, allow_pipe=allow_pipe, compile=compile_,
+            finalize_only=finalize, progress=not quiet)
         res = run(cfg)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    state = "complete" if res.complete else "incomplete"
+    state = "complete" if res.complete else f"incomplete ({res.missing_units} of the shards not committed yet)"
     click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
                f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
                f"skipped, {res.seconds:.1f} s; {state} store {res.path}")
@@ -128,6 +139,20 @@ def extract(model, data, features, checkpoint, model_arg, batch_size, workers, d
         click.echo(f"  failed shard {shard}: {reason}", err=True)
     if res.failed_shards:
         sys.exit(1)
+
+
+def _exec_torchrun(nproc: int) -> None:
+    """Replace this process by torchrun running the same command once per rank."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a in ("--launcher", "--nproc-per-node"):
+            skip = True
+        elif not a.startswith(("--launcher=", "--nproc-per-node=")):
+            argv.append(a)
+    os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                               "-m", "regcache", *argv])
 
 
 @main.command("ls")
@@ -391,3 +416,91 @@ def demo(out, model, size, precision, workers, quiet):
         raise click.ClickException(str(e)) from e
     click.echo((run / "results.md").read_text())
     click.echo(f"run directory: {run}")
+
+
+def _feature_sets(names: tuple[str, ...], cache: Path | None):
+    """Feature sets by path, or by the CACHE-relative name `regcache ls` prints."""
+    from .extract import default_cache_root
+    from .store import FeatureSet
+
+    root = cache or default_cache_root()
+    return [FeatureSet(n if (Path(n) / "regcache.json").is_file() else root / n) for n in names]
+
+
+@main.command()
+@click.argument("featuresets", nargs=-1, required=True)
+@cache_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("norms"), show_default=True)
+def norms(featuresets, cache, out):
+    """Token norms from the cache: histograms by token type, outliers (>98th percentile of patch norms)
+    and where they sit; several feature sets (e.g. vitl and vitl_reg) side by side.
+
+    FEATURESETS are paths, or names relative to the cache root as `regcache ls` prints them.
+    Writes norm_histograms.png, outlier_positions.png, summary.json and summary.parquet.
+    """
+    from .analysis import norms_report
+
+    try:
+        summaries = norms_report(_feature_sets(featuresets, cache), out)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for s in summaries:
+        click.echo(f"{s.name}: {s.images} images, threshold {s.threshold:.2f}, "
+                   f"{100 * s.images_with_outlier:.1f}% of images with an outlier, "
+                   f"{s.outliers_per_image:.2f} outliers per image; median norms "
+                   + ", ".join(f"{k} {v:.1f}" for k, v in s.median_norm.items()))
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.argument("featureset")
+@click.option("--keys", required=True, help="Comma list of sample keys.")
+@cache_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("featuremaps"),
+              show_default=True)
+@click.option("--no-images", is_flag=True, help="Do not look for the input images in the shards.")
+def featuremap(featureset, keys, cache, out, no_images):
+    """Patch-norm grids of chosen images (the study's feature maps), beside the inputs when the shards are at hand."""
+    from .analysis import feature_maps
+
+    try:
+        (fs,) = _feature_sets((featureset,), cache)
+        paths = feature_maps(fs, _names((keys,)), out, with_images=not no_images)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for p in paths:
+        click.echo(str(p))
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Alias or timm ViT name.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@click.option("--images", "-i", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image files (repeat the option).")
+@click.option("--registers", is_flag=True, help="Also draw each register's attention.")
+@click.option("--similarity", is_flag=True,
+              help="Also: cosine similarity of each patch embedding to its neighbours, outliers vs the rest.")
+@click.option("--size", default=224, show_default=True)
+@click.option("--resize", default=256, show_default=True)
+@click.option("--display", default=800, show_default=True, help="Pixels of each drawn map.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attention"),
+              show_default=True)
+def attention(model, checkpoint, images, registers, similarity, size, resize, display, out):
+    """Last-block attention of [CLS] (and registers) to the patches, averaged over heads, for a few images."""
+    from .analysis import attention_figure, similarity_report
+    from .models import ModelSpec, Preprocess, load_model
+    from .tokens import layout_of
+
+    try:
+        net = load_model(ModelSpec(model, checkpoint), size)
+        layout, pre = layout_of(net), Preprocess(size=size, resize=resize)
+        if registers and not layout.num_reg:
+            raise click.ClickException(f"{model} has no register tokens")
+        for p in attention_figure(net, layout, pre, [Path(i) for i in images], out, registers, display):
+            click.echo(str(p))
+        if similarity:
+            r = similarity_report(net, layout, pre, [Path(i) for i in images], out)
+            click.echo(f"neighbour similarity: outliers {r['mean_similarity_outliers']:.3f} "
+                       f"({r['outliers']} patches), normal {r['mean_similarity_normal']:.3f}")
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -59,6 +59,8 @@ class ExtractConfig:
     num_parts: int = 1
     unit_rows: int | None = None
     allow_pipe: bool = False
+    compile: bool = False
+    finalize_only: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -85,6 +87,7 @@ class ExtractResult:
     stream_seconds: float = 0.0  # streaming: first batch to last commit (images/s = rows / this)
     reused: bool = False
     complete: bool = False
+    missing_units: int = 0       # units no part has committed yet
 
 
 def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...]) -> dict:
@@ -108,14 +111,14 @@ def unit_capacity(cfg: ExtractConfig, counts: list[int | None]) -> int:
 
 
 def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, layout: TokenLayout,
-               features: tuple[str, ...], identity: dict) -> dict:
+               features: tuple[str, ...]) -> dict:
+    """Everything a new store records besides its identity (counting shard sizes may read tar headers)."""
     import timm
     import zarr
 
     counts = shard_counts(ds)  # for sizing and progress; only declared counts are checked against
     return {
-        "schema_version": SCHEMA_VERSION, "fingerprint": fingerprint(identity), "identity": identity,
-        "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
+        "schema_version": SCHEMA_VERSION, "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
         "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
         "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
                   "weights_digest": digest, "kwargs": spec.kwargs},
@@ -155,9 +158,46 @@ class _UnitBuffer:
                 for n in names}
 
 
+def launcher_part(cfg: ExtractConfig) -> ExtractConfig:
+    """Under torchrun (or any launcher that sets RANK/WORLD_SIZE), each rank is one part on its own GPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or cfg.num_parts != 1:
+        return cfg
+    device = cfg.device
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return replace(cfg, part=int(os.environ["RANK"]), num_parts=world, device=device,
+                   progress=cfg.progress and os.environ.get("RANK") == "0")
+
+
+class _Forward:
+    """The model's forward in chunks that halve when the accelerator runs out of memory (and say so)."""
+
+    def __init__(self, model, layout: TokenLayout, features: tuple[str, ...], chunk: int, compile: bool = False):
+        self.model, self.layout, self.features, self.chunk = model, layout, features, chunk
+        if compile:
+            model.forward_intermediates = torch.compile(model.forward_intermediates)
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        while True:
+            try:
+                outs = [token_features(self.model, part, self.layout, self.features)
+                        for part in images.split(self.chunk)]
+                return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+            except torch.OutOfMemoryError:
+                if self.chunk == 1:
+                    raise
+                self.chunk = max(1, self.chunk // 2)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("out of accelerator memory: the forward pass now runs in chunks of %d images "
+                            "(pass --batch-size %d to start there)", self.chunk, self.chunk)
+
+
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
     t0 = time.perf_counter()
+    cfg = launcher_part(cfg)
     ds = load_dataset(cfg.data)
     check_pipes(ds, cfg.allow_pipe)
     spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
@@ -177,11 +217,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                  failed=len(reuse.errors), reused=True, complete=True,
                                  units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
     path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
-    fs = FeatureSet.create(path, build_meta(cfg, spec, digest, ds, layout, features, identity))
+    fs = FeatureSet.create(path, identity, lambda: build_meta(cfg, spec, digest, ds, layout, features))
 
     mine = [u for u in range(len(ds.shards)) if u % cfg.num_parts == cfg.part]
     done = fs.committed_units()
-    pending = [u for u in mine if u not in done]
+    pending = [] if cfg.finalize_only else [u for u in mine if u not in done]
     result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending))
     if pending:
         log.info("extracting %d of %d shards of %s with %s into %s (%d already committed)",
@@ -194,6 +234,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     result.complete = fs.finalize()
     stored = FeatureSet(fs.path)  # re-read: other parts may have committed meanwhile
     result.ok, result.failed = len(stored.index), len(stored.errors)
+    result.missing_units = stored.num_units - len(stored.committed_units())
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -219,6 +260,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                desc=f"{cfg.model} {ds.name}", dynamic_ncols=True, smoothing=0.1)
     buffers: dict[int, _UnitBuffer] = {}
     writes: list[tuple[int, Future]] = []
+    forward = _Forward(model, layout, features, cfg.batch_size, compile=cfg.compile)
 
     def settle(keep: int) -> None:  # bounded queue between compute and store writes
         while len(writes) > keep:
@@ -236,7 +278,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
             if batch.images is not None and not buf.overflow:
                 images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    out = token_features(model, images, layout, features)
+                    out = forward(images)
                 buf.add({k: v.to(torch.float32).cpu().numpy().astype(store_dtype) for k, v in out.items()},
                         batch.keys, batch.labels, batch.views)
                 bar.update(len(batch.keys))

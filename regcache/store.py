@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -111,21 +111,27 @@ class FeatureSet:
     # ------------------------------------------------------------------ creation and writing
 
     @classmethod
-    def create(cls, path: str | os.PathLike, meta: dict) -> "FeatureSet":
-        """Create the store, or open it if it exists with the same fingerprint; refuse any other."""
+    def create(cls, path: str | os.PathLike, identity: dict, meta: dict | Callable[[], dict]) -> "FeatureSet":
+        """Create the store, or open it if it exists with the same identity; refuse any other.
+
+        ``meta`` (the layout, sizes and provenance) may be a function: it is called only when the
+        store is new, so that writers joining an existing store skip its costs.
+        """
         path = Path(path)
+        identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
+        fp = fingerprint(identity)
         path.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             if (path / META).is_file():
                 old = json.loads((path / META).read_text())
-                if old["fingerprint"] != meta["fingerprint"]:
-                    new = json.loads(json.dumps(meta["identity"]))
-                    diff = sorted(k for k in set(old["identity"]) | set(new)
-                                  if old["identity"].get(k) != new.get(k))
+                if old["fingerprint"] != fp:
+                    diff = sorted(k for k in set(old["identity"]) | set(identity)
+                                  if old["identity"].get(k) != identity.get(k))
                     raise StoreError(f"{path} holds a different feature set (fingerprint {old['fingerprint'][:12]}, "
-                                     f"asked {meta['fingerprint'][:12]}; differs in: {', '.join(diff)}); "
+                                     f"asked {fp[:12]}; differs in: {', '.join(diff)}); "
                                      "refusing to mix them. Use another cache root or --store path.")
                 return cls(path)
+            meta = {**(meta() if callable(meta) else meta), "fingerprint": fp, "identity": identity}
             cls._create_arrays(path, meta)
             (path / "units").mkdir(exist_ok=True)
             _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())

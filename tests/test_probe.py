@@ -16,7 +16,7 @@ from regcache import ood
 from regcache.cli import main
 from regcache.features import TokenLayout
 from regcache.probe import (ProbeConfig, ProbeError, Split, accuracy, load_heads, predict, train_heads)
-from regcache.store import FeatureSet, fingerprint
+from regcache.store import FeatureSet
 
 LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=4)
 
@@ -84,11 +84,11 @@ def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=Non
     ident = {"model": f"timm_{model}", "model_kwargs": {}, "weights": weights, "preprocess": {"size": 4},
              "precision": "fp32", "dtype": "float32", "features": sorted(x), "dataset": name}
     n = len(labels)
-    meta = {"fingerprint": fingerprint(ident), "identity": ident, "features": list(x), "layout": LAYOUT.to_dict(),
+    meta = {"features": list(x), "layout": LAYOUT.to_dict(),
             "dtype": "float32", "unit_rows": n, "num_units": 1,
             "model": {"name": model, "timm_name": f"timm_{model}"},
             "dataset": {"name": name, "shards": [f"{name}.tar"], "classes": classes, "subset": subset, "role": role}}
-    fs = FeatureSet.create(root / name, meta)
+    fs = FeatureSet.create(root / name, ident, meta)
     fs.commit_unit(0, x, [(f"{name}-{i}", int(l), 0) for i, l in enumerate(labels)])
     assert fs.finalize()
     return fs

@@ -11,17 +11,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from regcache.features import TokenLayout
-from regcache.store import FeatureSet, StoreError, find_reusable, fingerprint
+from regcache.store import FeatureSet, StoreError, find_reusable
 
 LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=3)
 FEATS = ["cls", "reg_all", "norms"]
 
 
-def make_meta(num_units: int, unit_rows: int, dtype: str = "float32", **identity) -> dict:
+def make_meta(num_units: int, unit_rows: int, dtype: str = "float32", **identity) -> tuple[dict, dict]:
     ident = {"model": "m", "dataset": "d", "features": sorted(FEATS), **identity}
-    return {"fingerprint": fingerprint(ident), "identity": ident, "features": FEATS, "layout": LAYOUT.to_dict(),
-            "dtype": dtype, "unit_rows": unit_rows, "num_units": num_units,
-            "dataset": {"shards": [f"s{u}.tar" for u in range(num_units)]}}
+    return ident, {"features": FEATS, "layout": LAYOUT.to_dict(), "dtype": dtype, "unit_rows": unit_rows,
+                   "num_units": num_units, "dataset": {"shards": [f"s{u}.tar" for u in range(num_units)]}}
 
 
 def unit_data(unit: int, n: int):
@@ -36,7 +35,7 @@ def unit_data(unit: int, n: int):
        order=st.randoms(use_true_random=False))
 def test_units_in_any_order_give_one_table_in_dataset_order(tmp_path_factory, sizes, order):
     path = tmp_path_factory.mktemp("fs")
-    fs = FeatureSet.create(path, make_meta(len(sizes), unit_rows=6))
+    fs = FeatureSet.create(path, *make_meta(len(sizes), unit_rows=6))
     units = list(range(len(sizes)))
     order.shuffle(units)
     for i, u in enumerate(units):
@@ -65,7 +64,7 @@ def test_units_in_any_order_give_one_table_in_dataset_order(tmp_path_factory, si
 
 
 def test_unit_is_invisible_until_committed_and_recommit_is_identical(tmp_path):
-    fs = FeatureSet.create(tmp_path, make_meta(2, unit_rows=4))
+    fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=4))
     arrays, records = unit_data(0, 3)
     fs.commit_unit(0, arrays, records)
     assert fs.committed_units() == {0}
@@ -78,21 +77,21 @@ def test_unit_is_invisible_until_committed_and_recommit_is_identical(tmp_path):
 
 
 def test_unit_overflow_is_refused(tmp_path):
-    fs = FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
+    fs = FeatureSet.create(tmp_path, *make_meta(1, unit_rows=2))
     with pytest.raises(StoreError, match="unit-rows"):
         fs.commit_unit(0, *unit_data(0, 3))
     assert fs.committed_units() == set()
 
 
 def test_other_fingerprint_is_refused_and_names_the_difference(tmp_path):
-    FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
-    FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))  # same identity: opens
+    FeatureSet.create(tmp_path, *make_meta(1, unit_rows=2))
+    FeatureSet.create(tmp_path, *make_meta(1, unit_rows=2))  # same identity: opens
     with pytest.raises(StoreError, match="differs in: model"):
-        FeatureSet.create(tmp_path, make_meta(1, unit_rows=2, model="other"))
+        FeatureSet.create(tmp_path, *make_meta(1, unit_rows=2, model="other"))
 
 
 def test_failed_unit_is_recorded_then_cleared_by_a_commit(tmp_path):
-    fs = FeatureSet.create(tmp_path, make_meta(1, unit_rows=2))
+    fs = FeatureSet.create(tmp_path, *make_meta(1, unit_rows=2))
     fs.fail_unit(0, "truncated")
     assert fs.failed_units() == {0: "truncated"}
     fs.commit_unit(0, *unit_data(0, 2))
@@ -100,7 +99,7 @@ def test_failed_unit_is_recorded_then_cleared_by_a_commit(tmp_path):
 
 
 def test_float16_padding_compresses_to_almost_nothing(tmp_path):
-    fs = FeatureSet.create(tmp_path, make_meta(2, unit_rows=5000, dtype="float16"))
+    fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=5000, dtype="float16"))
     fs.commit_unit(0, *unit_data(0, 10))
     fs.commit_unit(1, *unit_data(1, 0))
     stored = fs.nbytes()
@@ -110,10 +109,9 @@ def test_float16_padding_compresses_to_almost_nothing(tmp_path):
 
 
 def test_reuse_finds_a_superset_of_the_features(tmp_path):
-    meta = make_meta(1, unit_rows=2)
-    fs = FeatureSet.create(tmp_path / "a", meta)
+    ident, meta = make_meta(1, unit_rows=2)
+    fs = FeatureSet.create(tmp_path / "a", ident, meta)
     fs.commit_unit(0, *unit_data(0, 1))
-    ident = dict(meta["identity"])
     assert find_reusable(tmp_path, ident) is None  # incomplete sets are never reused
     assert fs.finalize()
     assert find_reusable(tmp_path, ident).path == fs.path

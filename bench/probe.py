@@ -1,0 +1,143 @@
+"""Probe speed: all heads in one pass vs one head, vs scikit-learn, and peak memory; one run.
+
+    python bench/probe.py [--rows 200000] [--dim 1024] [--classes 1000] [--iterations 20]
+
+Synthetic class-structured features shaped like ImageNet (two features of --dim each, float16,
+--classes classes) are written into a regcache store, then:
+1. time per iteration for all heads (3 combinations x 4 learning rates) / for one head;
+2. regcache vs scikit-learn's LogisticRegression (lbfgs) on a subset where sklearn finishes:
+   wall time and held-out accuracy;
+3. peak RSS of a child process that loads the set and trains all heads, over the feature bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def synthetic(rows: int, dim: int, classes: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, 2 * dim)).astype(np.float32) * 0.35
+    y = rng.integers(0, classes, rows)
+    for start in range(0, rows, 10_000):
+        sl = slice(start, min(rows, start + 10_000))
+        x = centres[y[sl]] + rng.normal(size=(sl.stop - sl.start, 2 * dim)).astype(np.float32)
+        yield x[:, :dim].astype(np.float16), x[:, dim:].astype(np.float16), y[sl]
+
+
+def write_store(path: Path, rows: int, dim: int, classes: int) -> None:
+    from regcache.features import TokenLayout
+    from regcache.store import FeatureSet
+
+    layout = TokenLayout(has_cls=True, num_reg=4, grid=(16, 16), dim=dim)
+    ident = {"model": "synthetic", "weights": "none", "features": ["cls", "patch"], "dataset": f"syn{rows}"}
+    n_units = (rows + 9999) // 10_000
+    fs = FeatureSet.create(path, ident, {
+        "features": ["cls", "patch"],
+        "layout": layout.to_dict(), "dtype": "float16", "unit_rows": 10_000, "num_units": n_units,
+        "model": {"name": "synthetic", "timm_name": "synthetic"},
+        "dataset": {"name": "syn", "shards": [f"s{u}" for u in range(n_units)], "classes": None}})
+    for u, (cls, patch, y) in enumerate(synthetic(rows, dim, classes)):
+        fs.commit_unit(u, {"cls": cls, "patch": patch}, [(f"{u}-{i}", int(l), 0) for i, l in enumerate(y)])
+    fs.finalize()
+
+
+def child_peak(path: Path, classes: int, iterations: int) -> None:
+    """Run in a fresh process: load and train all heads, print RSS numbers."""
+    from regcache.probe import ProbeConfig, load_split, train_heads
+    from regcache.store import FeatureSet
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    split = load_split(FeatureSet(path), ["cls", "patch"], "syn")
+    feat_bytes = sum(a.nbytes for a in split.x.values())
+    train_heads(split, classes, ProbeConfig(features=[("cls",), ("patch",), ("cls", "patch")],
+                                            lrs=(0.001, 0.01, 0.1, 1.0), iterations=iterations))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"baseline_kb": base, "peak_kb": peak, "feature_bytes": feat_bytes}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--sk-rows", type=int, default=10_000)
+    ap.add_argument("--sk-classes", type=int, default=100)
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child_peak(args.child, args.classes, args.iterations)
+
+    import torch
+
+    from regcache.probe import ProbeConfig, Split, accuracy, load_split, train_heads
+    from regcache.store import FeatureSet
+
+    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-probe-"))
+    t = time.perf_counter()
+    write_store(tmp / "fs", args.rows, args.dim, args.classes)
+    write_s = time.perf_counter() - t
+    t = time.perf_counter()
+    split = load_split(FeatureSet(tmp / "fs"), ["cls", "patch"], "syn")
+    load_s = time.perf_counter() - t
+
+    def per_iteration(cfg: ProbeConfig) -> float:
+        train_heads(split, args.classes, ProbeConfig(**{**cfg.__dict__, "iterations": 2}))  # warm-up
+        t = time.perf_counter()
+        train_heads(split, args.classes, cfg)
+        return (time.perf_counter() - t) / cfg.iterations
+
+    all_cfg = ProbeConfig(features=[("cls",), ("patch",), ("cls", "patch")], lrs=(0.001, 0.01, 0.1, 1.0),
+                          iterations=args.iterations)
+    one_cfg = ProbeConfig(features=[("cls", "patch")], lrs=(0.01,), iterations=args.iterations)
+    one, all_ = per_iteration(one_cfg), per_iteration(all_cfg)
+    flops_one = 3 * 2 * all_cfg.batch_size * 2 * args.dim * args.classes  # forward + 2 backward matmuls
+
+    # scikit-learn on a subset: same features, held-out accuracy
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    keep = np.flatnonzero(split.labels < args.sk_classes)[: 2 * args.sk_rows]
+    rng.shuffle(keep)
+    tr, te = keep[: args.sk_rows], keep[args.sk_rows:]
+    xtr, xte = split.combo(["cls", "patch"], tr).numpy(), split.combo(["cls", "patch"], te).numpy()
+    t = time.perf_counter()
+    sk = LogisticRegression(max_iter=300).fit(xtr, split.labels[tr])
+    sk_s, sk_acc = time.perf_counter() - t, sk.score(xte, split.labels[te])
+    sub = split.take(tr)
+    cfg = ProbeConfig(features=[("cls", "patch")], lrs=(0.1,), wds=(1 / len(tr),), iterations=300, batch_size=1024)
+    t = time.perf_counter()
+    head = train_heads(sub, args.sk_classes, cfg)[0]
+    ours_s = time.perf_counter() - t
+    ours_acc = accuracy(head.logits(split.take(te)), split.labels[te])
+
+    child = subprocess.run([sys.executable, __file__, "--child", str(tmp / "fs"), "--classes", str(args.classes),
+                            "--iterations", "5"], capture_output=True, text=True, check=True)
+    mem = json.loads(child.stdout.strip().splitlines()[-1])
+    print(json.dumps({
+        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads",
+        "rows": args.rows, "dim_per_feature": args.dim, "classes": args.classes, "batch": all_cfg.batch_size,
+        "store_write_s": round(write_s, 1), "store_load_s": round(load_s, 1),
+        "one_head_s_per_it": round(one, 3), "all_12_heads_s_per_it": round(all_, 3),
+        "all_over_one": round(all_ / one, 2),
+        "all_over_one_flops": round((1 + 1 + 2) * 4 / 2, 1),
+        "one_head_gflop_s": round(flops_one / one / 1e9, 1),
+        "sklearn_subset": f"{args.sk_rows} rows x {2 * args.dim} dims x {args.sk_classes} classes",
+        "sklearn_s": round(sk_s, 1), "sklearn_acc": round(sk_acc, 4),
+        "regcache_s": round(ours_s, 1), "regcache_acc": round(ours_acc, 4), "speedup": round(sk_s / ours_s, 1),
+        "peak_rss_over_feature_bytes": round((mem["peak_kb"] - mem["baseline_kb"]) * 1024 / mem["feature_bytes"], 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""Norm, outlier, feature-map and attention analyses against hand-made cases and direct computations."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from regcache import analysis
+from regcache.cli import main
+from regcache.extract import extract
+from regcache.features import TokenLayout
+from regcache.models import Preprocess
+from regcache.store import FeatureSet
+from regcache.tokens import layout_of
+
+from conftest import NOREG, REG, SIZE, config, make_shards
+
+REG_LAYOUT = TokenLayout(has_cls=True, num_reg=4, grid=(3, 4), dim=8)
+NOREG_LAYOUT = TokenLayout(has_cls=True, num_reg=0, grid=(3, 4), dim=8)
+
+
+@pytest.mark.parametrize("layout", [REG_LAYOUT, NOREG_LAYOUT])
+def test_a_token_at_a_known_cell_lights_that_cell(layout):
+    norms = np.ones((2, layout.num_tokens))
+    row, col = 1, 3
+    norms[1, layout.num_prefix + row * layout.grid[1] + col] = 50.0  # patch (1, 3), row-major
+    norms[:, 0] = 7.0                                                 # the class token
+    parts = analysis.split_norms(norms, layout)
+    assert parts["patches"].shape == (2, 3, 4) and parts["patches"][1, row, col] == 50.0
+    assert np.count_nonzero(parts["patches"] != 1) == 1 and np.all(parts["cls"] == 7.0)
+    assert ("registers" in parts) == bool(layout.num_reg)
+
+
+def test_hand_made_outliers_give_known_threshold_counts_and_positions():
+    rng = np.random.default_rng(0)
+    n, layout = 50, REG_LAYOUT
+    norms = rng.uniform(1, 2, size=(n, layout.num_tokens))
+    # 12 patches per image x 50 images = 600 patch tokens; the top 2% = 12 tokens, put in known places
+    for i in range(12):
+        norms[i, layout.num_prefix + 5] = 100.0 + i   # images 0..11, grid cell (1, 1)
+    summary, heat = analysis.summarize("toy", norms, layout)
+    patches = norms[:, layout.num_prefix:]
+    assert summary.threshold == pytest.approx(np.percentile(patches, 98))
+    assert summary.images_with_outlier == pytest.approx(12 / 50)
+    assert summary.outliers_per_image == pytest.approx(12 / 50)
+    expected = np.zeros((3, 4))
+    expected[1, 1] = 12 / 50
+    np.testing.assert_allclose(heat, expected)
+    assert summary.max_norm["patches"] == 111.0
+
+
+def test_norms_and_featuremap_commands_match_numpy_on_the_stored_array(reg_ckpt, noreg_ckpt, tmp_path):
+    data = make_shards(tmp_path / "shards", n_shards=2, per_shard=4)
+    a = extract(config(REG, reg_ckpt, data, tmp_path / "c")).path
+    b = extract(config(NOREG, noreg_ckpt, data, tmp_path / "c")).path
+    out = tmp_path / "norms"
+    r = CliRunner().invoke(main, ["norms", str(a), str(b.relative_to(tmp_path / "c")), "--cache",
+                                  str(tmp_path / "c"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary) == 2
+    for s, path in zip(summary, (a, b)):
+        fs = FeatureSet(path)
+        norms = fs.load("norms").x.reshape(len(fs.index), -1)
+        patches = norms[:, fs.layout.num_prefix:]
+        thr = np.percentile(patches, 98)
+        assert s["threshold"] == pytest.approx(thr, rel=1e-5)
+        assert s["outliers_per_image"] == pytest.approx((patches > thr).sum(1).mean())
+        assert s["median_norm"]["cls"] == pytest.approx(np.median(norms[:, 0]), rel=1e-5)
+    for png in ("norm_histograms.png", "outlier_positions.png"):
+        assert Image.open(out / png).size[0] > 100
+    r = CliRunner().invoke(main, ["featuremap", str(a), "--keys", "img00001,img00006", "--out", str(tmp_path / "fm")])
+    assert r.exit_code == 0, r.output
+    pngs = sorted((tmp_path / "fm").glob("*.png"))
+    assert [p.name for p in pngs] == ["featuremap__img00001.png", "featuremap__img00006.png"]
+    assert Image.open(pngs[0]).size[0] > Image.open(tmp_path / "fm" / "featuremap__img00006.png").size[1]  # 2 panels
+    r = CliRunner().invoke(main, ["featuremap", str(a), "--keys", "nope", "--out", str(tmp_path / "fm")])
+    assert r.exit_code == 1 and "no rows for keys nope" in r.output
+
+
+def test_attention_rows_sum_to_one_and_maps_have_the_grid_shape(reg_ckpt):
+    from regcache.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec(REG, str(reg_ckpt)), SIZE)
+    layout = layout_of(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    probs = analysis.last_block_attention(model, x)
+    assert probs.shape == (2, model.blocks[-1].attn.num_heads, layout.num_tokens, layout.num_tokens)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:-1]))
+    # the recomputed probabilities reproduce the block's own (fused) attention output
+    attn = model.blocks[-1].attn
+    seen = {}
+    h = attn.register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
+    with torch.inference_mode():
+        model.forward_features(x)
+    h.remove()
+    b, t, d = seen["x"].shape
+    v = attn.qkv(seen["x"]).reshape(b, t, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)[2]
+    mine = attn.proj((probs @ v).transpose(1, 2).reshape(b, t, d))
+    torch.testing.assert_close(mine, seen["out"], rtol=1e-4, atol=1e-5)
+    maps = analysis.attention_maps(model, x, layout, registers=True)
+    assert set(maps) == {"cls", "reg1", "reg2", "reg3", "reg4"} and maps["cls"].shape == (2, *layout.grid)
+    sims = analysis.neighbour_similarity(model, x, layout)
+    assert sims.shape == (2, *layout.grid) and sims.abs().max() <= 1 + 1e-5
+
+
+def test_neighbour_similarity_against_a_loop():
+    class Embed(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)  # each pixel is a "patch"
+
+    class M:
+        patch_embed = Embed()
+
+    layout = TokenLayout(has_cls=True, num_reg=0, grid=(3, 4), dim=2)
+    x = torch.randn(1, 2, 3, 4)
+    got = analysis.neighbour_similarity(M(), x, layout)[0]
+    e = torch.nn.functional.normalize(x[0].permute(1, 2, 0), dim=-1)
+    for i in range(3):
+        for j in range(4):
+            nb = [(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (0, -1), (-1, 0)) if 0 <= i + di < 3 and 0 <= j + dj < 4]
+            want = sum(float(e[i, j] @ e[a, b]) for a, b in nb) / len(nb)
+            assert float(got[i, j]) == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_real_cls_attention_on_a_centred_object_is_not_uniform(tmp_path):
+    from skimage import data as skdata
+
+    from regcache.offline import fetch_vits14
+    from conftest import SHARED  # noqa: F401
+
+    weights = fetch_vits14()
+    img = tmp_path / "coffee.png"
+    Image.fromarray(skdata.coffee()).save(img)
+    out = tmp_path / "att"
+    r = CliRunner().invoke(main, ["attention", "-m", "vit_small_patch14_dinov2", "--checkpoint", str(weights),
+                                  "-i", str(img), "--similarity", "--display", "224", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "attention__coffee.png").stat().st_size > 1000 and (out / "neighbour_similarity.png").is_file()
+    from regcache.models import ModelSpec, load_model
+    model = load_model(ModelSpec("vit_small_patch14_dinov2", str(weights)), 224)
+    pre = Preprocess()
+    m = analysis.attention_maps(model, pre.normalize(pre(Image.open(img).convert("RGB"))[None]),
+                                layout_of(model))["cls"][0]
+    uniform = m.sum() / m.numel()
+    assert float(m.max()) > 5 * float(uniform)  # concentrated, far from uniform
+    r = CliRunner().invoke(main, ["attention", "-m", "vit_small_patch14_dinov2", "--checkpoint", str(weights),
+                                  "-i", str(img), "--registers", "--out", str(out)])
+    assert r.exit_code == 1 and "no register tokens" in r.output
