@@ -218,10 +218,12 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--scorers", default="msp,energy,maxlogit", show_default=True,
               help="Anomaly scores: msp, energy, maxlogit, knn, mahalanobis.")
 @click.option("--knn-k", default=50, show_default=True)
+@click.option("--stream", is_flag=True, help="Read the training set window by window (sets larger than memory).")
+@click.option("--stream-window", default=16, show_default=True, help="Shards per shuffle window with --stream.")
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--quiet", "-q", is_flag=True)
 def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, optimizer, iterations, batch_size, seed,
-          device, val_fraction, scorers, knn_k, no_plots, quiet):
+          device, val_fraction, scorers, knn_k, stream, stream_window, no_plots, quiet):
     """Train linear heads on cached features and evaluate them (never loads a backbone).
 
     Writes results.parquet (long format), results.md (the paper's Table I layout), heads.safetensors,
@@ -239,15 +241,40 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
         job = ProbeJob(model=model, train=train, cache=cache or default_cache_root(), val=val, test=test,
                        eval=_names(eval_),
                        anomaly=_names(anomaly), scorers=tuple(_names((scorers,))), knn_k=knn_k)
+        device = _init_distributed(device)
         cfg = ProbeConfig(features=list(combos), lrs=_floats(lr), wds=_floats(wd), optimizer=optimizer,
                           iterations=iterations, batch_size=batch_size, seed=seed, device=device,
-                          val_fraction=val_fraction)
+                          val_fraction=val_fraction, stream=stream, stream_window=stream_window)
         result = run_probe(job, cfg, progress=not quiet)
-        write_run(out, result, job, cfg, plots=not no_plots)
+        if result is not None:  # None: a rank other than 0 under torchrun
+            write_run(out, result, job, cfg, plots=not no_plots)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo((out / "results.md").read_text())
-    click.echo(f"run directory: {out}")
+    finally:
+        _leave_distributed()
+    if result is not None:
+        click.echo((out / "results.md").read_text())
+        click.echo(f"run directory: {out}")
+
+
+def _init_distributed(device: str) -> str:
+    """Under torchrun, join the process group (nccl on GPUs, gloo on CPUs); each rank takes its local GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def _leave_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @main.command()

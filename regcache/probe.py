@@ -11,7 +11,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -88,10 +88,73 @@ class Split:
         return Split(name or self.name, {k: v[rows] for k, v in self.x.items()}, self.labels[rows],
                      self.keys[rows], self.views[rows], self.classes, self.subset)
 
+    def dims(self, names: Sequence[str]) -> dict[str, int]:
+        return {f: int(np.prod(self.x[f].shape[1:])) for f in names}
+
+    def batches(self, batch: int, gen: torch.Generator, device: torch.device) -> Iterator:
+        """Endless (features by name, labels) mini-batches, reshuffled each epoch (remainders dropped)."""
+        x = {f: torch.from_numpy(np.ascontiguousarray(v)).flatten(1).to(device) for f, v in self.x.items()}
+        y = torch.from_numpy(self.labels).to(device)
+        while True:
+            perm = torch.randperm(len(y), generator=gen)
+            for i in range(0, len(perm) - batch + 1, batch):
+                idx = perm[i:i + batch].to(device)
+                yield {f: v[idx] for f, v in x.items()}, y[idx]
+
     def combo(self, features: Sequence[str], rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
         """The concatenation of ``features`` (``reg_all`` flattened) for ``rows``, in float32."""
         return torch.cat([torch.from_numpy(np.ascontiguousarray(self.x[f][rows])).float().flatten(1)
                           for f in features], 1)
+
+
+@dataclass
+class StreamedSplit:
+    """A training set read from the store a window of units at a time, for sets larger than memory.
+
+    Each epoch visits the units in a seeded random order; rows of ``window`` units are shuffled
+    together (a shuffle buffer), and rows left over carry into the next window.
+    """
+
+    fs: FeatureSet
+    name: str
+    features: Sequence[str]
+    window: int = 16
+    views: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        idx = self.fs.index
+        if self.views is not None:
+            idx = idx[idx.view.isin(list(self.views))]
+        if (idx.label < 0).any():
+            raise ProbeError(f"{self.name} has unlabelled rows; a training set needs labels")
+        self.rows, self.labels = idx.row.to_numpy(), idx.label.to_numpy()
+        self.units = self.rows // self.fs.unit_rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def dims(self, names: Sequence[str]) -> dict[str, int]:
+        return {f: int(np.prod(self.fs.layout.shape(f))) for f in names}
+
+    def batches(self, batch: int, gen: torch.Generator, device: torch.device) -> Iterator:
+        names = sorted(self.features)
+        units = np.unique(self.units)
+        while True:
+            order = units[torch.randperm(len(units), generator=gen).numpy()]
+            carry_x, carry_y = None, None
+            for w in range(0, len(order), self.window):
+                sel = np.flatnonzero(np.isin(self.units, order[w:w + self.window]))
+                x = {f: torch.from_numpy(self.fs.read_rows(f, self.rows[sel])).flatten(1) for f in names}
+                y = torch.from_numpy(self.labels[sel])
+                if carry_x is not None:
+                    x = {f: torch.cat([carry_x[f], x[f]]) for f in names}
+                    y = torch.cat([carry_y, y])
+                perm = torch.randperm(len(y), generator=gen)
+                full = len(perm) - len(perm) % batch
+                for i in range(0, full, batch):
+                    idx = perm[i:i + batch]
+                    yield {f: x[f][idx].to(device) for f in names}, y[idx].to(device)
+                carry_x, carry_y = {f: x[f][perm[full:]] for f in names}, y[perm[full:]]
 
 
 def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequence[int] | None = (0,),
@@ -141,6 +204,8 @@ class ProbeConfig:
     seed: int = 0
     device: str = "cpu"
     val_fraction: float = 0.1
+    stream: bool = False        # read the training set window by window instead of loading it
+    stream_window: int = 16     # units (input shards) per shuffle window when streaming
 
     def __post_init__(self) -> None:
         self.features = [parse_features(f) for f in self.features]
@@ -221,40 +286,47 @@ class _Stacked:
             p.grad = None
 
 
-def train_heads(train: Split, num_classes: int, cfg: ProbeConfig, progress: bool = False) -> list[Head]:
-    """Train every head of ``cfg`` in one pass over shared mini-batches; returns them in grid order per combo."""
+def train_heads(train: "Split | StreamedSplit", num_classes: int, cfg: ProbeConfig,
+                progress: bool = False) -> list[Head]:
+    """Train every head of ``cfg`` in one pass over shared mini-batches; returns them in grid order per combo.
+
+    Under torch.distributed (torchrun), every rank draws the same global batch, computes the loss
+    on its slice, and gradients are summed across ranks: the result equals a single process.
+    """
+    import torch.distributed as dist
     from tqdm import tqdm
 
     device = torch.device(cfg.device)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     gen = torch.Generator().manual_seed(cfg.seed)
     grid = cfg.grid
     lr = torch.tensor([g[0] for g in grid], device=device)
     wd = torch.tensor([g[1] for g in grid], device=device)
     names = sorted({f for combo in cfg.features for f in combo})
-    x = {f: torch.from_numpy(np.ascontiguousarray(train.x[f])).flatten(1).to(device) for f in names}
-    y = torch.from_numpy(train.labels).to(device)
-    dims = {combo: sum(x[f].shape[1] for f in combo) for combo in cfg.features}
+    width = train.dims(names)
     weights, biases = {}, {}
     for combo in cfg.features:  # zero init, as DINOv2's linear eval heads are near zero
-        weights[combo] = torch.zeros(len(grid), dims[combo], num_classes, device=device, requires_grad=True)
+        dim = sum(width[f] for f in combo)
+        weights[combo] = torch.zeros(len(grid), dim, num_classes, device=device, requires_grad=True)
         biases[combo] = torch.zeros(len(grid), 1, num_classes, device=device, requires_grad=True)
-    opt = _Stacked([*weights.values(), *biases.values()], lr, wd, cfg)
-    batch = min(cfg.batch_size, len(train))
-    perm, pos = torch.randperm(len(train), generator=gen), 0
-    for _ in tqdm(range(cfg.iterations), disable=not progress, desc="heads", unit="it", dynamic_ncols=True):
-        if pos + batch > len(perm):
-            perm, pos = torch.randperm(len(train), generator=gen), 0
-        idx = perm[pos:pos + batch].to(device)
-        pos += batch
-        xb = {f: x[f][idx].float() for f in names}
-        yb = y[idx]
+    params = [*weights.values(), *biases.values()]
+    opt = _Stacked(params, lr, wd, cfg)
+    batches = train.batches(min(cfg.batch_size, len(train)), gen, device)
+    for _ in tqdm(range(cfg.iterations), disable=not progress or rank != 0, desc="heads", unit="it",
+                  dynamic_ncols=True):
+        xb, yb = next(batches)
+        n = len(yb)
+        xb, yb = {f: v[rank::world].float() for f, v in xb.items()}, yb[rank::world]
         loss = 0.0
         for combo in cfg.features:
             xc = torch.cat([xb[f] for f in combo], 1)
             logits = torch.matmul(xc, weights[combo]) + biases[combo]  # [heads, batch, classes]
             loss = loss + torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), yb.repeat(len(grid)), reduction="sum") / len(yb)
+                logits.flatten(0, 1), yb.repeat(len(grid)), reduction="sum") / n
         loss.backward()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
         opt.step()
     return [Head(combo, g[0], g[1], weights[combo][i].detach().T.cpu().contiguous(),
                  biases[combo][i, 0].detach().cpu().clone())
@@ -412,12 +484,22 @@ def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None
 
 
 def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed: int,
-          val_fraction: float) -> _Data:
-    """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads."""
+          val_fraction: float, stream: int = 0) -> _Data:
+    """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads.
+
+    ``stream`` > 0 streams the training set with that many units per window instead of loading it.
+    """
     classes = sets["train"].meta["dataset"].get("classes")
-    train = load_split(sets["train"], union, job.train, views=None, id_classes=classes)
-    if train.labels.min() < 0:
-        raise ProbeError(f"{job.train} has unlabelled rows; a training set needs labels")
+    if stream:
+        if not job.val:
+            raise ProbeError("a streamed training set needs --val (no rows are held out of it)")
+        if any(s in ("knn", "mahalanobis") for s in job.scorers):
+            raise ProbeError("knn and mahalanobis need the training features in memory; drop --stream or them")
+        train = StreamedSplit(sets["train"], job.train, union, window=stream)
+    else:
+        train = load_split(sets["train"], union, job.train, views=None, id_classes=classes)
+        if train.labels.min() < 0:
+            raise ProbeError(f"{job.train} has unlabelled rows; a training set needs labels")
     if job.val:
         val = load_split(sets["val"], union, job.val, id_classes=classes)
     else:
@@ -442,15 +524,17 @@ def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, 
     return df, scores
 
 
-def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult:
+def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult | None:
     """Find the cached sets, train all heads together, select per combination on validation, evaluate."""
     unknown = [s for s in job.scorers if s not in SCORERS]
     if unknown:
         raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
     union = sorted({f for combo in cfg.features for f in combo})
     sets = _find_sets(job, union)
-    data = _load(job, sets, union, cfg.seed, cfg.val_fraction)
+    data = _load(job, sets, union, cfg.seed, cfg.val_fraction, stream=cfg.stream_window if cfg.stream else 0)
     candidates = train_heads(data.train, data.num_classes, cfg, progress=progress)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return None  # rank 0 evaluates and writes
     heads = select(candidates, data.val)
     selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
                  for h in candidates]

@@ -300,7 +300,7 @@ class FeatureSet:
         if views is not None:
             idx = idx.filter(pa.compute.is_in(idx["view"], pa.array(list(views), pa.int16())))
         rows = idx["row"].to_numpy()
-        out = {name: self._read_rows(name, rows).astype(dtype, copy=False) for name in names}
+        out = {name: self.read_rows(name, rows).astype(dtype, copy=False) for name in names}
         if concat:
             x = np.concatenate([a.reshape(len(rows), -1) for a in out.values()], axis=1)
         else:
@@ -314,7 +314,7 @@ class FeatureSet:
             labels = torch.from_numpy(labels)
         return Features(x=x, labels=labels, keys=keys, views=vs, names=names)
 
-    def _read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
+    def read_rows(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Read unit by unit, up to each unit's last used row only: padding is never decompressed twice."""
         arr = self.array(name)
         out = np.empty((len(rows), *arr.shape[1:]), dtype=arr.dtype)

@@ -22,7 +22,7 @@ from test_extract import assert_same_content
 
 def torchrun(ckpt, data, cache, nproc=2, *extra):
     args = cli_args(ckpt, data, cache, "-j", "0", *extra)
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=0",
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             *args[1:]]
 
 
@@ -91,3 +91,53 @@ def test_out_of_memory_halves_the_forward_chunk_and_says_so(reg_ckpt, tmp_path, 
     assert "chunks of 2 images" in caplog.text and res.complete
     fa, fb = FeatureSet(res.path).load(), FeatureSet(ref.path).load()
     torch.testing.assert_close(torch.from_numpy(fa.x), torch.from_numpy(fb.x), rtol=0, atol=2e-3)
+
+
+# --------------------------------------------------------------------------- the probe at scale
+
+from test_probe import caches  # noqa: E402,F401  (the fixture: hand-made cached sets, train in 8 shards)
+
+
+def probe_args(caches, out, *extra):
+    return ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val",
+            "--anomaly", "far", "--cache", str(caches), "--out", str(out), "--lr", "0.01,0.1",
+            "--iterations", "60", "--batch-size", "64", "-q", "--no-plots", *extra]
+
+
+def test_streamed_training_reads_one_window_at_a_time_and_learns(caches, tmp_path, monkeypatch):
+    import pandas as pd
+
+    reads = []
+    real = FeatureSet.read_rows
+    monkeypatch.setattr(FeatureSet, "read_rows", lambda self, name, rows: reads.append(len(rows)) or
+                        real(self, name, rows))
+    r = CliRunner().invoke(main, probe_args(caches, tmp_path / "s", "--stream", "--stream-window", "2"))
+    assert r.exit_code == 0, r.output
+    train_reads = reads[: len(reads) - 3 * 2]  # then val, far (2 features each) are loaded whole
+    assert max(train_reads) <= 2 * 50  # two 50-row shards per window, never the whole 400-row set
+    r = CliRunner().invoke(main, probe_args(caches, tmp_path / "m"))
+    assert r.exit_code == 0, r.output
+    acc = {k: pd.read_parquet(tmp_path / k / "results.parquet").query("role == 'id'").value.max() for k in "sm"}
+    assert acc["s"] >= acc["m"] - 0.03 and acc["s"] > 0.8
+    no_val = [a for a in probe_args(caches, tmp_path / "x", "--stream") if a not in ("--val", "val")]
+    r = CliRunner().invoke(main, no_val)
+    assert r.exit_code == 1 and "needs --val" in r.output
+
+
+@pytest.mark.parametrize("mode", [[], ["--stream", "--stream-window", "3"]])
+def test_probe_on_two_gloo_ranks_equals_one_process(caches, tmp_path, mode):
+    from regcache.probe import load_heads
+
+    one = CliRunner().invoke(main, probe_args(caches, tmp_path / "one", *mode))
+    assert one.exit_code == 0, one.output
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "regcache",
+           *probe_args(caches, tmp_path / "two", *mode)]
+    r = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = {h.name: h for h in load_heads(tmp_path / "one" / "heads.safetensors")}
+    b = {h.name: h for h in load_heads(tmp_path / "two" / "heads.safetensors")}
+    assert a.keys() == b.keys() == {"cls", "cls,reg"}
+    for k in a:
+        assert (a[k].lr, a[k].wd) == (b[k].lr, b[k].wd)
+        torch.testing.assert_close(a[k].weight, b[k].weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k].bias, b[k].bias, rtol=1e-4, atol=1e-5)

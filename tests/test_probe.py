@@ -79,17 +79,22 @@ def test_many_heads_in_one_pass_equal_heads_trained_one_at_a_time():
 
 # --------------------------------------------------------------------------- a whole run on hand-made caches
 
-def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w"):
-    """A cached feature set as extraction would write it, from arrays (no backbone)."""
+def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1):
+    """A cached feature set as extraction would write it, from arrays (no backbone), in ``units`` shards."""
     ident = {"model": f"timm_{model}", "model_kwargs": {}, "weights": weights, "preprocess": {"size": 4},
              "precision": "fp32", "dtype": "float32", "features": sorted(x), "dataset": name}
     n = len(labels)
+    per = -(-n // units) if n else 1
     meta = {"features": list(x), "layout": LAYOUT.to_dict(),
-            "dtype": "float32", "unit_rows": n, "num_units": 1,
+            "dtype": "float32", "unit_rows": per, "num_units": units,
             "model": {"name": model, "timm_name": f"timm_{model}"},
-            "dataset": {"name": name, "shards": [f"{name}.tar"], "classes": classes, "subset": subset, "role": role}}
+            "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(units)], "classes": classes,
+                        "subset": subset, "role": role}}
     fs = FeatureSet.create(root / name, ident, meta)
-    fs.commit_unit(0, x, [(f"{name}-{i}", int(l), 0) for i, l in enumerate(labels)])
+    for u in range(units):
+        sl = slice(u * per, min(n, (u + 1) * per))
+        fs.commit_unit(u, {k: v[sl] for k, v in x.items()},
+                       [(f"{name}-{i}", int(labels[i]), 0) for i in range(sl.start, sl.stop)])
     assert fs.finalize()
     return fs
 
@@ -107,7 +112,7 @@ def caches(tmp_path):
 
     classes = ["a", "b", "c", "d"]
     root = tmp_path / "cache"
-    make_set(root, "train", *sample(400), classes=classes, role="id-train")
+    make_set(root, "train", *sample(400), classes=classes, role="id-train", units=8)
     make_set(root, "val", *sample(100), classes=classes, role="id-val")
     make_set(root, "shifted", *sample(80, 0.5, classes=[1, 2]), classes=classes, subset=["b", "c"], role="ood-gen")
     x, _ = sample(60, 6.0)
