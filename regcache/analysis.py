@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .features import TokenLayout
+from .report import pyplot, save_figure
 from .store import FeatureSet, StoreError
 
 OUTLIER_PERCENTILE = 98.0
@@ -77,7 +78,7 @@ def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
     """Side-by-side histograms by token type (log scale) and outlier heatmaps; summary.json and .parquet."""
     import pandas as pd
 
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     summaries, heatmaps, parts = [], [], []
     for fs in sets:
@@ -97,18 +98,14 @@ def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
         ax.axvline(s.threshold, color="k", ls="--", lw=0.8, label="98th pct (patches)")
         ax.set(yscale="log", xlabel="token norm before the final norm", title=s.name)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "norm_histograms.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "norm_histograms.png")
     fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
     for ax, s, heat in zip(axes[0], summaries, heatmaps):
         im = ax.imshow(heat, cmap="magma", vmin=0)
         ax.set(title=f"{s.name}\n{100 * s.images_with_outlier:.0f}% of images, {s.outliers_per_image:.2f}/image",
                xticks=[], yticks=[])
         fig.colorbar(im, ax=ax, fraction=0.046, label="images with an outlier here")
-    fig.tight_layout()
-    fig.savefig(out / "outlier_positions.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "outlier_positions.png")
     (out / "summary.json").write_text(json.dumps([asdict(s) for s in summaries], indent=2))
     pd.DataFrame([{**asdict(s), "median_norm": json.dumps(s.median_norm), "max_norm": json.dumps(s.max_norm)}
                   for s in summaries]).to_parquet(out / "summary.parquet", index=False)
@@ -117,7 +114,7 @@ def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
 
 def feature_maps(fs: FeatureSet, keys: Sequence[str], out: Path, with_images: bool = True) -> list[Path]:
     """The patch-norm grid of each chosen image as a PNG, beside the (preprocessed) input when its shard is at hand."""
-    plt = _pyplot()
+    plt = pyplot()
     norms, all_keys = load_norms(fs)
     where = {k: i for i, k in enumerate(all_keys)}
     missing = [k for k in keys if k not in where]
@@ -139,11 +136,7 @@ def feature_maps(fs: FeatureSet, keys: Sequence[str], out: Path, with_images: bo
         axes[0][-1].scatter(xs, ys, marker="x", color="red", s=18, label="outlier (>98th pct)")
         axes[0][-1].set(title="patch norms", xticks=[], yticks=[])
         fig.colorbar(im, ax=axes[0][-1], fraction=0.046)
-        fig.tight_layout()
-        path = out / f"featuremap__{_safe(key)}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save_figure(fig, out / f"featuremap__{_safe(key)}.png"))
     return written
 
 
@@ -172,15 +165,6 @@ def _find_images(fs: FeatureSet, keys: Sequence[str]) -> dict[str, np.ndarray]:
 
 def _safe(key: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --------------------------------------------------------------------------- small backbone passes
@@ -256,7 +240,7 @@ def attention_figure(model, layout: TokenLayout, preprocess, paths: Sequence[Pat
     import torch.nn.functional as F
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in paths:
@@ -271,11 +255,7 @@ def attention_figure(model, layout: TokenLayout, preprocess, paths: Sequence[Pat
         for ax, (name, m) in zip(axes[0][1:], up.items()):
             ax.imshow(m.numpy(), cmap="inferno")
             ax.set(title=f"{name} → patches", xticks=[], yticks=[])
-        fig.tight_layout()
-        target = out / f"attention__{_safe(Path(path).stem)}.png"
-        fig.savefig(target, dpi=110)
-        plt.close(fig)
-        written.append(target)
+        written.append(save_figure(fig, out / f"attention__{_safe(Path(path).stem)}.png"))
     return written
 
 
@@ -284,7 +264,7 @@ def similarity_report(model, layout: TokenLayout, preprocess, paths: Sequence[Pa
     import torch
     from PIL import Image
 
-    plt = _pyplot()
+    plt = pyplot()
     images = preprocess.normalize(torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths]))
     sims = neighbour_similarity(model, images, layout).numpy()
     patches = split_norms(token_norms(model, images).numpy(), layout)["patches"]
@@ -300,8 +280,6 @@ def similarity_report(model, layout: TokenLayout, preprocess, paths: Sequence[Pa
         ax.hist(sims[is_out], bins, density=True, alpha=0.6, label="outlier patches (>98th pct norm)")
     ax.set(xlabel="cosine similarity to 4 neighbours after patch_embed", ylabel="density")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "neighbour_similarity.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "neighbour_similarity.png")
     (out / "neighbour_similarity.json").write_text(json.dumps(result, indent=2))
     return result

@@ -31,11 +31,13 @@ def _kv(pairs: tuple[str, ...]) -> dict:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return ""
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TB"
 
 
 cache_option = click.option("--cache", type=click.Path(path_type=Path), envvar="REGCACHE_CACHE",
@@ -71,7 +73,7 @@ def main() -> None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda if present).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Forward-pass precision (autocast).")
-@click.option("--dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default="float16",
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Stored dtype.")
 @click.option("--size", default=224, show_default=True, help="Crop size (pixels).")
 @click.option("--resize", default=256, show_default=True, help="Shorter side is resized to this before the crop.")

@@ -57,8 +57,9 @@ class Dataset:
         return hashlib.sha256(self.source.encode()).hexdigest()
 
     def shard_name(self, unit: int) -> str:
-        return Path(self.shards[unit].split("::")[0]).name if not self.shards[unit].startswith("pipe:") \
-            else self.shards[unit]
+        """How the index names a shard: its file name (a 'pipe:' command as it is)."""
+        url = self.shards[unit]
+        return url if url.startswith("pipe:") else Path(url).name
 
 
 def expand_vars(text: str, where: str) -> str:

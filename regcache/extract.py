@@ -30,7 +30,7 @@ from .tokens import layout_of, token_features
 log = logging.getLogger("regcache")
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES = ("float16", "float32", "bfloat16")
+DTYPES = ("float16", "float32")
 FALLBACK_UNIT_ROWS = 10_000
 
 

@@ -164,7 +164,8 @@ def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequen
     if not len(got.labels):
         raise ProbeError(f"{name} ({fs.path}) has no rows")
     for f, a in got.x.items():
-        bad = ~np.isfinite(a.reshape(len(a), -1)).all(1)
+        flat = a.reshape(len(a), -1)
+        bad = np.concatenate([~np.isfinite(flat[i:i + 65536]).all(1) for i in range(0, len(a), 65536)])
         if bad.any():
             rows = np.flatnonzero(bad)
             raise ProbeError(f"{name}: non-finite {f} in {len(rows)} rows, e.g. rows {rows[:5].tolist()} "

@@ -56,13 +56,26 @@ def markdown(results: pd.DataFrame) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def plot_scores(out: Path, scores: dict) -> list[Path]:
-    """Per anomaly set and feature combination: ROC curves and score histograms of every scorer."""
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+    return path
+
+
+def plot_scores(out: Path, scores: dict) -> list[Path]:
+    """Per anomaly set and feature combination: ROC curves and score histograms of every scorer."""
+    plt = pyplot()
     out.mkdir(parents=True, exist_ok=True)
     written = []
     by_pair: dict[tuple[str, str], dict] = {}
@@ -78,9 +91,7 @@ def plot_scores(out: Path, scores: dict) -> list[Path]:
         ax.axhline(0.95, color="grey", lw=0.5)
         ax.set(xlabel="FPR (anomaly accepted)", ylabel="TPR (ID kept)", title=f"[{feats}] vs {name}")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"roc__{stem}.png", dpi=110)
-        plt.close(fig)
+        written.append(save_figure(fig, out / f"roc__{stem}.png"))
         fig, axes = plt.subplots(1, len(per), figsize=(3.2 * len(per), 3), squeeze=False)
         for ax, (scorer, (a, b)) in zip(axes[0], per.items()):
             bins = np.histogram_bin_edges(np.r_[a, b], bins=40)
@@ -88,10 +99,7 @@ def plot_scores(out: Path, scores: dict) -> list[Path]:
             ax.hist(b, bins, alpha=0.6, density=True, label=name)
             ax.set(title=scorer, xlabel="score (higher = ID)")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / f"hist__{stem}.png", dpi=110)
-        plt.close(fig)
-        written += [out / f"roc__{stem}.png", out / f"hist__{stem}.png"]
+        written.append(save_figure(fig, out / f"hist__{stem}.png"))
     return written
 
 

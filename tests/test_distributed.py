@@ -109,8 +109,8 @@ def test_streamed_training_reads_one_window_at_a_time_and_learns(caches, tmp_pat
 
     reads = []
     real = FeatureSet.read_rows
-    monkeypatch.setattr(FeatureSet, "read_rows", lambda self, name, rows: reads.append(len(rows)) or
-                        real(self, name, rows))
+    monkeypatch.setattr(FeatureSet, "read_rows", lambda self, name, rows, out=None: reads.append(len(rows)) or
+                        real(self, name, rows, out))
     r = CliRunner().invoke(main, probe_args(caches, tmp_path / "s", "--stream", "--stream-window", "2"))
     assert r.exit_code == 0, r.output
     train_reads = reads[: len(reads) - 3 * 2]  # then val, far (2 features each) are loaded whole
