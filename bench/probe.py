@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--sk-rows", type=int, default=20_000)
+    ap.add_argument("--sk-rows", type=int, default=8_000)
     ap.add_argument("--sk-classes", type=int, default=100)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -118,6 +118,8 @@ def main() -> None:
 
     rng = np.random.default_rng(1)
     keep = np.flatnonzero(split.labels < args.sk_classes)[: 2 * args.sk_rows]
+    if len(keep) < 2 * args.sk_rows:
+        raise SystemExit(f"--sk-rows {args.sk_rows} needs {2 * args.sk_rows} rows of the first --sk-classes classes")
     rng.shuffle(keep)
     tr, te = keep[: args.sk_rows], keep[args.sk_rows:]
     xtr, xte = split.combo(["cls", "patch"], tr).numpy(), split.combo(["cls", "patch"], te).numpy()

@@ -305,8 +305,8 @@ class FeatureSet:
         if concat:  # read each feature straight into its columns: no concatenation copy
             widths = [int(np.prod(self.layout.shape(n))) for n in names]
             x = np.empty((len(rows), sum(widths)), dtype=dtype)
-            for name, start in zip(names, np.cumsum([0] + widths[:-1])):
-                self.read_rows(name, rows, out=x[:, start:start + widths[names.index(name)]])
+            for name, start, width in zip(names, np.cumsum([0] + widths[:-1]), widths):
+                self.read_rows(name, rows, out=x[:, start:start + width])
         else:
             x = {}
             for name in names:

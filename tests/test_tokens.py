@@ -104,3 +104,23 @@ def test_checkpoint_is_loaded_with_timm_position_embedding_resize(reg_ckpt):
     model = timm.create_model(REG, pretrained=False, img_size=112, num_classes=0)
     load_checkpoint(model, reg_ckpt)
     assert model.pos_embed.shape[1] == 64
+
+
+def test_model_without_class_token_has_no_cls():
+    from regcache.features import select_features
+    from regcache.tokens import layout_of, token_features
+
+    torch.manual_seed(0)
+    model = timm.create_model(REG, pretrained=False, img_size=SIZE, num_classes=0, class_token=False,
+                              global_pool="avg").eval()
+    layout = layout_of(model)
+    assert not layout.has_cls and layout.num_reg == 4 and layout.num_tokens == 4 + 16
+    assert select_features(None, layout) == ("patch", "reg", "norms")
+    with pytest.raises(FeatureError, match="no class token"):
+        select_features(("cls",), layout)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    got = token_features(model, x, layout, ("patch", "reg", "reg_all"))
+    with torch.no_grad():
+        ref = model.forward_features(x)
+    torch.testing.assert_close(got["reg_all"], ref[:, :4])
+    torch.testing.assert_close(got["patch"], ref[:, 4:].mean(1))
