@@ -14,6 +14,7 @@ import argparse
 import io
 import json
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +49,14 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
+    try:
+        _measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _measure(args, tmp: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
@@ -58,7 +66,6 @@ def main() -> None:
     from regcache.store import FeatureSet
     from regcache.tokens import layout_of, token_features
 
-    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
     shards = write_shards(photo_samples(args.images), str(tmp / "shards" / "b-%04d.tar"), args.per_shard, ext="jpg")
     model = timm.create_model(args.model, pretrained=False, num_classes=0, img_size=224).eval()
     save_file(model.state_dict(), str(tmp / "w.safetensors"))

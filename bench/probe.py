@@ -16,6 +16,7 @@ import json
 import platform
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -87,13 +88,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child_peak(args.child, args.classes, args.iterations)
+    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
+    try:
+        _measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _measure(args, tmp: Path) -> None:
     import torch
 
     from regcache.probe import ProbeConfig, Split, accuracy, load_split, train_heads
     from regcache.store import FeatureSet
 
-    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-probe-"))
     t = time.perf_counter()
     write_store(tmp / "fs", args.rows, args.dim, args.classes)
     write_s = time.perf_counter() - t

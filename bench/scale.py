@@ -12,6 +12,7 @@ import json
 import platform
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -88,11 +89,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return extract_child(args)
+    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
+    try:
+        _measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def _measure(args, tmp: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-scale-"))
     ckpt = tmp / "w.safetensors"
     save_file(timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, num_classes=0,
                                 img_size=224).state_dict(), str(ckpt))
