@@ -14,7 +14,6 @@ import argparse
 import io
 import json
 import platform
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -49,11 +48,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
-    try:
-        _measure(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="regcache-bench-") as tmp:  # removed afterwards
+        _measure(args, Path(tmp))
 
 
 def _measure(args, tmp: Path) -> None:

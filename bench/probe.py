@@ -16,7 +16,6 @@ import json
 import platform
 import subprocess
 import sys
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -88,11 +87,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child_peak(args.child, args.classes, args.iterations)
-    tmp = Path(tempfile.mkdtemp(prefix="regcache-bench-"))
-    try:
-        _measure(args, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="regcache-bench-") as tmp:  # removed afterwards
+        _measure(args, Path(tmp))
 
 
 def _measure(args, tmp: Path) -> None:
