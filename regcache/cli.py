@@ -61,6 +61,8 @@ def main() -> None:
               help="Alias (vits, vitb, vitl, vitg, and *_reg with registers) or any timm ViT name[.tag].")
 @click.option("--data", "-d", required=True,
               help="Manifest (manifests/NAME.yaml) or shard pattern such as 'shards/train-{000..099}.tar'.")
+@click.option("--name", default=None,
+              help="Dataset name for a shard pattern, used by the cache path and by probe [default: the folder's].")
 @click.option("--features", "-f", default=None, metavar="LIST",
               help=f"Comma list of {', '.join(FEATURES)} [default: {','.join(DEFAULT_FEATURES)}, "
                    "those the model has].")
@@ -101,7 +103,7 @@ def main() -> None:
                    "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
 @click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
-def extract(model, data, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
+def extract(model, data, name, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
             resize, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
             compile_, finalize, launcher, nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
@@ -121,7 +123,7 @@ def extract(model, data, features, checkpoint, model_arg, batch_size, workers, d
     floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     try:
         cfg = ExtractConfig(
-            model=model, data=data, features=parse_features(features) if features else None,
+            model=model, data=data, name=name, features=parse_features(features) if features else None,
             cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
             preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=floats(mean),
                                   std=floats(std), views=views, seed=seed),
@@ -218,7 +220,7 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--val-fraction", default=0.1, show_default=True, help="Held out of --train when no --val.")
 @click.option("--scorers", default="msp,energy,maxlogit", show_default=True,
-              help="Anomaly scores: msp, energy, maxlogit, knn, mahalanobis.")
+              help="Anomaly scores: msp, energy, maxlogit (from the head); knn, mahalanobis, vim (from features).")
 @click.option("--knn-k", default=50, show_default=True)
 @click.option("--stream", is_flag=True, help="Read the training set window by window (sets larger than memory).")
 @click.option("--stream-window", default=16, show_default=True, help="Shards per shuffle window with --stream.")

@@ -85,7 +85,10 @@ def load_dataset(data: str | os.PathLike, name: str | None = None) -> Dataset:
     """A manifest (``*.yaml``/``*.yml``) or a shard pattern such as ``data/train-{000..009}.tar``."""
     text = str(data)
     if text.endswith((".yaml", ".yml")):
-        return load_manifest(text)
+        ds = load_manifest(text)
+        if name is not None and name != ds.name:
+            raise DataError(f"{text} names its set {ds.name!r}; --name {name!r} applies to shard patterns only")
+        return ds
     shards = expand_shards(text)
     default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
     return Dataset(name=name or default, shards=shards, source=text)

@@ -194,7 +194,7 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
         combos += [("reg",), ("cls", "reg"), ("cls", "patch", "reg")]
     job = ProbeJob(model=model, train="fmnist-train", test="fmnist-val", cache=cache,
                    eval=["fmnist-sketch", "fmnist-invert"], anomaly=["mnist", "animals", "textures"],
-                   scorers=("msp", "energy", "maxlogit", "knn", "mahalanobis"), knn_k=10)
+                   scorers=("msp", "energy", "maxlogit", "knn", "mahalanobis", "vim"), knn_k=10)
     cfg = ProbeConfig(features=combos, lrs=(0.003, 0.01, 0.03, 0.1), iterations=1000, batch_size=512)
     result = run_probe(job, cfg, progress=progress)
     write_run(out / "run", result, job, cfg)

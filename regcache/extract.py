@@ -44,6 +44,7 @@ class ExtractConfig:
 
     model: str
     data: str
+    name: str | None = None  # dataset name for a plain shard pattern (default: its folder's name)
     features: tuple[str, ...] | None = None
     cache: Path = field(default_factory=default_cache_root)
     store: Path | None = None
@@ -198,7 +199,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
     t0 = time.perf_counter()
     cfg = launcher_part(cfg)
-    ds = load_dataset(cfg.data)
+    ds = load_dataset(cfg.data, cfg.name)
     check_pipes(ds, cfg.allow_pipe)
     spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
     model = load_model(spec, cfg.preprocess.size)

@@ -144,3 +144,27 @@ class Mahalanobis:
         xp = x @ self.precision
         d = (xp * x).sum(1)[:, None] - 2 * xp @ self.means.T + ((self.means @ self.precision) * self.means).sum(1)
         return -d.min(axis=1)
+
+
+class ViM:
+    """Virtual-logit matching (Wang et al., 2022): energy minus the scaled norm of the feature's residual
+    outside the principal subspace of the training features, taken about the head's origin -pinv(W) b."""
+
+    def __init__(self, train: np.ndarray, weight: np.ndarray, bias: np.ndarray, dim: int | None = None):
+        x = np.asarray(train, dtype=np.float64)
+        d = x.shape[1]
+        self.dim = dim or (1000 if d >= 2048 else 512 if d >= 768 else d // 2)  # the paper's rule
+        self.weight, self.bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
+        self.origin = -np.linalg.pinv(self.weight) @ self.bias
+        centred = x - self.origin
+        _, vectors = np.linalg.eigh(centred.T @ centred / len(x))  # ascending eigenvalues
+        self.null = vectors[:, : d - self.dim]                     # the least-varying directions
+        logits = x @ self.weight.T + self.bias
+        self.alpha = logits.max(1).sum() / self._residual(x).sum()
+
+    def _residual(self, x: np.ndarray) -> np.ndarray:
+        return np.linalg.norm((x - self.origin) @ self.null, axis=1)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        return energy(x @ self.weight.T + self.bias) - self.alpha * self._residual(x)

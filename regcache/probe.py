@@ -414,21 +414,25 @@ def _scorers(head: Head, scorers: Sequence[str], bank: tuple[Split, np.ndarray] 
     for name in scorers:
         if name in ood.LOGIT_SCORES:
             fns[name] = (lambda fn: lambda s: fn(head.logits(s)))(ood.LOGIT_SCORES[name])
-        elif name in ("knn", "mahalanobis"):
+        elif name in FEATURE_SCORERS:
             if bank is None:
                 raise ProbeError(f"scorer {name} needs the training features")
             train = bank[0].combo(head.features).numpy()
             if name == "knn":
                 fns[name] = lambda s, t=train: ood.knn_score(t, s.combo(head.features).numpy(), k=knn_k)
+            elif name == "vim":
+                vim = ood.ViM(train, head.weight.numpy(), head.bias.numpy())
+                fns[name] = lambda s, v=vim: v.score(s.combo(head.features).numpy())
             else:
                 maha = ood.Mahalanobis(train, bank[1])
                 fns[name] = lambda s, m=maha: m.score(s.combo(head.features).numpy())
         else:
-            raise ProbeError(f"unknown scorer {name!r}; known: msp, energy, maxlogit, knn, mahalanobis")
+            raise ProbeError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
     return fns
 
 
-SCORERS = ("msp", "energy", "maxlogit", "knn", "mahalanobis")
+FEATURE_SCORERS = ("knn", "mahalanobis", "vim")  # these need the training features
+SCORERS = (*ood.LOGIT_SCORES, *FEATURE_SCORERS)
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -494,8 +498,9 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
     if stream:
         if not job.val:
             raise ProbeError("a streamed training set needs --val (no rows are held out of it)")
-        if any(s in ("knn", "mahalanobis") for s in job.scorers):
-            raise ProbeError("knn and mahalanobis need the training features in memory; drop --stream or them")
+        if any(s in FEATURE_SCORERS for s in job.scorers):
+            raise ProbeError(f"{', '.join(FEATURE_SCORERS)} need the training features in memory; "
+                             "drop --stream or them")
         train = StreamedSplit(sets["train"], job.train, union, window=stream)
     else:
         train = load_split(sets["train"], union, job.train, views=None, id_classes=classes)
@@ -515,7 +520,7 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
 def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row]):
     import pandas as pd
 
-    bank = data.bank() if any(s in ("knn", "mahalanobis") for s in job.scorers) else None
+    bank = data.bank() if any(s in FEATURE_SCORERS for s in job.scorers) else None
     scores: dict = {}
     for head in heads:
         rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, bank, job.knn_k, scores)

@@ -187,7 +187,8 @@ def test_dataloader_workers_split_shards_without_loss_or_duplicates(reg_ckpt, tm
 
 def test_cli_ls_lists_feature_sets(reg_ckpt, tmp_path):
     data = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
-    extract(config(REG, reg_ckpt, data, tmp_path / "c"))
+    res = extract(config(REG, reg_ckpt, data, tmp_path / "c", name="tiny-val"))
+    assert res.path.parent.name == "tiny-val" and FeatureSet(res.path).meta["dataset"]["name"] == "tiny-val"
     r = CliRunner().invoke(main, ["ls", "--cache", str(tmp_path / "c")])
     assert r.exit_code == 0 and REG in r.output and "cls,patch,reg,norms" in r.output and "1/1" in r.output
     r = CliRunner().invoke(main, ["ls", "--cache", str(tmp_path / "c"), "--json"])

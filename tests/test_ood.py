@@ -79,3 +79,24 @@ def test_knn_and_mahalanobis_against_brute_force():
     inv = np.linalg.inv(cov)
     for i, x in enumerate(test):
         assert maha.score(test)[i] == pytest.approx(-min((x - m) @ inv @ (x - m) for m in means), rel=1e-6)
+
+
+def test_vim_against_a_direct_svd_computation():
+    rng = np.random.default_rng(3)
+    # training features that live mostly in 6 of 10 dimensions
+    basis = np.linalg.qr(rng.normal(size=(10, 10)))[0]
+    train = (rng.normal(size=(300, 6)) * 3) @ basis[:, :6].T + rng.normal(size=(300, 10)) * 0.1
+    w, b = rng.normal(size=(4, 10)), rng.normal(size=4)
+    vim = ood.ViM(train, w, b, dim=6)
+    origin = -np.linalg.pinv(w) @ b
+    _, _, vt = np.linalg.svd(train - origin, full_matrices=False)
+    principal = vt[:6].T  # top right-singular vectors = top eigenvectors of the covariance
+    residual = lambda x: np.linalg.norm((x - origin) - (x - origin) @ principal @ principal.T, axis=1)  # noqa: E731
+    alpha = (train @ w.T + b).max(1).sum() / residual(train).sum()
+    test = rng.normal(size=(5, 10))
+    np.testing.assert_allclose(vim.score(test), logsumexp(test @ w.T + b, axis=1) - alpha * residual(test),
+                               rtol=1e-8)
+    # moving a point off the training subspace lowers its score
+    inside = train[:1]
+    outside = inside + 5 * basis[:, 8]
+    assert vim.score(outside)[0] < vim.score(inside)[0]

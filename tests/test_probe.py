@@ -127,7 +127,7 @@ def test_probe_run_end_to_end(caches, tmp_path):
     args = ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val",
             "--eval", "shifted", "--anomaly", "far,single", "--cache", str(caches), "--out", str(out),
             "--lr", "0.01,0.1", "--iterations", "200", "--batch-size", "64", "--scorers",
-            "msp,energy,maxlogit,knn,mahalanobis", "--knn-k", "5", "-q"]
+            "msp,energy,maxlogit,knn,mahalanobis,vim", "--knn-k", "5", "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     for f in ("results.parquet", "results.md", "heads.safetensors", "config.json"):
