@@ -200,3 +200,25 @@ def test_cli_ls_lists_feature_sets(reg_ckpt, tmp_path):
 def test_unknown_model_lists_the_aliases(tmp_path):
     r = CliRunner().invoke(main, ["extract", "-m", "vit_nonsense", "-d", str(tmp_path / "x.tar")])
     assert r.exit_code == 1 and "unknown model 'vit_nonsense'" in r.output and "vitl_reg" in r.output
+
+
+def test_augmented_views_are_rows_of_their_own_and_view_0_is_the_plain_crop(reg_ckpt, tmp_path):
+    from regcache.models import Preprocess
+    from regcache.probe import holdout, load_split
+
+    data = make_shards(tmp_path / "shards", n_shards=2, per_shard=3)
+    plain = extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32"))
+    views = extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32",
+                           preprocess=Preprocess(size=56, resize=64, views=3, seed=1)))
+    assert views.path != plain.path and views.ok == 3 * plain.ok
+    idx = FeatureSet(views.path).index
+    assert list(idx.view[:6]) == [0, 1, 2, 0, 1, 2] and list(idx.key[:3]) == ["img00000"] * 3
+    v = FeatureSet(views.path).load("cls")
+    p = FeatureSet(plain.path).load("cls")
+    np.testing.assert_allclose(v.x[v.views == 0], p.x, rtol=1e-5, atol=1e-5)
+    assert np.abs(v.x[v.views == 1] - p.x).max() > 1e-3 and np.abs(v.x[v.views == 2] - v.x[v.views == 1]).max() > 1e-3
+    # the probe trains on every view and selects on view 0 of held-out images only
+    split = load_split(FeatureSet(views.path), ["cls"], "train", views=None)
+    fit, sel = holdout(split, 0.34, seed=0)
+    assert set(split.views[fit]) == {0, 1, 2} and set(split.views[sel]) == {0}
+    assert not set(split.keys[fit]) & set(split.keys[sel])
