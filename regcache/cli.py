@@ -504,6 +504,33 @@ def featuremap(featureset, keys, cache, out, no_images):
 
 
 @main.command()
+@click.argument("featuresets", nargs=-1, required=True)
+@cache_option
+@click.option("--iterations", default=500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the numbers as JSON.")
+def tokenprobe(featuresets, cache, iterations, seed, out):
+    """Linear probes that read a patch token's grid position from the token, outliers against normal tokens.
+
+    Needs feature sets extracted with --features tokens,norms (every patch token: small sets only).
+    """
+    from dataclasses import asdict
+
+    from .analysis import token_probe
+
+    try:
+        results = [token_probe(fs, iterations=iterations, seed=seed) for fs in _feature_sets(featuresets, cache)]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for r in results:
+        click.echo(f"{r.name}: position accuracy {100 * r.accuracy:.1f}% (chance {100 * r.chance:.1f}%), "
+                   f"outlier tokens {100 * r.accuracy_outliers:.1f}% (n={r.outliers}), "
+                   f"normal tokens {100 * r.accuracy_normal:.1f}%; {r.test_images} held-out images")
+    if out is not None:
+        out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+@main.command()
 @click.option("--model", "-m", required=True, help="Alias or timm ViT name.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
 @click.option("--images", "-i", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),

@@ -15,6 +15,7 @@ FEATURES: dict[str, str] = {
     "reg": "mean of the register tokens after the final norm (muR), [D]",
     "reg_all": "every register token after the final norm, [M, D]",
     "norms": "L2 norm of every token before the final norm, [T] in layout order",
+    "tokens": "every patch token after the final norm, [L, D] (large: for small sets and token probes)",
 }
 #: stored when the user names none: every cheap one
 DEFAULT_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
@@ -52,7 +53,8 @@ class TokenLayout:
     def shape(self, name: str) -> tuple[int, ...]:
         """Per-sample shape of a stored feature."""
         shapes = {"cls": (self.dim,), "patch": (self.dim,), "reg": (self.dim,),
-                  "reg_all": (self.num_reg, self.dim), "norms": (self.num_tokens,)}
+                  "reg_all": (self.num_reg, self.dim), "norms": (self.num_tokens,),
+                  "tokens": (self.num_patches, self.dim)}
         return shapes[name]
 
     def to_dict(self) -> dict:

@@ -25,6 +25,7 @@ def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout,
         "reg": lambda: post[:, c:p].mean(1),
         "reg_all": lambda: post[:, c:p],
         "norms": lambda: pre.float().norm(dim=-1),
+        "tokens": lambda: post[:, p:],
     }
     return {f: make[f]() for f in features}
 

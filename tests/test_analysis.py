@@ -153,3 +153,32 @@ def test_real_cls_attention_on_a_centred_object_is_not_uniform(tmp_path):
     r = CliRunner().invoke(main, ["attention", "-m", "vit_small_patch14_dinov2", "--checkpoint", str(weights),
                                   "-i", str(img), "--registers", "--out", str(out)])
     assert r.exit_code == 1 and "no register tokens" in r.output
+
+
+def test_token_probe_reads_positions_from_normal_tokens_but_not_from_outliers(tmp_path):
+    from regcache.store import FeatureSet as FS
+
+    layout = TokenLayout(has_cls=True, num_reg=0, grid=(3, 4), dim=16)
+    rng = np.random.default_rng(0)
+    n, length = 200, 12
+    embed = rng.normal(size=(length, 16)) * 2
+    tokens = embed[None] + rng.normal(size=(n, length, 16)) * 0.3     # position is linearly readable
+    norms = rng.uniform(1, 2, size=(n, 1 + length))
+    flat = rng.choice(n * length, size=40, replace=False)              # 1.7% outliers: high norm, no position
+    img, pos = np.divmod(flat, length)
+    tokens[img, pos] = rng.normal(size=(40, 16)) * 2
+    norms[img, 1 + pos] = 100.0
+    ident = {"model": "m", "features": ["norms", "tokens"], "dataset": "t"}
+    fs = FS.create(tmp_path / "fs", ident, {
+        "features": ["tokens", "norms"], "layout": layout.to_dict(), "dtype": "float32", "unit_rows": n,
+        "num_units": 1, "model": {"name": "m"}, "dataset": {"name": "t", "shards": ["t.tar"]}})
+    fs.commit_unit(0, {"tokens": tokens.astype(np.float32), "norms": norms.astype(np.float32)},
+                   [(f"k{i}", 0, 0) for i in range(n)])
+    fs.finalize()
+    r = analysis.token_probe(FS(tmp_path / "fs"), iterations=300)
+    assert r.chance == pytest.approx(1 / 12) and r.test_images == 40 and r.outliers > 0
+    assert r.accuracy_normal > 0.95 and r.accuracy_outliers < 0.4
+    out = tmp_path / "tp.json"
+    res = CliRunner().invoke(main, ["tokenprobe", str(tmp_path / "fs"), "--iterations", "300", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())[0]["accuracy_normal"] == pytest.approx(r.accuracy_normal)

@@ -38,7 +38,7 @@ def timm_reference(name: str, ckpt, tars: list[str]) -> dict[str, np.ndarray]:
         x = model.forward_features(torch.stack(images))
     m, has_cls = model.num_reg_tokens, model.cls_token is not None
     c = int(has_cls)
-    ref = {"patch": x[:, c + m:].mean(1), "norms": captured["pre"].norm(dim=-1)}
+    ref = {"patch": x[:, c + m:].mean(1), "norms": captured["pre"].norm(dim=-1), "tokens": x[:, c + m:]}
     if has_cls:
         ref["cls"] = x[:, 0]
     if m:
@@ -51,7 +51,7 @@ def test_stored_features_equal_timm_forward_features(name, ckpt_fixture, request
     ckpt = request.getfixturevalue(ckpt_fixture)
     data = make_shards(tmp_path / "shards", n_shards=2, per_shard=5)
     ref = timm_reference(name, ckpt, [str(tmp_path / "shards" / f"part-00{i}.tar") for i in range(2)])
-    names = ("cls", "patch", "reg", "reg_all", "norms") if name == REG else ("cls", "patch", "norms")
+    names = ("cls", "patch", "reg", "reg_all", "norms", "tokens") if name == REG else ("cls", "patch", "norms", "tokens")
     assert set(ref) == set(names)
     for dtype in ("float32", "float16"):
         res = extract(config(name, ckpt, data, tmp_path / "cache", features=names, dtype=dtype))
