@@ -94,7 +94,7 @@ def main() -> None:
 def _measure(args, tmp: Path) -> None:
     import torch
 
-    from regcache.probe import ProbeConfig, Split, accuracy, load_split, train_heads
+    from regcache.probe import ProbeConfig, accuracy, load_split, train_heads
     from regcache.store import FeatureSet
 
     t = time.perf_counter()

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .features import TokenLayout
 from .report import pyplot, save_figure
 from .store import FeatureSet, StoreError
+
+if TYPE_CHECKING:
+    import torch
 
 OUTLIER_PERCENTILE = 98.0
 

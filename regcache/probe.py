@@ -18,7 +18,7 @@ import torch
 
 from . import ood
 from .features import parse_features
-from .store import FeatureSet, StoreError, list_feature_sets
+from .store import FeatureSet, list_feature_sets
 
 
 class ProbeError(ValueError):

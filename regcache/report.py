@@ -43,7 +43,7 @@ def markdown(results: pd.DataFrame) -> str:
         lines = [f"### {'accuracy' if not scorer else 'anomaly scorer: ' + scorer} (%, seed {seeds})", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for (model, feats), g in res.groupby(["model", "features"], sort=False):
-            get = lambda s, m, sc="": g[(g.set == s) & (g.metric == m) & (g.scorer == sc)].value  # noqa: E731
+            get = lambda s, m, sc="", g=g: g[(g.set == s) & (g.metric == m) & (g.scorer == sc)].value  # noqa: E731
             cells = [model, f"[{feats.replace(',', ';')}]"] + [_pct(get(s, "top1").mean()) for s in acc_sets]
             if scorer:
                 cells += [_pct(get(s, "fpr95", scorer).mean()) for s in ano_sets]

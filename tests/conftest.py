@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from regcache.shards import write_shards
+from regcache.store import FeatureSet
 from regcache.extract import ExtractConfig
+from regcache.features import TokenLayout
 from regcache.models import Preprocess
 
 REG = "vit_small_patch14_reg4_dinov2"
@@ -75,3 +77,51 @@ def cli_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+# --------------------------------------------------------------------------- hand-made caches for the probe
+
+PROBE_LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=4)
+
+
+def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1):
+    """A cached feature set as extraction would write it, from arrays (no backbone), in ``units`` shards."""
+    ident = {"model": f"timm_{model}", "model_kwargs": {}, "weights": weights, "preprocess": {"size": 4},
+             "precision": "fp32", "dtype": "float32", "features": sorted(x), "dataset": name}
+    n = len(labels)
+    per = -(-n // units) if n else 1
+    meta = {"features": list(x), "layout": PROBE_LAYOUT.to_dict(),
+            "dtype": "float32", "unit_rows": per, "num_units": units,
+            "model": {"name": model, "timm_name": f"timm_{model}"},
+            "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(units)], "classes": classes,
+                        "subset": subset, "role": role}}
+    fs = FeatureSet.create(root / name, ident, meta)
+    for u in range(units):
+        sl = slice(u * per, min(n, (u + 1) * per))
+        fs.commit_unit(u, {k: v[sl] for k, v in x.items()},
+                       [(f"{name}-{i}", int(labels[i]), 0) for i in range(sl.start, sl.stop)])
+    assert fs.finalize()
+    return fs
+
+
+@pytest.fixture
+def caches(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, PROBE_LAYOUT.dim)) * 2
+
+    def sample(n, shift=0.0, classes=range(4)):
+        y = rng.choice(list(classes), n)
+        cls = centres[y] + rng.normal(size=(n, PROBE_LAYOUT.dim)) + shift
+        reg = centres[y][:, ::-1] + rng.normal(size=(n, PROBE_LAYOUT.dim))
+        return {"cls": cls.astype(np.float32), "reg": reg.astype(np.float32)}, y
+
+    classes = ["a", "b", "c", "d"]
+    root = tmp_path / "cache"
+    make_set(root, "train", *sample(400), classes=classes, role="id-train", units=8)
+    make_set(root, "val", *sample(100), classes=classes, role="id-val")
+    make_set(root, "shifted", *sample(80, 0.5, classes=[1, 2]), classes=classes, subset=["b", "c"], role="ood-gen")
+    x, _ = sample(60, 6.0)
+    make_set(root, "far", x, -np.ones(60, int), role="anomaly")
+    x, _ = sample(1, 6.0)
+    make_set(root, "single", x, -np.ones(1, int), role="anomaly")
+    return root

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import timm
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -123,7 +122,8 @@ def test_neighbour_similarity_against_a_loop():
     e = torch.nn.functional.normalize(x[0].permute(1, 2, 0), dim=-1)
     for i in range(3):
         for j in range(4):
-            nb = [(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (0, -1), (-1, 0)) if 0 <= i + di < 3 and 0 <= j + dj < 4]
+            steps = ((0, 1), (1, 0), (0, -1), (-1, 0))
+            nb = [(i + di, j + dj) for di, dj in steps if 0 <= i + di < 3 and 0 <= j + dj < 4]
             want = sum(float(e[i, j] @ e[a, b]) for a, b in nb) / len(nb)
             assert float(got[i, j]) == pytest.approx(want, abs=1e-5)
 

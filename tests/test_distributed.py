@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -94,9 +93,6 @@ def test_out_of_memory_halves_the_forward_chunk_and_says_so(reg_ckpt, tmp_path, 
 
 
 # --------------------------------------------------------------------------- the probe at scale
-
-from test_probe import caches  # noqa: E402,F401  (the fixture: hand-made cached sets, train in 8 shards)
-
 
 def probe_args(caches, out, *extra):
     return ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val",

@@ -1,7 +1,6 @@
 """Stage 2: heads against scikit-learn, one-pass training against one-at-a-time, the run end to end."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
@@ -12,13 +11,12 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from regcache import ood
 from regcache.cli import main
-from regcache.features import TokenLayout
-from regcache.probe import (ProbeConfig, ProbeError, Split, accuracy, load_heads, predict, train_heads)
+from regcache.probe import (ProbeConfig, Split, accuracy, load_heads, predict, train_heads)
 from regcache.store import FeatureSet
 
-LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=4)
+from conftest import PROBE_LAYOUT, make_set
+
 
 
 def split(x: np.ndarray, y: np.ndarray, name: str = "s", feature: str = "cls") -> Split:
@@ -78,49 +76,7 @@ def test_many_heads_in_one_pass_equal_heads_trained_one_at_a_time():
 
 
 # --------------------------------------------------------------------------- a whole run on hand-made caches
-
-def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1):
-    """A cached feature set as extraction would write it, from arrays (no backbone), in ``units`` shards."""
-    ident = {"model": f"timm_{model}", "model_kwargs": {}, "weights": weights, "preprocess": {"size": 4},
-             "precision": "fp32", "dtype": "float32", "features": sorted(x), "dataset": name}
-    n = len(labels)
-    per = -(-n // units) if n else 1
-    meta = {"features": list(x), "layout": LAYOUT.to_dict(),
-            "dtype": "float32", "unit_rows": per, "num_units": units,
-            "model": {"name": model, "timm_name": f"timm_{model}"},
-            "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(units)], "classes": classes,
-                        "subset": subset, "role": role}}
-    fs = FeatureSet.create(root / name, ident, meta)
-    for u in range(units):
-        sl = slice(u * per, min(n, (u + 1) * per))
-        fs.commit_unit(u, {k: v[sl] for k, v in x.items()},
-                       [(f"{name}-{i}", int(labels[i]), 0) for i in range(sl.start, sl.stop)])
-    assert fs.finalize()
-    return fs
-
-
-@pytest.fixture
-def caches(tmp_path):
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(4, LAYOUT.dim)) * 2
-
-    def sample(n, shift=0.0, classes=range(4)):
-        y = rng.choice(list(classes), n)
-        cls = centres[y] + rng.normal(size=(n, LAYOUT.dim)) + shift
-        reg = centres[y][:, ::-1] + rng.normal(size=(n, LAYOUT.dim))
-        return {"cls": cls.astype(np.float32), "reg": reg.astype(np.float32)}, y
-
-    classes = ["a", "b", "c", "d"]
-    root = tmp_path / "cache"
-    make_set(root, "train", *sample(400), classes=classes, role="id-train", units=8)
-    make_set(root, "val", *sample(100), classes=classes, role="id-val")
-    make_set(root, "shifted", *sample(80, 0.5, classes=[1, 2]), classes=classes, subset=["b", "c"], role="ood-gen")
-    x, _ = sample(60, 6.0)
-    make_set(root, "far", x, -np.ones(60, int), role="anomaly")
-    x, _ = sample(1, 6.0)
-    make_set(root, "single", x, -np.ones(1, int), role="anomaly")
-    return root
-
+# (the `caches` fixture, in conftest.py: train in 8 shards, val, a shifted class-subset set, anomalies)
 
 def test_probe_run_end_to_end(caches, tmp_path):
     out = tmp_path / "run"
@@ -189,15 +145,15 @@ def test_probe_errors_name_the_problem(caches, tmp_path):
     assert r.exit_code == 1 and "regcache extract --model m --data manifests/imagenet-a.yaml" in r.output
     r = CliRunner().invoke(main, base[:5] + ["--train", "far"] + base[7:])
     assert r.exit_code == 1 and "unlabelled" in r.output
-    x = {"cls": np.ones((3, LAYOUT.dim), np.float32), "reg": np.ones((3, LAYOUT.dim), np.float32)}
+    x = {"cls": np.ones((3, PROBE_LAYOUT.dim), np.float32), "reg": np.ones((3, PROBE_LAYOUT.dim), np.float32)}
     x["cls"][1, 2] = np.nan
     make_set(caches, "broken", x, np.zeros(3, int), classes=["a", "b", "c", "d"])
     r = CliRunner().invoke(main, base + ["--eval", "broken"])
     assert r.exit_code == 1 and "non-finite cls in 1 rows" in r.output and "broken-1" in r.output
-    make_set(caches, "empty", {"cls": np.zeros((0, LAYOUT.dim), np.float32),
-                               "reg": np.zeros((0, LAYOUT.dim), np.float32)}, np.zeros(0, int))
+    make_set(caches, "empty", {"cls": np.zeros((0, PROBE_LAYOUT.dim), np.float32),
+                               "reg": np.zeros((0, PROBE_LAYOUT.dim), np.float32)}, np.zeros(0, int))
     r = CliRunner().invoke(main, base + ["--eval", "empty"])
     assert r.exit_code == 1 and "has no rows" in r.output
-    make_set(caches, "other", *[{"cls": np.ones((2, LAYOUT.dim), np.float32)}, np.zeros(2, int)], weights="w2")
+    make_set(caches, "other", *[{"cls": np.ones((2, PROBE_LAYOUT.dim), np.float32)}, np.zeros(2, int)], weights="w2")
     r = CliRunner().invoke(main, base + ["--eval", "other"])
     assert r.exit_code == 1 and "differ in weights" in r.output
