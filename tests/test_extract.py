@@ -222,3 +222,13 @@ def test_augmented_views_are_rows_of_their_own_and_view_0_is_the_plain_crop(reg_
     fit, sel = holdout(split, 0.34, seed=0)
     assert set(split.views[fit]) == {0, 1, 2} and set(split.views[sel]) == {0}
     assert not set(split.keys[fit]) & set(split.keys[sel])
+
+
+@pytest.mark.slow
+def test_compiled_forward_gives_the_same_features(reg_ckpt, tmp_path):
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    eager = extract(config(REG, reg_ckpt, data, tmp_path / "a", dtype="float32"))
+    compiled = extract(config(REG, reg_ckpt, data, tmp_path / "b", dtype="float32", compile=True))
+    assert compiled.path.name == eager.path.name  # compiling is not part of the identity
+    a, b = FeatureSet(eager.path).load(), FeatureSet(compiled.path).load()
+    np.testing.assert_allclose(b.x, a.x, rtol=1e-4, atol=1e-4)
