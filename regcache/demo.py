@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .data import DataError
-from .shards import manifest_text, write_new, write_shards
+from .shards import write_new, write_set
 
 log = logging.getLogger("regcache")
 
@@ -139,26 +139,14 @@ def build(root: str | os.PathLike, sizes: DemoSizes = DemoSizes(), per_shard: in
     manifests = {}
     for name, (role, samples) in demo_sets(sizes).items():
         folder = root / name
-        manifest = folder / f"{name}.yaml"
-        labelled = role != "anomaly"
-        extras = {"classes": list(FASHION_CLASSES)} if labelled else {}
+        extras = {"classes": list(FASHION_CLASSES)} if role != "anomaly" else {}
         if name == "fmnist-invert":
             write_new(folder / "subset.txt", "\n".join(FASHION_CLASSES[c] for c in SUBSET) + "\n")
             extras["subset_file"] = "subset.txt"
         items = list(samples())
-        n_shards = (len(items) + per_shard - 1) // per_shard
-        counts = [min(per_shard, len(items) - i * per_shard) for i in range(n_shards)]
-        text = manifest_text(name, f"{name}-{{000000..{n_shards - 1:06d}}}.tar", role=role, counts=counts,
-                             image="png", description=f"regcache demo set ({role})", **extras)
-        tars = [folder / f"{name}-{i:06d}.tar" for i in range(n_shards)]
-        if manifest.exists() and manifest.read_text() == text and all(t.is_file() for t in tars):
-            log.info("demo set %s is already built", name)
-        else:
-            if manifest.exists() and manifest.read_text() != text:
-                raise DataError(f"{manifest} holds a different set; remove {folder} to rebuild it")
-            write_shards(items, str(folder / f"{name}-%06d.tar"), per_shard)
-            write_new(manifest, text)
-            log.info("built demo set %s: %d images in %d shards", name, len(items), n_shards)
+        manifest = write_set(folder, name, items, len(items), per_shard, role=role, image="png",
+                             description=f"regcache demo set ({role})", **extras)
+        log.info("demo set %s: %d images in %s", name, len(items), folder)
         manifests[name] = manifest
     return manifests
 

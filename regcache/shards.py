@@ -138,10 +138,6 @@ def from_folder(src: str | os.PathLike, out: str | os.PathLike, name: str, *, cl
     """
     out = Path(out)
     plan = plan_folder(Path(src), classes, flat)
-    manifest = out / f"{name}.yaml"
-    n_shards = (len(plan.files) + per_shard - 1) // per_shard
-    pattern = f"{name}-{{000000..{n_shards - 1:06d}}}.tar"
-    counts = [min(per_shard, len(plan.files) - i * per_shard) for i in range(n_shards)]
     extras: dict[str, Any] = {}
     if plan.classes is not None:
         if len(plan.classes) <= 50:
@@ -152,17 +148,30 @@ def from_folder(src: str | os.PathLike, out: str | os.PathLike, name: str, *, cl
     if plan.subset is not None:
         write_new(out / f"{name}.subset.txt", "\n".join(plan.subset) + "\n")
         extras["subset_file"] = f"{name}.subset.txt"
-    text = manifest_text(name, pattern, role=role or ("anomaly" if flat else None), split=split, counts=counts,
-                         **extras)
-    if manifest.exists() and manifest.read_text() == text and all(
-            (out / f"{name}-{i:06d}.tar").is_file() for i in range(n_shards)):
-        return manifest  # already written: shards are byte-identical by construction
-
     def samples():
         for key, path, label in plan.files:
             yield key, path.read_bytes(), label, path.suffix.lower().lstrip(".")
 
-    write_shards(samples(), str(out / f"{name}-%06d.tar"), per_shard)
+    return write_set(out, name, samples(), len(plan.files), per_shard,
+                     role=role or ("anomaly" if flat else None), split=split, **extras)
+
+
+def write_set(folder: Path, name: str, samples: Iterable[tuple], n: int, per_shard: int = 1000,
+              **fields: Any) -> Path:
+    """``n`` samples as ``FOLDER/NAME-000000.tar``… plus the manifest ``FOLDER/NAME.yaml`` (``fields`` go into it).
+
+    An identical set already there is kept; a different one is refused before anything is written.
+    """
+    n_shards = max(1, -(-n // per_shard))
+    counts = [min(per_shard, n - i * per_shard) for i in range(n_shards)]
+    text = manifest_text(name, f"{name}-{{000000..{n_shards - 1:06d}}}.tar", counts=counts, **fields)
+    manifest = folder / f"{name}.yaml"
+    if manifest.exists():
+        if manifest.read_text() != text:
+            raise DataError(f"{manifest} exists with different content; remove {folder} or choose another output")
+        if all((folder / f"{name}-{i:06d}.tar").is_file() for i in range(n_shards)):
+            return manifest  # already written: shards are byte-identical by construction
+    write_shards(samples, str(folder / f"{name}-%06d.tar"), per_shard)
     write_new(manifest, text)
     return manifest
 

@@ -79,6 +79,7 @@ def test_folder_to_shards_to_scan_round_trip(tmp_path):
     assert digest(tars) == before
     with pytest.raises(DataError, match="different content"):
         from_folder(tmp_path / "src", tmp_path / "out", "toy", per_shard=3, role="id-train")
+    assert digest(tars) == before and not (tmp_path / "out" / "toy-000002.tar").exists()  # nothing touched
 
 
 def test_flat_folders_and_class_subsets(tmp_path):
