@@ -30,6 +30,10 @@ def _kv(pairs: tuple[str, ...]) -> dict:
     return out
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
 def _human(n: float) -> str:
     if n < 1024:
         return f"{int(n)} B"
@@ -120,13 +124,12 @@ def extract(model, data, name, features, checkpoint, model_arg, batch_size, work
     if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc_per_node)
     _setup_logging(quiet)
-    floats = lambda s: tuple(float(x) for x in s.split(","))  # noqa: E731
     try:
         cfg = ExtractConfig(
             model=model, data=data, name=name, features=parse_features(features) if features else None,
             cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
-            preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=floats(mean),
-                                  std=floats(std), views=views, seed=seed),
+            preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=_floats(mean),
+                                  std=_floats(std), views=views, seed=seed),
             precision=precision, dtype=dtype, batch_size=batch_size, workers=workers, device=device, part=part,
             num_parts=num_parts, unit_rows=unit_rows, allow_pipe=allow_pipe, compile=compile_,
             finalize_only=finalize, progress=not quiet)
@@ -194,10 +197,6 @@ def ls(cache, as_json):
 def _names(values: tuple[str, ...]) -> list[str]:
     """``--eval a,b --eval c`` -> [a, b, c]."""
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
 
 
 @main.command()

@@ -280,7 +280,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                 images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     out = forward(images)
-                buf.add({k: v.to(torch.float32).cpu().numpy().astype(store_dtype) for k, v in out.items()},
+                buf.add({k: v.float().cpu().numpy().astype(store_dtype, copy=False) for k, v in out.items()},
                         batch.keys, batch.labels, batch.views)
                 bar.update(len(batch.keys))
             if not batch.end:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,6 +57,8 @@ class Preprocess:
             raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
         if self.views < 1:
             raise ValueError("views must be >= 1")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"mean and std need one value per RGB channel, got {self.mean} and {self.std}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,9 +92,14 @@ class Preprocess:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32, the same arithmetic as torchvision's ToTensor + Normalize."""
-        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, images.device)
         return images.float().div_(255).sub_(mean).div_(std)
+
+
+@lru_cache(maxsize=8)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Made once per device: a fresh tensor per batch would be a blocking host-to-GPU copy each time."""
+    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
 @dataclass(frozen=True)

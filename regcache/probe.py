@@ -27,15 +27,19 @@ class ProbeError(ValueError):
 
 # --------------------------------------------------------------------------- finding feature sets
 
-def find_feature_set(cache: str | os.PathLike, dataset: str, model: str, features: Sequence[str]) -> FeatureSet:
+def find_feature_set(cache: str | os.PathLike, dataset: str, model: str, features: Sequence[str],
+                     available: Sequence[FeatureSet] | None = None) -> FeatureSet:
     """The complete feature set of ``dataset`` (a name, or a feature-set path) for ``model`` (alias, timm
-    name or fingerprint prefix) holding ``features``; if none, the error gives the command that makes it."""
+    name or fingerprint prefix) holding ``features``; if none, the error gives the command that makes it.
+
+    ``available``: the cache's sets when the caller already listed them (finding several sets lists once).
+    """
     from .models import ALIASES
 
     if (Path(dataset) / "regcache.json").is_file():
         return FeatureSet(dataset)
     timm_name = ALIASES.get(model, model)
-    found = [fs for fs in list_feature_sets(cache)
+    found = [fs for fs in (available if available is not None else list_feature_sets(cache))
              if fs.meta["dataset"]["name"] == dataset and fs.complete and set(features) <= set(fs.features)
              and (fs.meta["model"]["name"] == model or fs.meta["model"]["timm_name"] == timm_name
                   or fs.fingerprint.startswith(model))]
@@ -78,7 +82,6 @@ class Split:
     labels: np.ndarray
     keys: np.ndarray
     views: np.ndarray
-    classes: list[str] | None = None
     subset: np.ndarray | None = None  # ID class indices of a class-subset set
 
     def __len__(self) -> int:
@@ -86,7 +89,7 @@ class Split:
 
     def take(self, rows: np.ndarray, name: str | None = None) -> "Split":
         return Split(name or self.name, {k: v[rows] for k, v in self.x.items()}, self.labels[rows],
-                     self.keys[rows], self.views[rows], self.classes, self.subset)
+                     self.keys[rows], self.views[rows], self.subset)
 
     def dims(self, names: Sequence[str]) -> dict[str, int]:
         return {f: int(np.prod(self.x[f].shape[1:])) for f in names}
@@ -174,7 +177,7 @@ def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequen
     subset = None
     if ds.get("subset"):
         subset = _subset_indices(ds["subset"], id_classes, name)
-    return Split(name, got.x, got.labels, got.keys, got.views, ds.get("classes"), subset)
+    return Split(name, got.x, got.labels, got.keys, got.views, subset)
 
 
 def _subset_indices(subset: Sequence[str], id_classes: Sequence[str] | None, name: str) -> np.ndarray:
@@ -477,7 +480,8 @@ class _Data:
 
 
 def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
-    find = lambda name: find_feature_set(job.cache, name, job.model, union)  # noqa: E731
+    available = list_feature_sets(job.cache)
+    find = lambda name: find_feature_set(job.cache, name, job.model, union, available)  # noqa: E731
     known = known or {}
     sets = {"train": FeatureSet(known["train"]) if "train" in known else find(job.train)}
     for role in ("val", "test"):

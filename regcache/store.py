@@ -167,7 +167,7 @@ class FeatureSet:
                 raise StoreError(f"{name}: {a.shape[0]} rows for {n} records")
             block = np.zeros((rows, *a.shape[1:]), dtype=self.dtype)
             block[:n] = a
-            self.array(name)[start:start + rows] = block  # exactly one whole chunk
+            self.array(name, "r+")[start:start + rows] = block  # exactly one whole chunk
         keys = [r[0] for r in records] + [k for k, _ in errors]
         table = pa.table({
             "key": keys,
@@ -245,13 +245,13 @@ class FeatureSet:
     def complete(self) -> bool:
         return (self.path / "index.parquet").is_file()
 
-    def array(self, name: str):
+    def array(self, name: str, mode: str = "r"):
         """The Zarr array of one feature (all units, padding included; the index says which rows are real)."""
         import zarr
 
         if name not in self.features:
             raise StoreError(f"{self.path} has no feature {name!r}; it has {', '.join(self.features)}")
-        return zarr.open_array(self.path / ARRAYS / name, mode="r+")
+        return zarr.open_array(self.path / ARRAYS / name, mode=mode)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in (self.path / ARRAYS).rglob("*") if f.is_file())
