@@ -205,8 +205,9 @@ def decode_image(sample: dict, image_keys: Sequence[str]) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             img.load()
-            if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1", "I;16", "I", "F"):
-                raise SampleError(f"unsupported image mode {img.mode}")
+            # 16-bit and float modes would be clipped to 8 bits by convert(): refuse rather than guess
+            if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
+                raise SampleError(f"unsupported image mode {img.mode} (16-bit or float pixels)")
             return img.convert("RGB")
     except SampleError:
         raise

@@ -162,23 +162,21 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     from .offline import TIMM_NAME, fetch_vits14
     from .probe import ProbeConfig, ProbeJob, run_probe
     from .report import write_run
+    from .store import FeatureSet
 
     out = Path(out)
     manifests = build(out / "data")
     checkpoint = str(fetch_vits14()) if model is None else None
     model = model or TIMM_NAME
     cache = out / "cache"
-    registers = False
     for name, manifest in manifests.items():
         res = extract(ExtractConfig(model=model, data=str(manifest), cache=cache, checkpoint=checkpoint,
                                     preprocess=Preprocess(size=size, resize=size * 8 // 7), precision=precision,
                                     batch_size=batch_size, workers=workers, progress=progress))
         if res.failed_shards:
             raise DataError(f"demo set {name}: shards failed: {res.failed_shards}")
-        from .store import FeatureSet
-        registers = FeatureSet(res.path).layout.num_reg > 0
     combos = [("cls",), ("patch",), ("cls", "patch")]
-    if registers:
+    if FeatureSet(res.path).layout.num_reg:  # one model for every set
         combos += [("reg",), ("cls", "reg"), ("cls", "patch", "reg")]
     job = ProbeJob(model=model, train="fmnist-train", test="fmnist-val", cache=cache,
                    eval=["fmnist-sketch", "fmnist-invert"], anomaly=["mnist", "animals", "textures"],

@@ -15,6 +15,7 @@ import torch
 
 from . import __version__, ood
 from .probe import save_heads
+from .store import FeatureSet
 
 METRIC_LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑", "aupr_out": "AUPR-out↑"}
 
@@ -110,8 +111,7 @@ def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
     (out / "results.md").write_text(markdown(result.results))
     config = {"job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
               "probe": asdict(cfg), "sets": result.sets,
-              "fingerprints": {k: json.loads((Path(p) / "regcache.json").read_text())["fingerprint"]
-                               for k, p in result.sets.items()},
+              "fingerprints": {k: FeatureSet(p).fingerprint for k, p in result.sets.items()},
               "regcache": __version__, "torch": torch.__version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}
     (out / "config.json").write_text(json.dumps(config, indent=2))

@@ -63,6 +63,7 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
         {"__key__": "wordlabel", "png": png(np.zeros((50, 50, 3), np.uint8)), "cls": b"cat"},
         {"__key__": "biglabel", "png": png(np.zeros((50, 50, 3), np.uint8)), "cls": b"7"},
         {"__key__": "nolabel", "png": png(np.zeros((50, 50, 3), np.uint8))},
+        {"__key__": "sixteen", "png": png(np.full((50, 50), 40000, np.uint16)), "cls": b"1"},
         good[1],
     ])
     write_raw(d / "s-001.tar", good[2:])
@@ -81,13 +82,14 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
     fs = FeatureSet(next((tmp_path / "c").glob("bad/*")))
     assert not fs.complete and set(fs.failed_units()) == {1, 2}
     errors = dict(zip(fs.errors.key, fs.errors.reason))
-    assert set(errors) == {"corrupt", "empty", "bomb", "wordlabel", "biglabel", "nolabel"}
+    assert set(errors) == {"corrupt", "empty", "bomb", "wordlabel", "biglabel", "nolabel", "sixteen"}
+    assert "unsupported image mode I;16" in errors["sixteen"]
     assert "cannot decode" in errors["corrupt"] and "zero-length" in errors["empty"]
     assert "decompression bomb" in errors["bomb"]
     assert "not an integer" in errors["wordlabel"] and "outside 0..2" in errors["biglabel"]
     assert "no label" in errors["nolabel"]
     assert list(fs.index.key) == ["img00000", "img00001"]
-    assert len(fs.index) + len(fs.errors) == 8  # ok + failed = total of the committed shard
+    assert len(fs.index) + len(fs.errors) == 9  # ok + failed = total of the committed shard
 
     # repair the shards: the rerun redoes only the two failed units and completes the store
     (d / "s-001.tar").write_bytes(full)
