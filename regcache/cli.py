@@ -67,6 +67,11 @@ def main() -> None:
               help="Manifest (manifests/NAME.yaml) or shard pattern such as 'shards/train-{000..099}.tar'.")
 @click.option("--name", default=None,
               help="Dataset name for a shard pattern, used by the cache path and by probe [default: the folder's].")
+@click.option("--labels", default=None, metavar="cls|json:FIELD|none",
+              help="Where a shard pattern's labels are [default: cls if the first sample has a .cls, else none: "
+                   "stored unlabelled, label -1]. Manifests say it in their 'label' field.")
+@click.option("--role", type=click.Choice(["id-train", "id-val", "ood-gen", "anomaly"]), default=None,
+              help="A shard pattern's role (anomaly: unlabelled). Manifests say it in their 'role' field.")
 @click.option("--features", "-f", default=None, metavar="LIST",
               help=f"Comma list of {', '.join(FEATURES)} [default: {','.join(DEFAULT_FEATURES)}, "
                    "those the model has].")
@@ -101,20 +106,22 @@ def main() -> None:
 @click.option("--allow-pipe", is_flag=True, help="Permit 'pipe:' shard URLs, which run shell commands.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on long GPU runs).")
 @click.option("--finalize", is_flag=True,
-              help="Extract nothing; write the index if every part is committed, else say what is missing.")
+              help="Extract nothing and load no model: write the index if every part is committed, else list "
+                   "the missing shards and exit 1.")
 @click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
               help="torchrun: start --nproc-per-node ranks on this node, one part each "
                    "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
 @click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
-def extract(model, data, name, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
+def extract(model, data, name, labels, role, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
             resize, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
             compile_, finalize, launcher, nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
     A feature set that already holds these features is reused with no backbone work.
-    Exit status 1 if any shard failed.
+    Exit status 1 if any shard failed (missing, truncated, damaged), if every sample failed, or if
+    --finalize finds shards that no part has committed yet.
     """
     from .extract import ExtractConfig, default_cache_root
     from .extract import extract as run
@@ -126,7 +133,7 @@ def extract(model, data, name, features, checkpoint, model_arg, batch_size, work
     _setup_logging(quiet)
     try:
         cfg = ExtractConfig(
-            model=model, data=data, name=name, features=parse_features(features) if features else None,
+            model=model, data=data, name=name, labels=labels, role=role, features=parse_features(features) if features else None,
             cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
             preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=_floats(mean),
                                   std=_floats(std), views=views, seed=seed),
@@ -136,7 +143,8 @@ def extract(model, data, name, features, checkpoint, model_arg, batch_size, work
         res = run(cfg)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    state = "complete" if res.complete else f"incomplete ({res.missing_units} of the shards not committed yet)"
+    state = ("complete" if res.complete else "unusable" if res.error
+             else f"incomplete ({res.missing_units} of the shards not committed yet)")
     click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
                f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
                f"skipped, {res.seconds:.1f} s; {state} store {res.path}")
@@ -144,7 +152,9 @@ def extract(model, data, name, features, checkpoint, model_arg, batch_size, work
         click.echo(f"  streamed {res.units_done} shards in {res.stream_seconds:.1f} s")
     for shard, reason in res.failed_shards.items():
         click.echo(f"  failed shard {shard}: {reason}", err=True)
-    if res.failed_shards:
+    if res.error:
+        click.echo(f"  {res.error}", err=True)
+    if res.failed_shards or res.error:
         sys.exit(1)
 
 

@@ -62,6 +62,51 @@ class Dataset:
         return url if url.startswith("pipe:") else Path(url).name
 
 
+@dataclass(frozen=True)
+class ShardId:
+    """What one shard holds, cheaply: resolved path, size, and a digest of sampled bytes.
+
+    The same manifest text can point at other images (another folder, regenerated shards), so a
+    feature set's identity covers this, not only the text. ``digest`` is None for remote URLs
+    (only their URL identifies them) and "missing" for a local file that is not there.
+    """
+
+    url: str
+    path: str | None = None
+    size: int | None = None
+    digest: str | None = None
+
+
+DIGEST_WINDOWS, DIGEST_WINDOW = 8, 1 << 16
+
+
+def shard_id(url: str) -> ShardId:
+    """Size and sha256 of 8 evenly spaced 64 KiB windows (first and last included; the whole file when small)."""
+    if "://" in url or url.startswith("pipe:"):
+        return ShardId(url)
+    path = os.path.realpath(url)
+    try:
+        size = os.path.getsize(path)
+        h = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            if size <= DIGEST_WINDOWS * DIGEST_WINDOW:
+                h.update(f.read())
+            else:
+                for i in range(DIGEST_WINDOWS):
+                    f.seek((size - DIGEST_WINDOW) * i // (DIGEST_WINDOWS - 1))
+                    h.update(f.read(DIGEST_WINDOW))
+    except FileNotFoundError:
+        return ShardId(url, path, None, "missing")
+    return ShardId(url, path, size, h.hexdigest())
+
+
+def shard_ids(ds: "Dataset", threads: int = 8) -> list[ShardId]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(shard_id, ds.shards))
+
+
 def expand_vars(text: str, where: str) -> str:
     """``${NAME}`` from the environment; an unset one is an error naming it."""
     def sub(m: re.Match) -> str:
@@ -81,17 +126,59 @@ def expand_shards(spec: str | Sequence[str], where: str = "shards") -> tuple[str
     return tuple(urls)
 
 
-def load_dataset(data: str | os.PathLike, name: str | None = None) -> Dataset:
-    """A manifest (``*.yaml``/``*.yml``) or a shard pattern such as ``data/train-{000..009}.tar``."""
+def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str | None = None,
+                 role: str | None = None) -> Dataset:
+    """A manifest (``*.yaml``/``*.yml``) or a shard pattern such as ``data/train-{000..009}.tar``.
+
+    For a pattern, ``labels`` is ``cls``, ``json:FIELD`` or ``none``; left out, it is ``cls`` if the
+    first sample of the first shard has a ``.cls`` and ``none`` (label -1) if not, as a flat folder
+    of anomaly images has. ``role`` anomaly means ``none``. A manifest says both itself.
+    """
     text = str(data)
     if text.endswith((".yaml", ".yml")):
         ds = load_manifest(text)
-        if name is not None and name != ds.name:
-            raise DataError(f"{text} names its set {ds.name!r}; --name {name!r} applies to shard patterns only")
+        for flag, value in (("--name", name), ("--labels", labels), ("--role", role)):
+            if value is not None:
+                raise DataError(f"{text} is a manifest: {flag} applies to shard patterns only (set it in the manifest)")
         return ds
+    if role is not None and role not in ROLES:
+        raise DataError(f"role {role!r}: one of {', '.join(ROLES)}")
     shards = expand_shards(text)
     default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
-    return Dataset(name=name or default, shards=shards, source=text)
+    if labels is None:
+        labels = "none" if role == "anomaly" else detect_labels(shards[0])
+    label_key, label_field = parse_labels(labels, "--labels")
+    if role == "anomaly" and label_key is not None:
+        raise DataError(f"--role anomaly stores no labels; drop --labels {labels}")
+    return Dataset(name=name or default, shards=shards, label_key=label_key, label_field=label_field, role=role,
+                   source=json.dumps({"pattern": text, "labels": labels, "role": role}, sort_keys=True))
+
+
+def parse_labels(spec: str, where: str) -> tuple[str | None, str | None]:
+    """``cls`` / ``json:FIELD`` / ``none`` -> (label key, JSON field)."""
+    if spec == "none":
+        return None, None
+    if spec.startswith("json:") and len(spec) > 5:
+        return "json", spec[5:]
+    if spec and ":" not in spec:
+        return spec, None
+    raise DataError(f"{where}: {spec!r} is not cls, json:FIELD or none")
+
+
+def detect_labels(url: str) -> str:
+    """``cls`` if the shard's first sample has a ``.cls`` member, else ``none`` (said in the log)."""
+    import logging
+
+    try:
+        first = next(iter(open_shard(url, allow_pipe=False)), None)
+    except (DataError, OSError):
+        return "cls"  # the shard's own error is reported when it is read
+    if first is not None and "cls" not in first:
+        logging.getLogger("regcache").warning(
+            "%s: its first sample has no .cls label; storing the set unlabelled (label -1). "
+            "Pass --labels cls to require labels.", url)
+        return "none"
+    return "cls"
 
 
 def load_manifest(path: str | os.PathLike) -> Dataset:
@@ -136,9 +223,7 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
         raise DataError(f"{path}: field 'role' is {role!r}; one of {', '.join(ROLES)}")
     image = field_("image", str) or ";".join(IMAGE_KEYS)
     label = field_("label", str) or "cls"
-    label_key, label_field = label, None
-    if label and label.startswith("json:"):
-        label_key, label_field = "json", label[len("json:"):]
+    label_key, label_field = parse_labels(label, f"{path}: field 'label'")
     classes = _name_list(m, "classes", path)
     subset = _name_list(m, "subset", path)
     if subset is not None and role == "anomaly":
@@ -217,6 +302,19 @@ def decode_image(sample: dict, image_keys: Sequence[str]) -> Image.Image:
         raise SampleError(f"cannot decode .{ext}: {type(e).__name__}: {e}") from e
 
 
+def check_resize(img: Image.Image, shorter: int | None) -> None:
+    """Refuse an image whose resize (shorter side to ``shorter``) would exceed PIL's bomb limit.
+
+    A 1x50000 strip passes PIL's own check yet resizes to 256 x 12.8M pixels (13.8 GB).
+    """
+    w, h = img.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if shorter and limit and shorter * shorter * max(w, h) / max(1, min(w, h)) > limit:
+        long_side = round(shorter * max(w, h) / max(1, min(w, h)))
+        raise SampleError(f"{w}x{h} image would be resized to {shorter}x{long_side} pixels, over the "
+                          f"{limit}-pixel limit (extreme aspect ratio; refused like a decompression bomb)")
+
+
 def decode_label(sample: dict, ds: Dataset) -> int:
     """Class index, checked against the class list; -1 for unlabelled sets."""
     if ds.label_key is None:
@@ -233,6 +331,8 @@ def decode_label(sample: dict, ds: Dataset) -> int:
         shown = raw[:40].decode(errors="replace") if isinstance(raw, bytes) else raw
         raise SampleError(f"label {shown!r} is not an integer" +
                           (f" in json field '{ds.label_field}'" if ds.label_field else "")) from None
+    if label >= 2 ** 63:
+        raise SampleError(f"label {label} does not fit in 64 bits")
     if label < 0 or (ds.classes is not None and label >= len(ds.classes)):
         top = f"0..{len(ds.classes) - 1}" if ds.classes else "0.."
         raise SampleError(f"label {label} outside {top}")
@@ -241,6 +341,144 @@ def decode_label(sample: dict, ds: Dataset) -> int:
 
 def _exts(sample: dict) -> list[str]:
     return [k for k in sample if not k.startswith("__")]
+
+
+# --------------------------------------------------------------------------- reading shards
+
+TAR_BLOCK = 512
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as webdataset does
+
+
+class ShardError(DataError):
+    """A shard that cannot be read whole: missing, unreachable, truncated or damaged."""
+
+
+class _Watched:
+    """A read-only byte stream that counts what passes and remembers where the last non-zero byte was.
+
+    Python's stream-mode tarfile takes a damaged or truncated header for the end of the archive;
+    what was read past the last member tells the two apart: a real end is all zero bytes.
+    """
+
+    def __init__(self, raw):
+        self.raw, self.pos, self.last_nonzero = raw, 0, -1
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        nonzero = len(data.rstrip(b"\0"))  # scans only the trailing zeros
+        if nonzero:
+            self.last_nonzero = self.pos + nonzero - 1
+        self.pos += len(data)
+        return data
+
+
+def _decompressed(raw):
+    """The tar bytes of a plain or gzip/bz2/xz-compressed shard (the decompressors detect truncation)."""
+    import bz2
+    import gzip
+    import lzma
+
+    head = raw.read(6)
+    prefixed = _Prefixed(head, raw)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=prefixed)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(prefixed)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(prefixed)
+    return prefixed
+
+
+class _Prefixed:
+    """``raw`` with bytes already read from it put back in front."""
+
+    def __init__(self, head: bytes, raw):
+        self.head, self.raw = head, raw
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.read(size)
+        if size is None or size < 0:
+            out, self.head = self.head + self.raw.read(), b""
+            return out
+        out, self.head = self.head[:size], self.head[size:]
+        return out + (self.raw.read(size - len(out)) if len(out) < size else b"")
+
+
+def tar_problem(size: int, end: int, last_nonzero: int, last: str | None) -> str | None:
+    """Why a tar of ``size`` bytes whose last readable member ends at byte ``end`` is not whole, or None.
+
+    Whole means: everything after that member is zero, and at least one zero block of the
+    end-of-archive marker is there (a cut inside the marker's padding loses nothing).
+    """
+    after = f"after member {last!r} (byte {end})" if last else "at its start"
+    if size == 0:
+        return "read 0 bytes (an empty file, or a URL that could not be reached)"
+    if last_nonzero >= end:
+        return (f"damaged: unreadable tar header {after}; the {size - end} bytes that follow are not the "
+                "end-of-archive marker, so the samples they hold would be lost")
+    if size < -(-end // TAR_BLOCK) * TAR_BLOCK + TAR_BLOCK:
+        return f"truncated: the file ends {after} with no end-of-archive marker ({size} bytes)"
+    return None
+
+
+def _open_url(url: str, allow_pipe: bool):
+    if url.startswith("pipe:") and not allow_pipe:
+        raise DataError(f"{url}: 'pipe:' URLs run shell commands; pass --allow-pipe to permit them")
+    if "://" not in url and not url.startswith("pipe:"):
+        if not os.path.exists(url):
+            raise ShardError(f"{url}: no such file")
+        return open(url, "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
+def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
+    """WebDataset samples of one shard, grouped by key as webdataset groups them.
+
+    Raises `ShardError` (after the samples read so far) when the shard is not whole, so that the
+    caller commits the shard or nothing: a damaged tar never passes for a shorter one.
+    """
+    from webdataset.tariterators import group_by_keys
+
+    import lzma
+    import zlib
+
+    raw = _open_url(url, allow_pipe)
+    watched = _Watched(_decompressed(raw))
+    state = {"end": 0, "last": None}
+
+    def members() -> Iterator[dict]:
+        try:
+            tar = tarfile.open(fileobj=watched, mode="r|")
+        except tarfile.ReadError as e:
+            if watched.pos == 0:
+                return  # tar_problem names the empty file
+            raise ShardError(f"not a tar file, or damaged at its start ({e})") from None
+        for info in tar:
+            state["end"], state["last"] = info.offset_data + info.size, info.name
+            if info.isreg() and not _META.match(info.name):
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+            tar.members = []  # stream mode would keep every header
+
+    try:
+        yield from group_by_keys(members())
+        while watched.read(1 << 20):
+            pass
+    except (EOFError, OSError, tarfile.ReadError, zlib.error, lzma.LZMAError) as e:
+        raw.close()  # member data or a compressed stream cut short
+        raise ShardError(f"truncated or unreadable: {type(e).__name__}: {e}") from None
+    except BaseException:  # the reader stopped early, or another error: nothing more to check
+        raw.close()
+        raise
+    try:
+        raw.close()
+    except Exception as e:  # a failed 'pipe:' command or download says so on close
+        raise ShardError(f"could not be read: {e}") from None
+    problem = tar_problem(watched.pos, state["end"], watched.last_nonzero, state["last"])
+    if problem:
+        raise ShardError(problem)
 
 
 # --------------------------------------------------------------------------- streaming
@@ -258,6 +496,7 @@ class Batch:
     samples: int = 0                       # on `end`: samples read from the shard
     errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason)
     shard_error: str | None = None         # on `end`: the shard failed as a whole
+    shard: ShardId | None = None           # on `end`: what the shard held when it was read
 
     def pin_memory(self) -> "Batch":
         return replace(self, images=self.images.pin_memory()) if self.images is not None else self
@@ -270,17 +509,6 @@ def check_pipes(ds: Dataset, allow_pipe: bool) -> None:
         raise DataError(f"{ds.name}: {pipes[0]!r} runs a shell command; pass --allow-pipe to permit 'pipe:' URLs")
 
 
-def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
-    """WebDataset samples of one shard; reading errors propagate (the unit fails)."""
-    from webdataset.tariterators import tarfile_samples
-
-    if url.startswith("pipe:") and not allow_pipe:
-        raise DataError(f"{url}: 'pipe:' URLs run shell commands; pass --allow-pipe to permit them")
-    if "://" not in url and not url.startswith("pipe:") and not os.path.exists(url):
-        raise DataError(f"{url}: no such file")
-    return tarfile_samples([{"url": url}])
-
-
 class UnitStream(torch.utils.data.IterableDataset):
     """Streams the given units (shard indices) split across DataLoader workers, shard by shard.
 
@@ -288,8 +516,8 @@ class UnitStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, ds: Dataset, units: Sequence[int], transform: Callable[..., torch.Tensor],
-                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False):
-        self.ds, self.units, self.transform = ds, list(units), transform
+                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False, resize: int | None = None):
+        self.ds, self.units, self.transform, self.resize = ds, list(units), transform, resize
         self.views, self.batch_size, self.allow_pipe = views, batch_size, allow_pipe
 
     def __iter__(self) -> Iterator[Batch]:
@@ -304,6 +532,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         errors: list[tuple[str, str]] = []
         seen: set[str] = set()
         n = 0
+        sid = shard_id(url)  # what the shard holds as it is read, checked against the set's identity
         try:
             for sample in open_shard(url, self.allow_pipe):
                 key = sample["__key__"]
@@ -313,6 +542,7 @@ class UnitStream(torch.utils.data.IterableDataset):
                         raise SampleError("duplicate key in shard")
                     seen.add(key)
                     img, label = decode_image(sample, ds.image_keys), decode_label(sample, ds)
+                    check_resize(img, self.resize)
                     rows.extend((key, label, v, self.transform(img, v, key)) for v in range(self.views))
                 except SampleError as e:
                     errors.append((key, str(e)))
@@ -324,11 +554,12 @@ class UnitStream(torch.utils.data.IterableDataset):
                 raise DataError(f"expected {expected} samples, read {n} (truncated or changed shard?)")
         except Exception as e:  # the shard as a whole: missing, truncated, unreadable
             # webdataset appends the stream and URL to args; the first is the message
-            yield Batch(unit=unit, end=True, samples=n, shard_error=f"{type(e).__name__}: {e.args[0] if e.args else e}")
+            yield Batch(unit=unit, end=True, samples=n, shard=sid,
+                        shard_error=f"{type(e).__name__}: {e.args[0] if e.args else e}")
             return
         if rows:
             yield self._batch(unit, rows)
-        yield Batch(unit=unit, end=True, samples=n, errors=errors)
+        yield Batch(unit=unit, end=True, samples=n, errors=errors, shard=sid)
 
     @staticmethod
     def _batch(unit: int, rows: list) -> Batch:

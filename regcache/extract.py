@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from . import __version__
-from .data import Dataset, UnitStream, check_pipes, count_samples, load_dataset
+from .data import Dataset, ShardId, UnitStream, check_pipes, count_samples, load_dataset, shard_ids
 from .features import TokenLayout, select_features
 from .models import ModelSpec, Preprocess, load_model, state_dict_digest
-from .store import SCHEMA_VERSION, FeatureSet, feature_set_path, find_reusable, fingerprint
+from .store import SCHEMA_VERSION, FeatureSet, StoreError, feature_set_path, find_reusable, fingerprint
 from .tokens import layout_of, token_features
 
 log = logging.getLogger("regcache")
@@ -45,6 +45,8 @@ class ExtractConfig:
     model: str
     data: str
     name: str | None = None  # dataset name for a plain shard pattern (default: its folder's name)
+    labels: str | None = None  # a plain pattern's labels: cls, json:FIELD or none (default: detected)
+    role: str | None = None    # a plain pattern's role (anomaly: unlabelled)
     features: tuple[str, ...] | None = None
     cache: Path = field(default_factory=default_cache_root)
     store: Path | None = None
@@ -89,10 +91,15 @@ class ExtractResult:
     reused: bool = False
     complete: bool = False
     missing_units: int = 0       # units no part has committed yet
+    error: str | None = None     # why the set is unusable although every unit is committed
 
 
 def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...]) -> dict:
-    """What determines the content of a feature set; its hash names the store."""
+    """What determines the content of a feature set; its hash names the store.
+
+    The data part is the dataset's description; what each shard held is recorded with its unit
+    and checked (`verify_shards`) before any committed unit is reused or resumed.
+    """
     return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
             "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
             "features": sorted(features), "dataset": ds.digest}
@@ -126,6 +133,8 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
         "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
         "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
                     "urls": list(ds.shards), "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
+                    "labels": ds.label_key and (
+                        f"json:{ds.label_field}" if ds.label_field else ds.label_key),
                     "role": ds.role, "split": ds.split, "classes": list(ds.classes) if ds.classes else None,
                     "subset": list(ds.subset) if ds.subset else None},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -199,8 +208,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
     t0 = time.perf_counter()
     cfg = launcher_part(cfg)
-    ds = load_dataset(cfg.data, cfg.name)
+    ds = load_dataset(cfg.data, cfg.name, cfg.labels, cfg.role)
     check_pipes(ds, cfg.allow_pipe)
+    if cfg.finalize_only:
+        return _finalize_only(cfg, ds, t0)
+    ids = shard_ids(ds)
     spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
     model = load_model(spec, cfg.preprocess.size)
     digest = state_dict_digest(model)
@@ -212,6 +224,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.store is None:
         reuse = find_reusable(cfg.cache, identity)
         if reuse is not None:
+            verify_shards(reuse, ds, ids)
             log.info("cached: %s already holds %s for %s on %s; no backbone work",
                      reuse.path, ",".join(reuse.features), cfg.model, ds.name)
             return ExtractResult(path=reuse.path, fingerprint=reuse.fingerprint, ok=len(reuse.index),
@@ -219,35 +232,92 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                  units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
     path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
     fs = FeatureSet.create(path, identity, lambda: build_meta(cfg, spec, digest, ds, layout, features))
+    verify_shards(fs, ds, ids)
+    for tmp in fs.remove_stale_temporaries():
+        log.info("removed %s, left by a killed writer", tmp)
+    if cfg.unit_rows and cfg.unit_rows != fs.unit_rows:
+        log.warning("%s exists with %d rows per unit; --unit-rows %d applies to new stores only (remove it to change)",
+                    fs.path, fs.unit_rows, cfg.unit_rows)
 
     mine = [u for u in range(len(ds.shards)) if u % cfg.num_parts == cfg.part]
     done = fs.committed_units()
-    pending = [] if cfg.finalize_only else [u for u in mine if u not in done]
+    pending = [u for u in mine if u not in done]
     result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending))
     if pending:
         log.info("extracting %d of %d shards of %s with %s into %s (%d already committed)",
                  len(pending), len(ds.shards), ds.name, cfg.model, fs.path, result.units_skipped)
         t = time.perf_counter()
-        _run(cfg, model, layout, features, ds, fs, pending, result)
+        _run(cfg, model, layout, features, ds, fs, pending, result, ids)
         result.stream_seconds = time.perf_counter() - t
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
+    return _settle(fs, result, t0)
+
+
+def _settle(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:
+    """Finalize if every unit is in, and count what the store holds now (other parts may have committed)."""
     result.complete = fs.finalize()
-    stored = FeatureSet(fs.path)  # re-read: other parts may have committed meanwhile
+    stored = FeatureSet(fs.path)
     result.ok, result.failed = len(stored.index), len(stored.errors)
     result.missing_units = stored.num_units - len(stored.committed_units())
+    result.error = stored.unusable()
     result.seconds = time.perf_counter() - t0
     return result
 
 
+def _finalize_only(cfg: ExtractConfig, ds: Dataset, t0: float) -> ExtractResult:
+    """``--finalize``: find the set of this dataset and model without loading the model, and finalize it."""
+    from .store import list_feature_sets
+
+    if cfg.store is not None:
+        fs = FeatureSet(cfg.store)
+    else:
+        found = [f for f in list_feature_sets(cfg.cache)
+                 if f.meta["dataset"]["name"] == ds.name and f.meta["model"]["name"] == cfg.model]
+        pending = [f for f in found if not f.complete] or found
+        if len(pending) != 1:
+            listing = "".join(f"\n  {f.path}" for f in pending)
+            raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {cfg.model} "
+                             f"under {cfg.cache}; name one with --store{listing}")
+        fs = pending[0]
+    result = _settle(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint), t0)
+    missing = sorted(set(range(fs.num_units)) - fs.committed_units())
+    failed = fs.failed_units()
+    result.failed_shards = {fs.shards[u]: failed.get(u, "not committed by any part yet") for u in missing}
+    return result
+
+
+def verify_shards(fs: FeatureSet, ds: Dataset, ids: list[ShardId]) -> None:
+    """Refuse to reuse or resume a set whose committed units were read from other bytes than the shards now hold.
+
+    The same manifest text can point at other images (another folder, regenerated shards); the
+    path, size and digest recorded with each unit tell. Declared counts, which are left out of the
+    identity so that a scan can add them, are checked against what each unit read.
+    """
+    for unit in sorted(fs.committed_units()):
+        was, now = fs.unit_shard(unit), ids[unit]
+        if was is not None and was.get("digest") != now.digest:
+            how = "--store PATH" if ds.source.startswith("{") and '"pattern"' in ds.source else "another --cache"
+            raise StoreError(
+                f"{now.url} is not the file this cached set read as shard {unit} (then {was.get('path')}, "
+                f"{was.get('size')} bytes; now {now.path}, {now.size} bytes): its cached features belong to other "
+                f"data. Remove {fs.path} to extract the current shards, or keep both sets apart with {how}"
+                + (" or --name NAME" if how == "--store PATH" else "") + ".")
+        declared = ds.counts[unit] if ds.counts else None
+        if declared is not None and (got := fs.unit_samples(unit)) != declared:
+            raise StoreError(f"{now.url}: the manifest declares {declared} samples but the cached set {fs.path} "
+                             f"read {got} from it; fix the counts (regcache manifest scan) or remove the set and "
+                             "extract again")
+
+
 def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ...], ds: Dataset,
-         fs: FeatureSet, pending: list[int], result: ExtractResult) -> None:
+         fs: FeatureSet, pending: list[int], result: ExtractResult, ids: list[ShardId]) -> None:
     from tqdm import tqdm
 
     device = resolve_device(cfg.device)
     model = model.to(device)
     stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views,
-                        batch_size=cfg.batch_size, allow_pipe=cfg.allow_pipe)
+                        batch_size=cfg.batch_size, allow_pipe=cfg.allow_pipe, resize=cfg.preprocess.resize)
     workers = min(cfg.workers, len(pending))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda",
@@ -287,8 +357,9 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                 continue
             buffers.pop(batch.unit)
             name = ds.shard_name(batch.unit)
-            reason = batch.shard_error or (f"more than {fs.unit_rows} rows in one unit; recreate the store with "
-                                           "a larger --unit-rows" if buf.overflow else None)
+            reason = batch.shard_error or _changed(batch.shard, ids[batch.unit]) or (
+                f"more than {fs.unit_rows} rows in one unit; remove {fs.path} and extract again with a larger "
+                "--unit-rows" if buf.overflow else None)
             if reason:
                 log.error("shard %s failed: %s", name, reason)
                 result.failed_shards[name] = reason
@@ -297,7 +368,15 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
             for key, why in batch.errors:
                 log.warning("skipped %s in %s: %s", key, name, why)
             writes.append((batch.unit, writer.submit(fs.commit_unit, batch.unit, buf.arrays(layout, features),
-                                                     buf.records, batch.errors)))
+                                                     buf.records, batch.errors, asdict(batch.shard))))
             settle(keep=2)
         settle(keep=0)
     bar.close()
+
+
+def _changed(read: ShardId | None, expected: ShardId) -> str | None:
+    """The shard read is not the one this set's identity was computed from (rewritten during the run)."""
+    if read is not None and read.digest != expected.digest:
+        return (f"{expected.url} changed while this run was reading it (size {expected.size} -> {read.size}); "
+                "run the command again to extract the new contents into their own set")
+    return None

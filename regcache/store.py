@@ -21,7 +21,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import socket
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +37,9 @@ import pyarrow.parquet as pq
 
 from .features import FEATURES, TokenLayout, parse_features
 
-SCHEMA_VERSION = 1
+log = logging.getLogger("regcache")
+
+SCHEMA_VERSION = 2  # 2: data identity covers shard contents; cross-shard duplicates
 META = "regcache.json"
 ARRAYS = "features.zarr"
 INDEX_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("shard", pa.string()),
@@ -62,8 +66,11 @@ def feature_set_path(root: str | os.PathLike, dataset: str, model: str, fp: str)
     return Path(root) / slug(dataset) / f"{slug(model)}-{fp[:12]}"
 
 
+_HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -75,6 +82,16 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -106,6 +123,14 @@ class FeatureSet:
         self.path = Path(path).expanduser()
         if not (self.path / META).is_file():
             raise StoreError(f"{self.path} is not a regcache feature set (no {META})")
+        try:
+            self.meta = json.loads((self.path / META).read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{self.path / META} is unreadable ({e}); remove the directory and re-extract") from None
+        version = self.meta.get("schema_version") if isinstance(self.meta, dict) else None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has store schema {version}; this regcache reads schema {SCHEMA_VERSION}. "
+                             "Re-extract it (remove the directory), or use the regcache version that wrote it.")
 
     def __repr__(self) -> str:
         return f"FeatureSet({str(self.path)!r})"
@@ -133,7 +158,8 @@ class FeatureSet:
                                      f"asked {fp[:12]}; differs in: {', '.join(diff)}); "
                                      "refusing to mix them. Use another cache root or --store path.")
                 return cls(path)
-            meta = {**(meta() if callable(meta) else meta), "fingerprint": fp, "identity": identity}
+            meta = {"schema_version": SCHEMA_VERSION, **(meta() if callable(meta) else meta), "fingerprint": fp,
+                    "identity": identity}
             cls._create_arrays(path, meta)
             (path / "units").mkdir(exist_ok=True)
             _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
@@ -154,12 +180,23 @@ class FeatureSet:
                                overwrite=True, attributes={"description": FEATURES[name]})
 
     def commit_unit(self, unit: int, arrays: dict[str, np.ndarray], records: Sequence[tuple[str, int, int]],
-                    errors: Sequence[tuple[str, str]] = ()) -> None:
-        """Write one unit's rows (``records`` = (key, label, view) in row order) and commit it atomically."""
+                    errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
+        """Write one unit's rows (``records`` = (key, label, view) in row order) and commit it atomically.
+
+        ``shard`` (path, size, digest of the input shard as read) is kept with the unit's record.
+        """
         rows, n = self.unit_rows, len(records)
         if n > rows:
-            raise StoreError(f"shard {self.shards[unit]} gives {n} rows but a unit holds {rows}; "
-                             "recreate the store with a larger --unit-rows")
+            raise StoreError(f"shard {self.shards[unit]} gives {n} rows but a unit holds {rows}; remove {self.path} "
+                             f"and extract again with --unit-rows {n} (or more)")
+        try:
+            self._write_unit(unit, arrays, records, errors, shard)
+        except OSError as e:  # disk full, permissions: say where and for which shard
+            raise StoreError(f"cannot write shard {self.shards[unit]} into {self.path}: {e}") from e
+        self._failure(unit).unlink(missing_ok=True)
+
+    def _write_unit(self, unit, arrays, records, errors, shard) -> None:
+        rows, n = self.unit_rows, len(records)
         start = unit * rows
         for name in self.features:
             a = np.asarray(arrays[name])
@@ -175,9 +212,18 @@ class FeatureSet:
             "view": [r[2] for r in records] + [0] * len(errors),
             "row": list(range(start, start + n)) + [-1] * len(errors),
             "error": [None] * n + [reason for _, reason in errors],
-        }, schema=_RECORD_SCHEMA)
+        }, schema=_RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
         _atomic_write(self._record(unit), _parquet_bytes(table))
-        self._failure(unit).unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files of writers on this host that are no longer running (killed mid-write)."""
+        gone = []
+        for tmp in [*self.path.glob(".*.tmp"), *(self.path / "units").glob(".*.tmp")]:
+            *_, host, pid, _ = tmp.name.rsplit(".", 3)
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                gone.append(tmp)
+        return gone
 
     def fail_unit(self, unit: int, reason: str) -> None:
         """Record why a whole shard failed; the unit stays uncommitted and the next run retries it."""
@@ -191,15 +237,13 @@ class FeatureSet:
             if len(self.committed_units()) < self.num_units:
                 return False
             ok, errors = self._read_records(range(self.num_units))
+            if len(ok) == 0 and len(errors) > 0:
+                return False  # nothing usable: never a complete (reusable) set; see `unusable`
             _atomic_write(self.path / "errors.parquet", _parquet_bytes(errors))
             _atomic_write(self.path / "index.parquet", _parquet_bytes(ok))
             return True
 
     # ------------------------------------------------------------------ metadata
-
-    @cached_property
-    def meta(self) -> dict:
-        return json.loads((self.path / META).read_text())
 
     @property
     def fingerprint(self) -> str:
@@ -238,12 +282,34 @@ class FeatureSet:
     def committed_units(self) -> set[int]:
         return {int(p.stem) for p in (self.path / "units").glob("*.parquet")}
 
+    def unit_shard(self, unit: int) -> dict | None:
+        """What the input shard was when the unit was committed (path, size, digest), if recorded."""
+        meta = pq.read_schema(self._record(unit)).metadata or {}
+        return json.loads(meta[b"shard"]) if b"shard" in meta else None
+
+    def unit_samples(self, unit: int) -> int:
+        """Input samples a committed unit accounts for: stored (once per key, whatever the views) or failed."""
+        t = pq.read_table(self._record(unit), columns=["key", "error"])
+        ok = t.filter(pa.compute.is_null(t["error"]))["key"]
+        return len(pa.compute.unique(ok)) + len(t) - len(ok)
+
     def failed_units(self) -> dict[int, str]:
         return {int(p.stem): json.loads(p.read_text())["reason"] for p in (self.path / "units").glob("*.failed")}
 
     @property
     def complete(self) -> bool:
         return (self.path / "index.parquet").is_file()
+
+    def unusable(self) -> str | None:
+        """Why a set whose units are all committed has no index: every sample failed (and the first reasons)."""
+        if self.complete or len(self.committed_units()) < self.num_units:
+            return None
+        ok, errors = self._read_records(range(self.num_units))
+        if len(ok):
+            return None
+        reasons = sorted(set(errors["reason"].to_pylist()))
+        return (f"every one of its {len(errors)} samples failed, so nothing usable is stored; reasons: "
+                + "; ".join(reasons[:3]) + (" …" if len(reasons) > 3 else ""))
 
     def array(self, name: str, mode: str = "r"):
         """The Zarr array of one feature (all units, padding included; the index says which rows are real)."""
@@ -259,12 +325,27 @@ class FeatureSet:
     # ------------------------------------------------------------------ reading
 
     def _read_records(self, units: Iterable[int]) -> tuple[pa.Table, pa.Table]:
+        """The index and errors tables of ``units``, in unit order.
+
+        Exactly once across the whole set: a key already stored by an earlier unit (the same sample
+        in two shards, or a shard listed twice) goes to the errors table as a duplicate.
+        """
         ok, bad = [], []
+        first: dict[str, str] = {}  # key -> the shard that stored it
         for u in units:
             t = pq.read_table(self._record(u))
             shard = pa.array([self.shards[u]] * len(t), pa.string())
             t = t.append_column("shard", shard)
             good = t.filter(pa.compute.is_null(t["error"]))
+            keys = good["key"].to_pylist()
+            dup = np.fromiter((k in first for k in keys), bool, len(keys))
+            if dup.any():
+                again = list(dict.fromkeys(k for k, d in zip(keys, dup) if d))
+                bad.append(pa.table({"key": again, "shard": [self.shards[u]] * len(again),
+                                     "reason": [f"duplicate key: already stored from shard {first[k]}"
+                                                for k in again]}))
+                good = good.filter(pa.array(~dup))
+            first.update((k, self.shards[u]) for k in good["key"].to_pylist())
             ok.append(good.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
             failed = t.filter(pa.compute.invert(pa.compute.is_null(t["error"])))
             bad.append(failed.select(["key", "shard", "error"]).rename_columns(["key", "shard", "reason"]))
@@ -351,8 +432,14 @@ class FeatureSet:
 
 
 def list_feature_sets(root: str | os.PathLike) -> list[FeatureSet]:
-    """Every feature set under a cache root, sorted by path."""
-    return [FeatureSet(p.parent) for p in sorted(Path(root).glob(f"**/{META}"))]
+    """Every readable feature set under a cache root, sorted by path; an unreadable one is named in a warning."""
+    found = []
+    for p in sorted(Path(root).expanduser().glob(f"**/{META}")):
+        try:
+            found.append(FeatureSet(p.parent))
+        except StoreError as e:
+            log.warning("skipped: %s", e)
+    return found
 
 
 def find_reusable(root: str | os.PathLike, identity: dict) -> FeatureSet | None:

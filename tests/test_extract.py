@@ -77,7 +77,7 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
             "--size", "56", "--resize", "64", "-j", "0", "-q"]
     r = runner.invoke(main, args)
     assert r.exit_code == 1, r.output
-    assert "failed shard s-001.tar" in r.output and "failed shard s-002.tar: DataError" in r.output
+    assert "failed shard s-001.tar" in r.output and "failed shard s-002.tar: ShardError" in r.output
     assert "no such file" in r.output and ("unexpected end" in r.output or "ReadError" in r.output)
     fs = FeatureSet(next((tmp_path / "c").glob("bad/*")))
     assert not fs.complete and set(fs.failed_units()) == {1, 2}
@@ -99,7 +99,10 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
     assert "2 shards written, 1 skipped" in r.output
     fs = FeatureSet(fs.path)
     assert fs.complete and fs.failed_units() == {}
-    assert list(fs.index.key) == ["img00000", "img00001", "img00002", "img00003", "img00000"]
+    # s-002 repeats s-000's img00000: exactly once across the set, the later copy is an error
+    assert list(fs.index.key) == ["img00000", "img00001", "img00002", "img00003"]
+    dup = fs.errors[fs.errors.shard == "s-002.tar"]
+    assert list(dup.key) == ["img00000"] and "duplicate key: already stored from shard s-000.tar" in dup.reason.iloc[0]
 
 
 def test_declared_counts_catch_a_shard_cut_at_a_file_boundary(reg_ckpt, tmp_path):

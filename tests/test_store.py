@@ -43,8 +43,12 @@ def test_units_in_any_order_give_one_table_in_dataset_order(tmp_path_factory, si
         n_ok, n_bad = sizes[u]
         arrays, records = unit_data(u, n_ok)
         fs.commit_unit(u, arrays, records, [(f"u{u}-bad{j}", "corrupt") for j in range(n_bad)])
-        assert fs.finalize() == (i == len(units) - 1)
+        usable = any(n for n, _ in sizes) or not any(b for _, b in sizes)
+        assert fs.finalize() == (i == len(units) - 1 and usable)
     fs = FeatureSet(path)
+    if not usable:  # every sample failed: no index, so never reused, and the reason says so
+        assert not fs.complete and "every one of its" in fs.unusable()
+        return
     idx, err = fs.index, fs.errors
     # exactly once: ok + failed = total, no key twice
     assert len(idx) + len(err) == sum(a + b for a, b in sizes)
