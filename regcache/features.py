@@ -10,12 +10,20 @@ from typing import Iterable
 
 #: name -> what it is (shown by `--help` and `regcache ls`)
 FEATURES: dict[str, str] = {
-    "cls": "[CLS] token after the final norm, [D]",
-    "patch": "mean of the patch tokens after the final norm (muP), [D]",
-    "reg": "mean of the register tokens after the final norm (muR), [D]",
-    "reg_all": "every register token after the final norm, [M, D]",
-    "norms": "L2 norm of every token before the final norm, [T] in layout order",
-    "tokens": "every patch token after the final norm, [L, D] (large: for small sets and token probes)",
+    "cls": "[CLS] token after the model's final norm, [D]",
+    "patch": "mean of the patch tokens, with the model's final norm (muP), [D]",
+    "reg": "mean of the register tokens, with the model's final norm (muR), [D]",
+    "reg_all": "every register token after the model's final norm, [M, D]",
+    "norms": "L2 norm of every token before any final norm, [T] in layout order",
+    "tokens": "every patch token after the model's final norm, [L, D] (large: for small sets and token probes)",
+}
+#: where a model applies its final norm (TokenLayout.norm), and so how the features above are made
+NORMS: dict[str, str] = {
+    "token": "norm(x) per token, then pooled: mean of normalised tokens (DINOv2, DINOv3, CLIP, DeiT)",
+    "pooled": "pooled, then fc_norm: the norm of the mean, as timm's avg-pool head (EVA-02, SBB *_gap); "
+              "single tokens (cls, reg_all, tokens) get the same fc_norm",
+    "token+pooled": "norm per token, pooled, then fc_norm",
+    "none": "no final norm",
 }
 #: stored when the user names none: every cheap one
 DEFAULT_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
@@ -27,16 +35,35 @@ class FeatureError(ValueError):
 
 @dataclass(frozen=True)
 class TokenLayout:
-    """Token order of a ViT's output: ``[cls?, reg_1..reg_M, patch_1..patch_L]``, patches row-major."""
+    """Token order of a ViT's output: ``[cls?, dist?, reg_1..reg_M, patch_1..patch_L]``, patches row-major.
+
+    ``num_dist`` counts DeiT's distillation token (stored only in ``norms``); ``norm`` says where the
+    model applies its final norm (see `NORMS`), which defines every feature but ``norms``.
+    """
 
     has_cls: bool
     num_reg: int
     grid: tuple[int, int]
     dim: int
+    num_dist: int = 0
+    norm: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown norm placement {self.norm!r}; known: {', '.join(NORMS)}")
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        """The type of every prefix token, in order: ``("cls", "dist", "reg", "reg", ...)``."""
+        return ("cls",) * self.has_cls + ("dist",) * self.num_dist + ("reg",) * self.num_reg
+
+    @property
+    def reg_start(self) -> int:
+        return int(self.has_cls) + self.num_dist
 
     @property
     def num_prefix(self) -> int:
-        return int(self.has_cls) + self.num_reg
+        return len(self.prefix)
 
     @property
     def num_patches(self) -> int:
@@ -58,11 +85,13 @@ class TokenLayout:
         return shapes[name]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Stored in regcache.json; ``prefix`` spells out the token types for readers without regcache."""
+        return {**asdict(self), "prefix": list(self.prefix)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenLayout":
-        return cls(has_cls=bool(d["has_cls"]), num_reg=int(d["num_reg"]), grid=tuple(d["grid"]), dim=int(d["dim"]))
+        return cls(has_cls=bool(d["has_cls"]), num_reg=int(d["num_reg"]), grid=tuple(d["grid"]), dim=int(d["dim"]),
+                   num_dist=int(d.get("num_dist", 0)), norm=str(d.get("norm", "token")))
 
 
 def parse_features(spec: str | Iterable[str]) -> tuple[str, ...]:

@@ -2,23 +2,50 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
-#: short names users type -> timm names (name.tag); any other timm ViT name is accepted as is
-ALIASES: dict[str, str] = {
-    **{s: f"vit_{n}_patch14_dinov2.lvd142m" for s, n in
-       [("vits", "small"), ("vitb", "base"), ("vitl", "large"), ("vitg", "giant")]},
-    **{f"{s}_reg": f"vit_{n}_patch14_reg4_dinov2.lvd142m" for s, n in
-       [("vits", "small"), ("vitb", "base"), ("vitl", "large"), ("vitg", "giant")]},
-}
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the DINOv2/DINOv3 papers' linear-evaluation transform: shorter side 256, center crop 224, bicubic
+PAPER_EVAL: Mapping[str, Any] = {"size": 224, "crop_pct": 224 / 256, "interpolation": "bicubic",
+                                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_mode": "center"}
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A short name: the timm model, the ``create_model`` arguments that give the original's semantics,
+    and its authors' eval transform when it differs from timm's ``pretrained_cfg`` (None: timm's)."""
+
+    timm_name: str
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    preprocess: Mapping[str, Any] | None = None
+
+
+_SIZES2 = [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]
+_SIZES3 = [("s", "small"), ("sp", "small_plus"), ("b", "base"), ("l", "large"), ("hp", "huge_plus"), ("_7b", "7b")]
+
+#: the one registry: short names users type. Any other timm ViT name (``arch`` or ``arch.tag``) works as is.
+#: DINOv3: [CLS] pooling as upstream (timm defaults to avg); its 4 storage tokens are registers.
+MODELS: dict[str, Alias] = {
+    **{f"vit{s}": Alias(f"vit_{n}_patch14_dinov2.lvd142m", preprocess=PAPER_EVAL) for s, n in _SIZES2},
+    **{f"vit{s}_reg": Alias(f"vit_{n}_patch14_reg4_dinov2.lvd142m", preprocess=PAPER_EVAL) for s, n in _SIZES2},
+    **{f"v3{s}": Alias(f"vit_{n}_patch16_dinov3.lvd1689m", {"global_pool": "token"}, PAPER_EVAL) for s, n in _SIZES3},
+}
+#: alias -> timm name (name.tag), for readers that only match names
+ALIASES: dict[str, str] = {a: m.timm_name for a, m in MODELS.items()}
+
+#: position-embedding resampling when the input grid differs from the weights' table
+POS_EMBED: dict[str, str] = {
+    "timm": "timm's load-time resample (bicubic, antialiased), as timm.create_model does",
+    "dinov2": "DINOv2 hub's interpolate_pos_encoding (bicubic, no antialias, scale factor (n + 0.1) / N): "
+              "reproduces numbers made with torch.hub facebookresearch/dinov2 models",
+}
 
 
 class ModelError(ValueError):
@@ -32,6 +59,8 @@ def resolve_name(name: str) -> str:
     full = ALIASES.get(name, name)
     if not timm.is_model(full.split(".")[0]):
         aliases = ", ".join(f"{a} ({n})" for a, n in ALIASES.items())
+        if name.startswith("v3") or "dinov3" in name:
+            aliases += f"; DINOv3 needs a timm that has vit_*_patch16_dinov3 (installed: timm {timm.__version__})"
         raise ModelError(f"unknown model {name!r}: not an alias and not a timm model. Aliases: {aliases}")
     return full
 
@@ -51,8 +80,11 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
     views: int = 1
     seed: int = 0
+    crop_mode: str = "center"  # center: shorter side to `resize`; squash: both sides to `resize` (timm's modes)
 
     def __post_init__(self) -> None:
+        if self.crop_mode not in ("center", "squash"):
+            raise ValueError(f"crop mode {self.crop_mode!r} is not supported (center or squash)")
         if self.resize < self.size:
             raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
         if self.views < 1:
@@ -68,7 +100,8 @@ class Preprocess:
         from torchvision import transforms as T
 
         interp = T.InterpolationMode(self.interpolation)
-        return T.Compose([T.Resize(self.resize, interpolation=interp), T.CenterCrop(self.size), T.PILToTensor()])
+        resize = self.resize if self.crop_mode == "center" else (self.resize, self.resize)
+        return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(self.size), T.PILToTensor()])
 
     @cached_property
     def _augment(self) -> Callable[[Any], torch.Tensor]:
@@ -102,13 +135,60 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
+def preprocess_for(model: str, *, size: int | None = None, resize: int | None = None,
+                   interpolation: str | None = None, mean: tuple | None = None, std: tuple | None = None,
+                   crop_mode: str | None = None, views: int = 1, seed: int = 0) -> Preprocess:
+    """The eval transform for ``model``: what is given, else the alias's (the papers' 256/224 for DINOv2/v3),
+    else the model's timm ``pretrained_cfg`` (``resolve_data_config``), so CLIP/SigLIP get their own mean/std.
+
+    ``resize`` defaults to ``floor(size / crop_pct)`` as in timm's eval transform.
+    """
+    alias = MODELS.get(model)
+    cfg = dict(alias.preprocess) if alias is not None and alias.preprocess is not None else _timm_eval(model)
+    size = size or cfg["size"]
+    return Preprocess(size=size, resize=resize or math.floor(size / cfg["crop_pct"]),
+                      interpolation=interpolation or cfg["interpolation"], mean=tuple(mean or cfg["mean"]),
+                      std=tuple(std or cfg["std"]), crop_mode=crop_mode or cfg["crop_mode"], views=views, seed=seed)
+
+
+def _timm_eval(model: str) -> dict[str, Any]:
+    """timm's eval data config for a timm name (``arch`` or ``arch.tag``); the paper's when timm has none."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    full = resolve_name(model)
+    try:
+        pcfg = get_pretrained_cfg(full)
+    except Exception:  # a timm architecture without registered weights
+        pcfg = None
+    if pcfg is None:
+        return dict(PAPER_EVAL)
+    d = resolve_data_config(pretrained_cfg=pcfg.to_dict())
+    if d["input_size"][1] != d["input_size"][2]:
+        raise ModelError(f"{model}: timm's input size {d['input_size']} is not square; pass --size and --resize")
+    if d.get("crop_mode", "center") not in ("center", "squash"):
+        raise ModelError(f"{model}: timm's crop mode {d['crop_mode']!r} is not supported; "
+                         "pass --crop-mode center or squash")
+    return {"size": d["input_size"][1], "crop_pct": d["crop_pct"], "interpolation": d["interpolation"],
+            "mean": d["mean"], "std": d["std"], "crop_mode": d.get("crop_mode", "center")}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What determines a backbone: the timm name, optional local weights, and architecture overrides."""
+    """What determines a backbone: the timm name, optional local weights, architecture overrides
+    (an alias's own arguments first, the user's on top) and the position-embedding resampling."""
 
     name: str
     checkpoint: str | None = None
     kwargs: dict = field(default_factory=dict)
+    pos_embed: str = "timm"
+
+    def __post_init__(self) -> None:
+        if self.pos_embed not in POS_EMBED:
+            raise ModelError(f"unknown --pos-embed {self.pos_embed!r}; known: {', '.join(POS_EMBED)}")
+        alias = MODELS.get(self.name)
+        if alias is not None:
+            object.__setattr__(self, "kwargs", {**alias.kwargs, **self.kwargs})
 
     @property
     def timm_name(self) -> str:
@@ -143,11 +223,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
+def _timm_filter(model: torch.nn.Module) -> Callable | None:
+    """The architecture's own ``checkpoint_filter_fn`` (key conversion, position-embedding resize)."""
+    return getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None)
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path,
+                    filter_fn: Callable | None | str = "timm") -> None:
     """Load a checkpoint strictly, adapting it as timm does (position-embedding resize); name every mismatch."""
     sd = read_checkpoint(path)
-    filter_fn = getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]),
-                        "checkpoint_filter_fn", None)
+    filter_fn = _timm_filter(model) if filter_fn == "timm" else filter_fn
     if filter_fn is not None:
         try:
             sd = filter_fn(sd, model)
@@ -165,14 +250,69 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(sd, strict=True)
 
 
+def dinov2_interpolate(grid_pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding`` on the patch part ``[1, N*N, D]`` of a position table.
+
+    As the hub models run it (``interpolate_antialias=False, interpolate_offset=0.1``): bicubic in
+    float32, no antialias, a scale factor ``(n + 0.1) / N`` instead of an output size.
+    """
+    n_old = math.isqrt(grid_pos.shape[1])
+    if n_old * n_old != grid_pos.shape[1]:
+        raise ModelError(f"position table of {grid_pos.shape[1]} patches is not a square grid")
+    if (n_old, n_old) == tuple(new_grid):
+        return grid_pos
+    dim = grid_pos.shape[-1]
+    scale = ((new_grid[0] + 0.1) / n_old, (new_grid[1] + 0.1) / n_old)
+    out = torch.nn.functional.interpolate(grid_pos.float().reshape(1, n_old, n_old, dim).permute(0, 3, 1, 2),
+                                          scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(out.shape[-2:]) != tuple(new_grid):
+        raise ModelError(f"DINOv2 interpolation gave a {tuple(out.shape[-2:])} grid, not {tuple(new_grid)}")
+    return out.permute(0, 2, 3, 1).reshape(1, -1, dim).to(grid_pos.dtype)
+
+
+def _dinov2_filter(model: torch.nn.Module) -> Callable[[dict, torch.nn.Module], dict]:
+    """timm's checkpoint filter, with the position table brought to the model's grid the DINOv2 way first.
+
+    DINOv2 interpolates at every forward pass; our inputs always have the crop size, so that table is
+    one constant, computed here once from the weights' own table (equal to the hub's, tested).
+    """
+    timm_filter = _timm_filter(model)
+
+    def f(sd: dict, model: torch.nn.Module) -> dict:
+        sd = dict(sd.get("model", sd.get("state_dict", sd)))
+        pos = sd.get("pos_embed")
+        if pos is not None:
+            # hub layout: [cls, patches] (registers have none); timm layout: the model's own prefix entries
+            prefix = 1 if "register_tokens" in sd else (0 if getattr(model, "no_embed_class", False)
+                                                        else int(model.num_prefix_tokens))
+            grid = tuple(int(g) for g in model.patch_embed.grid_size)
+            sd["pos_embed"] = torch.cat([pos[:, :prefix], dinov2_interpolate(pos[:, prefix:], grid)], dim=1)
+        return timm_filter(sd, model) if timm_filter is not None else sd
+
+    return f
+
+
 def load_model(spec: ModelSpec, img_size: int) -> torch.nn.Module:
-    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, or ``spec.checkpoint`` when given."""
+    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, or ``spec.checkpoint`` when given.
+
+    ``spec.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
+    (`POS_EMBED`); it needs a learned absolute table and a fixed input size.
+    """
     import timm
 
-    model = timm.create_model(spec.timm_name, pretrained=spec.checkpoint is None, num_classes=0,
+    hub = spec.checkpoint is None
+    dinov2 = spec.pos_embed == "dinov2"
+    model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
                               img_size=img_size, **spec.kwargs)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
         raise ModelError(f"{spec.timm_name} is not a timm VisionTransformer (no forward_intermediates)")
-    if spec.checkpoint is not None:
-        load_checkpoint(model, spec.checkpoint)
+    if dinov2 and (getattr(model, "pos_embed", None) is None or getattr(model, "dynamic_img_size", False)):
+        raise ModelError(f"--pos-embed dinov2 needs a learned position table at a fixed input size; "
+                         f"{spec.timm_name} has {'none' if getattr(model, 'pos_embed', None) is None else 'a dynamic one'}")
+    if dinov2 and hub:
+        from timm.models import load_pretrained
+
+        load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
+    elif not hub:
+        load_checkpoint(model, spec.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
     return model.eval().requires_grad_(False)

@@ -1,31 +1,64 @@
 """One forward pass of a timm ViT -> every token feature of DESIGN §2."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .features import TokenLayout
 
 
+class LayoutError(ValueError):
+    """A model whose prefix tokens regcache cannot name: guessing would shift every patch."""
+
+
+def _active(module: torch.nn.Module | None) -> bool:
+    return module is not None and not isinstance(module, torch.nn.Identity)
+
+
 def layout_of(model: torch.nn.Module) -> TokenLayout:
-    """The token layout of a timm VisionTransformer (class token, registers, patch grid, width)."""
-    num_reg = int(getattr(model, "num_reg_tokens", 0))
-    has_cls = int(model.num_prefix_tokens) - num_reg == 1
+    """The token layout of a timm ViT (VisionTransformer, its distilled variant, Eva/DINOv3).
+
+    Prefix tokens are counted from the token parameters themselves (Eva has no ``num_reg_tokens``;
+    DeiT's ``dist_token`` is neither class token nor register), then checked against
+    ``num_prefix_tokens``.
+    """
+    has_cls = getattr(model, "cls_token", None) is not None
+    num_dist = int(getattr(model, "dist_token", None) is not None)
+    reg = getattr(model, "reg_token", None)
+    num_reg = int(reg.shape[1]) if reg is not None else 0
+    if has_cls + num_dist + num_reg != int(model.num_prefix_tokens):
+        raise LayoutError(f"{type(model).__name__} has {model.num_prefix_tokens} prefix tokens, but regcache "
+                          f"finds {int(has_cls)} class, {num_dist} distillation and {num_reg} register tokens")
+    norm, fc_norm = _active(getattr(model, "norm", None)), _active(getattr(model, "fc_norm", None))
+    placement = {(True, False): "token", (False, True): "pooled", (True, True): "token+pooled"}.get((norm, fc_norm),
+                                                                                                  "none")
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    return TokenLayout(has_cls=has_cls, num_reg=num_reg, grid=grid, dim=int(model.embed_dim))
+    return TokenLayout(has_cls=has_cls, num_reg=num_reg, grid=grid, dim=int(model.embed_dim), num_dist=num_dist,
+                       norm=placement)
 
 
-def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout,
-                 features: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Features from the last block's output ``pre`` [B, T, D] and ``post = final_norm(pre)``, in float32."""
+def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, features: tuple[str, ...],
+                 pooled_norm: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Features from the last block's output ``pre`` [B, T, D] and ``post = norm(pre)``, in float32.
+
+    ``pooled_norm`` is the norm a model applies after pooling (timm's ``fc_norm``): it goes on every
+    pooled vector and, likewise, on every single token, so each feature carries the norm the model
+    actually applies (`features.NORMS`).
+    """
+    if pre.shape[1] != layout.num_tokens:
+        raise LayoutError(f"the model returned {pre.shape[1]} tokens, the layout expects {layout.num_tokens} "
+                          f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)")
     post = post.float()
-    c, p = int(layout.has_cls), layout.num_prefix
+    head = (lambda t: pooled_norm(t).float()) if pooled_norm is not None else (lambda t: t)
+    r, p = layout.reg_start, layout.num_prefix
     make = {
-        "cls": lambda: post[:, 0],
-        "patch": lambda: post[:, p:].mean(1),
-        "reg": lambda: post[:, c:p].mean(1),
-        "reg_all": lambda: post[:, c:p],
+        "cls": lambda: head(post[:, 0]),
+        "patch": lambda: head(post[:, p:].mean(1)),
+        "reg": lambda: head(post[:, r:p].mean(1)),
+        "reg_all": lambda: head(post[:, r:p]),
         "norms": lambda: pre.float().norm(dim=-1),
-        "tokens": lambda: post[:, p:],
+        "tokens": lambda: head(post[:, p:]),
     }
     return {f: make[f]() for f in features}
 
@@ -35,7 +68,8 @@ def token_features(model: torch.nn.Module, images: torch.Tensor, layout: TokenLa
                    features: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Run the model once; ``forward_intermediates`` gives the last block's output and its final norm."""
     post, inter = model.forward_intermediates(images, indices=1, norm=False, output_fmt="NLC",
-                                              return_prefix_tokens=True)
+                                              return_prefix_tokens=layout.num_prefix > 0)
     patches, prefix = inter[-1] if isinstance(inter[-1], tuple) else (inter[-1], None)
     pre = patches if prefix is None else torch.cat([prefix, patches], dim=1)
-    return split_tokens(pre, post, layout, features)
+    fc_norm = getattr(model, "fc_norm", None)
+    return split_tokens(pre, post, layout, features, fc_norm if _active(fc_norm) else None)

@@ -10,20 +10,37 @@ import timm
 import torch
 
 from regcache.extract import extract
-from regcache.models import ALIASES, ModelError, ModelSpec, load_model, read_checkpoint, resolve_name
+from regcache.models import ALIASES, MODELS, ModelError, ModelSpec, load_model, read_checkpoint, resolve_name
 from regcache.store import FeatureSet
 
 from conftest import NOREG, REG, SHARED, SIZE, config
 
 
 def test_aliases_cover_the_dinov2_family_and_name_real_timm_models():
-    assert set(ALIASES) == {f"vit{s}{r}" for s in "sblg" for r in ("", "_reg")}
+    assert {a for a in ALIASES if a.startswith("vit")} == {f"vit{s}{r}" for s in "sblg" for r in ("", "_reg")}
     for alias, name in ALIASES.items():
         arch, tag = name.split(".")
-        assert timm.is_model(arch) and tag == "lvd142m"
+        if alias.startswith("v3") and not timm.list_models("*dinov3*"):
+            continue  # this timm has no DINOv3: resolve_name says so (test below)
+        assert timm.is_model(arch) and tag in ("lvd142m", "lvd1689m")
         assert ("reg4" in arch) == alias.endswith("_reg")
         assert name in timm.list_pretrained(arch + "*")
     assert resolve_name("vit_base_patch16_224.augreg_in21k") == "vit_base_patch16_224.augreg_in21k"
+
+
+@pytest.mark.skipif(not timm.list_models("*dinov3*"), reason=f"timm {timm.__version__} has no DINOv3 models")
+def test_dinov3_aliases_keep_the_original_cls_semantics():
+    """timm's DINOv3 pools by average; the aliases ask for [CLS] pooling as upstream, and the paper's transform."""
+    assert {a for a in ALIASES if a.startswith("v3")} == {"v3s", "v3sp", "v3b", "v3l", "v3hp", "v3_7b"}
+    spec = ModelSpec("v3s", kwargs={"depth": 1})
+    assert spec.kwargs == {"global_pool": "token", "depth": 1}
+    model = timm.create_model(spec.timm_name.split(".")[0], pretrained=False, num_classes=0, img_size=64,
+                              **spec.kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        X = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(X, pre_logits=True), X[:, 0])
+    assert MODELS["v3s"].preprocess["size"] == 224 and MODELS["v3s"].preprocess["crop_pct"] == 224 / 256
 
 
 def test_unknown_model_error_lists_aliases():

@@ -107,6 +107,7 @@ def test_checkpoint_is_loaded_with_timm_position_embedding_resize(reg_ckpt):
 
 
 def test_model_without_class_token_has_no_cls():
+    """class_token=False with avg pooling: timm moves the final norm after the pool (fc_norm), and so do we."""
     from regcache.features import select_features
     from regcache.tokens import layout_of, token_features
 
@@ -114,13 +115,108 @@ def test_model_without_class_token_has_no_cls():
     model = timm.create_model(REG, pretrained=False, img_size=SIZE, num_classes=0, class_token=False,
                               global_pool="avg").eval()
     layout = layout_of(model)
-    assert not layout.has_cls and layout.num_reg == 4 and layout.num_tokens == 4 + 16
+    assert not layout.has_cls and layout.num_reg == 4 and layout.num_tokens == 4 + 16 and layout.norm == "pooled"
     assert select_features(None, layout) == ("patch", "reg", "norms")
     with pytest.raises(FeatureError, match="no class token"):
         select_features(("cls",), layout)
     x = torch.randn(2, 3, SIZE, SIZE)
     got = token_features(model, x, layout, ("patch", "reg", "reg_all"))
     with torch.no_grad():
-        ref = model.forward_features(x)
-    torch.testing.assert_close(got["reg_all"], ref[:, :4])
-    torch.testing.assert_close(got["patch"], ref[:, 4:].mean(1))
+        ref = model.forward_features(x)  # norm is Identity here: these are the last block's raw tokens
+        pooled = model.forward_head(ref, pre_logits=True)  # timm's own avg pool + fc_norm
+    torch.testing.assert_close(got["patch"], pooled)
+    assert (got["patch"] - ref[:, 4:].mean(1)).abs().max() > 1e-2  # the pre-norm mean is not the feature
+    torch.testing.assert_close(got["reg_all"], model.fc_norm(ref[:, :4]))
+    torch.testing.assert_close(got["reg"], model.fc_norm(ref[:, :4].mean(1)))
+
+
+# --------------------------------------------------------------------------- backbones beyond DINOv2
+
+#: name, input size, prefix tokens in order, grid, where the final norm sits: written out by hand per family
+FAMILIES = [
+    ("vit_small_patch14_reg4_dinov2", 56, ("cls", "reg", "reg", "reg", "reg"), "token"),     # DINOv2 + registers
+    ("deit_tiny_distilled_patch16_224", 64, ("cls", "dist"), "token"),                       # distillation token
+    ("vit_medium_patch16_reg4_gap_256", 64, ("reg",) * 4, "pooled"),                         # SBB: no cls, fc_norm
+    ("vit_base_patch16_rope_reg1_gap_256", 64, ("reg",), "pooled"),                          # SBB on Eva, RoPE
+    ("vit_small_patch16_dinov3", 64, ("cls",) + ("reg",) * 4, "token"),                      # DINOv3: Eva, RoPE
+    ("eva02_tiny_patch14_224", 56, ("cls",), "pooled"),                                      # EVA-02: fc_norm
+    ("vit_base_patch14_reg1_tipsv2", 56, ("cls", "reg"), "token"),                           # TIPSv2
+    ("vit_base_patch16_siglip_224", 64, (), "token"),                                        # SigLIP: no prefix, MAP
+    ("vit_base_patch16_clip_224", 64, ("cls",), "token"),                                    # CLIP: pre-norm
+]
+ALL = ("cls", "patch", "reg", "reg_all", "norms", "tokens")
+
+
+def _family_model(name: str, size: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, depth=2).eval()
+    with torch.no_grad():  # random norm affines, so that applying a norm or not, and which, shows
+        for n, p in model.named_parameters():
+            if "norm" in n and p.ndim == 1:
+                p.copy_(torch.randn_like(p) * 0.5 + (1.0 if n.endswith("weight") else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("name,size,prefix,norm", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_token_features_per_family_equal_timm_forward(name, size, prefix, norm):
+    """Each family against timm's own forward_features / forward_head, split by the hand-written layout above."""
+    from regcache.features import select_features
+    from regcache.tokens import layout_of, token_features
+
+    if not timm.is_model(name):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    model = _family_model(name, size)
+    layout = layout_of(model)
+    g = size // model.patch_embed.patch_size[0]
+    assert (layout.prefix, layout.grid, layout.norm) == (prefix, (g, g), norm)
+    x = torch.randn(3, 3, size, size)
+    captured = {}
+    model.blocks[-1].register_forward_hook(lambda mod, inp, out: captured.update(pre=out))
+    with torch.no_grad():
+        X = model.forward_features(x)  # timm: norm per token (Identity for fc_norm models)
+        head_pool = model.forward_head(X, pre_logits=True) if model.global_pool == "avg" else None
+        p = len(prefix)
+        regs = [i for i, t in enumerate(prefix) if t == "reg"]
+        fc = model.fc_norm if norm == "pooled" else (lambda t: t)
+        ref = {"patch": fc(X[:, p:].mean(1)), "norms": captured["pre"].norm(dim=-1), "tokens": fc(X[:, p:])}
+        if "cls" in prefix:
+            ref["cls"] = fc(X[:, 0])
+            if name.startswith("deit"):  # the distilled head averages cls and dist: compare with the raw tokens
+                assert torch.allclose(model.forward_head(X, pre_logits=True), (X[:, 0] + X[:, 1]) / 2)
+            else:
+                model.global_pool = "token"
+                ref_head = model.forward_head(X, pre_logits=True)  # timm's own [CLS] head (with fc_norm if any)
+                torch.testing.assert_close(ref["cls"], ref_head)
+        if regs:
+            ref["reg"], ref["reg_all"] = fc(X[:, regs].mean(1)), fc(X[:, regs])
+    assert X.shape[1] == layout.num_tokens == p + g * g
+    assert select_features(None, layout) == tuple(f for f in ("cls", "patch", "reg", "norms") if f in ref)
+    got = token_features(model, x, layout, tuple(f for f in ALL if f in ref))
+    assert set(got) == set(ref)
+    for f in ref:
+        torch.testing.assert_close(got[f], ref[f], rtol=1e-5, atol=1e-5, msg=f)
+    if head_pool is not None and model.attn_pool is None:  # timm's avg-pool head is our patch mean
+        torch.testing.assert_close(got["patch"], head_pool, rtol=1e-5, atol=1e-5)
+    assert got["norms"].shape == (3, p + g * g)
+
+
+def test_distilled_and_dinov3_layouts_are_stored(tmp_path):
+    """End to end: regcache.json names every prefix token, ``norms`` has one entry per token."""
+    from safetensors.torch import save_file
+
+    from regcache.models import ModelSpec
+
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=3)
+    for name, prefix, alias_kwargs in [("deit_tiny_distilled_patch16_224", ["cls", "dist"], {}),
+                                       ("v3s", ["cls", "reg", "reg", "reg", "reg"], {"global_pool": "token"})]:
+        spec = ModelSpec(name, kwargs={"depth": 1})
+        assert spec.kwargs == {**alias_kwargs, "depth": 1}
+        model = timm.create_model(spec.timm_name.split(".")[0], pretrained=False, num_classes=0, img_size=64,
+                                  **spec.kwargs)
+        save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+        res = extract(config(name, tmp_path / "w.safetensors", data, tmp_path / "cache", model_kwargs={"depth": 1},
+                             preprocess=Preprocess(size=64, resize=72), features=("cls", "patch", "norms")))
+        fs = FeatureSet(res.path)
+        assert fs.meta["layout"]["prefix"] == prefix and fs.meta["layout"]["norm"] == "token"
+        assert fs.layout.num_tokens == len(prefix) + 16
+        assert fs.load("norms").x.shape == (3, len(prefix) + 16)
