@@ -131,7 +131,18 @@ class StreamedSplit:
         if (idx.label < 0).any():
             raise ProbeError(f"{self.name} has unlabelled rows; a training set needs labels")
         self.rows, self.labels = idx.row.to_numpy(), idx.label.to_numpy()
+        self.keys, self.view_ids = idx.key.to_numpy(), idx.view.to_numpy()
         self.units = self.rows // self.fs.unit_rows
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """One read of every row, a unit at a time, before training: a NaN would otherwise reach the weights."""
+        for f in sorted(self.features):
+            bad = np.zeros(len(self.rows), bool)
+            for u in np.unique(self.units):
+                sel = np.flatnonzero(self.units == u)
+                bad[sel] = _non_finite_rows(self.fs.read_rows(f, self.rows[sel]))
+            _refuse_non_finite(self.name, self.fs.path, f, bad, self.keys)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -160,36 +171,96 @@ class StreamedSplit:
                 carry_x, carry_y = {f: x[f][perm[full:]] for f in names}, y[perm[full:]]
 
 
-def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequence[int] | None = (0,),
-               id_classes: Sequence[str] | None = None) -> Split:
-    """Read a set in float16; refuse an empty one and name the rows of any non-finite feature."""
+def _refuse_non_finite(name: str, path, feature: str, bad: np.ndarray, keys: np.ndarray) -> None:
+    """``bad``: one flag per row. The same message on every path (in memory, streamed, ``score``)."""
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ProbeError(f"{name} ({path}): non-finite {feature} in {len(rows)} rows, e.g. rows {rows[:5].tolist()} "
+                         f"(keys {np.asarray(keys)[rows[:5]].tolist()})")
+
+
+def _non_finite_rows(a: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    flat = a.reshape(len(a), -1)
+    return np.concatenate([~np.isfinite(flat[i:i + chunk]).all(1) for i in range(0, len(a), chunk)] or
+                          [np.zeros(0, bool)])
+
+
+def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequence[int] | None = (0,)) -> Split:
+    """Read a set in float16; refuse an empty one and name the rows of any non-finite feature.
+
+    Labels stay as stored (indices into the set's own class list); ``map_labels`` puts them into the
+    training set's classes.
+    """
     got = fs.load(features, views=views, concat=False, dtype=np.float16)
     if not len(got.labels):
         raise ProbeError(f"{name} ({fs.path}) has no rows")
     for f, a in got.x.items():
-        flat = a.reshape(len(a), -1)
-        bad = np.concatenate([~np.isfinite(flat[i:i + 65536]).all(1) for i in range(0, len(a), 65536)])
-        if bad.any():
-            rows = np.flatnonzero(bad)
-            raise ProbeError(f"{name}: non-finite {f} in {len(rows)} rows, e.g. rows {rows[:5].tolist()} "
-                             f"(keys {got.keys[rows[:5]].tolist()})")
-    ds = fs.meta["dataset"]
-    subset = None
-    if ds.get("subset"):
-        subset = _subset_indices(ds["subset"], id_classes, name)
-    return Split(name, got.x, got.labels, got.keys, got.views, subset)
+        _refuse_non_finite(name, fs.path, f, _non_finite_rows(a), got.keys)
+    return Split(name, got.x, got.labels, got.keys, got.views)
 
 
-def _subset_indices(subset: Sequence[str], id_classes: Sequence[str] | None, name: str) -> np.ndarray:
-    if all(str(s).isdigit() for s in subset):
-        return np.array([int(s) for s in subset])
-    if id_classes is None:
-        raise ProbeError(f"{name} names its class subset by name, but the training set has no class list")
-    pos = {c: i for i, c in enumerate(id_classes)}
-    missing = [s for s in subset if s not in pos]
-    if missing:
-        raise ProbeError(f"{name}: subset classes not among the ID classes: {', '.join(missing[:5])}")
-    return np.array([pos[s] for s in subset])
+# --------------------------------------------------------------------------- class names
+
+def _names(ds: dict) -> tuple[list[str] | None, list[str] | None]:
+    """(class names that the set's labels index, its class subset as names or integer strings).
+
+    Labels index ``classes``; a set with a subset but no class list (ImageNet-A/R shards labelled
+    0..199 in their own order) has labels that index its subset.
+    """
+    classes, subset = ds.get("classes"), ds.get("subset")
+    subset = [str(c) for c in subset] if subset else None
+    if classes is None and subset and not all(c.isdigit() for c in subset):
+        classes = subset
+    return (list(classes) if classes else None), subset
+
+
+def _list(names) -> str:
+    names = list(names)
+    return ", ".join(map(str, names[:10])) + (f" (and {len(names) - 10} more)" if len(names) > 10 else "")
+
+
+def map_labels(split: Split, fs: FeatureSet, id_classes: Sequence[str] | None, num_classes: int) -> Split:
+    """Put a labelled set's labels (and its class subset) into the training set's classes, by name.
+
+    Both sets named: map by name, refusing names the training set lacks. Neither named (pattern sets):
+    labels are integer ids shared by both, and must be below ``num_classes``. One named and one not:
+    no mapping is possible, refused.
+    """
+    name = split.name
+    if (split.labels < 0).any():
+        raise ProbeError(f"{name} ({fs.path}) has {int((split.labels < 0).sum())} unlabelled rows; "
+                         "accuracy needs labels (pass unlabelled sets as --anomaly)")
+    own, subset = _names(fs.meta["dataset"])
+    if (own is None) != (id_classes is None):
+        named, unnamed = (name, "the training set") if id_classes is None else ("the training set", name)
+        raise ProbeError(f"{unnamed} has no class names (integer labels) but {named} has: labels cannot be mapped "
+                         "by name; give both manifests a class list (classes or classes_file)")
+    labels, sub = split.labels, None
+    if own is None:
+        beyond = labels >= num_classes
+        if beyond.any():
+            raise ProbeError(f"{name}: {int(beyond.sum())} rows have labels beyond the {num_classes} classes of "
+                             f"the heads (labels {_list(np.unique(labels[beyond]))})")
+        if subset:
+            sub = np.array([int(c) for c in subset])
+    else:
+        pos = {c: i for i, c in enumerate(id_classes)}
+        used = np.unique(labels)
+        if used.max() >= len(own):
+            raise ProbeError(f"{name}: labels up to {int(used.max())} but only {len(own)} class names")
+        missing = [own[i] for i in used if own[i] not in pos]
+        if missing:
+            raise ProbeError(f"{name}: classes not among the training set's {len(id_classes)} classes: "
+                             f"{_list(missing)}; they cannot be mapped")
+        lut = np.array([pos.get(c, -1) for c in own])
+        labels = lut[labels]
+        if subset:
+            names = [own[int(c)] if c.isdigit() else c for c in subset]
+            missing = [c for c in names if c not in pos]
+            if missing:
+                raise ProbeError(f"{name}: subset classes not among the training set's classes: {_list(missing)}")
+            sub = np.array([pos[c] for c in names])
+    return Split(split.name, split.x, labels, split.keys, split.views, sub)
 
 
 # --------------------------------------------------------------------------- training
@@ -389,7 +460,8 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
              scores_out: dict | None = None) -> list[Row]:
     """ID and OOD accuracy, and per-anomaly-set FPR@95/AUROC/AUPR for every scorer, plus their means."""
     f, hp = head.name, dict(lr=head.lr, wd=head.wd)
-    rows = [Row(f, id_split.name, "id", "top1", accuracy(head.logits(id_split), id_split.labels), len(id_split), **hp)]
+    rows = [Row(f, id_split.name, "id", "top1", accuracy(head.logits(id_split), id_split.labels, id_split.subset),
+               len(id_split), **hp)]
     for s in ood_gen:
         rows.append(Row(f, s.name, "ood-gen", "top1", accuracy(head.logits(s), s.labels, s.subset), len(s), **hp))
     if not anomalies:
@@ -462,21 +534,24 @@ class ProbeResult:
     candidates: list[Head]                 # every head trained
     scores: dict                           # (features, anomaly set, scorer) -> (ID scores, OOD scores)
     sets: dict[str, str]                   # set name -> feature-set path
+    protocol: dict = field(default_factory=dict)  # selection set, heads per combination, ID set, training views
 
 
 @dataclass
 class _Data:
-    train: Split
-    val: Split
     test: Split
     ood_gen: list[Split]
     anomalies: list[Split]
     num_classes: int
+    train: "Split | StreamedSplit | None" = None
+    val: Split | None = None
+    bank: tuple[Split, np.ndarray] | None = None  # view-0 training rows and labels, for feature scorers
 
-    def bank(self) -> tuple[Split, np.ndarray]:
-        """View-0 training rows and their labels, for the feature-space scorers."""
-        rows = np.flatnonzero(self.train.views == 0)
-        return self.train.take(rows), self.train.labels[rows]
+
+def _bank(train: Split) -> tuple[Split, np.ndarray]:
+    """View-0 training rows and their labels, for the feature-space scorers."""
+    rows = np.flatnonzero(train.views == 0)
+    return train.take(rows), train.labels[rows]
 
 
 def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
@@ -492,13 +567,29 @@ def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None
     return sets
 
 
+def _num_classes(name: str, labels: np.ndarray, id_classes: Sequence[str] | None) -> int:
+    """Classes of the heads: the training set's class list, else its largest integer label + 1."""
+    if (labels < 0).any():
+        raise ProbeError(f"{name} has unlabelled rows; a training set needs labels")
+    present = np.unique(labels)
+    if len(present) < 2:
+        only = id_classes[present[0]] if id_classes else int(present[0])
+        raise ProbeError(f"{name} holds a single class ({only}); a classifier needs two or more")
+    return len(id_classes) if id_classes else int(present.max()) + 1
+
+
+def _labelled(fs: FeatureSet, union: Sequence[str], name: str, id_classes, num_classes: int) -> Split:
+    return map_labels(load_split(fs, union, name), fs, id_classes, num_classes)
+
+
 def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed: int,
           val_fraction: float, stream: int = 0) -> _Data:
     """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads.
 
     ``stream`` > 0 streams the training set with that many units per window instead of loading it.
+    Labels of val, test and eval sets are mapped into the training set's classes by name.
     """
-    classes = sets["train"].meta["dataset"].get("classes")
+    id_classes = _names(sets["train"].meta["dataset"])[0]
     if stream:
         if not job.val:
             raise ProbeError("a streamed training set needs --val (no rows are held out of it)")
@@ -507,64 +598,105 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
                              "drop --stream or them")
         train = StreamedSplit(sets["train"], job.train, union, window=stream)
     else:
-        train = load_split(sets["train"], union, job.train, views=None, id_classes=classes)
-        if train.labels.min() < 0:
-            raise ProbeError(f"{job.train} has unlabelled rows; a training set needs labels")
+        train = load_split(sets["train"], union, job.train, views=None)
+    num_classes = _num_classes(job.train, train.labels, id_classes)
     if job.val:
-        val = load_split(sets["val"], union, job.val, id_classes=classes)
+        val = _labelled(sets["val"], union, job.val, id_classes, num_classes)
     else:
         fit_rows, val_rows = holdout(train, val_fraction, seed)
         val, train = train.take(val_rows, name=f"{job.train}[held-out]"), train.take(fit_rows)
-    num_classes = len(classes) if classes else int(max(train.labels.max(), val.labels.max())) + 1
-    test = load_split(sets["test"], union, job.test, id_classes=classes) if job.test else val
-    return _Data(train, val, test, [load_split(sets[n], union, n, id_classes=classes) for n in job.eval],
-                 [load_split(sets[n], union, n, id_classes=classes) for n in job.anomaly], num_classes)
+    test = _labelled(sets["test"], union, job.test, id_classes, num_classes) if job.test else val
+    return _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
+                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, train, val,
+                 _bank(train) if any(s in FEATURE_SCORERS for s in job.scorers) else None)
 
 
-def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row]):
+def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row], protocol: dict):
     import pandas as pd
 
-    bank = data.bank() if any(s in FEATURE_SCORERS for s in job.scorers) else None
     scores: dict = {}
     for head in heads:
-        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, bank, job.knn_k, scores)
+        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, data.bank, job.knn_k,
+                               scores)
     df = pd.DataFrame([asdict(r) for r in rows])
     df.insert(0, "model", job.model)
     df["seed"] = seed
+    # the protocol travels with every number, so that `report` can state it for merged runs too
+    df["selection_set"] = protocol.get("selection_set") or ""
+    df["heads_per_combination"] = protocol.get("heads_per_combination", 0)
+    df["train_views"] = len(protocol.get("train_views") or [])
     return df, scores
 
 
+def _need_test(job: ProbeJob, heads: int) -> str:
+    sel = f"--val {job.val}" if job.val else f"a held-out part of --train {job.train}"
+    return (f"{heads} heads per feature combination are selected on {sel}; the set that selects them must not "
+            f"also give the ID test numbers: add --test with another ID set (e.g. the official validation split)")
+
+
 def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult | None:
-    """Find the cached sets, train all heads together, select per combination on validation, evaluate."""
+    """Find the cached sets, train all heads together, select per combination on validation, evaluate.
+
+    With several heads per combination (an lr/wd grid), the selection set and the test set must differ.
+    """
     unknown = [s for s in job.scorers if s not in SCORERS]
     if unknown:
         raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
+    heads_per = len(cfg.grid)
+    if heads_per > 1 and not job.test:
+        raise ProbeError(_need_test(job, heads_per))
     union = sorted({f for combo in cfg.features for f in combo})
     sets = _find_sets(job, union)
+    if heads_per > 1 and job.val and sets["val"].path.resolve() == sets["test"].path.resolve():
+        raise ProbeError(_need_test(job, heads_per))
     data = _load(job, sets, union, cfg.seed, cfg.val_fraction, stream=cfg.stream_window if cfg.stream else 0)
+    views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
+    protocol = {"heads_per_combination": heads_per, "selection_set": data.val.name, "id_set": data.test.name,
+                "id_is_selection_set": data.test is data.val, "train_views": sorted(int(v) for v in np.unique(views))}
     candidates = train_heads(data.train, data.num_classes, cfg, progress=progress)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None  # rank 0 evaluates and writes
     heads = select(candidates, data.val)
     selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
                  for h in candidates]
-    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection)
-    return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()})
+    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol)
+    return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()}, protocol)
 
 
 def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequence[str] = (),
               scorers: Sequence[str] | None = None, cache: str | os.PathLike | None = None) -> ProbeResult:
-    """Apply a run's saved heads to further cached sets (found as the run found its own)."""
+    """Apply a run's saved heads to further cached sets (found as the run found its own).
+
+    Reads the run's ID set, the new sets, and the training set only when a scorer needs its features
+    (k-NN, Mahalanobis, ViM: view 0 only) or when the ID set was held out of it.
+    """
     run = Path(run)
     config = json.loads((run / "config.json").read_text())
     job = ProbeJob(**{**config["job"], "cache": Path(cache or config["job"]["cache"]),
                       "eval": list(eval), "anomaly": list(anomaly)})
     if scorers:
         job.scorers = tuple(scorers)
+    unknown = [s for s in job.scorers if s not in SCORERS]
+    if unknown:
+        raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
     heads = load_heads(run / "heads.safetensors")
     union = sorted({f for h in heads for f in h.features})
     sets = _find_sets(job, union, known=config["sets"])
-    seed = config["probe"]["seed"]
-    data = _load(job, sets, union, seed, config["probe"]["val_fraction"])  # same held-out rows: same seed
-    df, scores = _evaluate_all(job, heads, data, seed, [])
-    return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()})
+    seed, protocol = config["probe"]["seed"], config.get("protocol", {})
+    id_classes, num_classes = _names(sets["train"].meta["dataset"])[0], int(heads[0].weight.shape[0])
+    id_role = "test" if job.test else "val" if job.val else None
+    test = _labelled(sets[id_role], union, getattr(job, id_role), id_classes, num_classes) if id_role else None
+    bank = None
+    if test is None or any(s in FEATURE_SCORERS for s in job.scorers):
+        train = load_split(sets["train"], union, job.train, views=(0,))
+        if not job.val:  # the run's held-out rows: the same keys for the same seed
+            fit_rows, held_rows = holdout(train, config["probe"]["val_fraction"], seed)
+            if test is None:
+                test = train.take(held_rows, name=f"{job.train}[held-out]")
+            train = train.take(fit_rows)
+        bank = (train, train.labels)
+    data = _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
+                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, bank=bank)
+    df, scores = _evaluate_all(job, heads, data, seed, [], protocol)
+    return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()},
+                       protocol)

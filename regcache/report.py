@@ -24,11 +24,68 @@ def _pct(v: float) -> str:
     return "" if pd.isna(v) else f"{100 * v:.2f}"
 
 
+def _run_labels(runs: pd.Series) -> pd.Series:
+    """A run's folder name, or its whole path where two runs share a folder name."""
+    names = {r: Path(r).name for r in runs.unique()}
+    clash = len(set(names.values())) < len(names)
+    return runs.map(lambda r: r if clash else names[r])
+
+
+def _merge_note(res: pd.DataFrame) -> str | None:
+    """Say when a table cell averages several rows, and what those rows differ in."""
+    keys = ["model", "features", "set", "metric", "scorer"]
+    sizes = res.groupby(keys, sort=False).size()
+    dup = sizes[sizes > 1]
+    if dup.empty:
+        return None
+    rows = res.set_index(keys).loc[dup.index].reset_index()
+    varying = [c for c in ("run", "seed", "lr", "wd", "n", "selection_set", "train_views")
+               if c in rows and rows.groupby(keys, sort=False)[c].nunique(dropna=False).max() > 1]
+    why = (f"they differ in {', '.join(varying)}" + (f" (seeds {', '.join(map(str, sorted(set(rows.seed))))})"
+                                                   if "seed" in varying else "")
+           if varying else "they are identical (the same run given twice?)")
+    counts = sorted(set(dup))
+    return (f"Note: merged {'/'.join(map(str, counts))} rows per cell in {len(dup)} cells, showing their mean: "
+            f"{why}.")
+
+
+def _protocol_notes(res: pd.DataFrame) -> list[str]:
+    """How the heads were selected, which set the ID numbers are on, and what views they trained on
+    (prefixed with the rows they apply to when a merged table holds runs that differ)."""
+    by_note: dict[str, list[str]] = {}
+    for model, g in res.groupby("model", sort=False):
+        ids = g[g.role == "id"]
+        if {"selection_set", "heads_per_combination"} <= set(g.columns) and len(ids):
+            sel, heads, id_sets = ids.selection_set.iloc[0], int(ids.heads_per_combination.iloc[0]), set(ids.set)
+            if heads == 1 and sel in id_sets:
+                flag = "a held-out part of --train" if sel.endswith("[held-out]") else "the --val set"
+                note = f"Heads: no selection: one head per combination; ID numbers are on {flag} ({sel})."
+            elif heads == 1:
+                note = f"Heads: no selection: one head per combination; ID numbers on {', '.join(sorted(id_sets))}."
+            elif heads > 1:
+                note = (f"Heads: selected per combination on {sel} among {heads}; "
+                        f"ID numbers on {', '.join(sorted(id_sets))}.")
+            else:
+                note = ""
+            by_note.setdefault(note, []).append(model)
+        if "train_views" in g and g.train_views.max() > 0:
+            k = int(g.train_views.max())
+            note = ("Training: plain crop only (one cached view per image)." if k == 1 else
+                    f"Training: trained on {k} views per image (view 0 the plain crop, {k - 1} random-resized crops "
+                    "fixed at extraction, not a fresh crop per step).")
+            by_note.setdefault(note, []).append(model)
+    models = res.model.nunique()
+    return [n if len(m) == models else f"{'; '.join(m)}: {n}" for n, m in by_note.items() if n]
+
+
 def markdown(results: pd.DataFrame) -> str:
-    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, mean FPR95 and AUROC."""
+    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, mean FPR95 and AUROC.
+
+    A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why.
+    """
     res = results[results.role != "selection"].copy()
     if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart
-        res["model"] = res.model + " (" + res.run.map(lambda r: Path(r).name) + ")"
+        res["model"] = res.model + " (" + _run_labels(res.run) + ")"
     acc = res[res.metric == "top1"]
     ano = res[res.role == "anomaly"]
     scorers = list(dict.fromkeys(ano.scorer)) or [""]
@@ -54,6 +111,7 @@ def markdown(results: pd.DataFrame) -> str:
     counts = ", ".join(f"{s}: n={n_of[s]}" for s in [*acc_sets, *ano_sets])
     out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID "
                "(Hendrycks & Gimpel; Liu et al.). Full numbers (AUPR, every scorer) in results.parquet.")
+    out += [*_protocol_notes(res), *filter(None, [_merge_note(res)])]
     return "\n\n".join(out) + "\n"
 
 
@@ -110,7 +168,7 @@ def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
     result.results.to_parquet(out / "results.parquet", index=False)
     (out / "results.md").write_text(markdown(result.results))
     config = {"job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
-              "probe": asdict(cfg), "sets": result.sets,
+              "probe": asdict(cfg), "protocol": result.protocol, "sets": result.sets,
               "fingerprints": {k: FeatureSet(p).fingerprint for k, p in result.sets.items()},
               "regcache": __version__, "torch": torch.__version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}

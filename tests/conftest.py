@@ -124,4 +124,16 @@ def caches(tmp_path):
     make_set(root, "far", x, -np.ones(60, int), role="anomaly")
     x, _ = sample(1, 6.0)
     make_set(root, "single", x, -np.ones(1, int), role="anomaly")
+    make_set(root, "test", *sample(100), classes=classes, role="id-val")  # ID test, apart from selection
     return root
+
+
+def relabel(root, src: str, name: str, classes=None, subset=None, labels=None, **kw):
+    """A copy of cached set ``src`` whose labels index ``classes`` (or ``subset`` when unnamed), by class name."""
+    fs = FeatureSet(root / src)
+    got = fs.load(concat=False)
+    old = fs.meta["dataset"]["classes"]
+    if labels is None:
+        own = classes if classes is not None else subset
+        labels = np.array([own.index(old[y]) for y in got.labels])
+    return make_set(root, name, got.x, labels, classes=classes, subset=subset, **kw)

@@ -95,7 +95,7 @@ def test_out_of_memory_halves_the_forward_chunk_and_says_so(reg_ckpt, tmp_path, 
 # --------------------------------------------------------------------------- the probe at scale
 
 def probe_args(caches, out, *extra):
-    return ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val",
+    return ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val", "--test", "test",
             "--anomaly", "far", "--cache", str(caches), "--out", str(out), "--lr", "0.01,0.1",
             "--iterations", "60", "--batch-size", "64", "-q", "--no-plots", *extra]
 
