@@ -215,7 +215,8 @@ def _names(values: tuple[str, ...]) -> list[str]:
               help="A feature combination such as cls,reg; repeat for several, all trained in one pass.")
 @click.option("--train", required=True, help="Dataset name (manifest name) or feature-set path of the ID train set.")
 @click.option("--val", default=None, help="Set that selects the heads [default: a held-out part of --train].")
-@click.option("--test", default=None, help="ID test set: ID accuracy, ID side of anomaly scores [default: --val].")
+@click.option("--test", default=None, help="ID test set: ID accuracy, ID side of anomaly scores; required with an "
+              "--lr/--wd grid [default: the selection set, allowed only with one head per combination].")
 @click.option("--eval", "eval_", multiple=True, metavar="LIST", help="OOD-generalisation sets (top-1).")
 @click.option("--anomaly", multiple=True, metavar="LIST", help="Anomaly sets (FPR95, AUROC, AUPR).")
 @cache_option
