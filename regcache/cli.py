@@ -86,12 +86,21 @@ def main() -> None:
               help="Forward-pass precision (autocast).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Stored dtype.")
-@click.option("--size", default=224, show_default=True, help="Crop size (pixels).")
-@click.option("--resize", default=256, show_default=True, help="Shorter side is resized to this before the crop.")
-@click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest"]), default="bicubic",
+@click.option("--size", type=int, default=None,
+              help="Crop size (pixels) [default: the model's; 224 for the DINOv2/v3 aliases].")
+@click.option("--resize", type=int, default=None,
+              help="Shorter side is resized to this before the crop [default: size / the model's crop_pct; "
+                   "256 for the aliases].")
+@click.option("--crop-mode", type=click.Choice(["center", "squash"]), default=None,
+              help="squash resizes both sides to --resize (timm's mode) [default: the model's].")
+@click.option("--pos-embed", type=click.Choice(["timm", "dinov2"]), default="timm", show_default=True,
+              help="Position-table resampling: timm's load-time resample, or DINOv2 hub's interpolate_pos_encoding "
+                   "(reproduces numbers made with the torch.hub DINOv2 models). Part of the fingerprint.")
+@click.option("--interpolation", type=click.Choice(["bicubic", "bilinear", "nearest"]), default=None,
               show_default=True)
-@click.option("--mean", default="0.485,0.456,0.406", show_default=True)
-@click.option("--std", default="0.229,0.224,0.225", show_default=True)
+@click.option("--mean", default=None, help="e.g. 0.485,0.456,0.406 [default: the model's pretrained_cfg; "
+                                            "ImageNet's for the aliases].")
+@click.option("--std", default=None, help="e.g. 0.229,0.224,0.225 [default: the model's].")
 @click.option("--views", default=1, show_default=True,
               help="Rows per image: view 0 is the plain crop, views 1.. are seeded random-resized crops.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the augmented views.")
@@ -114,7 +123,7 @@ def main() -> None:
 @click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
 def extract(model, data, name, labels, role, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
-            resize, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
+            resize, crop_mode, pos_embed, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
             compile_, finalize, launcher, nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
 
@@ -126,7 +135,7 @@ def extract(model, data, name, labels, role, features, checkpoint, model_arg, ba
     from .extract import ExtractConfig, default_cache_root
     from .extract import extract as run
     from .features import parse_features
-    from .models import Preprocess
+    from .models import preprocess_for
 
     if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc_per_node)
@@ -135,8 +144,10 @@ def extract(model, data, name, labels, role, features, checkpoint, model_arg, ba
         cfg = ExtractConfig(
             model=model, data=data, name=name, labels=labels, role=role, features=parse_features(features) if features else None,
             cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
-            preprocess=Preprocess(size=size, resize=resize, interpolation=interpolation, mean=_floats(mean),
-                                  std=_floats(std), views=views, seed=seed),
+            preprocess=preprocess_for(model, size=size, resize=resize, interpolation=interpolation,
+                                      mean=_floats(mean) if mean else None, std=_floats(std) if std else None,
+                                      crop_mode=crop_mode, views=views, seed=seed),
+            pos_embed=pos_embed,
             precision=precision, dtype=dtype, batch_size=batch_size, workers=workers, device=device, part=part,
             num_parts=num_parts, unit_rows=unit_rows, allow_pipe=allow_pipe, compile=compile_,
             finalize_only=finalize, progress=not quiet)
@@ -354,8 +365,13 @@ def manifest():
 @manifest.command("check")
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def manifest_check(files):
-    """Validate manifests (fields, roles, class subsets, ${VARS}); exit 1 if any is malformed."""
+    """Validate manifests (fields, roles, class subsets, ${VARS}); exit 1 if any is malformed.
+
+    Also reads the first samples of each first shard and warns when none has the image or label
+    keys the manifest names (a typo there would fail every sample).
+    """
     from .data import DataError, load_manifest
+    from .shards import check_keys
 
     bad = 0
     for f in files:
@@ -369,6 +385,8 @@ def manifest_check(files):
         classes = f"{len(ds.classes)} classes" if ds.classes else "no class list"
         subset = f", subset of {len(ds.subset)}" if ds.subset else ""
         click.echo(f"{f}: {ds.name} ({ds.role or 'no role'}), {len(ds.shards)} shards, {counts}, {classes}{subset}")
+        for w in check_keys(ds):
+            click.echo(f"warning: {f}: {w}", err=True)
     if bad:
         sys.exit(1)
 
@@ -556,12 +574,12 @@ def tokenprobe(featuresets, cache, iterations, seed, out):
 def attention(model, checkpoint, images, registers, similarity, size, resize, display, out):
     """Last-block attention of [CLS] (and registers) to the patches, averaged over heads, for a few images."""
     from .analysis import attention_figure, similarity_report
-    from .models import ModelSpec, Preprocess, load_model
+    from .models import ModelSpec, load_model, preprocess_for
     from .tokens import layout_of
 
     try:
         net = load_model(ModelSpec(model, checkpoint), size)
-        layout, pre = layout_of(net), Preprocess(size=size, resize=resize)
+        layout, pre = layout_of(net), preprocess_for(model, size=size, resize=resize)
         if registers and not layout.num_reg:
             raise click.ClickException(f"{model} has no register tokens")
         for p in attention_figure(net, layout, pre, [Path(i) for i in images], out, registers, display):

@@ -150,8 +150,9 @@ def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str |
     label_key, label_field = parse_labels(labels, "--labels")
     if role == "anomaly" and label_key is not None:
         raise DataError(f"--role anomaly stores no labels; drop --labels {labels}")
-    return Dataset(name=name or default, shards=shards, label_key=label_key, label_field=label_field, role=role,
-                   source=json.dumps({"pattern": text, "labels": labels, "role": role}, sort_keys=True))
+    name = name or default
+    return Dataset(name=name, shards=shards, label_key=label_key, label_field=label_field, role=role,
+                   source=json.dumps({"pattern": text, "name": name, "labels": labels, "role": role}, sort_keys=True))
 
 
 def parse_labels(spec: str, where: str) -> tuple[str | None, str | None]:

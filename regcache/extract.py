@@ -23,7 +23,7 @@ import torch
 from . import __version__
 from .data import Dataset, ShardId, UnitStream, check_pipes, count_samples, load_dataset, shard_ids
 from .features import TokenLayout, select_features
-from .models import ModelSpec, Preprocess, load_model, state_dict_digest
+from .models import ModelSpec, Preprocess, load_model, preprocess_for, state_dict_digest
 from .store import SCHEMA_VERSION, FeatureSet, StoreError, feature_set_path, find_reusable, fingerprint
 from .tokens import layout_of, token_features
 
@@ -52,7 +52,8 @@ class ExtractConfig:
     store: Path | None = None
     checkpoint: str | None = None
     model_kwargs: dict = field(default_factory=dict)
-    preprocess: Preprocess = field(default_factory=Preprocess)
+    preprocess: Preprocess | None = None  # None: the model's own eval transform (models.preprocess_for)
+    pos_embed: str = "timm"  # position-table resampling, models.POS_EMBED
     precision: str = "fp32"
     dtype: str = "float16"
     batch_size: int = 64
@@ -73,6 +74,8 @@ class ExtractConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if not 0 <= self.part < self.num_parts:
             raise ValueError(f"part {self.part} is not in 0..{self.num_parts - 1}")
+        if self.preprocess is None:
+            self.preprocess = preprocess_for(self.model)
 
 
 @dataclass
@@ -101,6 +104,7 @@ def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, f
     and checked (`verify_shards`) before any committed unit is reused or resumed.
     """
     return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
+            "pos_embed": spec.pos_embed,
             "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
             "features": sorted(features), "dataset": ds.digest}
 
@@ -129,7 +133,7 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
         "schema_version": SCHEMA_VERSION, "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
         "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
         "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
-                  "weights_digest": digest, "kwargs": spec.kwargs},
+                  "weights_digest": digest, "kwargs": spec.kwargs, "pos_embed": spec.pos_embed},
         "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
         "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
                     "urls": list(ds.shards), "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
@@ -213,7 +217,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.finalize_only:
         return _finalize_only(cfg, ds, t0)
     ids = shard_ids(ds)
-    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs)
+    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs, cfg.pos_embed)
     model = load_model(spec, cfg.preprocess.size)
     digest = state_dict_digest(model)
     layout = layout_of(model)
@@ -297,12 +301,11 @@ def verify_shards(fs: FeatureSet, ds: Dataset, ids: list[ShardId]) -> None:
     for unit in sorted(fs.committed_units()):
         was, now = fs.unit_shard(unit), ids[unit]
         if was is not None and was.get("digest") != now.digest:
-            how = "--store PATH" if ds.source.startswith("{") and '"pattern"' in ds.source else "another --cache"
             raise StoreError(
                 f"{now.url} is not the file this cached set read as shard {unit} (then {was.get('path')}, "
                 f"{was.get('size')} bytes; now {now.path}, {now.size} bytes): its cached features belong to other "
-                f"data. Remove {fs.path} to extract the current shards, or keep both sets apart with {how}"
-                + (" or --name NAME" if how == "--store PATH" else "") + ".")
+                f"data. Remove {fs.path} to extract the current shards, or keep both sets apart (--name for a "
+                "shard pattern, or --store PATH, or another --cache).")
         declared = ds.counts[unit] if ds.counts else None
         if declared is not None and (got := fs.unit_samples(unit)) != declared:
             raise StoreError(f"{now.url}: the manifest declares {declared} samples but the cached set {fs.path} "

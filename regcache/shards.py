@@ -214,6 +214,25 @@ def scan_shard(ds: Dataset, unit: int, allow_pipe: bool = False) -> ShardScan:
     return scan
 
 
+def check_keys(ds: Dataset, samples: int = 20, allow_pipe: bool = False) -> list[str]:
+    """Warnings for image or label keys that none of the first samples of the first shard has (a typo in
+    the manifest's ``image:`` or ``label:`` would otherwise fail every sample, or store none)."""
+    try:
+        head = [s for _, s in zip(range(samples), open_shard(ds.shards[0], allow_pipe))]
+    except (DataError, OSError) as e:
+        return [f"{ds.shards[0]}: cannot be read: {e}"]
+    if not head:
+        return [f"{ds.shards[0]}: holds no sample"]
+    has = sorted({k for s in head for k in s if not k.startswith("__")})
+    where = f"none of the first {len(head)} samples of {ds.shards[0]} has"
+    warnings = []
+    if not any(k in s for s in head for k in ds.image_keys):
+        warnings.append(f"{where} an image under {';'.join(ds.image_keys)} (they have: {', '.join(has)})")
+    if ds.label_key is not None and not any(ds.label_key in s for s in head):
+        warnings.append(f"{where} a label .{ds.label_key} (they have: {', '.join(has)})")
+    return warnings
+
+
 @dataclass
 class ManifestScan:
     manifest: str

@@ -1,0 +1,267 @@
+"""Lossless input (issue 9): damaged, changed, duplicated or unlabelled data never gives silent rows."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from regcache.cli import main
+from regcache.data import ShardError, SampleError, check_resize, load_dataset, open_shard
+from regcache.extract import extract
+from regcache.shards import scan_manifest, write_shards
+from regcache.store import FeatureSet, StoreError, list_feature_sets
+
+from conftest import REG, cli_args, cli_env, config, make_shards, random_images
+from test_extract import png, write_raw
+
+
+@pytest.fixture(scope="module")
+def shard100(tmp_path_factory):
+    """One 100-sample shard, and the byte where its last member's data ends."""
+    d = tmp_path_factory.mktemp("s100")
+    [path] = write_shards(random_images(100), str(d / "s-%03d.tar"), 100)
+    with tarfile.open(path) as t:
+        last = t.getmembers()[-1]
+    return path, last.offset_data + last.size
+
+
+def read_all(path) -> int:
+    return sum(1 for _ in open_shard(str(path), allow_pipe=False))
+
+
+def test_a_cut_or_damaged_tar_is_never_a_shorter_shard(shard100, tmp_path):
+    path, end = shard100
+    data = open(path, "rb").read()
+    assert read_all(path) == 100
+    rng = random.Random(0)
+    cuts = [rng.randrange(1, end) for _ in range(60)]
+    damaged = [data[:p] + bytes(rng.randrange(256) for _ in range(1000)) + data[p:]
+               for p in (3000, len(data) // 2, end - 5000)]
+    damaged.append(data[:len(data) // 2] + b"\0" * 1024 + data[len(data) // 2:])  # zeros mid-archive
+    for i, blob in enumerate([data[:c] for c in cuts] + damaged):
+        bad = tmp_path / f"bad{i}.tar"
+        bad.write_bytes(blob)
+        with pytest.raises(ShardError):
+            read_all(bad)
+
+
+def test_a_cut_inside_the_end_of_archive_padding_loses_nothing(shard100, tmp_path):
+    path, end = shard100
+    data = open(path, "rb").read()
+    block_end = -(-end // 512) * 512
+    for cut in (block_end + 512, block_end + 1024, len(data) - 1):
+        ok = tmp_path / "ok.tar"
+        ok.write_bytes(data[:cut])
+        assert read_all(ok) == 100
+    for cut in (end, block_end, block_end + 100):  # no end-of-archive marker at all: cannot tell from a cut
+        bad = tmp_path / "bad.tar"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(ShardError, match="truncated"):
+            read_all(bad)
+
+
+def test_compressed_shards_are_read_and_their_truncation_is_caught(shard100, tmp_path):
+    import gzip
+
+    path, _ = shard100
+    gz = gzip.compress(open(path, "rb").read())
+    (tmp_path / "s.tar.gz").write_bytes(gz)
+    assert read_all(tmp_path / "s.tar.gz") == 100
+    (tmp_path / "cut.tar.gz").write_bytes(gz[: len(gz) * 2 // 3])
+    with pytest.raises(ShardError):
+        read_all(tmp_path / "cut.tar.gz")
+
+
+def test_an_unreachable_url_says_so(tmp_path):
+    import shutil
+
+    with pytest.raises(ShardError, match="could not be read|0 bytes"):  # gives nothing and fails, as a download can
+        list(open_shard("pipe:false", allow_pipe=True))
+    if shutil.which("curl"):
+        with pytest.raises(ShardError, match="could not be read|0 bytes"):
+            read_all("http://127.0.0.1:9/shard.tar")  # nothing listens on the discard port
+
+
+def test_damaged_shard_fails_the_extract_by_name_and_scan_writes_no_counts(reg_ckpt, shard100, tmp_path):
+    path, end = shard100
+    d = tmp_path / "shards"
+    d.mkdir()
+    data = open(path, "rb").read()
+    (d / "s-000.tar").write_bytes(data[: end // 2])
+    (d / "s-001.tar").write_bytes(data[:1024] + b"x" * 1000 + data[1024:])
+    r = subprocess.run(cli_args(reg_ckpt, str(d / "s-{000..001}.tar"), tmp_path / "c"), env=cli_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed shard s-000.tar" in r.stderr and "failed shard s-001.tar" in r.stderr
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: m\nshards: '{d}/s-{{000..001}}.tar'\n")
+    scan = scan_manifest(manifest)
+    assert scan.counts is None and all(s.error for s in scan.shards)
+    assert "counts" not in manifest.read_text()
+
+
+def test_same_pattern_text_over_other_images_is_refused_not_reused(reg_ckpt, tmp_path, monkeypatch):
+    for folder, seed in (("a", 0), ("b", 1)):
+        make_shards(tmp_path / folder / "shards", n_shards=2, per_shard=3, seed=seed)
+    cache = tmp_path / "c"
+    monkeypatch.chdir(tmp_path / "a")
+    first = extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="x"))
+    assert first.complete and first.ok == 6
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(StoreError, match="part-000.tar is not the file this cached set read") as e:
+        extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="x"))
+    assert str(first.path) in str(e.value)
+    # kept apart by name, the other images get their own set with their own features
+    other = extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="y"))
+    assert not other.reused and other.path != first.path
+    a, b = FeatureSet(first.path).load("cls"), FeatureSet(other.path).load("cls")
+    assert not np.allclose(a.x, b.x)
+
+
+def test_a_regenerated_shard_is_refused_and_a_repaired_one_is_resumed(reg_ckpt, tmp_path):
+    d = tmp_path / "shards"
+    pattern = make_shards(d, n_shards=2, per_shard=3)
+    cache = tmp_path / "c"
+    first = extract(config(REG, reg_ckpt, pattern, cache))
+    write_shards(random_images(3, seed=7), str(d / "part-%03d.tar"), 3)  # part-000 rewritten
+    with pytest.raises(StoreError, match="part-000.tar is not the file"):
+        extract(config(REG, reg_ckpt, pattern, cache))
+    assert FeatureSet(first.path).complete  # the old set is left as it was
+
+
+def test_declared_counts_are_checked_when_a_set_is_reused(reg_ckpt, tmp_path):
+    d = tmp_path / "shards"
+    make_shards(d, n_shards=2, per_shard=3)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: m\nshards: '{d}/part-{{000..001}}.tar'\nclasses: [a, b, c]\n")
+    assert extract(config(REG, reg_ckpt, str(manifest), tmp_path / "c")).complete
+    manifest.write_text(manifest.read_text() + "counts: [3, 4]\n")  # counts are not part of the identity
+    with pytest.raises(StoreError, match="declares 4 samples but the cached set .* read 3"):
+        extract(config(REG, reg_ckpt, str(manifest), tmp_path / "c"))
+
+
+def test_a_shard_listed_twice_is_stored_once(reg_ckpt, tmp_path):
+    d = tmp_path / "shards"
+    make_shards(d, n_shards=2, per_shard=3)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: m\nshards: ['{d}/part-000.tar', '{d}/part-001.tar', '{d}/part-000.tar']\n")
+    res = extract(config(REG, reg_ckpt, str(manifest), tmp_path / "c"))
+    fs = FeatureSet(res.path)
+    assert res.complete and fs.index.key.is_unique and len(fs.index) == 6
+    assert len(fs.errors) == 3 and fs.errors.reason.str.startswith("duplicate key").all()
+    assert len(fs.index) + len(fs.errors) == 9  # ok + failed = total
+
+
+def test_unlabelled_shards_are_stored_with_label_minus_one(reg_ckpt, tmp_path):
+    d = tmp_path / "flat"
+    write_shards(((k, img, None) for k, img, _ in random_images(4)), str(d / "p-%03d.tar"), 2)
+    res = extract(config(REG, reg_ckpt, str(d / "p-{000..001}.tar"), tmp_path / "c"))
+    fs = FeatureSet(res.path)
+    assert res.complete and len(fs.index) == 4 and (fs.index.label == -1).all() and len(fs.errors) == 0
+    assert load_dataset(str(d / "p-000.tar"), role="anomaly").label_key is None
+
+
+def test_a_run_in_which_every_sample_failed_exits_1_and_is_never_reused(reg_ckpt, tmp_path):
+    d = tmp_path / "flat"
+    write_shards(((k, img, None) for k, img, _ in random_images(4)), str(d / "p-%03d.tar"), 2)
+    args = cli_args(reg_ckpt, str(d / "p-{000..001}.tar"), tmp_path / "c", "--labels", "cls")
+    for _ in range(2):
+        r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
+        assert r.returncode == 1 and "every one of its 4 samples failed" in r.stderr, r.stderr
+        assert "no label .cls" in r.stderr
+    [fs] = list_feature_sets(tmp_path / "c")
+    assert not fs.complete
+
+
+def test_manifest_check_warns_when_no_sample_has_the_named_keys(tmp_path):
+    d = tmp_path / "shards"
+    make_shards(d, n_shards=1, per_shard=3)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(f"name: m\nshards: '{d}/part-000.tar'\nimage: jpeg\nlabel: json:class\n")
+    r = CliRunner().invoke(main, ["manifest", "check", str(manifest)])
+    assert r.exit_code == 0
+    assert "an image under jpeg (they have: cls, png)" in r.output and "a label .json" in r.output
+
+
+def test_label_overflow_and_resize_bombs_are_per_sample_errors(reg_ckpt, tmp_path):
+    d = tmp_path / "shards"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    ok = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    write_raw(d / "s-000.tar", [
+        {"__key__": "good", "png": png(ok), "cls": b"1"},
+        {"__key__": "huge", "png": png(ok), "cls": b"99999999999999999999999"},
+        {"__key__": "strip", "png": png(np.zeros((1, 50000, 3), np.uint8)), "cls": b"0"},
+    ])
+    res = extract(config(REG, reg_ckpt, str(d / "s-000.tar"), tmp_path / "c"))
+    fs = FeatureSet(res.path)
+    assert res.complete and list(fs.index.key) == ["good"]
+    reasons = dict(zip(fs.errors.key, fs.errors.reason))
+    assert "does not fit in 64 bits" in reasons["huge"] and "extreme aspect ratio" in reasons["strip"]
+    with pytest.raises(SampleError):
+        check_resize(Image.new("L", (50000, 1)), 256)
+    check_resize(Image.new("L", (4000, 300)), 256)  # a panorama is fine
+
+
+def test_an_unreadable_regcache_json_is_skipped_with_a_warning(reg_ckpt, tmp_path, caplog):
+    pattern = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    cache = tmp_path / "c"
+    res = extract(config(REG, reg_ckpt, pattern, cache))
+    broken = cache / "other" / "x-000"
+    broken.mkdir(parents=True)
+    (broken / "regcache.json").write_text("")
+    assert [fs.path for fs in list_feature_sets(cache)] == [res.path]
+    assert "regcache.json is unreadable" in caplog.text
+    r = CliRunner().invoke(main, ["ls", "--cache", str(cache)])
+    assert r.exit_code == 0 and "shards" in r.output
+    assert extract(config(REG, reg_ckpt, pattern, cache)).reused
+
+
+def test_a_store_of_an_unknown_schema_is_refused(reg_ckpt, tmp_path):
+    pattern = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    meta = json.loads((res.path / "regcache.json").read_text())
+    meta["schema_version"] = 99
+    (res.path / "regcache.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="schema 99; this regcache reads schema"):
+        FeatureSet(res.path)
+
+
+def test_finalize_lists_missing_shards_exits_1_and_loads_no_model(reg_ckpt, tmp_path):
+    pattern = make_shards(tmp_path / "shards", n_shards=3, per_shard=2)
+    cache = tmp_path / "c"
+    r = subprocess.run(cli_args(reg_ckpt, pattern, cache, "--num-parts", "2", "--part", "0"), env=cli_env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # no checkpoint: a model load would fail (no hub here), so this proves --finalize needs none
+    args = [sys.executable, "-m", "regcache", "extract", "-m", REG, "-d", pattern, "--cache", str(cache),
+            "--finalize", "-q"]
+    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "failed shard part-001.tar: not committed by any part yet" in r.stderr
+    subprocess.run(cli_args(reg_ckpt, pattern, cache, "--num-parts", "2", "--part", "1"), env=cli_env(), check=True)
+    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
+    assert r.returncode == 0 and "complete store" in r.stdout
+
+
+def test_temporaries_of_a_killed_writer_are_removed_on_resume(reg_ckpt, tmp_path):
+    import socket
+
+    pattern = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = res.path / "units" / f".000000.parquet.{host}.{int(dead.stdout)}.tmp"
+    live = res.path / "units" / f".000001.parquet.{host}.{__import__('os').getpid()}.tmp"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    removed = FeatureSet(res.path).remove_stale_temporaries()
+    assert removed == [stale] and not stale.exists() and live.exists()
