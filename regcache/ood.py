@@ -17,9 +17,17 @@ def _logsumexp(z: np.ndarray) -> np.ndarray:
 
 
 def msp(z: np.ndarray) -> np.ndarray:
-    """Maximum softmax probability."""
+    """Maximum softmax probability, in log space: ``log max softmax(z) = -log1p(sum_{j != argmax} e^(z_j - max z))``.
+
+    Monotone in the MSP, so every metric is the MSP's; but where the probability would round to
+    1.0 (float64 saturates at a logit gap of about 37), confident samples keep distinct scores
+    instead of becoming ties.
+    """
     z = np.asarray(z, dtype=np.float64)
-    return np.exp(z.max(axis=1) - _logsumexp(z))
+    rows, top = np.arange(len(z)), z.argmax(axis=1)
+    rest = np.exp(z - z[rows, top][:, None])
+    rest[rows, top] = 0.0
+    return -np.log1p(rest.sum(axis=1))
 
 
 def energy(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:

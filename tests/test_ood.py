@@ -51,10 +51,27 @@ def test_empty_and_non_finite_scores_are_errors():
 
 def test_logit_scores_match_numpy_formulas():
     z = np.random.default_rng(0).normal(size=(50, 7)) * 30  # large logits: stability matters
-    np.testing.assert_allclose(ood.msp(z), softmax(z, axis=1).max(1), rtol=1e-12)
+    np.testing.assert_allclose(np.exp(ood.msp(z)), softmax(z, axis=1).max(1), rtol=1e-12)
     np.testing.assert_allclose(ood.energy(z), logsumexp(z, axis=1), rtol=1e-12)
     np.testing.assert_allclose(ood.energy(z, temperature=2.0), 2 * logsumexp(z / 2, axis=1), rtol=1e-12)
     np.testing.assert_array_equal(ood.max_logit(z), z.max(1))
+
+
+def test_msp_keeps_confident_samples_apart():
+    """Log MSP against 400-digit arithmetic: logit gaps of 20..700 (where float64 softmax gives exactly 1.0)
+    stay distinct and ordered, and ties at the maximum are counted."""
+    import mpmath
+
+    gaps = np.array([0.5, 5.0, 20.0, 40.0, 80.0, 300.0, 700.0])
+    z = np.stack([np.r_[g, 0.0, -1.0, -3.0] for g in gaps] + [np.array([2.0, 2.0, 0.0, 0.0])])
+    with mpmath.workdps(400):  # 1 - e^-700 needs over 304 digits
+        ref = [float(mpmath.log(max(mpmath.exp(v) for v in row) / mpmath.fsum(mpmath.exp(v) for v in row)))
+               for row in z.tolist()]
+    np.testing.assert_allclose(ood.msp(z), ref, rtol=1e-12, atol=0)
+    assert softmax(z[3:7], axis=1).max(1).tolist() == [1.0] * 4  # what the probability itself would give
+    assert (np.diff(ood.msp(z[:7])) > 0).all()
+    y = np.r_[np.ones(3), np.zeros(3)]  # three confident ID samples against three less confident anomalies
+    assert ood.auroc(ood.msp(z[4:7]), ood.msp(z[1:4])) == roc_auc_score(y, np.r_[-1 / gaps[4:7], -1 / gaps[1:4]])
 
 
 def test_roc_points_end_at_one_and_match_auroc():
