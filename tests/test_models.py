@@ -116,3 +116,163 @@ def test_offline_weights_equal_the_shared_development_tool(real_vits14, tmp_path
     assert ours.keys() == ref.keys()
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+
+
+# --------------------------------------------------------------------------- preprocessing from the model (item 7)
+
+#: CLIP and SigLIP normalise differently from ImageNet; the last one squashes instead of cropping
+TIMM_EVAL = ["vit_base_patch16_siglip_224.v2_webli", "vit_base_patch16_clip_224.openai",
+             "eva02_tiny_patch14_224.mim_in22k", "vit_small_patch16_dinov3.lvd1689m",
+             "vit_base_patch16_clip_384.laion2b_ft_in1k"]
+
+
+@pytest.mark.parametrize("name", TIMM_EVAL)
+def test_default_preprocessing_is_the_models_own_timm_eval_transform(name):
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    from regcache.models import preprocess_for
+
+    if not timm.is_model(name.split(".")[0]):
+        pytest.skip(f"timm {timm.__version__} has no {name}")
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 410, 3), dtype=np.uint8))
+    p = preprocess_for(name)
+    cfg = resolve_data_config(model=timm.create_model(name, pretrained=False, depth=1))
+    theirs = create_transform(**cfg)(img)
+    assert torch.equal(p.normalize(p(img)[None])[0], theirs)
+    assert (p.mean, p.std) == (tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def test_aliases_keep_the_papers_transform_and_explicit_values_win():
+    from regcache.extract import ExtractConfig
+    from regcache.models import IMAGENET_MEAN, Preprocess, preprocess_for
+
+    for alias in ("vits", "vitl_reg", "v3b"):
+        assert preprocess_for(alias) == Preprocess()  # 256 -> 224, bicubic, ImageNet mean/std
+    assert preprocess_for("vits", size=112).resize == 128
+    siglip = preprocess_for("vit_base_patch16_siglip_224.v2_webli", size=64, views=2)
+    assert (siglip.size, siglip.resize, siglip.mean, siglip.views) == (64, 71, (0.5, 0.5, 0.5), 2)  # floor(64 / 0.9)
+    assert preprocess_for("vit_base_patch16_siglip_224", mean=IMAGENET_MEAN).mean == IMAGENET_MEAN
+    # the Python API as the CLI: without a preprocess, the model's own (was ImageNet for every model)
+    assert ExtractConfig(model="vit_base_patch16_siglip_224.v2_webli", data="x").preprocess.mean == (0.5, 0.5, 0.5)
+    assert ExtractConfig(model="vitl_reg", data="x").preprocess == Preprocess()
+
+
+# --------------------------------------------------------------------------- position embeddings (item 11)
+
+def hub_interpolate_pos_encoding(pos_embed, x, w, h, patch_size):
+    """facebookresearch/dinov2 DinoVisionTransformer.interpolate_pos_encoding, as the hub models run it
+    (interpolate_antialias=False, interpolate_offset=0.1); written out here, independent of regcache."""
+    import math
+
+    previous_dtype = x.dtype
+    npatch = x.shape[1] - 1
+    N = pos_embed.shape[1] - 1
+    if npatch == N and w == h:
+        return pos_embed
+    pos_embed = pos_embed.float()
+    class_pos_embed = pos_embed[:, 0]
+    patch_pos_embed = pos_embed[:, 1:]
+    dim = x.shape[-1]
+    w0 = w // patch_size
+    h0 = h // patch_size
+    M = int(math.sqrt(N))
+    assert N == M * M
+    sx = float(w0 + 0.1) / M
+    sy = float(h0 + 0.1) / M
+    patch_pos_embed = torch.nn.functional.interpolate(
+        patch_pos_embed.reshape(1, M, M, dim).permute(0, 3, 1, 2), mode="bicubic", antialias=False,
+        scale_factor=(sx, sy))
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((class_pos_embed.unsqueeze(0), patch_pos_embed), dim=1).to(previous_dtype)
+
+
+def hub_forward(sd: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    """DINOv2's prepare_tokens_with_masks + blocks + norm on the checkpoint's own tensors (timm layout in)."""
+    from safetensors.torch import load_file  # noqa: F401  (sd is already loaded)
+
+    native = timm.create_model(name, pretrained=False, img_size=SIZE, num_classes=0).eval()
+    native.load_state_dict(sd)
+    B, nc, w, h = x.shape
+    dim = sd["cls_token"].shape[-1]
+    reg = sd.get("reg_token")
+    # hub layout: one position entry for [CLS]; timm's register models fold it into cls_token
+    pos = sd["pos_embed"] if reg is None else torch.cat([torch.zeros(1, 1, dim), sd["pos_embed"]], dim=1)
+    with torch.no_grad():
+        t = native.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        t = torch.cat((sd["cls_token"].expand(B, -1, -1), t), dim=1)
+        t = t + hub_interpolate_pos_encoding(pos, t, w, h, 14)
+        if reg is not None:
+            t = torch.cat((t[:, :1], reg.expand(B, -1, -1), t[:, 1:]), dim=1)
+        for blk in native.blocks:
+            t = blk(t)
+        return native.norm(t)
+
+
+@pytest.mark.parametrize("name,ckpt_fixture", [(REG, "reg_ckpt"), (NOREG, "noreg_ckpt")])
+def test_dinov2_pos_embed_equals_the_hub_forward(name, ckpt_fixture, request, tmp_path):
+    """Weights with a 4x4 table run at 112 px (8x8): --pos-embed dinov2 gives the hub's tokens, timm's does not."""
+    from safetensors.torch import load_file, save_file
+
+    from regcache.tokens import layout_of, token_features
+
+    ckpt = request.getfixturevalue(ckpt_fixture)
+    sd = load_file(str(ckpt))
+    x = torch.randn(2, 3, 112, 112)
+    ref = hub_forward(sd, name, x)
+    p = 1 + (4 if name == REG else 0)
+    feats = ("cls", "patch", "tokens")
+
+    def run(spec: ModelSpec) -> dict:
+        model = load_model(spec, 112)
+        return token_features(model, x, layout_of(model), feats)
+
+    got = run(ModelSpec(name, str(ckpt), pos_embed="dinov2"))
+    torch.testing.assert_close(got["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["tokens"], ref[:, p:], rtol=1e-5, atol=1e-5)
+    # the same through the hub-loading path (timm's load_pretrained, here from a local file)
+    hub = run(ModelSpec(name, None, {"pretrained_cfg_overlay": {"file": str(ckpt)}}, pos_embed="dinov2"))
+    torch.testing.assert_close(hub["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
+    if name == REG:  # and from a checkpoint in the hub's own layout (register_tokens, [CLS] position entry)
+        dim = sd["cls_token"].shape[-1]
+        raw = {k: v for k, v in sd.items() if k not in ("reg_token", "pos_embed")}
+        raw.update(register_tokens=sd["reg_token"], mask_token=torch.zeros(1, dim),
+                   pos_embed=torch.cat([torch.zeros(1, 1, dim), sd["pos_embed"]], dim=1))
+        save_file(raw, str(tmp_path / "hub_layout.safetensors"))
+        from_hub_layout = run(ModelSpec(name, str(tmp_path / "hub_layout.safetensors"), pos_embed="dinov2"))
+        torch.testing.assert_close(from_hub_layout["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
+    timm_mode = run(ModelSpec(name, str(ckpt)))
+    assert (timm_mode["cls"] - ref[:, 0]).abs().max() > 1e-3  # the two resamplings differ
+
+
+def test_dinov2_pos_embed_is_refused_without_a_learned_table():
+    with pytest.raises(ModelError, match="learned position table"):
+        load_model(ModelSpec("vit_small_patch16_dinov3", kwargs={"depth": 1}, pos_embed="dinov2"), 64)
+    with pytest.raises(ModelError, match="unknown --pos-embed"):
+        ModelSpec(REG, pos_embed="hub")
+
+
+def test_pos_embed_and_preprocessing_are_in_the_fingerprint(reg_ckpt, tmp_path):
+    """The CLI with no preprocessing flags takes the model's; each --pos-embed is its own feature set."""
+    import json
+    import os
+
+    from conftest import cli_env, make_shards
+
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
+    stores = {}
+    for mode in ("timm", "dinov2"):
+        out = subprocess.run([sys.executable, "-m", "regcache", "extract", "-m", REG, "--checkpoint", str(reg_ckpt),
+                              "-d", data, "--cache", str(tmp_path / "cache"), "--size", "56", "--pos-embed", mode,
+                              "-q", "-j", "0"], env=cli_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        (path,) = [p for p in (tmp_path / "cache").glob("*/*") if p not in stores.values()]
+        stores[mode] = path
+        meta = json.loads((path / "regcache.json").read_text())
+        assert meta["identity"]["pos_embed"] == mode and meta["model"]["pos_embed"] == mode
+        # timm's pretrained_cfg for vit_small_patch14_reg4_dinov2: crop_pct 1.0, bicubic, ImageNet mean/std
+        pre = meta["preprocess"]
+        assert (pre["size"], pre["resize"], pre["crop_mode"]) == (56, 56, "center")
+        assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)
+    assert stores["timm"] != stores["dinov2"] and os.path.isdir(stores["dinov2"])
