@@ -498,6 +498,7 @@ class Batch:
     errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason)
     shard_error: str | None = None         # on `end`: the shard failed as a whole
     shard: ShardId | None = None           # on `end`: what the shard held when it was read
+    skipped: bool = False                  # on `end`: committed or claimed by another writer
 
     def pin_memory(self) -> "Batch":
         return replace(self, images=self.images.pin_memory()) if self.images is not None else self
@@ -517,8 +518,9 @@ class UnitStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, ds: Dataset, units: Sequence[int], transform: Callable[..., torch.Tensor],
-                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False, resize: int | None = None):
-        self.ds, self.units, self.transform, self.resize = ds, list(units), transform, resize
+                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False, resize: int | None = None,
+                 claim: Callable[[int], bool] | None = None):
+        self.ds, self.units, self.transform, self.resize, self.claim = ds, list(units), transform, resize, claim
         self.views, self.batch_size, self.allow_pipe = views, batch_size, allow_pipe
 
     def __iter__(self) -> Iterator[Batch]:
@@ -528,6 +530,10 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield from self.read_unit(unit)
 
     def read_unit(self, unit: int) -> Iterator[Batch]:
+        """The batches of one unit; only an end batch marked ``skipped`` if another writer has it."""
+        if self.claim is not None and not self.claim(unit):
+            yield Batch(unit=unit, end=True, skipped=True)
+            return
         url, ds = self.ds.shards[unit], self.ds
         rows: list[tuple[str, int, int, torch.Tensor]] = []
         errors: list[tuple[str, str]] = []

@@ -11,6 +11,7 @@ import os
 import platform
 import socket
 import sys
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -255,10 +256,10 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         result.stream_seconds = time.perf_counter() - t
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
-    return _settle(fs, result, t0)
+    return _conclude(fs, result, t0)
 
 
-def _settle(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:
+def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:
     """Finalize if every unit is in, and count what the store holds now (other parts may have committed)."""
     result.complete = fs.finalize()
     stored = FeatureSet(fs.path)
@@ -284,7 +285,7 @@ def _finalize_only(cfg: ExtractConfig, ds: Dataset, t0: float) -> ExtractResult:
             raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {cfg.model} "
                              f"under {cfg.cache}; name one with --store{listing}")
         fs = pending[0]
-    result = _settle(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint), t0)
+    result = _conclude(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint), t0)
     missing = sorted(set(range(fs.num_units)) - fs.committed_units())
     failed = fs.failed_units()
     result.failed_shards = {fs.shards[u]: failed.get(u, "not committed by any part yet") for u in missing}
@@ -319,8 +320,9 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
 
     device = resolve_device(cfg.device)
     model = model.to(device)
-    stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views,
-                        batch_size=cfg.batch_size, allow_pipe=cfg.allow_pipe, resize=cfg.preprocess.resize)
+    claims = fs.claims()
+    stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views, batch_size=cfg.batch_size,
+                        allow_pipe=cfg.allow_pipe, resize=cfg.preprocess.resize, claim=claims.take)
     workers = min(cfg.workers, len(pending))
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda",
@@ -345,9 +347,20 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
             except Exception as e:
                 result.failed_shards[ds.shard_name(unit)] = f"{type(e).__name__}: {e}"
                 fs.fail_unit(unit, str(e))
+            claims.release(unit)
 
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(30):
+            claims.refresh()
+
+    threading.Thread(target=heartbeat, name="regcache-claims", daemon=True).start()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writer") as writer:
         for batch in loader:
+            if batch.skipped:
+                result.units_skipped += 1
+                continue
             buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
             if batch.images is not None and not buf.overflow:
                 images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
@@ -367,6 +380,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                 log.error("shard %s failed: %s", name, reason)
                 result.failed_shards[name] = reason
                 fs.fail_unit(batch.unit, reason)
+                claims.release(batch.unit)
                 continue
             for key, why in batch.errors:
                 log.warning("skipped %s in %s: %s", key, name, why)
@@ -374,6 +388,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                                                      buf.records, batch.errors, asdict(batch.shard))))
             settle(keep=2)
         settle(keep=0)
+    stop.set()
     bar.close()
 
 

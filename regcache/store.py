@@ -24,9 +24,10 @@ import json
 import logging
 import os
 import socket
+import time
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -92,6 +93,77 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Exclusive claims on units, so that identical commands on one store share its shards.
+
+    A claim is ``units/UNIT.claim``, created exclusively, naming its owner (host:pid of the
+    process that commits). The owner refreshes its claims' mtime (`refresh`, a heartbeat); a claim
+    whose owner died on this host, or that has not been refreshed for ``stale_after`` seconds, is
+    taken over. Takeover renames the old claim away first, so only one process can win it.
+    """
+
+    units: Path
+    owner: str = field(default_factory=lambda: f"{_HOST}:{os.getpid()}")
+    stale_after: float = 600.0
+
+    def _path(self, unit: int) -> Path:
+        return self.units / f"{unit:06d}.claim"
+
+    def take(self, unit: int) -> bool:
+        """Claim ``unit`` unless it is committed or another live process holds it."""
+        path, committed = self._path(unit), self.units / f"{unit:06d}.parquet"
+        for _ in range(2):
+            if committed.exists():
+                return False
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                gone = path.with_name(f"{path.name}.{self.owner.replace(':', '.')}.stale")
+                try:  # one taker wins the rename; the others then find its new claim
+                    os.rename(path, gone)
+                    gone.unlink()
+                except FileNotFoundError:
+                    return False
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            if committed.exists():  # committed between the check and the claim
+                self.release(unit)
+                return False
+            return True
+        return False
+
+    def _stale(self, path: Path) -> bool:
+        try:
+            owner, age = path.read_text(), time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        host, _, pid = owner.rpartition(":")
+        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            return True
+        return age > self.stale_after
+
+    def release(self, unit: int) -> None:
+        path = self._path(unit)
+        try:
+            if path.read_text() == self.owner:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def refresh(self) -> None:
+        """Heartbeat: touch every claim this process owns."""
+        for path in self.units.glob("*.claim"):
+            try:
+                if path.read_text() == self.owner:
+                    os.utime(path)
+            except FileNotFoundError:
+                pass
 
 
 @contextmanager
@@ -214,6 +286,9 @@ class FeatureSet:
             "error": [None] * n + [reason for _, reason in errors],
         }, schema=_RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
         _atomic_write(self._record(unit), _parquet_bytes(table))
+
+    def claims(self, stale_after: float = 600.0) -> Claims:
+        return Claims(self.path / "units", stale_after=stale_after)
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove the temporary files of writers on this host that are no longer running (killed mid-write)."""

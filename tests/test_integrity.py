@@ -1,9 +1,10 @@
 """Lossless input (issue 9): damaged, changed, duplicated or unlabelled data never gives silent rows."""
 from __future__ import annotations
 
-import io
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -260,8 +261,46 @@ def test_temporaries_of_a_killed_writer_are_removed_on_resume(reg_ckpt, tmp_path
     host = "".join(c if c.isalnum() or c in "_-" else "_" for c in socket.gethostname())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = res.path / "units" / f".000000.parquet.{host}.{int(dead.stdout)}.tmp"
-    live = res.path / "units" / f".000001.parquet.{host}.{__import__('os').getpid()}.tmp"
+    live = res.path / "units" / f".000001.parquet.{host}.{os.getpid()}.tmp"
     stale.write_bytes(b"partial")
     live.write_bytes(b"in progress")
     removed = FeatureSet(res.path).remove_stale_temporaries()
     assert removed == [stale] and not stale.exists() and live.exists()
+
+
+def test_claims_are_exclusive_taken_over_when_stale_and_skip_committed_units(tmp_path):
+    from regcache.store import Claims
+
+    units = tmp_path / "units"
+    units.mkdir()
+    a, b = Claims(units, owner="hostA:1"), Claims(units, owner="hostB:2", stale_after=3600)
+    assert a.take(0) and not b.take(0)          # exclusive while fresh
+    b.release(0)
+    assert (units / "000000.claim").read_text() == "hostA:1"  # nobody releases another's claim
+    aged = os.path.getmtime(units / "000000.claim") - 1000  # no heartbeat for 1000 s
+    os.utime(units / "000000.claim", (aged, aged))
+    assert not b.take(0)                          # not stale for b's one-hour limit
+    assert Claims(units, owner="hostC:3", stale_after=60).take(0)  # stale for a 60 s limit: taken over
+    (units / "000001.parquet").write_bytes(b"")
+    assert not a.take(1)                          # committed units are never claimed
+    here = Claims(units)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (units / "000002.claim").write_text(here.owner.rsplit(":", 1)[0] + ":" + dead.stdout.strip())
+    assert here.take(2)                           # its owner died on this host: taken at once
+
+
+def test_two_identical_commands_share_the_shards_and_equal_one_run(reg_ckpt, tmp_path):
+    from test_extract import assert_same_content
+
+    pattern = make_shards(tmp_path / "shards", n_shards=8, per_shard=3)
+    procs = [subprocess.Popen(cli_args(reg_ckpt, pattern, tmp_path / "shared"), env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    written = [int(re.search(r"(\d+) shards written", o).group(1)) for o, _ in outs]
+    assert sum(written) == 8, outs                # every shard extracted once, by one of the two
+    [shared] = list_feature_sets(tmp_path / "shared")
+    FeatureSet(shared.path).finalize()
+    alone = extract(config(REG, reg_ckpt, pattern, tmp_path / "alone"))
+    assert FeatureSet(shared.path).complete
+    assert_same_content(shared.path, alone.path)
