@@ -202,10 +202,10 @@ def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequen
 # --------------------------------------------------------------------------- class names
 
 def _names(ds: dict) -> tuple[list[str] | None, list[str] | None]:
-    """(class names that the set's labels index, its class subset as names or integer strings).
+    """(class names that the set's labels index, its class subset: names, or integer ids in an unnamed set).
 
-    Labels index ``classes``; a set with a subset but no class list (ImageNet-A/R shards labelled
-    0..199 in their own order) has labels that index its subset.
+    Labels index ``classes``; a set with a subset of names but no class list (ImageNet-A/R shards
+    labelled 0..199 in their own order) has labels that index its subset.
     """
     classes, subset = ds.get("classes"), ds.get("subset")
     subset = [str(c) for c in subset] if subset else None
@@ -254,12 +254,11 @@ def map_labels(split: Split, fs: FeatureSet, id_classes: Sequence[str] | None, n
                              f"{_list(missing)}; they cannot be mapped")
         lut = np.array([pos.get(c, -1) for c in own])
         labels = lut[labels]
-        if subset:
-            names = [own[int(c)] if c.isdigit() else c for c in subset]
-            missing = [c for c in names if c not in pos]
+        if subset:  # names, as the manifest gives them (integer subsets belong to unnamed sets)
+            missing = [c for c in subset if c not in pos]
             if missing:
                 raise ProbeError(f"{name}: subset classes not among the training set's classes: {_list(missing)}")
-            sub = np.array([pos[c] for c in names])
+            sub = np.array([pos[c] for c in subset])
     return Split(split.name, split.x, labels, split.keys, split.views, sub)
 
 

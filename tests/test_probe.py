@@ -272,6 +272,9 @@ def test_labels_that_cannot_be_mapped_are_refused(caches, tmp_path):
     assert r.exit_code == 1 and "3 rows" in r.output and "beyond the 4 classes" in r.output, r.output
     r = probe(caches, tmp_path / "ok", "--train", "train-ids", "--val", "val-ids", "--test", "test-ids")
     assert r.exit_code == 0 and id_top1(tmp_path / "ok") > 0.8, r.output  # integer ids on both sides: allowed
+    relabel(caches, "shifted", "shifted-q", classes=["a", "b", "c", "d"], subset=["b", "q"])
+    r = probe(caches, tmp_path / "r", *base, "--test", "test", "--eval", "shifted-q")
+    assert r.exit_code == 1 and "subset classes" in r.output and ": q" in r.output, r.output
     relabel(caches, "train", "train-one", classes=["a", "b", "c", "d"], labels=np.zeros(400, int))
     r = probe(caches, tmp_path / "r", "--train", "train-one", *base, "--test", "test")
     assert r.exit_code == 1 and "a single class" in r.output, r.output
@@ -296,8 +299,9 @@ def test_every_path_refuses_non_finite_features(caches, tmp_path):
     assert r.exit_code == 1 and "broken" in r.output and "non-finite cls in 2 rows" in r.output, r.output
 
 
-def test_score_reads_the_training_set_only_for_feature_scorers(caches, tmp_path, monkeypatch):
-    assert probe(caches, tmp_path / "run", "--val", "val", "--test", "test").exit_code == 0
+@pytest.mark.parametrize("stream", [[], ["--stream"]])
+def test_score_reads_the_training_set_only_for_feature_scorers(caches, tmp_path, monkeypatch, stream):
+    assert probe(caches, tmp_path / "run", "--val", "val", "--test", "test", *stream).exit_code == 0
     reads: list[tuple[str, int]] = []
     real = FeatureSet.read_rows
     monkeypatch.setattr(FeatureSet, "read_rows", lambda self, name, rows, out=None: reads.append(
