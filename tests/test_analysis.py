@@ -129,13 +129,10 @@ def test_neighbour_similarity_against_a_loop():
 
 
 @pytest.mark.slow
-def test_real_cls_attention_on_a_centred_object_is_not_uniform(tmp_path):
+def test_real_cls_attention_on_a_centred_object_is_not_uniform(offline_vits14, tmp_path):
     from skimage import data as skdata
 
-    from regcache.offline import fetch_vits14
-    from conftest import SHARED  # noqa: F401
-
-    weights = fetch_vits14()
+    weights = offline_vits14
     img = tmp_path / "coffee.png"
     Image.fromarray(skdata.coffee()).save(img)
     out = tmp_path / "att"

@@ -100,10 +100,26 @@ def test_augmented_views_are_seeded_by_key_and_view():
 
 
 def test_checkpoint_is_loaded_with_timm_position_embedding_resize(reg_ckpt):
-    """A checkpoint made at 56 px loads into a 112 px model (timm resamples pos_embed), any other mismatch fails."""
+    """A checkpoint made at 56 px loads into a 112 px model exactly as timm's own pretrained loading does it."""
+    from safetensors.torch import load_file
+    from timm.layers import resample_abs_pos_embed
+
+    from regcache.models import ModelSpec, load_model
+
+    ours = load_model(ModelSpec(REG, str(reg_ckpt)), 112)
+    theirs = timm.create_model(REG, pretrained=True, pretrained_cfg_overlay={"file": str(reg_ckpt)}, img_size=112,
+                               num_classes=0)
+    sd = load_file(str(reg_ckpt))
+    table = resample_abs_pos_embed(sd["pos_embed"], new_size=(8, 8), num_prefix_tokens=0, interpolation="bicubic",
+                                   antialias=True)
+    assert ours.pos_embed.shape == table.shape == (1, 64, sd["pos_embed"].shape[-1])
+    torch.testing.assert_close(ours.pos_embed, table, rtol=0, atol=0)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
     model = timm.create_model(REG, pretrained=False, img_size=112, num_classes=0)
-    load_checkpoint(model, reg_ckpt)
-    assert model.pos_embed.shape[1] == 64
+    load_checkpoint(model, reg_ckpt)  # the function on its own, as extraction uses it
+    assert torch.equal(model.pos_embed, table)
 
 
 def test_model_without_class_token_has_no_cls():
