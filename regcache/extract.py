@@ -159,12 +159,13 @@ class _UnitBuffer:
     """The rows of one unit as they arrive, until the unit is complete."""
 
     def __init__(self, limit: int):
-        self.limit, self.parts, self.records, self.overflow = limit, [], [], False
+        self.limit, self.parts, self.records, self.rows = limit, [], [], 0  # rows: all that arrived
+
+    @property
+    def overflow(self) -> bool:
+        return self.rows > self.limit
 
     def add(self, feats: dict[str, np.ndarray], keys, labels, views) -> None:
-        if len(self.records) + len(keys) > self.limit:
-            self.overflow = True
-            return
         self.parts.append(feats)
         self.records.extend(zip(keys, labels, views))
 
@@ -362,7 +363,8 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
                 result.units_skipped += 1
                 continue
             buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
-            if batch.images is not None and not buf.overflow:
+            buf.rows += len(batch.keys)
+            if batch.images is not None and not buf.overflow:  # past the unit's rows, only count
                 images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     out = forward(images)
@@ -374,8 +376,9 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
             buffers.pop(batch.unit)
             name = ds.shard_name(batch.unit)
             reason = batch.shard_error or _changed(batch.shard, ids[batch.unit]) or (
-                f"more than {fs.unit_rows} rows in one unit; remove {fs.path} and extract again with a larger "
-                "--unit-rows" if buf.overflow else None)
+                f"the shard gives {buf.rows} rows but a unit of this store holds {fs.unit_rows} (fixed when it was "
+                f"created); remove {fs.path} and run this command again with --unit-rows {buf.rows} (or the "
+                "largest shard's rows)" if buf.overflow else None)
             if reason:
                 log.error("shard %s failed: %s", name, reason)
                 result.failed_shards[name] = reason

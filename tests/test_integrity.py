@@ -304,3 +304,21 @@ def test_two_identical_commands_share_the_shards_and_equal_one_run(reg_ckpt, tmp
     alone = extract(config(REG, reg_ckpt, pattern, tmp_path / "alone"))
     assert FeatureSet(shared.path).complete
     assert_same_content(shared.path, alone.path)
+
+
+def test_a_shard_that_outgrew_its_unit_names_the_command_that_fixes_it(reg_ckpt, tmp_path):
+    d = tmp_path / "shards"
+    pattern = make_shards(d, n_shards=2, per_shard=2)
+    (d / "part-001.tar").rename(tmp_path / "away.tar")  # missing when the store is created
+    first = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    assert "part-001.tar" in first.failed_shards
+    write_shards(random_images(5, seed=3, prefix="late"), str(d / "part-001-%d.tar"), 5)
+    (d / "part-001-0.tar").rename(d / "part-001.tar")  # restored with more samples than a unit holds
+    res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    reason = res.failed_shards["part-001.tar"]
+    assert "gives 5 rows but a unit of this store holds 2" in reason and "--unit-rows 5" in reason
+    assert str(first.path) in reason
+    import shutil
+    shutil.rmtree(first.path)
+    fixed = extract(config(REG, reg_ckpt, pattern, tmp_path / "c", unit_rows=5))
+    assert fixed.complete and fixed.ok == 7
