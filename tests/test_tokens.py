@@ -236,3 +236,18 @@ def test_distilled_and_dinov3_layouts_are_stored(tmp_path):
         assert fs.meta["layout"]["prefix"] == prefix and fs.meta["layout"]["norm"] == "token"
         assert fs.layout.num_tokens == len(prefix) + 16
         assert fs.load("norms").x.shape == (3, len(prefix) + 16)
+
+
+def test_unnamed_prefix_tokens_and_wrong_token_counts_are_refused():
+    """A prefix regcache cannot name would shift every patch: refused, as is a forward with other token counts."""
+    from regcache.features import TokenLayout
+    from regcache.tokens import LayoutError, layout_of, split_tokens
+
+    model = timm.create_model(NOREG, pretrained=False, img_size=SIZE, num_classes=0, depth=1)
+    model.num_prefix_tokens = 3  # e.g. a future model with two extra token types regcache does not know
+    with pytest.raises(LayoutError, match="3 prefix tokens"):
+        layout_of(model)
+    layout = TokenLayout(has_cls=True, num_reg=4, grid=(4, 4), dim=8)
+    x = torch.randn(2, 1 + 16, 8)
+    with pytest.raises(LayoutError, match="17 tokens"):
+        split_tokens(x, x, layout, ("cls",))
