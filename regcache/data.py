@@ -435,6 +435,13 @@ def _open_url(url: str, allow_pipe: bool):
     return gopen(url, "rb")
 
 
+def _close_quietly(stream) -> None:
+    try:
+        stream.close()
+    except Exception:  # a pipe's exit status: the error being raised already says what went wrong
+        pass
+
+
 def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     """WebDataset samples of one shard, grouped by key as webdataset groups them.
 
@@ -468,10 +475,10 @@ def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
         while watched.read(1 << 20):
             pass
     except (EOFError, OSError, tarfile.ReadError, zlib.error, lzma.LZMAError) as e:
-        raw.close()  # member data or a compressed stream cut short
+        _close_quietly(raw)  # member data or a compressed stream cut short
         raise ShardError(f"truncated or unreadable: {type(e).__name__}: {e}") from None
     except BaseException:  # the reader stopped early, or another error: nothing more to check
-        raw.close()
+        _close_quietly(raw)
         raise
     try:
         raw.close()

@@ -126,7 +126,7 @@ def test_reuse_finds_a_superset_of_the_features(tmp_path):
 
 def test_reads_into_caller_arrays_equal_zarr_public_reads(tmp_path, monkeypatch):
     """The private decode-into path (zarr.core.buffer) and the public one read what zarr-python reads."""
-    import regcache.store as store_mod
+    import regcache.store.reader as store_mod
 
     fs = FeatureSet.create(tmp_path / "fs", *make_meta(3, unit_rows=5))
     for u, n in enumerate((5, 2, 4)):

@@ -1,0 +1,249 @@
+"""Writing a feature set: create it, commit units atomically, claim units, finalize the index.
+
+A unit's chunk is written whole (never read-modify-write), then its record is renamed into
+place: a unit is visible once complete, and a crash leaves the committed unit or nothing. No two
+units share a chunk, so any number of processes may write disjoint units at once; claims let
+identical commands share the units instead of each doing all of them.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import socket
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..features import FEATURES, TokenLayout
+from .meta import ARRAYS, META, RECORD_SCHEMA, SCHEMA_VERSION, StoreError, fingerprint
+
+_HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Exclusive claims on units, so that identical commands on one store share its shards.
+
+    A claim is ``units/UNIT.claim``, created exclusively, naming its owner (host:pid of the
+    process that commits). The owner refreshes its claims' mtime (`refresh`, a heartbeat); a claim
+    whose owner died on this host, or that has not been refreshed for ``stale_after`` seconds, is
+    taken over. Takeover renames the old claim away first, so only one process can win it.
+    """
+
+    units: Path
+    owner: str = field(default_factory=lambda: f"{_HOST}:{os.getpid()}")
+    stale_after: float = 600.0
+
+    def _path(self, unit: int) -> Path:
+        return self.units / f"{unit:06d}.claim"
+
+    def take(self, unit: int) -> bool:
+        """Claim ``unit`` unless it is committed or another live process holds it."""
+        path, committed = self._path(unit), self.units / f"{unit:06d}.parquet"
+        for _ in range(2):
+            if committed.exists():
+                return False
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale(path):
+                    return False
+                gone = path.with_name(f"{path.name}.{self.owner.replace(':', '.')}.stale")
+                try:  # one taker wins the rename; the others then find its new claim
+                    os.rename(path, gone)
+                    gone.unlink()
+                except FileNotFoundError:
+                    return False
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            if committed.exists():  # committed between the check and the claim
+                self.release(unit)
+                return False
+            return True
+        return False
+
+    def _stale(self, path: Path) -> bool:
+        try:
+            owner, age = path.read_text(), time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        host, _, pid = owner.rpartition(":")
+        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            return True
+        return age > self.stale_after
+
+    def release(self, unit: int) -> None:
+        path = self._path(unit)
+        try:
+            if path.read_text() == self.owner:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def refresh(self) -> None:
+        """Heartbeat: touch every claim this process owns."""
+        for path in self.units.glob("*.claim"):
+            try:
+                if path.read_text() == self.owner:
+                    os.utime(path)
+            except FileNotFoundError:
+                pass
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock for the rare whole-store steps (create, finalise); units need none."""
+    with open(path / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class UnitWriter:
+    """The writing half of `FeatureSet` (which adds the reading half: paths, layout, records)."""
+
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, identity: dict, meta: dict | Callable[[], dict]) -> "UnitWriter":
+        """Create the store, or open it if it exists with the same identity; refuse any other.
+
+        ``meta`` (the layout, sizes and provenance) may be a function: it is called only when the
+        store is new, so that writers joining an existing store skip its costs.
+        """
+        path = Path(path)
+        identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
+        fp = fingerprint(identity)
+        path.mkdir(parents=True, exist_ok=True)
+        with _locked(path):
+            if (path / META).is_file():
+                old = json.loads((path / META).read_text())
+                if old["fingerprint"] != fp:
+                    diff = sorted(k for k in set(old["identity"]) | set(identity)
+                                  if old["identity"].get(k) != identity.get(k))
+                    raise StoreError(f"{path} holds a different feature set (fingerprint {old['fingerprint'][:12]}, "
+                                     f"asked {fp[:12]}; differs in: {', '.join(diff)}); "
+                                     "refusing to mix them. Use another cache root or --store path.")
+                return cls(path)
+            meta = {"schema_version": SCHEMA_VERSION, **(meta() if callable(meta) else meta), "fingerprint": fp,
+                    "identity": identity}
+            cls._create_arrays(path, meta)
+            (path / "units").mkdir(exist_ok=True)
+            _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+        return cls(path)
+
+    @staticmethod
+    def _create_arrays(path: Path, meta: dict) -> None:
+        import zarr
+        from zarr.codecs import BloscCodec
+
+        layout = TokenLayout.from_dict(meta["layout"])
+        rows, total = meta["unit_rows"], meta["unit_rows"] * meta["num_units"]
+        group = zarr.open_group(path / ARRAYS, mode="a", zarr_format=3)
+        for name in meta["features"]:
+            shape = layout.shape(name)
+            group.create_array(name, shape=(total, *shape), chunks=(rows, *shape), dtype=meta["dtype"],
+                               fill_value=0, compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+                               overwrite=True, attributes={"description": FEATURES[name]})
+
+    def commit_unit(self, unit: int, arrays: dict[str, np.ndarray], records: Sequence[tuple[str, int, int]],
+                    errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
+        """Write one unit's rows (``records`` = (key, label, view) in row order) and commit it atomically.
+
+        ``shard`` (path, size, digest of the input shard as read) is kept with the unit's record.
+        """
+        rows, n = self.unit_rows, len(records)
+        if n > rows:
+            raise StoreError(f"shard {self.shards[unit]} gives {n} rows but a unit holds {rows}; remove {self.path} "
+                             f"and extract again with --unit-rows {n} (or more)")
+        try:
+            self._write_unit(unit, arrays, records, errors, shard)
+        except OSError as e:  # disk full, permissions: say where and for which shard
+            raise StoreError(f"cannot write shard {self.shards[unit]} into {self.path}: {e}") from e
+        self._failure(unit).unlink(missing_ok=True)
+
+    def _write_unit(self, unit, arrays, records, errors, shard) -> None:
+        rows, n = self.unit_rows, len(records)
+        start = unit * rows
+        for name in self.features:
+            a = np.asarray(arrays[name])
+            if a.shape[0] != n:
+                raise StoreError(f"{name}: {a.shape[0]} rows for {n} records")
+            block = np.zeros((rows, *a.shape[1:]), dtype=self.dtype)
+            block[:n] = a
+            self.array(name, "r+")[start:start + rows] = block  # exactly one whole chunk
+        keys = [r[0] for r in records] + [k for k, _ in errors]
+        table = pa.table({
+            "key": keys,
+            "label": [r[1] for r in records] + [-1] * len(errors),
+            "view": [r[2] for r in records] + [0] * len(errors),
+            "row": list(range(start, start + n)) + [-1] * len(errors),
+            "error": [None] * n + [reason for _, reason in errors],
+        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
+        _atomic_write(self._record(unit), _parquet_bytes(table))
+
+    def claims(self, stale_after: float = 600.0) -> Claims:
+        return Claims(self.path / "units", stale_after=stale_after)
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove the temporary files of writers on this host that are no longer running (killed mid-write)."""
+        gone = []
+        for tmp in [*self.path.glob(".*.tmp"), *(self.path / "units").glob(".*.tmp")]:
+            *_, host, pid, _ = tmp.name.rsplit(".", 3)
+            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                gone.append(tmp)
+        return gone
+
+    def fail_unit(self, unit: int, reason: str) -> None:
+        """Record why a whole shard failed; the unit stays uncommitted and the next run retries it."""
+        _atomic_write(self._failure(unit), json.dumps({"shard": self.shards[unit], "reason": reason}).encode())
+
+    def finalize(self) -> bool:
+        """Once every unit is committed, write the one index and errors table (by whichever writer is last)."""
+        with _locked(self.path):
+            if (self.path / "index.parquet").is_file():
+                return True
+            if len(self.committed_units()) < self.num_units:
+                return False
+            ok, errors = self._read_records(range(self.num_units))
+            if len(ok) == 0 and len(errors) > 0:
+                return False  # nothing usable: never a complete (reusable) set; see `unusable`
+            _atomic_write(self.path / "errors.parquet", _parquet_bytes(errors))
+            _atomic_write(self.path / "index.parquet", _parquet_bytes(ok))
+            return True
