@@ -322,3 +322,33 @@ def test_a_shard_that_outgrew_its_unit_names_the_command_that_fixes_it(reg_ckpt,
     shutil.rmtree(first.path)
     fixed = extract(config(REG, reg_ckpt, pattern, tmp_path / "c", unit_rows=5))
     assert fixed.complete and fixed.ok == 7
+
+
+def test_a_torch_file_named_safetensors_is_a_clear_error(tmp_path):
+    import torch
+
+    from regcache.models import ModelError, read_checkpoint
+
+    fake = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, fake)
+    with pytest.raises(ModelError, match="not a readable safetensors file"):
+        read_checkpoint(fake)
+
+
+def test_a_full_disk_names_the_store_and_the_shard(reg_ckpt, tmp_path, monkeypatch):
+    import errno
+
+    from regcache.store.writer import UnitWriter
+
+    def full(*args, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    pattern = make_shards(tmp_path / "shards", n_shards=2, per_shard=2)
+    monkeypatch.setattr(UnitWriter, "_write_unit", full)
+    res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    assert set(res.failed_shards) == {"part-000.tar", "part-001.tar"} and not res.complete
+    reason = res.failed_shards["part-000.tar"]
+    assert "cannot write shard part-000.tar into" in reason and str(res.path) in reason and "No space" in reason
+    monkeypatch.undo()  # space again: the rerun commits both and nothing is lost
+    again = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    assert again.complete and again.ok == 4 and again.path == res.path
