@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+
+log = logging.getLogger("regcache")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -233,6 +236,22 @@ def _timm_filter(model: torch.nn.Module) -> Callable | None:
     return getattr(__import__(type(model).__module__, fromlist=["checkpoint_filter_fn"]), "checkpoint_filter_fn", None)
 
 
+def drop_classifier(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: str | Path = "") -> dict:
+    """Without the classifier keys the model lacks, as timm's ``load_pretrained`` drops them for num_classes=0.
+
+    The names are the model's ``pretrained_cfg['classifier']`` (``head``; ``head``, ``head_dist`` for
+    DeiT distilled), so a model's own ``state_dict()`` with its head loads; ``fc_norm`` is never dropped.
+    """
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    own = model.state_dict()
+    drop = [k for n in ((names,) if isinstance(names, str) else names) for k in (f"{n}.weight", f"{n}.bias")
+            if k in sd and k not in own]
+    if drop:
+        log.info("checkpoint %s: classifier %s not loaded (features only, as timm does with num_classes=0)",
+                 path, ", ".join(drop))
+    return {k: v for k, v in sd.items() if k not in drop}
+
+
 def load_checkpoint(model: torch.nn.Module, path: str | Path,
                     filter_fn: Callable | None | str = "timm") -> None:
     """Load a checkpoint strictly, adapting it as timm does (position-embedding resize); name every mismatch."""
@@ -244,6 +263,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path,
         except Exception:  # leave the raw keys for the mismatch report below
             pass
     own = model.state_dict()
+    sd = drop_classifier(sd, model, path)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = sorted(f"{k} {tuple(sd[k].shape)} != {tuple(own[k].shape)}"
