@@ -317,7 +317,7 @@ def verify_shards(fs: FeatureSet, ds: Dataset, ids: list[ShardId]) -> None:
 
 def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ...], ds: Dataset,
          fs: FeatureSet, pending: list[int], result: ExtractResult, ids: list[ShardId]) -> None:
-    from tqdm import tqdm
+    from .progress import progress
 
     device = resolve_device(cfg.device)
     model = model.to(device)
@@ -333,8 +333,8 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
     sizes = fs.meta["dataset"]["sizes"]
     known = [sizes[u] for u in pending if sizes[u] is not None]
     total = sum(known) * cfg.preprocess.views if len(known) == len(pending) else None
-    bar = tqdm(total=total, unit="img" if cfg.preprocess.views == 1 else "view", disable=not cfg.progress,
-               desc=f"{cfg.model} {ds.name}", dynamic_ncols=True, smoothing=0.1)
+    bar = progress(total=total, unit="img" if cfg.preprocess.views == 1 else "view", disable=not cfg.progress,
+                   desc=f"{cfg.model} {ds.name}")
     buffers: dict[int, _UnitBuffer] = {}
     writes: list[tuple[int, Future]] = []
     forward = _Forward(model, layout, features, cfg.batch_size, compile=cfg.compile)

@@ -368,7 +368,8 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, cfg: ProbeConf
     on its slice, and gradients are summed across ranks: the result equals a single process.
     """
     import torch.distributed as dist
-    from tqdm import tqdm
+
+    from .progress import progress as progress_bar
 
     device = torch.device(cfg.device)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
@@ -386,8 +387,7 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, cfg: ProbeConf
     params = [*weights.values(), *biases.values()]
     opt = _Stacked(params, lr, wd, cfg)
     batches = train.batches(min(cfg.batch_size, len(train)), gen, device)
-    for _ in tqdm(range(cfg.iterations), disable=not progress or rank != 0, desc="heads", unit="it",
-                  dynamic_ncols=True):
+    for _ in progress_bar(range(cfg.iterations), disable=not progress or rank != 0, desc="heads", unit="it"):
         xb, yb = next(batches)
         n = len(yb)
         xb, yb = {f: v[rank::world].float() for f, v in xb.items()}, yb[rank::world]

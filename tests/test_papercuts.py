@@ -51,3 +51,50 @@ def test_checkpoint_other_mismatches_still_named(tmp_path):
         load_model(ModelSpec(DEIT, path), 32)
     msg = str(e.value)
     assert "fc_norm.weight" in msg and "blocks.0.attn.qkv.weight" in msg and "head" not in msg
+
+
+# --------------------------------------------------------------------------- 7: progress in log files
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_outside_a_terminal_writes_a_line_per_interval():
+    """1000 updates one second apart, a line every 30 s: 33 lines on the way (t = 30, 60, …, 990) and the last."""
+    import io
+
+    from regcache.progress import LogProgress
+
+    out, clock = io.StringIO(), _Clock()
+    bar = LogProgress(total=1000, desc="vits fmnist", unit="img", stream=out, interval=30, clock=clock)
+    for _ in range(1000):
+        clock.t += 1
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == sum(1 for t in range(1, 1001) if t % 30 == 0) + 1
+    assert "\r" not in out.getvalue()
+    assert lines[0].startswith("vits fmnist: 30/1000 img (3%)") and lines[-1].startswith("vits fmnist: 1000/1000 img")
+
+
+def test_progress_picks_tqdm_on_a_terminal_only():
+    import io
+
+    from tqdm import tqdm
+
+    from regcache.progress import LogProgress, progress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    assert isinstance(progress(total=3, stream=Tty()), tqdm)
+    assert isinstance(progress(total=3, stream=io.StringIO()), LogProgress)
+    out = io.StringIO()
+    assert list(progress(range(5), desc="heads", stream=out)) == list(range(5))
+    assert out.getvalue().splitlines() == [l for l in out.getvalue().splitlines() if l.startswith("heads: 5/5 it")]
+    assert len(out.getvalue().splitlines()) == 1
