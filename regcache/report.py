@@ -41,9 +41,9 @@ def _merge_note(res: pd.DataFrame) -> str | None:
     rows = res.set_index(keys).loc[dup.index].reset_index()
     varying = [c for c in ("run", "seed", "lr", "wd", "n", "selection_set", "train_views")
                if c in rows and rows.groupby(keys, sort=False)[c].nunique(dropna=False).max() > 1]
-    why = (f"they differ in {', '.join(varying)}" + (f" (seeds {', '.join(map(str, sorted(set(rows.seed))))})"
-                                                   if "seed" in varying else "")
-           if varying else "they are identical (the same run given twice?)")
+    why = f"they differ in {', '.join(varying)}" if varying else "they are identical (the same run given twice?)"
+    if "seed" in varying:
+        why += f" (seeds {', '.join(map(str, sorted(set(rows.seed))))})"
     counts = sorted(set(dup))
     return (f"Note: merged {'/'.join(map(str, counts))} rows per cell in {len(dup)} cells, showing their mean: "
             f"{why}.")
