@@ -80,7 +80,8 @@ def main() -> None:
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument (part of the fingerprint), e.g. depth=2.")
 @click.option("--batch-size", "-b", default=64, show_default=True)
-@click.option("--workers", "-j", default=4, show_default=True, help="DataLoader decode workers.")
+@click.option("--workers", "-j", type=int, default=None,
+              help="DataLoader decode workers [default: min(4, cores); 0 on a CPU with 2 cores or fewer].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda if present).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="Forward-pass precision (autocast).")
@@ -355,6 +356,34 @@ def report(runs, out):
         df.to_parquet(out, index=False)
     else:
         raise click.BadParameter("--out must end in .md, .csv or .parquet")
+
+
+@main.command("run")
+@click.argument("pipeline", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--models", "models_", multiple=True, metavar="LIST",
+              help="Only these of the pipeline's models (comma list or repeated).")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(["extract", "probe", "analyse", "report"]),
+              help="Only this stage (repeat for several) [default: all, in order].")
+@click.option("--dry-run", is_flag=True, help="Load nothing; print every job, cached or to do, and its cost.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a field, e.g. extract.precision=bf16, probes.table1.iterations=100, "
+                   "vars.REGCACHE_DATA=/data (VALUE is YAML); recorded in pipeline.json.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, warnings only.")
+def run_cmd(pipeline, models_, stages, dry_run, sets, quiet):
+    """Run PIPELINE (pipelines/NAME.yaml): extract what is not cached, probe, analyse, report.
+
+    Finished jobs are skipped (a rerun loads no backbone and trains no head); an interrupted run does
+    only what is missing. Writes OUT/report.md and OUT/pipeline.json.
+    """
+    from .pipeline import STAGES, load_pipeline, parse_overrides, run_pipeline
+
+    _setup_logging(quiet)
+    try:
+        pl = load_pipeline(pipeline, parse_overrides(sets), allow_unset=dry_run)
+        order = tuple(s for s in STAGES if s in stages) if stages else STAGES
+        run_pipeline(pl, order, _names(models_) or None, dry_run=dry_run, progress=not quiet, echo=click.echo)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
 
 
 @main.group()

@@ -1,0 +1,290 @@
+"""Running a pipeline: its jobs in stage order through the public API, one merged report, pipeline.json.
+
+Every job is an `extract`, `run_probe` + `write_run`, or analysis call with the settings a hand-typed
+command would pass, so both give the same sets and numbers. A done job leaves a record; the next run
+skips it without loading a backbone or training a head, so an interrupted run does only what is missing.
+"""
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from .jobs import AnalysisJob, ExtractJob, ProbeJobPlan, analysis_jobs, extract_jobs, probe_jobs, write_record
+from .schema import STAGES, Pipeline, PipelineError, pipeline_env
+
+
+@dataclass
+class PipelineRun:
+    """What a run planned and did; ``pipeline.json`` is this, written after every job."""
+
+    pipeline: Pipeline
+    extract: list[ExtractJob] = field(default_factory=list)
+    probes: list[ProbeJobPlan] = field(default_factory=list)
+    analyses: list[AnalysisJob] = field(default_factory=list)
+    report: Path | None = None
+    finished: bool = False
+
+    def to_dict(self) -> dict:
+        import timm
+        import torch
+        import zarr
+
+        pl = self.pipeline
+        return {
+            "pipeline": str(pl.path), "name": pl.name, "text_sha256": pl.text_sha256, "overrides": pl.overrides,
+            "vars": pl.vars, "cache": str(pl.cache), "out": str(pl.out), "finished": self.finished,
+            "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"regcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                         "zarr": zarr.__version__, "python": platform.python_version()},
+            "extract": [{"model": j.model.name, "dataset": j.dataset.name, "key": j.key, "status": j.status,
+                         "path": j.path, "fingerprint": j.fingerprint} for j in self.extract],
+            "probes": [{"block": j.block.name, "model": j.model.name, "features": [",".join(c) for c in j.combos],
+                        "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs,
+                        **({"skipped": j.skipped} if j.skipped else {})} for j in self.probes],
+            "analyses": [{"name": j.spec.name, "kind": j.spec.kind, "models": [m.name for m in j.models],
+                          "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs}
+                         for j in self.analyses],
+            "report": str(self.report) if self.report else None,
+        }
+
+    def save(self) -> Path:
+        out = self.pipeline.out / "pipeline.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2))
+        tmp.replace(out)
+        return out
+
+
+Hook = Callable[[object], None]
+
+
+def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[str] | None = None,
+                 dry_run: bool = False, progress: bool = True, echo: Callable[[str], None] = print,
+                 after_job: Hook | None = None) -> PipelineRun:
+    """Plan, then (unless ``dry_run``) run the jobs of ``stages`` that are not done; ``after_job`` is called
+    after each job that did work (tests interrupt a run there)."""
+    unknown = [m for m in models or [] if m not in [x.name for x in pl.models]]
+    if unknown:
+        raise PipelineError(f"{pl.path}: --models {', '.join(unknown)}: not in field 'models' "
+                            f"({', '.join(m.name for m in pl.models)})")
+    for w in pl.warnings:
+        echo(f"warning: {w}")
+    run = PipelineRun(pl, extract_jobs(pl, models))
+    hook = after_job or (lambda job: None)
+    with pipeline_env(pl):
+        if dry_run:
+            run.probes, run.analyses = probe_jobs(pl, run.extract, models), analysis_jobs(pl, run.extract, models)
+            echo(plan_text(run))
+            return run
+        if "extract" in stages:
+            for job in run.extract:
+                if job.status == "to do":
+                    _extract(job, pl, progress, echo)
+                    run.save()
+                    hook(job)
+        run.probes, run.analyses = probe_jobs(pl, run.extract, models), analysis_jobs(pl, run.extract, models)
+        if "probe" in stages:
+            for job in run.probes:
+                if job.status == "to do":
+                    _probe(job, pl, progress, echo)
+                    run.save()
+                    hook(job)
+        if "analyse" in stages:
+            for job in run.analyses:
+                if job.status == "to do":
+                    _analyse(job, pl, echo)
+                    run.save()
+                    hook(job)
+        if "report" in stages and pl.tables:
+            run.report = write_report(run)
+            echo(f"report: {run.report}")
+    run.finished = tuple(stages) == STAGES and not models
+    echo(f"pipeline.json: {run.save()}")
+    return run
+
+
+def _missing(job, pl: Pipeline) -> PipelineError:
+    need = ", ".join(k for k, v in job.inputs.items() if v is None)
+    return PipelineError(f"{job.label}: the pipeline has not extracted {need} yet; run "
+                         f"'regcache run {pl.path} --stage extract' first")
+
+
+def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo) -> None:
+    from ..extract import extract
+    from ..store import FeatureSet
+
+    echo(f"extract {job.label}")
+    res = extract(job.config(pl.cache, progress))
+    if res.failed_shards or res.error or not res.complete:
+        why = "; ".join(f"{s}: {r}" for s, r in res.failed_shards.items()) or res.error or \
+            f"{res.missing_units} shards not committed"
+        raise PipelineError(f"{job.label}: extraction incomplete ({why}); the store {res.path} keeps what is done, "
+                            "run the pipeline again to resume")
+    job.path, job.fingerprint = str(res.path), res.fingerprint
+    job.num_reg = FeatureSet(res.path).layout.num_reg
+    job.status = "reused" if res.reused else "ran"
+    write_record(job)
+
+
+def probe_call(job: ProbeJobPlan, pl: Pipeline):
+    """The ProbeJob and ProbeConfig that `regcache probe` would build from the same flags."""
+    from ..probe import ProbeConfig, ProbeJob
+
+    b, s = job.block, job.block.settings
+    pj = ProbeJob(model=job.model.name, train=b.train, cache=pl.cache, val=b.val, test=b.test, eval=list(b.eval),
+                  anomaly=list(b.anomaly), scorers=tuple(s["scorers"]), knn_k=s["knn_k"])
+    cfg = ProbeConfig(features=list(job.combos), lrs=tuple(s["lr"]), wds=tuple(s["wd"]), optimizer=s["optimizer"],
+                      iterations=s["iterations"], batch_size=s["batch_size"], momentum=float(s["momentum"]),
+                      seed=s["seed"], device=s["device"], val_fraction=float(s["val_fraction"]),
+                      stream=s["stream"], stream_window=s["stream_window"])
+    return pj, cfg
+
+
+def _probe(job: ProbeJobPlan, pl: Pipeline, progress: bool, echo) -> None:
+    from ..probe import run_probe
+    from ..report import write_run
+
+    if job.key is None:
+        raise _missing(job, pl)
+    echo(f"probe {job.label}: {' '.join('[' + ';'.join(c) + ']' for c in job.combos)}")
+    pj, cfg = probe_call(job, pl)
+    result = run_probe(pj, cfg, progress=progress)
+    roles = {"train": job.block.train, "val": job.block.val, "test": job.block.test}
+    for role, path in result.sets.items():
+        want = job.paths[roles.get(role, role)]
+        if Path(path).resolve() != Path(want).resolve():  # the cache holds several candidates
+            raise PipelineError(f"{job.label}: the probe found {path} for {roles.get(role, role)}, but the pipeline "
+                                f"extracted {want}; remove the other set or give this pipeline its own cache")
+    write_run(job.run, result, pj, cfg, plots=job.block.settings["plots"])
+    _done(job)
+    job.status = "ran"
+
+
+def _done(job) -> None:
+    (job.run / "job.json").write_text(json.dumps({"key": job.key, "inputs": job.inputs, "paths": job.paths},
+                                                 indent=2))
+
+
+def _analyse(job: AnalysisJob, pl: Pipeline, echo) -> None:
+    if job.key is None:
+        raise _missing(job, pl)
+    echo(f"analyse {job.label}")
+    job.run.mkdir(parents=True, exist_ok=True)
+    ANALYSES[job.spec.kind](job, job.run)
+    _done(job)
+    job.status = "ran"
+
+
+def _norms(job: AnalysisJob, out: Path) -> None:
+    from ..analysis import norms_report
+    from ..store import FeatureSet
+
+    norms_report([FeatureSet(p) for p in job.paths.values()], out)
+
+
+def _featuremap(job: AnalysisJob, out: Path) -> None:
+    from ..analysis import feature_maps
+    from ..store import FeatureSet
+
+    for name, p in job.paths.items():
+        feature_maps(FeatureSet(p), list(job.spec.options["keys"]), out / name)
+
+
+def _tokenprobe(job: AnalysisJob, out: Path) -> None:
+    from dataclasses import asdict
+
+    from ..analysis import token_probe
+    from ..store import FeatureSet
+
+    o = job.spec.options
+    res = [asdict(token_probe(FeatureSet(p), iterations=o.get("iterations", 500), seed=o.get("seed", 0)))
+           for p in job.paths.values()]
+    (out / "tokenprobe.json").write_text(json.dumps(res, indent=2))
+
+
+def _attention(job: AnalysisJob, out: Path) -> None:
+    from ..analysis import attention_figure, similarity_report
+    from ..models import ModelSpec, load_model, preprocess_for
+    from ..tokens import layout_of
+
+    o, m = job.spec.options, job.model
+    size = o.get("size", 224)
+    net = load_model(ModelSpec(m.name, m.checkpoint, dict(m.args)), size)
+    layout, pre = layout_of(net), preprocess_for(m.name, size=size, resize=o.get("resize", 256))
+    images = [Path(p) for p in o["images"]]
+    attention_figure(net, layout, pre, images, out, bool(o.get("registers")) and layout.num_reg > 0,
+                     o.get("display", 800))
+    if o.get("similarity"):
+        (out / "similarity.json").write_text(json.dumps(similarity_report(net, layout, pre, images, out), indent=2))
+
+
+#: analysis kind -> what it does with a job's input sets (schema.ANALYSES names the same kinds)
+ANALYSES: dict[str, Callable[[AnalysisJob, Path], None]] = {
+    "norms": _norms, "featuremap": _featuremap, "tokenprobe": _tokenprobe, "attention": _attention}
+
+
+def write_report(run: PipelineRun) -> Path:
+    """One Markdown file: per probe block in the report's order, its runs merged (Table I layout)."""
+    from ..report import markdown, merge
+
+    pl = run.pipeline
+    parts = [f"# {pl.name}\n\nPipeline {pl.path} (sha256 {pl.text_sha256[:12]})"
+             + (f", overrides {json.dumps(pl.overrides)}" if pl.overrides else "") + "."]
+    for table in pl.tables:
+        runs = [j.run for j in run.probes if j.block.name == table and j.run and (j.run / "job.json").is_file()]
+        if not runs:
+            continue
+        df = merge(runs)
+        keys = ["model", "features", "set", "metric", "scorer", "role"]
+        if not df.duplicated(keys).any():  # one run per model: label rows by model, not by run folder
+            df = df.drop(columns="run")
+        parts.append(f"## {table}\n\n{markdown(df)}")
+    out = pl.out / "report.md"
+    out.write_text("\n\n".join(parts))
+    return out
+
+
+# --------------------------------------------------------------------------- the plan, as --dry-run prints it
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def plan_text(run: PipelineRun) -> str:
+    pl = run.pipeline
+    lines = [f"pipeline {pl.name} ({pl.path}, sha256 {pl.text_sha256[:12]}); cache {pl.cache}; out {pl.out}"]
+    todo = [j for j in run.extract if j.status == "to do"]
+    lines.append(f"extraction jobs: {len(run.extract)} ({len(run.extract) - len(todo)} cached, {len(todo)} to do)")
+    total, unknown = 0.0, 0
+    for j in run.extract:
+        n, g, views = j.dataset.num_images, j.gflops(), j.settings["views"]
+        if n is not None and g is not None:
+            flop = n * views * g
+            cost = f"{_n(n)} img × {views} view{'s' if views > 1 else ''} × {g:.1f} GFLOP = {flop / 1e6:,.1f} PFLOP"
+            if j.status == "to do":
+                total += flop
+        else:
+            cost = f"{'? img' if n is None else _n(n) + ' img'} × {'? GFLOP' if g is None else f'{g:.1f} GFLOP'}"
+            unknown += j.status == "to do"
+        lines.append(f"  {j.status:<7} {j.model.name:<28} {j.dataset.name:<18} {cost}")
+    hours = total * 1e9 / (pl.cost["tflops"] * 1e12) / 3600
+    lines.append(f"  to do: {total / 1e6:,.1f} PFLOP = {hours:,.2f} device-hours at {pl.cost['tflops']:g} TFLOP/s "
+                 f"({pl.cost['device']})" + (f"; {unknown} jobs of unknown cost" if unknown else ""))
+    lines.append(f"probe jobs: {len(run.probes)}")
+    for j in run.probes:
+        s = j.block.settings
+        what = (j.skipped or f"{' '.join('[' + ';'.join(c) + ']' for c in j.combos)}; "
+                f"{len(s['lr']) * len(s['wd'])} head(s) per combination, {s['iterations']} it × batch "
+                f"{s['batch_size']}, train {j.block.train}")
+        lines.append(f"  {j.status:<7} {j.label:<40} {what}")
+    if run.analyses:
+        lines.append(f"analyses: {len(run.analyses)}")
+        lines += [f"  {j.status:<7} {j.label}" for j in run.analyses]
+    lines.append(f"report: {pl.out / 'report.md'} (tables: {', '.join(pl.tables) or 'none'})")
+    return "\n".join(lines)
