@@ -58,7 +58,7 @@ class ExtractConfig:
     precision: str = "fp32"
     dtype: str = "float16"
     batch_size: int = 64
-    workers: int = 4
+    workers: int | None = None  # DataLoader decode workers; None: default_workers(device)
     device: str = "auto"
     part: int = 0
     num_parts: int = 1
@@ -147,6 +147,18 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
                        "zarr": zarr.__version__, "python": platform.python_version(),
                        "host": socket.gethostname(), "command": sys.argv},
     }
+
+
+def default_workers(device: torch.device) -> int:
+    """``min(4, cores)``, or 0 on a CPU-only run with 2 cores or fewer: there the model's forward already uses
+    every core, and decode processes would only take turns with it (and torch warns past the core count)."""
+    cores = usable_cores()
+    return 0 if device.type == "cpu" and cores <= 2 else min(4, cores)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, as torch's DataLoader check counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -324,7 +336,10 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
     claims = fs.claims()
     stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views, batch_size=cfg.batch_size,
                         allow_pipe=cfg.allow_pipe, resize=cfg.preprocess.resize, claim=claims.take)
-    workers = min(cfg.workers, len(pending))
+    workers = min(cfg.workers if cfg.workers is not None else default_workers(device), len(pending))
+    if cfg.workers is None:
+        log.info("%d decode workers (default for %d cores on %s; --workers N to choose)", workers, usable_cores(),
+                 device.type)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if workers else None)

@@ -98,3 +98,49 @@ def test_progress_picks_tqdm_on_a_terminal_only():
     assert list(progress(range(5), desc="heads", stream=out)) == list(range(5))
     assert out.getvalue().splitlines() == [l for l in out.getvalue().splitlines() if l.startswith("heads: 5/5 it")]
     assert len(out.getvalue().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 3: default workers
+
+def _two_cores() -> None:
+    import os
+
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])
+
+
+def _extract_on_two_cores(reg_ckpt, tmp_path, *extra: str):
+    import subprocess
+
+    from conftest import cli_args, cli_env, make_shards
+
+    data = make_shards(tmp_path / "shards", n_shards=4, per_shard=2)
+    args = [a for a in cli_args(reg_ckpt, data, tmp_path / f"cache{len(extra)}", "--device", "cpu", *extra)
+            if a != "-q"]
+    return subprocess.run(args, env=cli_env(), capture_output=True, text=True, timeout=600, preexec_fn=_two_cores)
+
+
+def test_default_workers_fit_a_two_core_machine(reg_ckpt, tmp_path):
+    """Torch's own check warns for 4 workers on 2 cores; the default makes none and says what it chose.
+
+    stderr is a pipe here, as in CI: progress comes as summary lines, never carriage returns.
+    """
+    warning = "This DataLoader will create"
+    default = _extract_on_two_cores(reg_ckpt, tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert warning not in default.stderr
+    assert "0 decode workers" in default.stderr
+    assert "\r" not in default.stderr and "8/8 img (100%)" in default.stderr
+    four = _extract_on_two_cores(reg_ckpt, tmp_path, "--workers", "4")
+    assert four.returncode == 0, four.stderr
+    assert warning in four.stderr  # the check above can fail
+
+
+@pytest.mark.parametrize("cores, device, expected", [(16, "cuda", 4), (16, "cpu", 4), (3, "cpu", 3),
+                                                     (2, "cpu", 0), (1, "cpu", 0), (2, "cuda", 2)])
+def test_default_workers_rule(monkeypatch, cores, device, expected):
+    import os
+
+    from regcache.extract import default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert default_workers(torch.device(device)) == expected
