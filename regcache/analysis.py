@@ -73,8 +73,16 @@ def load_norms(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """View-0 norms [N, T] and keys of a feature set."""
     if "norms" not in fs.features:
         raise StoreError(f"{fs.path} has no norms; extract with --features including norms")
-    got = fs.load("norms", views=[0], concat=False, allow_incomplete=True)
+    got = _view0(fs, "norms")
     return got.x["norms"], got.keys
+
+
+def _view0(fs: FeatureSet, features: str, **kw):
+    """View-0 rows of ``features``; an empty set is refused by name (numpy's percentile would fail on it)."""
+    got = fs.load(features, views=[0], concat=False, allow_incomplete=True, **kw)
+    if not len(got.keys):
+        raise StoreError(f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']} ({fs.path}) has no rows")
+    return got
 
 
 def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
@@ -312,7 +320,7 @@ def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fract
     missing = [f for f in ("tokens", "norms") if f not in fs.features]
     if missing:
         raise StoreError(f"{fs.path} lacks {', '.join(missing)}: extract with --features tokens,norms (small sets)")
-    got = fs.load("tokens,norms", views=[0], concat=False, dtype=np.float16, allow_incomplete=True)
+    got = _view0(fs, "tokens,norms", dtype=np.float16)
     tokens, norms = got.x["tokens"], got.x["norms"].astype(np.float32)
     n, length, _ = tokens.shape
     _, is_out = outliers(split_norms(norms, fs.layout)["patches"])

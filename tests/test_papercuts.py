@@ -144,3 +144,21 @@ def test_default_workers_rule(monkeypatch, cores, device, expected):
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert default_workers(torch.device(device)) == expected
+
+
+# --------------------------------------------------------------------------- 4: analysis of an empty set
+
+@pytest.mark.parametrize("command", [["norms"], ["tokenprobe"], ["featuremap", "--keys", "a", "--no-images"]])
+def test_analysis_refuses_an_empty_set_by_name(tmp_path, command):
+    import numpy as np
+    from click.testing import CliRunner
+
+    from conftest import PROBE_LAYOUT, make_set
+    from regcache.cli import main
+
+    tokens = PROBE_LAYOUT.num_prefix + PROBE_LAYOUT.grid[0] * PROBE_LAYOUT.grid[1]
+    fs = make_set(tmp_path, "nothing", {"norms": np.zeros((0, tokens), np.float32),
+                                        "tokens": np.zeros((0, 4, PROBE_LAYOUT.dim), np.float32)}, np.zeros(0, int))
+    r = CliRunner().invoke(main, [command[0], str(fs.path), *command[1:]], catch_exceptions=True)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception  # a message, not a traceback
+    assert f"m / nothing ({fs.path}) has no rows" in r.output
