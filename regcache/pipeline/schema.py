@@ -31,7 +31,7 @@ EXTRACT_FIELDS: dict[str, tuple[type | tuple, Any]] = {
     "features": ((list, str), None), "size": (int, None), "resize": (int, None), "interpolation": (str, None),
     "crop_mode": (str, None), "mean": (list, None), "std": (list, None), "views": (int, 1), "seed": (int, 0),
     "pos_embed": (str, "timm"), "precision": (str, "fp32"), "dtype": (str, "float16"), "batch_size": (int, 64),
-    "workers": (int, 4), "device": (str, "auto"), "unit_rows": (int, None),
+    "workers": (int, None), "device": (str, "auto"), "unit_rows": (int, None),
 }
 
 
