@@ -4,13 +4,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL  ?= vits_reg
 DATA   ?=
+PIPELINE ?= pipelines/paper-table1.yaml
 ARGS   ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: help venv demo-deps test demo extract bench clean
+.PHONY: help venv demo-deps test demo extract probe table1 plan bench clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,9 +35,21 @@ demo: demo-deps  ## offline end-to-end demo on real images (make demo MODEL=vits
 test: demo-deps  ## run the test suite
 	$(BIN)/python -m pytest -q -n 2 --durations=10
 
-extract: venv  ## make extract MODEL=vitl_reg DATA=manifests/NAME.yaml [ARGS='--precision bf16 ...']
-	@test -n "$(DATA)" || { echo "usage: make extract MODEL=vitl_reg DATA=manifests/NAME.yaml"; exit 2; }
-	$(BIN)/regcache extract --model $(MODEL) --data $(DATA) $(ARGS)
+# Without DATA, extract and probe run the stages of PIPELINE for MODEL (every model when MODEL is not given);
+# ARGS then go to `regcache run`, e.g. ARGS='--set extract.precision=fp16 --set vars.REGCACHE_DATA=/data'.
+PIPELINE_MODELS = $(if $(filter command line environment,$(origin MODEL)),--models $(MODEL))
+
+extract: venv  ## make extract MODEL=vitl_reg [DATA=manifests/NAME.yaml] [PIPELINE=pipelines/NAME.yaml]: stage 1
+	$(if $(DATA),$(BIN)/regcache extract --model $(MODEL) --data $(DATA) $(ARGS),$(BIN)/regcache run $(PIPELINE) $(PIPELINE_MODELS) --stage extract $(ARGS))
+
+probe: venv  ## make probe MODEL=vitl_reg [PIPELINE=...]: the pipeline's probes (and report) from the cache
+	$(BIN)/regcache run $(PIPELINE) $(PIPELINE_MODELS) --stage probe --stage report $(ARGS)
+
+table1: venv  ## the paper's Table I: every stage of pipelines/paper-table1.yaml, then its report.md
+	$(BIN)/regcache run pipelines/paper-table1.yaml $(ARGS)
+
+plan: venv  ## make plan [PIPELINE=...]: every job of a pipeline, cached or to do, and its cost (loads nothing)
+	$(BIN)/regcache run $(PIPELINE) $(PIPELINE_MODELS) --dry-run $(ARGS)
 
 bench: venv  ## extraction benchmark (see BENCHMARKS.md)
 	$(BIN)/python bench/extract.py $(ARGS)
