@@ -162,3 +162,26 @@ def test_analysis_refuses_an_empty_set_by_name(tmp_path, command):
     r = CliRunner().invoke(main, [command[0], str(fs.path), *command[1:]], catch_exceptions=True)
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception  # a message, not a traceback
     assert f"m / nothing ({fs.path}) has no rows" in r.output
+
+
+# --------------------------------------------------------------------------- 5: install warnings
+
+def test_pyproject_applies_without_deprecation_warnings():
+    """What `pip install -e .` runs on pyproject.toml, with a setuptools its build requirement allows."""
+    import warnings
+    from pathlib import Path
+
+    import setuptools
+    from packaging.requirements import Requirement
+    from setuptools.config.pyprojecttoml import apply_configuration, read_configuration
+    from setuptools.dist import Distribution
+
+    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    (req,) = [Requirement(r) for r in read_configuration(path, expand=False)["build-system"]["requires"]
+              if r.startswith("setuptools")]
+    assert req.specifier.contains(setuptools.__version__)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), path)
+    assert [str(w.message) for w in caught] == []
+    assert dist.metadata.license_expression == "MIT"
