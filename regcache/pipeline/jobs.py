@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def _check_record(job: ExtractJob) -> None:
 
 def write_record(job: ExtractJob) -> None:
     job.record.parent.mkdir(parents=True, exist_ok=True)
-    tmp = job.record.with_suffix(".tmp")
+    tmp = job.record.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": job.key, "model": job.model.name, "dataset": job.dataset.name,
                                "path": job.path, "fingerprint": job.fingerprint}, indent=2))
     tmp.replace(job.record)

@@ -7,6 +7,7 @@ skips it without loading a backbone or training a head, so an interrupted run do
 from __future__ import annotations
 
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,7 +56,7 @@ class PipelineRun:
     def save(self) -> Path:
         out = self.pipeline.out / "pipeline.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2))
         tmp.replace(out)
         return out
@@ -121,6 +122,9 @@ def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo) -> None:
 
     echo(f"extract {job.label}")
     res = extract(job.config(pl.cache, progress))
+    if not (res.complete or res.failed_shards or res.error) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        job.status = "part done"  # under torchrun: the rank that finishes the set last records it
+        return
     if res.failed_shards or res.error or not res.complete:
         why = "; ".join(f"{s}: {r}" for s, r in res.failed_shards.items()) or res.error or \
             f"{res.missing_units} shards not committed"
