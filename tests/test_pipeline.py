@@ -189,3 +189,20 @@ def test_unset_variable_and_missing_manifest_are_named(tiny):
         load_pipeline(tiny / "tiny.yaml")
     with pytest.raises(PipelineError, match=r"field 'datasets\[0\]\.manifest'"):
         load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", "vars.DATA": "elsewhere"})
+
+
+def test_submitit_local_array_per_extraction(tiny):
+    """launcher.kind local: submitit's local executor runs each extraction as an array of parts, then finalize."""
+    pytest.importorskip("submitit")
+    overrides = {"cache": "cache3", "launcher": {"kind": "local", "parts": 2, "params": {"timeout_min": 10}},
+                 "datasets": ["${DATA}/tiny-train/tiny-train.yaml"], "probes": [], "analyses": []}
+    run = _run(tiny, "out3", overrides=overrides, stages=("extract",))
+    (job,) = run.extract
+    assert job.status == "ran" and any((tiny / "out3" / "submitit").iterdir())
+    from regcache.store import FeatureSet
+
+    fs = FeatureSet(job.path)  # two shards, one per part, both committed and indexed
+    assert fs.complete and len(fs.index) == 18 and fs.committed_units() == {0, 1}
+    assert sorted(fs.index.shard.unique()) == ["tiny-train-000000.tar", "tiny-train-000001.tar"]
+    _run(tiny, "out3", overrides=overrides, stages=("extract",))
+    assert _statuses(tiny / "out3")["extract"] == ["cached"]

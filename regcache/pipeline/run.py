@@ -84,11 +84,12 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
             echo(plan_text(run))
             return run
         if "extract" in stages:
-            for job in run.extract:
-                if job.status == "to do":
-                    _extract(job, pl, progress, echo)
-                    run.save()
-                    hook(job)
+            todo = [j for j in run.extract if j.status == "to do"]
+            arrays = submit_arrays(todo, pl, echo) if pl.launcher["kind"] != "none" else {}
+            for job in todo:
+                _extract(job, pl, progress, echo, arrays.get(job.key))
+                run.save()
+                hook(job)
         run.probes, run.analyses = probe_jobs(pl, run.extract, models), analysis_jobs(pl, run.extract, models)
         if "probe" in stages:
             for job in run.probes:
@@ -116,12 +117,48 @@ def _missing(job, pl: Pipeline) -> PipelineError:
                          f"'regcache run {pl.path} --stage extract' first")
 
 
-def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo) -> None:
+def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]:
+    """SLURM through submitit: per extraction, one array job whose task I runs part I of its shards.
+
+    Every array is submitted before any is waited for; `_extract` then waits and finalizes. kind
+    ``local`` uses submitit's local executor (subprocesses on this machine), as the tests do.
+    """
+    from dataclasses import replace
+
+    try:
+        import submitit
+    except ImportError:
+        raise PipelineError(f"{pl.path}: field 'launcher.kind' {pl.launcher['kind']} needs submitit: "
+                            "pip install 'regcache[slurm]'") from None
+    from ..extract import extract
+
+    parts, arrays = pl.launcher["parts"], {}
+    for job in jobs:
+        ex = submitit.AutoExecutor(folder=pl.out / "submitit" / job.key[:16],
+                                   cluster="local" if pl.launcher["kind"] == "local" else "slurm")
+        ex.update_parameters(name=f"regcache-{job.model.name}-{job.dataset.name}", **pl.launcher["params"])
+        cfg = job.config(pl.cache, progress=False)
+        with ex.batch():
+            arrays[job.key] = [ex.submit(extract, replace(cfg, part=i, num_parts=parts)) for i in range(parts)]
+        echo(f"submitted {job.label}: {parts} parts, job {arrays[job.key][0].job_id.split('_')[0]}")
+    return arrays
+
+
+def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo, array: list | None = None) -> None:
+    from dataclasses import replace
+
     from ..extract import extract
     from ..store import FeatureSet
 
     echo(f"extract {job.label}")
-    res = extract(job.config(pl.cache, progress))
+    if array is None:
+        res = extract(job.config(pl.cache, progress))
+    else:  # wait for every part, then write the index without loading the model (as --finalize)
+        done = [a.result() for a in array]
+        res = extract(replace(job.config(pl.cache, False), store=done[0].path, finalize_only=True))
+        for d in done:
+            res.failed_shards.update(d.failed_shards)
+        res.reused = all(d.reused for d in done)
     if not (res.complete or res.failed_shards or res.error) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         job.status = "part done"  # under torchrun: the rank that finishes the set last records it
         return

@@ -17,6 +17,8 @@ from ..data import DataError, Dataset, load_manifest
 from ..features import FeatureError, parse_features
 
 STAGES = ("extract", "probe", "analyse", "report")
+#: where extraction jobs run: here, or as submitit array jobs (one part per task; local: submitit's local executor)
+LAUNCHERS = ("none", "slurm", "local")
 ANALYSES = ("norms", "featuremap", "tokenprobe", "attention")
 #: probe settings a pipeline may give, with their types and defaults (those of `regcache probe`)
 PROBE_FIELDS: dict[str, tuple[type | tuple, Any]] = {
@@ -106,6 +108,7 @@ class Pipeline:
     analyses: list[AnalysisSpec]
     tables: list[str]              # probe blocks in the report, in order
     cost: dict                     # tflops and a label for device-hour estimates
+    launcher: dict                 # kind (LAUNCHERS), parts per extraction, submitit parameters
     warnings: list[str] = field(default_factory=list)
 
     def model(self, name: str) -> ModelEntry:
@@ -257,7 +260,7 @@ def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     for k, v in overrides.items():
         apply_override(doc, k, v, file)
     top = _Fields(doc, file, "", ("name", "description", "vars", "cache", "out", "models", "datasets", "extract",
-                                  "probes", "analyses", "report", "cost"))
+                                  "probes", "analyses", "report", "cost", "launcher"))
     defaults = top.get("vars", dict, {})
     for k, v in defaults.items():
         if not isinstance(v, (str, int, float)):
@@ -394,6 +397,12 @@ def _build(top: _Fields, file: Path, base: Path, text: str, overrides: dict, var
     tflops = cost.get("tflops", (int, float), 396.0)
     if tflops <= 0:
         raise cost.error("must be positive", "tflops")
+    la = _Fields(top.get("launcher", dict, {}), file, "launcher", ("kind", "parts", "params"))
+    launcher = {"kind": la.get("kind", str, "none"), "parts": la.get("parts", int, 1),
+                "params": dict(la.get("params", dict, {}))}
+    _choice(la, "kind", launcher["kind"], LAUNCHERS)
+    if launcher["parts"] < 1:
+        raise la.error("must be at least 1", "parts")
     cwd = Path.cwd()
     return Pipeline(
         path=file, name=name, text_sha256=hashlib.sha256(text.encode()).hexdigest(), overrides=overrides,
@@ -401,7 +410,7 @@ def _build(top: _Fields, file: Path, base: Path, text: str, overrides: dict, var
         out=_path(base, top.get("out", str)) if top.get("out", str) else cwd / "runs" / "pipelines" / name,
         models=models, datasets=datasets, extract=extract, probes=probes, analyses=analyses, tables=tables,
         cost={"tflops": float(tflops), "device": cost.get("device", str, "H100 bf16 at 40% of 989 TFLOP/s")},
-        warnings=warnings)
+        launcher=launcher, warnings=warnings)
 
 
 def _known(f: _Fields, key: str, known: list[str], required: bool = False) -> list[str]:
