@@ -151,37 +151,30 @@ def build(root: str | os.PathLike, sizes: DemoSizes = DemoSizes(), per_shard: in
     return manifests
 
 
+#: the demo as a pipeline: `regcache demo` builds the sets and runs it (from a source checkout)
+DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+
+
 def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, precision: str = "bf16",
-             workers: int = 1, batch_size: int = 64, progress: bool = True):
-    """Build the sets, extract them, probe [CLS], [muP], [CLS;muP] (and the register combinations), report.
+             workers: int = 1, batch_size: int = 64, progress: bool = True, echo=log.info) -> Path:
+    """Build the sets, then run pipelines/demo.yaml on them: extract, probe [CLS], [muP], [CLS;muP] (and the
+    register combinations for a model with registers), report. Returns the probe's run directory.
 
     ``model=None`` uses the offline ViT-S/14 weights (see `regcache.offline`); an alias uses the hub.
     """
-    from .extract import ExtractConfig, extract
-    from .models import Preprocess
-    from .offline import TIMM_NAME, fetch_vits14
-    from .probe import ProbeConfig, ProbeJob, run_probe
-    from .report import write_run
-    from .store import FeatureSet
+    from .offline import fetch_vits14
+    from .pipeline import load_pipeline, run_pipeline
 
-    out = Path(out)
-    manifests = build(out / "data")
-    checkpoint = str(fetch_vits14()) if model is None else None
-    model = model or TIMM_NAME
-    cache = out / "cache"
-    for name, manifest in manifests.items():
-        res = extract(ExtractConfig(model=model, data=str(manifest), cache=cache, checkpoint=checkpoint,
-                                    preprocess=Preprocess(size=size, resize=size * 8 // 7), precision=precision,
-                                    batch_size=batch_size, workers=workers, progress=progress))
-        if res.failed_shards:
-            raise DataError(f"demo set {name}: shards failed: {res.failed_shards}")
-    combos = [("cls",), ("patch",), ("cls", "patch")]
-    if FeatureSet(res.path).layout.num_reg:  # one model for every set
-        combos += [("reg",), ("cls", "reg"), ("cls", "patch", "reg")]
-    job = ProbeJob(model=model, train="fmnist-train", test="fmnist-val", cache=cache,
-                   eval=["fmnist-sketch", "fmnist-invert"], anomaly=["mnist", "animals", "textures"],
-                   scorers=("msp", "energy", "maxlogit", "knn", "mahalanobis", "vim"), knn_k=10)
-    cfg = ProbeConfig(features=combos, lrs=(0.003, 0.01, 0.03, 0.1), iterations=1000, batch_size=512)
-    result = run_probe(job, cfg, progress=progress)
-    write_run(out / "run", result, job, cfg)
-    return out / "run"
+    if not DEMO_PIPELINE.is_file():
+        raise DataError(f"the demo runs {DEMO_PIPELINE}, which is not there: run it from a source checkout")
+    out = Path(out).resolve()
+    build(out / "data")
+    overrides = {"vars.DEMO": str(out), "extract.size": size, "extract.resize": size * 8 // 7,
+                 "extract.precision": precision, "extract.workers": workers, "extract.batch_size": batch_size}
+    if model is None:
+        overrides["vars.DEMO_WEIGHTS"] = str(fetch_vits14())
+    else:
+        overrides["models"] = [model]
+    run = run_pipeline(load_pipeline(DEMO_PIPELINE, overrides), progress=progress, echo=echo)
+    (job,) = [j for j in run.probes if j.run is not None]
+    return job.run
