@@ -77,6 +77,9 @@ def main() -> None:
                    "those the model has].")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Local weights (.safetensors, or a torch file read weights-only) instead of the hub.")
+@click.option("--random-init", type=int, default=None, metavar="SEED",
+              help="timm's random weights under this seed, no hub or checkpoint: smoke tests only (recorded in the "
+                   "set; probe refuses it without --allow-random-init).")
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument (part of the fingerprint), e.g. depth=2.")
 @click.option("--batch-size", "-b", default=64, show_default=True)
@@ -123,7 +126,7 @@ def main() -> None:
                    "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
 @click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
-def extract(model, data, name, labels, role, features, checkpoint, model_arg, batch_size, workers, device, precision, dtype, size,
+def extract(model, data, name, labels, role, features, checkpoint, random_init, model_arg, batch_size, workers, device, precision, dtype, size,
             resize, crop_mode, pos_embed, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
             compile_, finalize, launcher, nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
@@ -144,7 +147,8 @@ def extract(model, data, name, labels, role, features, checkpoint, model_arg, ba
     try:
         cfg = ExtractConfig(
             model=model, data=data, name=name, labels=labels, role=role, features=parse_features(features) if features else None,
-            cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, model_kwargs=_kv(model_arg),
+            cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, random_init=random_init,
+            model_kwargs=_kv(model_arg),
             preprocess=preprocess_for(model, size=size, resize=resize, interpolation=interpolation,
                                       mean=_floats(mean) if mean else None, std=_floats(std) if std else None,
                                       crop_mode=crop_mode, views=views, seed=seed),
@@ -245,11 +249,13 @@ def _names(values: tuple[str, ...]) -> list[str]:
               help="Anomaly scores: msp, energy, maxlogit (from the head); knn, mahalanobis, vim (from features).")
 @click.option("--knn-k", default=50, show_default=True)
 @click.option("--stream", is_flag=True, help="Read the training set window by window (sets larger than memory).")
+@click.option("--allow-random-init", is_flag=True,
+              help="Use sets extracted with --random-init (smoke tests: their embeddings barely depend on the image).")
 @click.option("--stream-window", default=16, show_default=True, help="Shards per shuffle window with --stream.")
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--quiet", "-q", is_flag=True)
 def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, optimizer, iterations, batch_size, seed,
-          device, val_fraction, scorers, knn_k, stream, stream_window, no_plots, quiet):
+          device, val_fraction, scorers, knn_k, stream, allow_random_init, stream_window, no_plots, quiet):
     """Train linear heads on cached features and evaluate them (never loads a backbone).
 
     Writes results.parquet (long format), results.md (the paper's Table I layout), heads.safetensors,
@@ -266,7 +272,8 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
     try:
         job = ProbeJob(model=model, train=train, cache=cache or default_cache_root(), val=val, test=test,
                        eval=_names(eval_),
-                       anomaly=_names(anomaly), scorers=tuple(_names((scorers,))), knn_k=knn_k)
+                       anomaly=_names(anomaly), scorers=tuple(_names((scorers,))), knn_k=knn_k,
+                       allow_random_init=allow_random_init)
         device = _init_distributed(device)
         cfg = ProbeConfig(features=list(combos), lrs=_floats(lr), wds=_floats(wd), optimizer=optimizer,
                           iterations=iterations, batch_size=batch_size, seed=seed, device=device,

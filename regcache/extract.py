@@ -52,6 +52,7 @@ class ExtractConfig:
     cache: Path = field(default_factory=default_cache_root)
     store: Path | None = None
     checkpoint: str | None = None
+    random_init: int | None = None  # seed of timm's random weights (smoke tests; the probe refuses them)
     model_kwargs: dict = field(default_factory=dict)
     preprocess: Preprocess | None = None  # None: the model's own eval transform (models.preprocess_for)
     pos_embed: str = "timm"  # position-table resampling, models.POS_EMBED
@@ -107,7 +108,8 @@ def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, f
     return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
             "pos_embed": spec.pos_embed,
             "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
-            "features": sorted(features), "dataset": ds.digest}
+            "features": sorted(features), "dataset": ds.digest,
+            **({"random_init": spec.random_init} if spec.random_init is not None else {})}
 
 
 def shard_counts(ds: Dataset) -> list[int | None]:
@@ -134,6 +136,7 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
         "schema_version": SCHEMA_VERSION, "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
         "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
         "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
+                  "random_init": spec.random_init,
                   "weights_digest": digest, "kwargs": spec.kwargs, "pos_embed": spec.pos_embed},
         "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
         "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
@@ -231,7 +234,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if cfg.finalize_only:
         return _finalize_only(cfg, ds, t0)
     ids = shard_ids(ds)
-    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs, cfg.pos_embed)
+    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs, cfg.pos_embed, cfg.random_init)
     model = load_model(spec, cfg.preprocess.size)
     digest = state_dict_digest(model)
     layout = layout_of(model)

@@ -179,14 +179,20 @@ def _timm_eval(model: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class ModelSpec:
     """What determines a backbone: the timm name, optional local weights, architecture overrides
-    (an alias's own arguments first, the user's on top) and the position-embedding resampling."""
+    (an alias's own arguments first, the user's on top) and the position-embedding resampling.
+
+    ``random_init``: timm's random initialisation under this seed, for smoke tests without hub or checkpoint.
+    """
 
     name: str
     checkpoint: str | None = None
     kwargs: dict = field(default_factory=dict)
     pos_embed: str = "timm"
+    random_init: int | None = None
 
     def __post_init__(self) -> None:
+        if self.checkpoint is not None and self.random_init is not None:
+            raise ModelError("give either a checkpoint or --random-init, not both")
         if self.pos_embed not in POS_EMBED:
             raise ModelError(f"unknown --pos-embed {self.pos_embed!r}; known: {', '.join(POS_EMBED)}")
         alias = MODELS.get(self.name)
@@ -318,17 +324,20 @@ def _dinov2_filter(model: torch.nn.Module) -> Callable[[dict, torch.nn.Module], 
 
 
 def load_model(spec: ModelSpec, img_size: int) -> torch.nn.Module:
-    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, or ``spec.checkpoint`` when given.
+    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``spec.checkpoint``, or seeded random ones.
 
     ``spec.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
     (`POS_EMBED`); it needs a learned absolute table and a fixed input size.
     """
     import timm
 
-    hub = spec.checkpoint is None
+    hub = spec.checkpoint is None and spec.random_init is None
     dinov2 = spec.pos_embed == "dinov2"
-    model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
-                              img_size=img_size, **spec.kwargs)
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's generator
+        if spec.random_init is not None:
+            torch.manual_seed(spec.random_init)
+        model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
+                                  img_size=img_size, **spec.kwargs)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
         raise ModelError(f"{spec.timm_name} is not a timm VisionTransformer (no forward_intermediates)")
     if dinov2 and (getattr(model, "pos_embed", None) is None or getattr(model, "dynamic_img_size", False)):
@@ -338,6 +347,6 @@ def load_model(spec: ModelSpec, img_size: int) -> torch.nn.Module:
         from timm.models import load_pretrained
 
         load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
-    elif not hub:
+    elif spec.checkpoint is not None:
         load_checkpoint(model, spec.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
     return model.eval().requires_grad_(False)

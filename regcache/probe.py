@@ -524,6 +524,7 @@ class ProbeJob:
     anomaly: list[str] = field(default_factory=list)
     scorers: tuple[str, ...] = ("msp", "energy", "maxlogit")
     knn_k: int = 50
+    allow_random_init: bool = False  # use sets of random weights (extract --random-init): smoke tests
 
 
 @dataclass
@@ -563,6 +564,12 @@ def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None
             sets[role] = FeatureSet(known[role]) if role in known else find(getattr(job, role))
     sets.update({n: find(n) for n in [*job.eval, *job.anomaly]})
     check_compatible(sets)
+    for name, fs in sets.items():
+        seed = fs.meta["model"].get("random_init")
+        if seed is not None and not job.allow_random_init:
+            raise ProbeError(f"{name} ({fs.path}) holds features of random weights (extract --random-init {seed}): "
+                             "a random-init ViT gives nearly the same embedding for every image, so its numbers say "
+                             "nothing about the model; pass --allow-random-init for a smoke test")
     return sets
 
 

@@ -185,3 +185,50 @@ def test_pyproject_applies_without_deprecation_warnings():
         dist = apply_configuration(Distribution(), path)
     assert [str(w.message) for w in caught] == []
     assert dist.metadata.license_expression == "MIT"
+
+
+# --------------------------------------------------------------------------- 2: random weights
+
+def test_random_init_is_timms_seeded_init():
+    """--random-init SEED gives exactly timm's weights after torch.manual_seed(SEED), and leaves the global RNG alone."""
+    import timm
+
+    from conftest import REG, SIZE
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    model = load_model(ModelSpec(REG, random_init=7), SIZE)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.manual_seed(7)
+    ref = timm.create_model(REG, pretrained=False, num_classes=0, img_size=SIZE)
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
+    other = load_model(ModelSpec(REG, random_init=8), SIZE)
+    assert not torch.equal(other.pos_embed, model.pos_embed)
+    with pytest.raises(ModelError, match="either"):
+        ModelSpec(REG, checkpoint="w.safetensors", random_init=0)
+
+
+def test_random_init_sets_are_recorded_and_refused_by_the_probe(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import REG, RESIZE, SIZE, make_shards
+    from regcache.cli import main
+    from regcache.store import FeatureSet
+
+    data = make_shards(tmp_path / "shards", n_shards=2, per_shard=6)
+    cache = tmp_path / "cache"
+    for name in ("rtrain", "rtest"):
+        r = CliRunner().invoke(main, ["extract", "-m", REG, "--random-init", "0", "-d", data, "--name", name,
+                                      "--cache", str(cache), "--size", str(SIZE), "--resize", str(RESIZE), "-q",
+                                      "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+    (path,) = (cache / "rtrain").iterdir()
+    fs = FeatureSet(path)
+    assert fs.meta["model"]["random_init"] == 0 and fs.meta["model"]["checkpoint"] is None
+    assert fs.meta["identity"]["random_init"] == 0
+    probe = ["probe", "-m", REG, "-f", "cls", "--train", "rtrain", "--test", "rtest", "--cache", str(cache),
+             "--iterations", "5", "--batch-size", "8", "--no-plots", "-q"]
+    r = CliRunner().invoke(main, [*probe, "--out", str(tmp_path / "run0")])
+    assert r.exit_code == 1 and "random" in r.output and "--allow-random-init" in r.output, r.output
+    r = CliRunner().invoke(main, [*probe, "--out", str(tmp_path / "run1"), "--allow-random-init"])
+    assert r.exit_code == 0, r.output
