@@ -84,6 +84,9 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
             echo(plan_text(run))
             return run
         if "extract" in stages:
+            for job in run.extract:
+                if job.status == "cached":
+                    _verify(job)
             todo = [j for j in run.extract if j.status == "to do"]
             arrays = submit_arrays(todo, pl, echo) if pl.launcher["kind"] != "none" else {}
             for job in todo:
@@ -115,6 +118,15 @@ def _missing(job, pl: Pipeline) -> PipelineError:
     need = ", ".join(k for k, v in job.inputs.items() if v is None)
     return PipelineError(f"{job.label}: the pipeline has not extracted {need} yet; run "
                          f"'regcache run {pl.path} --stage extract' first")
+
+
+def _verify(job: ExtractJob) -> None:
+    """A cached set's shards must still hold what it read (sampled bytes, no decoding), as extract checks on reuse."""
+    from ..data import shard_ids
+    from ..extract import verify_shards
+    from ..store import FeatureSet
+
+    verify_shards(FeatureSet(job.path), job.dataset.dataset, shard_ids(job.dataset.dataset))
 
 
 def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]:
