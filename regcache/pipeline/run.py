@@ -295,7 +295,7 @@ def write_report(run: PipelineRun) -> Path:
             continue
         df = merge(runs)
         keys = ["model", "features", "set", "metric", "scorer", "role"]
-        if not df.duplicated(keys).any():  # one run per model: label rows by model, not by run folder
+        if not df[df.role != "selection"].duplicated(keys).any():  # one run per model: rows by model, not run
             df = df.drop(columns="run")
         parts.append(f"## {table}\n\n{markdown(df)}")
     out = pl.out / "report.md"
