@@ -289,7 +289,7 @@ class _manifest_env:
     """Manifests read ``${VARS}`` from the environment: give them the pipeline's values while loading
     (and running: `extract` reads the manifest again), restored afterwards."""
 
-    def __init__(self, env: dict[str, str], *_):
+    def __init__(self, env: dict[str, str]):
         self.env = env
 
     def __enter__(self):
