@@ -63,7 +63,7 @@ def test_array_parts_in_any_order_then_finalize(reg_ckpt, tmp_path):
     results = [extract(config(REG, reg_ckpt, data, cache, num_parts=3, part=p)) for p in (2, 0)]
     assert [r.complete for r in results] == [False, False] and results[-1].missing_units == 2  # shards 1 and 4
     r = CliRunner().invoke(main, cli_args(reg_ckpt, data, cache, "--finalize")[3:])
-    assert r.exit_code == 0 and "incomplete (2 of the shards" in r.output
+    assert r.exit_code == 1 and "incomplete (2 of the shards" in r.output, r.output
     last = extract(config(REG, reg_ckpt, data, cache, num_parts=3, part=1))
     assert last.complete and last.units_done == 2
     assert_same_content(last.path, ref.path)

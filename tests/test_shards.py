@@ -158,7 +158,7 @@ def test_paper_manifests_are_valid(monkeypatch):
     root = Path(__file__).resolve().parents[1] / "manifests"
     sets = {p.stem: load_manifest(p) for p in root.glob("*.yaml")}
     assert set(sets) == {"imagenet1k-train", "imagenet1k-val", "imagenet-a", "imagenet-r", "imagenet-sketch", "dtd",
-                         "svhn", "places365", "lsun", "lsun-resize", "isun"}
+                         "svhn", "places365", "lsun", "lsun-resize", "isun", "imagenet1k-val-1k"}
     assert all(ds.name == name for name, ds in sets.items())
     assert len(sets["imagenet1k-train"].classes) == 1000 and len(sets["imagenet-a"].subset) == 200
     assert len(sets["imagenet-r"].subset) == 200 and set(sets["imagenet-r"].subset) <= set(sets["imagenet-r"].classes)
