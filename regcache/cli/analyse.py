@@ -1,0 +1,124 @@
+"""Analyses of cached sets and of a model's tokens: norms, feature maps, token probes, attention."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .common import cache_option, main, split_names
+
+
+def _feature_sets(names: tuple[str, ...], cache: Path | None):
+    """Feature sets by path, or by the CACHE-relative name `regcache ls` prints."""
+    from ..extract import default_cache_root
+    from ..store import FeatureSet
+
+    root = cache or default_cache_root()
+    return [FeatureSet(n if (Path(n) / "regcache.json").is_file() else root / n) for n in names]
+
+
+@main.command()
+@click.argument("featuresets", nargs=-1, required=True)
+@cache_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("norms"), show_default=True)
+def norms(featuresets, cache, out):
+    """Token norms from the cache: histograms by token type, outliers (>98th percentile of patch norms)
+    and where they sit; several feature sets (e.g. vitl and vitl_reg) side by side.
+
+    FEATURESETS are paths, or names relative to the cache root as `regcache ls` prints them.
+    Writes norm_histograms.png, outlier_positions.png, summary.json and summary.parquet.
+    """
+    from ..analysis import norms_report
+
+    try:
+        summaries = norms_report(_feature_sets(featuresets, cache), out)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for s in summaries:
+        click.echo(f"{s.name}: {s.images} images, threshold {s.threshold:.2f}, "
+                   f"{100 * s.images_with_outlier:.1f}% of images with an outlier, "
+                   f"{s.outliers_per_image:.2f} outliers per image; median norms "
+                   + ", ".join(f"{k} {v:.1f}" for k, v in s.median_norm.items()))
+    click.echo(f"written to {out}")
+
+
+@main.command()
+@click.argument("featureset")
+@click.option("--keys", required=True, help="Comma list of sample keys.")
+@cache_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("featuremaps"),
+              show_default=True)
+@click.option("--no-images", is_flag=True, help="Do not look for the input images in the shards.")
+def featuremap(featureset, keys, cache, out, no_images):
+    """Patch-norm grids of chosen images (the study's feature maps), beside the inputs when the shards are at hand."""
+    from ..analysis import feature_maps
+
+    try:
+        (fs,) = _feature_sets((featureset,), cache)
+        paths = feature_maps(fs, split_names((keys,)), out, with_images=not no_images)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for p in paths:
+        click.echo(str(p))
+
+
+@main.command()
+@click.argument("featuresets", nargs=-1, required=True)
+@cache_option
+@click.option("--iterations", default=500, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the numbers as JSON.")
+def tokenprobe(featuresets, cache, iterations, seed, out):
+    """Linear probes that read a patch token's grid position from the token, outliers against normal tokens.
+
+    Needs feature sets extracted with --features tokens,norms (every patch token: small sets only).
+    """
+    from dataclasses import asdict
+
+    from ..analysis import token_probe
+
+    try:
+        results = [token_probe(fs, iterations=iterations, seed=seed) for fs in _feature_sets(featuresets, cache)]
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    for r in results:
+        click.echo(f"{r.name}: position accuracy {100 * r.accuracy:.1f}% (chance {100 * r.chance:.1f}%), "
+                   f"outlier tokens {100 * r.accuracy_outliers:.1f}% (n={r.outliers}), "
+                   f"normal tokens {100 * r.accuracy_normal:.1f}%; {r.test_images} held-out images")
+    if out is not None:
+        out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Alias or timm ViT name.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None)
+@click.option("--images", "-i", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Image files (repeat the option).")
+@click.option("--registers", is_flag=True, help="Also draw each register's attention.")
+@click.option("--similarity", is_flag=True,
+              help="Also: cosine similarity of each patch embedding to its neighbours, outliers vs the rest.")
+@click.option("--size", default=224, show_default=True)
+@click.option("--resize", default=256, show_default=True)
+@click.option("--display", default=800, show_default=True, help="Pixels of each drawn map.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attention"),
+              show_default=True)
+def attention(model, checkpoint, images, registers, similarity, size, resize, display, out):
+    """Last-block attention of [CLS] (and registers) to the patches, averaged over heads, for a few images."""
+    from ..analysis import attention_figure, similarity_report
+    from ..models import ModelSpec, load_model, preprocess_for
+    from ..tokens import layout_of
+
+    try:
+        net = load_model(ModelSpec(model, checkpoint), size)
+        layout, pre = layout_of(net), preprocess_for(model, size=size, resize=resize)
+        if registers and not layout.num_reg:
+            raise click.ClickException(f"{model} has no register tokens")
+        for p in attention_figure(net, layout, pre, [Path(i) for i in images], out, registers, display):
+            click.echo(str(p))
+        if similarity:
+            r = similarity_report(net, layout, pre, [Path(i) for i in images], out)
+            click.echo(f"neighbour similarity: outliers {r['mean_similarity_outliers']:.3f} "
+                       f"({r['outliers']} patches), normal {r['mean_similarity_normal']:.3f}")
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
