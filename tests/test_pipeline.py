@@ -115,7 +115,7 @@ def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
         raise AssertionError("a finished pipeline did work again")
 
     monkeypatch.setattr("regcache.extract.load_model", refuse)
-    monkeypatch.setattr("regcache.probe.train_heads", refuse)
+    monkeypatch.setattr("regcache.probe.run.train_heads", refuse)
     _run(tiny, "out1", overrides={"probes.p.seed": 3})
     assert _statuses(out) == {"extract": ["cached"] * 3, "probes": ["cached"], "analyses": ["cached"]}
     # a changed probe setting is a new probe job, the sets stay cached
