@@ -20,6 +20,21 @@ def brute_fpr95(id_s, ood_s, tpr=0.95):
     return float(np.mean(np.asarray(ood_s) >= best))
 
 
+def brute_fpr95_openood(id_s, ood_s, tpr=0.95):
+    """OOD positive (OpenOOD v1.5): flag scores at or below t; the smallest t that flags >= tpr of OOD; ID flagged."""
+    for t in sorted(set(id_s) | set(ood_s)):
+        if np.mean(np.asarray(ood_s) <= t) >= tpr:
+            return float(np.mean(np.asarray(id_s) <= t))
+
+
+def sklearn_fpr95_openood(id_s, ood_s, tpr=0.95):
+    """OpenOOD v1.5's own computation (evaluators/metrics.py): roc_curve with OOD as positive on -score."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tprs, _ = roc_curve(np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))], -np.r_[id_s, ood_s])
+    return float(fpr[np.argmax(tprs >= tpr)])
+
+
 scores = st.lists(st.integers(-5, 5).map(float), min_size=1, max_size=60)  # small ints: many ties
 
 
@@ -27,6 +42,9 @@ scores = st.lists(st.integers(-5, 5).map(float), min_size=1, max_size=60)  # sma
 @given(id_s=scores, ood_s=scores)
 def test_metrics_match_brute_force_and_sklearn(id_s, ood_s):
     assert ood.fpr_at_tpr(id_s, ood_s) == pytest.approx(brute_fpr95(id_s, ood_s))
+    assert ood.fpr_at_tpr_openood(id_s, ood_s) == pytest.approx(brute_fpr95_openood(id_s, ood_s))
+    if len(set(id_s)) > 1 or len(set(ood_s)) > 1:  # roc_curve needs two distinct scores
+        assert ood.fpr_at_tpr_openood(id_s, ood_s) == pytest.approx(sklearn_fpr95_openood(id_s, ood_s))
     y = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
     s = np.r_[id_s, ood_s]
     assert ood.auroc(id_s, ood_s) == pytest.approx(roc_auc_score(y, s))
@@ -40,6 +58,14 @@ def test_fpr95_hand_made_cases():
     assert ood.fpr_at_tpr(id_s, [1.5]) == 0.0
     assert ood.fpr_at_tpr(np.ones(10), [1.0, 0.0]) == 0.5  # all tied: threshold 1 keeps every ID
     assert ood.fpr_at_tpr(id_s, [100.0]) == 1.0            # a single anomaly sample
+
+
+def test_the_two_fpr95_conventions_differ():
+    """ID 1..20, OOD 0..3: ID-positive keeps 19 ID (threshold 2) and accepts 2 of 4 OOD; OOD-positive flags
+    all OOD at threshold 3 (the smallest catching >= 95%) and so flags the 3 ID scores 1, 2, 3."""
+    id_s = np.arange(1, 21, dtype=float)
+    assert ood.fpr_at_tpr(id_s, [0, 1, 2, 3]) == 0.5
+    assert ood.fpr_at_tpr_openood(id_s, [0, 1, 2, 3]) == 3 / 20
 
 
 def test_empty_and_non_finite_scores_are_errors():
@@ -82,20 +108,26 @@ def test_roc_points_end_at_one_and_match_auroc():
     assert np.trapezoid(tpr, fpr) == pytest.approx(ood.auroc(a, b))
 
 
+def fitted(name, train, labels, head=None, **args):
+    head = head or ood.Linear(np.zeros((1, train.shape[1])), np.zeros(1))
+    return ood.make(name, **args).fit(ood.Bank.from_array(train, labels, chunk=13), head)
+
+
 def test_knn_and_mahalanobis_against_brute_force():
     rng = np.random.default_rng(2)
     train, labels = rng.normal(size=(60, 5)), rng.integers(0, 3, 60)
     test = rng.normal(size=(9, 5))
     n = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    knn = fitted("knn", train, labels, k=4).score(test, None)
     for i, x in enumerate(n(test)):
         d = np.sort(np.linalg.norm(n(train) - x, axis=1))
-        assert ood.knn_score(train, test, k=4)[i] == pytest.approx(-d[3], abs=1e-5)
-    maha = ood.Mahalanobis(train, labels)
+        assert knn[i] == pytest.approx(-d[3], abs=1e-5)
+    maha = fitted("mahalanobis", train, labels).score(test, None)
     means = [train[labels == c].mean(0) for c in range(3)]
     cov = sum(np.outer(x - means[c], x - means[c]) for x, c in zip(train, labels)) / len(train)
     inv = np.linalg.inv(cov)
     for i, x in enumerate(test):
-        assert maha.score(test)[i] == pytest.approx(-min((x - m) @ inv @ (x - m) for m in means), rel=1e-6)
+        assert maha[i] == pytest.approx(-min((x - m) @ inv @ (x - m) for m in means), rel=1e-6)
 
 
 def test_vim_against_a_direct_svd_computation():
@@ -104,16 +136,16 @@ def test_vim_against_a_direct_svd_computation():
     basis = np.linalg.qr(rng.normal(size=(10, 10)))[0]
     train = (rng.normal(size=(300, 6)) * 3) @ basis[:, :6].T + rng.normal(size=(300, 10)) * 0.1
     w, b = rng.normal(size=(4, 10)), rng.normal(size=4)
-    vim = ood.ViM(train, w, b, dim=6)
+    vim = fitted("vim", train, np.zeros(300, int), ood.Linear(w, b), dim=6)
     origin = -np.linalg.pinv(w) @ b
     _, _, vt = np.linalg.svd(train - origin, full_matrices=False)
     principal = vt[:6].T  # top right-singular vectors = top eigenvectors of the covariance
     residual = lambda x: np.linalg.norm((x - origin) - (x - origin) @ principal @ principal.T, axis=1)  # noqa: E731
     alpha = (train @ w.T + b).max(1).sum() / residual(train).sum()
     test = rng.normal(size=(5, 10))
-    np.testing.assert_allclose(vim.score(test), logsumexp(test @ w.T + b, axis=1) - alpha * residual(test),
+    np.testing.assert_allclose(vim.score(test, None), logsumexp(test @ w.T + b, axis=1) - alpha * residual(test),
                                rtol=1e-8)
     # moving a point off the training subspace lowers its score
     inside = train[:1]
     outside = inside + 5 * basis[:, 8]
-    assert vim.score(outside)[0] < vim.score(inside)[0]
+    assert vim.score(outside, None)[0] < vim.score(inside, None)[0]

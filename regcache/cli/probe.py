@@ -8,6 +8,10 @@ import click
 
 from .common import cache_option, main, parse_floats, setup_logging, split_names
 
+scorer_arg_option = click.option(
+    "--scorer-arg", "scorer_args", multiple=True, metavar="SCORER.PARAM=VALUE",
+    help="A scorer hyperparameter, e.g. react.percentile=0.95 (repeatable); recorded with every result row.")
+
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Alias, timm name, or fingerprint prefix of the cached sets.")
@@ -30,8 +34,10 @@ from .common import cache_option, main, parse_floats, setup_logging, split_names
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--val-fraction", default=0.1, show_default=True, help="Held out of --train when no --val.")
 @click.option("--scorers", default="msp,energy,maxlogit", show_default=True,
-              help="Anomaly scores: msp, energy, maxlogit (from the head); knn, mahalanobis, vim (from features).")
-@click.option("--knn-k", default=50, show_default=True)
+              help="OOD scorers (comma list, or all): `regcache scorers` lists them with their references. "
+                   "Those that need training statistics fit on view 0 of --train, read in chunks.")
+@scorer_arg_option
+@click.option("--knn-k", default=50, show_default=True, help="k of the knn scorer (as --scorer-arg knn.k=K).")
 @click.option("--stream", is_flag=True, help="Read the training set window by window (sets larger than memory).")
 @click.option("--allow-random-init", is_flag=True,
               help="Use sets extracted with --random-init (smoke tests: their embeddings barely depend on the image).")
@@ -39,7 +45,7 @@ from .common import cache_option, main, parse_floats, setup_logging, split_names
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--quiet", "-q", is_flag=True)
 def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, optimizer, iterations, batch_size, seed,
-          device, val_fraction, scorers, knn_k, stream, allow_random_init, stream_window, no_plots, quiet):
+          device, val_fraction, scorers, scorer_args, knn_k, stream, allow_random_init, stream_window, no_plots, quiet):
     """Train linear heads on cached features and evaluate them (never loads a backbone).
 
     Writes results.parquet (long format), results.md (the paper's Table I layout), heads.safetensors,
@@ -57,6 +63,7 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
         job = ProbeJob(model=model, train=train, cache=cache or default_cache_root(), val=val, test=test,
                        eval=split_names(eval_),
                        anomaly=split_names(anomaly), scorers=tuple(split_names((scorers,))), knn_k=knn_k,
+                       scorer_args=parse_scorer_args(scorer_args),
                        allow_random_init=allow_random_init)
         device = _init_distributed(device)
         cfg = ProbeConfig(features=list(combos), lrs=parse_floats(lr), wds=parse_floats(wd), optimizer=optimizer,
@@ -72,6 +79,16 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
     if result is not None:
         click.echo((out / "results.md").read_text())
         click.echo(f"run directory: {out}")
+
+
+def parse_scorer_args(items) -> dict:
+    """``--scorer-arg react.percentile=90`` (repeatable) into {scorer: {param: value}}, names checked."""
+    from ..ood import parse_args
+
+    try:
+        return parse_args(items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--scorer-arg") from None
 
 
 def _init_distributed(device: str) -> str:
@@ -98,11 +115,16 @@ def _leave_distributed() -> None:
 @click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--eval", "eval_", multiple=True, metavar="LIST", help="OOD-generalisation sets (top-1).")
 @click.option("--anomaly", multiple=True, metavar="LIST", help="Anomaly sets.")
-@click.option("--scorers", default=None, help="Override the run's scorers.")
+@click.option("--scorers", default=None, help="Override the run's scorers (comma list, or all).")
+@scorer_arg_option
+@click.option("--device", default="cpu", show_default=True, help="Where k-NN and NNGuide search the training bank.")
 @cache_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="[default: RUN/score-TIME]")
-def score(run, eval_, anomaly, scorers, cache, out):
-    """Apply the heads saved in RUN to further cached sets."""
+def score(run, eval_, anomaly, scorers, scorer_args, device, cache, out):
+    """Apply the heads saved in RUN to further cached sets.
+
+    Feature scorers fit on the run's training set, streamed from the store in chunks (view 0 only).
+    """
     from datetime import datetime
 
     from ..probe import score_run
@@ -111,7 +133,8 @@ def score(run, eval_, anomaly, scorers, cache, out):
     setup_logging(False)
     out = out or run / f"score-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
-        result = score_run(run, split_names(eval_), split_names(anomaly), split_names((scorers,)) if scorers else None, cache)
+        result = score_run(run, split_names(eval_), split_names(anomaly), split_names((scorers,)) if scorers else None,
+                           cache, parse_scorer_args(scorer_args) if scorer_args else None, device)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
     out.mkdir(parents=True, exist_ok=True)
@@ -121,6 +144,17 @@ def score(run, eval_, anomaly, scorers, cache, out):
         plot_scores(out / "plots", result.scores)
     click.echo((out / "results.md").read_text())
     click.echo(f"written to {out}")
+
+
+@main.command("scorers")
+def scorers_cmd():
+    """List the OOD scorers: name, what they need, hyperparameters with defaults (and their source), reference."""
+    from ..ood import SCORERS
+
+    for name, cls in SCORERS.items():
+        needs = cls.inputs + (" + training bank" if cls.needs_bank else "")
+        params = ", ".join(f"{k}={v}" for k, v in cls.params.items()) or "-"
+        click.echo(f"{name:15} {needs:25} {params:22} defaults: {cls.defaults}\n{'':15} {cls.reference}")
 
 
 @main.command()

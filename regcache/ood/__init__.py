@@ -1,6 +1,10 @@
-"""Out-of-distribution detection: scores from logits and features (`scores`), and their metrics (`metrics`)."""
-from .metrics import METRICS, aupr_in, aupr_out, auroc, average_precision, fpr_at_tpr, roc_points
-from .scores import LOGIT_SCORES, Mahalanobis, ViM, energy, knn_score, max_logit, msp
+"""Out-of-distribution detection: metrics (`metrics`), logit scores (`scores`), the scorer registry
+(`scorers`) and fitting on the training bank in chunks (`fit`)."""
+from .fit import Bank, FitError, Moments, quantile, topk_similarities
+from .metrics import METRICS, aupr_in, aupr_out, auroc, average_precision, fpr_at_tpr, fpr_at_tpr_openood, roc_points
+from .scorers import SCORERS, Linear, Scorer, make, parse_args, register, resolve
+from .scores import energy, max_logit, msp, softmax
 
-__all__ = ["LOGIT_SCORES", "METRICS", "Mahalanobis", "ViM", "aupr_in", "aupr_out", "auroc", "average_precision",
-           "energy", "fpr_at_tpr", "knn_score", "max_logit", "msp", "roc_points"]
+__all__ = ["METRICS", "SCORERS", "Bank", "FitError", "Linear", "Moments", "Scorer", "aupr_in", "aupr_out", "auroc",
+           "average_precision", "energy", "fpr_at_tpr", "fpr_at_tpr_openood", "make", "max_logit", "msp",
+           "parse_args", "quantile", "register", "resolve", "roc_points", "softmax", "topk_similarities"]

@@ -1,8 +1,11 @@
 """Detection metrics (DESIGN §5): scores where larger means more in-distribution.
 
-FPR@TPR95 follows Hendrycks & Gimpel and Liu et al.: ID is the positive class, the threshold
-keeps 95% of ID samples (ties at the threshold are kept too), and the result is the fraction
-of anomaly samples at or above it. AUROC is the same under either convention.
+FPR@TPR95 (``fpr95``) follows Hendrycks & Gimpel and Liu et al.: ID is the positive class, the
+threshold keeps 95% of ID samples (ties at the threshold are kept too), and the result is the
+fraction of anomaly samples at or above it. OpenOOD v1.5 and pytorch-ood report the mirror image
+(``fpr95_openood``): OOD is the positive class, the threshold catches 95% of OOD samples, and the
+result is the fraction of ID samples flagged with them (OpenOOD issue #308). The two differ and are
+never to be compared; AUROC is the same under either convention.
 """
 from __future__ import annotations
 
@@ -25,6 +28,13 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
     k = int(np.ceil(tpr * len(a) - 1e-9))  # ID samples that must be kept
     threshold = np.sort(a)[::-1][max(k, 1) - 1]
     return float(np.mean(b >= threshold))
+
+
+def fpr_at_tpr_openood(id_scores, ood_scores, tpr: float = 0.95) -> float:
+    """OOD positive: fraction of ID samples flagged by the threshold that flags ``tpr`` of the OOD samples
+    (a sample is flagged when its score is at or below the threshold; ties are flagged too)."""
+    a, b = _check(id_scores, ood_scores)
+    return fpr_at_tpr(-b, -a, tpr)
 
 
 def auroc(id_scores, ood_scores) -> float:
@@ -68,7 +78,8 @@ def aupr_out(id_scores, ood_scores) -> float:
     return average_precision(-np.asarray(ood_scores, dtype=np.float64), -np.asarray(id_scores, dtype=np.float64))
 
 
-METRICS = {"fpr95": fpr_at_tpr, "auroc": auroc, "aupr_in": aupr_in, "aupr_out": aupr_out}
+METRICS = {"fpr95": fpr_at_tpr, "fpr95_openood": fpr_at_tpr_openood, "auroc": auroc, "aupr_in": aupr_in,
+           "aupr_out": aupr_out}
 
 
 def roc_points(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:

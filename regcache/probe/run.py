@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from .. import ood
-from ..store import FeatureSet, list_feature_sets
-from .data import (ProbeError, Split, StreamedSplit, check_compatible, class_names, find_feature_set, holdout,
-                   load_split, map_labels)
+from ..store import FeatureSet, find_feature_set, list_feature_sets
+from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
+                   class_names, holdout, load_split, map_labels)
 from .heads import Head, ProbeConfig, accuracy, load_heads, select, train_heads
 
 
@@ -34,12 +34,17 @@ class Row:
     scorer: str = ""
     lr: float = float("nan")
     wd: float = float("nan")
+    scorer_args: str = ""  # the scorer's hyperparameters (JSON), defaults included
 
 
 def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[Split],
-             scorers: Sequence[str], bank: tuple[Split, np.ndarray] | None = None, knn_k: int = 50,
-             scores_out: dict | None = None) -> list[Row]:
-    """ID and OOD accuracy, and per-anomaly-set FPR@95/AUROC/AUPR for every scorer, plus their means."""
+             scorers: Sequence[str], bank: "BankSource | None" = None, scorer_args: dict | None = None,
+             scores_out: dict | None = None, device: str = "cpu") -> list[Row]:
+    """ID and OOD accuracy, and per-anomaly-set metrics (`ood.METRICS`) for every scorer, plus their means.
+
+    ``scorer_args``: hyperparameters by scorer name (``{"react": {"percentile": 0.9}}``); each row records
+    the scorer's full set. Feature scorers fit on ``bank(head.features, device)``, streamed in chunks.
+    """
     f, hp = head.name, dict(lr=head.lr, wd=head.wd)
     rows = [Row(f, id_split.name, "id", "top1", accuracy(head.logits(id_split), id_split.labels, id_split.subset),
                len(id_split), **hp)]
@@ -47,48 +52,48 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
         rows.append(Row(f, s.name, "ood-gen", "top1", accuracy(head.logits(s), s.labels, s.subset), len(s), **hp))
     if not anomalies:
         return rows
-    score_fns = _scorers(head, scorers, bank, knn_k)
-    id_scores = {name: fn(id_split) for name, fn in score_fns.items()}
+    fitted = _scorers(head, scorers, bank, scorer_args or {}, device)
+    args = {name: json.dumps(sc.args, sort_keys=True) for name, sc in fitted.items()}
+    id_scores = {name: _score(sc, head, id_split) for name, sc in fitted.items()}
     per: dict[tuple[str, str], list[float]] = {}
     for s in anomalies:
-        for name, fn in score_fns.items():
-            o = fn(s)
+        for name, sc in fitted.items():
+            o = _score(sc, head, s)
             if scores_out is not None:
                 scores_out[(f, s.name, name)] = (id_scores[name], o)
             for metric, m in ood.METRICS.items():
                 v = m(id_scores[name], o)
-                rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp))
+                rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args[name]))
                 per.setdefault((name, metric), []).append(v)
     for (name, metric), values in per.items():
         rows.append(Row(f, "mean", "anomaly", metric, float(np.mean(values)),
-                        sum(len(s) for s in anomalies), name, **hp))
+                        sum(len(s) for s in anomalies), name, **hp, scorer_args=args[name]))
     return rows
 
 
-def _scorers(head: Head, scorers: Sequence[str], bank: tuple[Split, np.ndarray] | None, knn_k: int) -> dict:
-    fns = {}
-    for name in scorers:
-        if name in ood.LOGIT_SCORES:
-            fns[name] = (lambda fn: lambda s: fn(head.logits(s)))(ood.LOGIT_SCORES[name])
-        elif name in FEATURE_SCORERS:
-            if bank is None:
-                raise ProbeError(f"scorer {name} needs the training features")
-            train = bank[0].combo(head.features).numpy()
-            if name == "knn":
-                fns[name] = lambda s, t=train: ood.knn_score(t, s.combo(head.features).numpy(), k=knn_k)
-            elif name == "vim":
-                vim = ood.ViM(train, head.weight.numpy(), head.bias.numpy())
-                fns[name] = lambda s, v=vim: v.score(s.combo(head.features).numpy())
-            else:
-                maha = ood.Mahalanobis(train, bank[1])
-                fns[name] = lambda s, m=maha: m.score(s.combo(head.features).numpy())
-        else:
-            raise ProbeError(f"unknown scorer {name!r}; known: {', '.join(SCORERS)}")
-    return fns
+def _scorers(head: Head, names: Sequence[str], bank: "BankSource | None", args: dict, device: str) -> dict:
+    """Each scorer made with its arguments and fitted once for this head (the bank read only if one needs it)."""
+    lin = ood.Linear(head.weight.numpy(), head.bias.numpy())
+    made = {name: ood.make(name, **args.get(name, {})) for name in ood.resolve(names)}
+    need = [n for n, sc in made.items() if sc.needs_bank]
+    if need and bank is None:
+        raise ProbeError(f"scorers {', '.join(need)} need the training features")
+    b = bank(head.features, device) if need else None
+    return {name: sc.fit(b, lin) for name, sc in made.items()}
 
 
-FEATURE_SCORERS = ("knn", "mahalanobis", "vim")  # these need the training features
-SCORERS = (*ood.LOGIT_SCORES, *FEATURE_SCORERS)
+def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) -> np.ndarray:
+    """A split's scores, a chunk of rows at a time in float64 (features and the head's full logits)."""
+    lin = scorer.head or ood.Linear(head.weight.numpy(), head.bias.numpy())
+    out = []
+    for i in range(0, len(split), chunk):
+        x = split.combo(head.features, np.arange(i, min(i + chunk, len(split)))).numpy().astype(np.float64)
+        out.append(scorer.score(x, lin(x)))
+    return np.concatenate(out)
+
+
+SCORERS = tuple(ood.SCORERS)  # every registered scorer (`regcache scorers` lists them)
+FEATURE_SCORERS = tuple(n for n, c in ood.SCORERS.items() if c.needs_bank)  # these fit on the training features
 
 
 # --------------------------------------------------------------------------- a whole run
@@ -106,6 +111,7 @@ class ProbeJob:
     anomaly: list[str] = field(default_factory=list)
     scorers: tuple[str, ...] = ("msp", "energy", "maxlogit")
     knn_k: int = 50
+    scorer_args: dict = field(default_factory=dict)  # {scorer: {param: value}}; knn.k here overrides knn_k
     allow_random_init: bool = False  # use sets of random weights (extract --random-init): smoke tests
 
 
@@ -127,13 +133,39 @@ class _Data:
     num_classes: int
     train: "Split | StreamedSplit | None" = None
     val: Split | None = None
-    bank: tuple[Split, np.ndarray] | None = None  # view-0 training rows and labels, for feature scorers
+    bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
 
 
-def _bank(train: Split) -> tuple[Split, np.ndarray]:
-    """View-0 training rows and their labels, for the feature-space scorers."""
-    rows = np.flatnonzero(train.views == 0)
-    return train.take(rows), train.labels[rows]
+BankSource = Callable[[Sequence[str], str], "ood.Bank"]  # (feature combination, device) -> bank
+
+
+def _bank(train: Split | StreamedSplit) -> BankSource:
+    """The view-0 rows of the training set as a bank: a streamed set stays streamed (read from the store)."""
+    if isinstance(train, StreamedSplit):
+        sel = np.flatnonzero(train.view_ids == 0)
+        return _store_bank(train.fs, train.name, train.rows[sel], train.labels[sel], train.keys[sel])
+    sel = np.flatnonzero(train.views == 0)
+
+    def reader(features: Sequence[str]):
+        return lambda r: np.concatenate([train.x[f][sel[r]].reshape(len(r), -1) for f in features], 1)
+    return lambda features, device: ood.Bank(reader(features), train.labels[sel], device=device,
+                                             name=f"{train.name} (view 0)")
+
+
+def _store_bank(fs: FeatureSet, name: str, rows: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> BankSource:
+    """Store ``rows`` as a bank read a chunk at a time, in float16 as the probe reads every set (never whole,
+    never in float64), with the same non-finite check as a loaded set."""
+    def reader(features: Sequence[str]):
+        def read(r: np.ndarray) -> np.ndarray:
+            return np.concatenate([_read(fs, name, f, rows[r], keys[r]).reshape(len(r), -1) for f in features], 1)
+        return read
+    return lambda features, device: ood.Bank(reader(features), labels, device=device, name=f"{name} (view 0)")
+
+
+def _read(fs: FeatureSet, name: str, feature: str, rows: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    a = fs.read_rows(feature, rows, out=np.empty((len(rows), *fs.layout.shape(feature)), np.float16))
+    _refuse_non_finite(name, fs.path, feature, _non_finite_rows(a), keys)
+    return a
 
 
 def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
@@ -181,9 +213,6 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
     if stream:
         if not job.val:
             raise ProbeError("a streamed training set needs --val (no rows are held out of it)")
-        if any(s in FEATURE_SCORERS for s in job.scorers):
-            raise ProbeError(f"{', '.join(FEATURE_SCORERS)} need the training features in memory; "
-                             "drop --stream or them")
         train = StreamedSplit(sets["train"], job.train, union, window=stream)
     else:
         train = load_split(sets["train"], union, job.train, views=None)
@@ -196,16 +225,17 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
     test = _labelled(sets["test"], union, job.test, id_classes, num_classes) if job.test else val
     return _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
                  [load_split(sets[n], union, n) for n in job.anomaly], num_classes, train, val,
-                 _bank(train) if any(s in FEATURE_SCORERS for s in job.scorers) else None)
+                 _bank(train))
 
 
-def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row], protocol: dict):
+def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row], protocol: dict,
+                  device: str = "cpu"):
     import pandas as pd
 
     scores: dict = {}
     for head in heads:
-        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, data.bank, job.knn_k,
-                               scores)
+        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, data.bank,
+                               _scorer_args(job), scores, device)
     df = pd.DataFrame([asdict(r) for r in rows])
     df.insert(0, "model", job.model)
     df["seed"] = seed
@@ -214,6 +244,11 @@ def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, 
     df["heads_per_combination"] = protocol.get("heads_per_combination", 0)
     df["train_views"] = len(protocol.get("train_views") or [])
     return df, scores
+
+
+def _scorer_args(job: ProbeJob) -> dict:
+    """The job's scorer arguments, with ``knn_k`` (the older flag) as k-NN's k unless knn.k is given."""
+    return {**job.scorer_args, "knn": {"k": job.knn_k, **job.scorer_args.get("knn", {})}}
 
 
 def _need_test(job: ProbeJob, heads: int) -> str:
@@ -227,9 +262,7 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
 
     With several heads per combination (an lr/wd grid), the selection set and the test set must differ.
     """
-    unknown = [s for s in job.scorers if s not in SCORERS]
-    if unknown:
-        raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
+    job.scorers = tuple(ood.resolve(job.scorers))
     heads_per = len(cfg.grid)
     if heads_per > 1 and not job.test:
         raise ProbeError(_need_test(job, heads_per))
@@ -247,16 +280,18 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
     heads = select(candidates, data.val)
     selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
                  for h in candidates]
-    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol)
+    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol, cfg.device)
     return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()}, protocol)
 
 
 def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequence[str] = (),
-              scorers: Sequence[str] | None = None, cache: str | os.PathLike | None = None) -> ProbeResult:
+              scorers: Sequence[str] | None = None, cache: str | os.PathLike | None = None,
+              scorer_args: dict | None = None, device: str = "cpu") -> ProbeResult:
     """Apply a run's saved heads to further cached sets (found as the run found its own).
 
     Reads the run's ID set, the new sets, and the training set only when a scorer needs its features
-    (k-NN, Mahalanobis, ViM: view 0 only) or when the ID set was held out of it.
+    (`FEATURE_SCORERS`: view 0 only, streamed from the store in chunks) or when the ID set was held out
+    of it. ``scorers``/``scorer_args`` replace the run's own.
     """
     run = Path(run)
     config = json.loads((run / "config.json").read_text())
@@ -264,9 +299,9 @@ def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequenc
                       "eval": list(eval), "anomaly": list(anomaly)})
     if scorers:
         job.scorers = tuple(scorers)
-    unknown = [s for s in job.scorers if s not in SCORERS]
-    if unknown:
-        raise ProbeError(f"unknown scorer {unknown[0]!r}; known: {', '.join(SCORERS)}")
+    if scorer_args is not None:
+        job.scorer_args = scorer_args
+    job.scorers = tuple(ood.resolve(job.scorers))
     heads = load_heads(run / "heads.safetensors")
     union = sorted({f for h in heads for f in h.features})
     sets = _find_sets(job, union, known=config["sets"])
@@ -275,16 +310,20 @@ def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequenc
     id_role = "test" if job.test else "val" if job.val else None
     test = _labelled(sets[id_role], union, getattr(job, id_role), id_classes, num_classes) if id_role else None
     bank = None
-    if test is None or any(s in FEATURE_SCORERS for s in job.scorers):
-        train = load_split(sets["train"], union, job.train, views=(0,))
+    if test is None or any(ood.SCORERS[s].needs_bank for s in job.scorers):
+        fs = sets["train"]
+        idx = fs.index
+        idx = idx[idx.view == 0]
+        rows, labels, keys, views = (idx[c].to_numpy() for c in ("row", "label", "key", "view"))
         if not job.val:  # the run's held-out rows: the same keys for the same seed
-            fit_rows, held_rows = holdout(train, config["probe"]["val_fraction"], seed)
+            fit_rows, held = holdout(Split(job.train, {}, labels, keys, views), config["probe"]["val_fraction"], seed)
             if test is None:
-                test = train.take(held_rows, name=f"{job.train}[held-out]")
-            train = train.take(fit_rows)
-        bank = (train, train.labels)
+                test = Split(f"{job.train}[held-out]", {f: _read(fs, job.train, f, rows[held], keys[held]) for f in union},
+                             labels[held], keys[held], views[held])
+            rows, labels, keys = rows[fit_rows], labels[fit_rows], keys[fit_rows]
+        bank = _store_bank(fs, job.train, rows, labels, keys)
     data = _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
                  [load_split(sets[n], union, n) for n in job.anomaly], num_classes, bank=bank)
-    df, scores = _evaluate_all(job, heads, data, seed, [], protocol)
+    df, scores = _evaluate_all(job, heads, data, seed, [], protocol, device)
     return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()},
                        protocol)

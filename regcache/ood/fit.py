@@ -1,0 +1,191 @@
+"""Fitting on the training bank a chunk at a time: the statistics feature scorers need, never the bank in float64.
+
+At ImageNet scale the bank (1.28M × 1024 float16) is 2.6 GB; a float64 copy would be 10.5 GB and a
+query × bank similarity block tens of GB. So every statistic here is accumulated over chunks of rows
+(means and D × D moments in float64, exact quantiles by histogram refinement, exact k-NN with a
+running top-k merge), and a `Bank` memoises each statistic so that scorers sharing one (Mahalanobis,
+RMDS, ViM, Residual, DICE, fDBD, NCI all use `moments`) read the bank once for it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+class FitError(ValueError):
+    """A bank a scorer cannot fit on (too few rows for k, non-finite rows, …)."""
+
+
+@dataclass
+class Bank:
+    """Training rows for fitting: ``read(rows)`` gives features [len(rows), D] in their stored dtype.
+
+    ``device`` is where the k-NN search runs ('cpu', 'cuda', …). ``name`` is used in errors.
+    """
+
+    read: Callable[[np.ndarray], np.ndarray]
+    labels: np.ndarray
+    chunk: int = 16384
+    device: str = "cpu"
+    name: str = "training bank"
+    _memo: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_array(cls, x: np.ndarray, labels: np.ndarray, **kw) -> "Bank":
+        x = np.asarray(x).reshape(len(x), -1)
+        return cls(lambda rows: x[rows], np.asarray(labels), **kw)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self, dtype=np.float64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features in ``dtype``, labels) of consecutive row blocks of at most ``chunk`` rows."""
+        if not len(self):
+            raise FitError(f"{self.name} has no rows")
+        for i in range(0, len(self), self.chunk):
+            rows = np.arange(i, min(i + self.chunk, len(self)))
+            yield np.asarray(self.read(rows), dtype=dtype), self.labels[rows]
+
+    def memo(self, key, compute: Callable[[], object]):
+        """``compute()`` once per bank and key: scorers that need the same statistic share one pass."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def moments(self, normalise: bool = False) -> "Moments":
+        return self.memo(("moments", normalise), lambda: Moments.of(self, normalise))
+
+    def stored(self) -> np.ndarray:
+        """The whole bank in its stored dtype (float16 for a default cache: the bank's own bytes), for k-NN."""
+        return self.memo("stored", lambda: np.concatenate([np.asarray(self.read(np.arange(i, min(i + self.chunk,
+                                                                                                len(self)))))
+                                                           for i in range(0, len(self), self.chunk)]))
+
+
+def add_rows(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
+    """``target[index[i]] += values[i]`` for every i, in place (numpy's add.at is far slower)."""
+    torch.from_numpy(target).index_add_(0, torch.from_numpy(np.asarray(index, np.int64)),
+                                        torch.from_numpy(np.ascontiguousarray(values, target.dtype)))
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass
+class Moments:
+    """Counts, means and second moments of the bank, accumulated in float64 about a reference point
+    (the first chunk's mean, against cancellation), per class and overall."""
+
+    classes: np.ndarray   # class ids present, ascending
+    counts: np.ndarray    # rows per class
+    ref: np.ndarray       # [D]
+    sums: np.ndarray      # [K, D] per-class sums of (x - ref)
+    scatter: np.ndarray   # [D, D] sum of (x - ref)(x - ref)^T
+
+    @classmethod
+    def of(cls, bank: Bank, normalise: bool = False) -> "Moments":
+        ref = sums = scatter = None
+        counts: dict[int, int] = {}
+        for x, y in bank.chunks():
+            if normalise:
+                x = l2_normalise(x)
+            if ref is None:
+                ref, d = x.mean(0), x.shape[1]
+                sums, scatter = np.zeros((int(bank.labels.max()) + 1, d)), np.zeros((d, d))
+            xc = x - ref
+            scatter += xc.T @ xc
+            add_rows(sums, y, xc)
+            for c, n in zip(*np.unique(y, return_counts=True)):
+                counts[int(c)] = counts.get(int(c), 0) + int(n)
+        classes = np.array(sorted(counts))
+        return cls(classes, np.array([counts[c] for c in classes]), ref, sums[classes], scatter)
+
+    @property
+    def n(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def class_means(self) -> np.ndarray:
+        return self.ref + self.sums / self.counts[:, None]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.ref + self.sums.sum(0) / self.n
+
+    def covariance(self) -> np.ndarray:
+        """Total covariance (divided by N)."""
+        m = self.sums.sum(0) / self.n
+        return self.scatter / self.n - np.outer(m, m)
+
+    def within_covariance(self) -> np.ndarray:
+        """Shared within-class covariance: sum over classes of the scatter about each class mean, divided by N."""
+        m = self.sums / self.counts[:, None]
+        return (self.scatter - (m * self.counts[:, None]).T @ m) / self.n
+
+    def second_moment_about(self, origin: np.ndarray) -> np.ndarray:
+        """(1/N) sum (x - origin)(x - origin)^T."""
+        d, s = self.ref - origin, self.sums.sum(0)
+        return (self.scatter + np.outer(s, d) + np.outer(d, s)) / self.n + np.outer(d, d)
+
+
+def quantile(bank: Bank, q: float, transform: Callable[[np.ndarray], np.ndarray] = lambda x: x,
+             bins: int = 65536, exact_below: int = 1 << 22) -> float:
+    """``np.quantile(all values of transform(bank), q)`` (linear interpolation), exact, without holding the values.
+
+    One pass for the range, then histogram passes that narrow the range holding the two order
+    statistics until it holds at most ``exact_below`` values, which a last pass collects and sorts.
+    """
+    lo, hi, n = np.inf, -np.inf, 0
+    for x, _ in bank.chunks(np.float64):
+        v = transform(x)
+        lo, hi, n = min(lo, v.min()), max(hi, v.max()), n + v.size
+    pos = q * (n - 1)
+    ks = sorted({int(np.floor(pos)), min(int(np.floor(pos)) + 1, n - 1)})
+    below, a, b = 0, lo, hi  # values < a: `below` of them; the order statistics lie in [a, b]
+    while True:
+        inside = 0
+        edges = np.linspace(a, b, bins + 1)
+        counts = np.zeros(bins, np.int64)
+        for x, _ in bank.chunks(np.float64):
+            v = transform(x).ravel()
+            v = v[(v >= a) & (v <= b)]
+            inside += v.size
+            counts += np.histogram(v, edges)[0]
+        if inside <= exact_below or a == b or edges[1] == a:
+            break
+        cum = below + np.cumsum(counts)
+        first, last = np.searchsorted(cum, ks[0], "right"), np.searchsorted(cum, ks[-1], "right")
+        below += int(counts[:first].sum())
+        a, b = edges[first], edges[last + 1]
+    values = np.sort(np.concatenate([v[(v >= a) & (v <= b)] for v in (transform(x).ravel()
+                                                                      for x, _ in bank.chunks(np.float64))]))
+    lower, upper = values[ks[0] - below], values[ks[-1] - below]
+    return float(lower + (pos - np.floor(pos)) * (upper - lower))
+
+
+def topk_similarities(queries: np.ndarray, bank: np.ndarray, k: int, scale: np.ndarray | None = None,
+                      device: str = "cpu", chunk: int = 65536, query_chunk: int = 4096) -> np.ndarray:
+    """[Q, k] largest values of ``queries @ (scale[:, None] * bank).T``, descending, in float32; exact.
+
+    The bank is read ``chunk`` rows at a time (converted to float32 on ``device`` per chunk) and each
+    query's running top k is merged with the chunk's: memory is queries × (k + chunk), not queries × bank.
+    """
+    if k > len(bank):
+        raise FitError(f"k={k} exceeds the {len(bank)} rows of the training bank")
+    dev = torch.device(device)
+    out = []
+    for q0 in range(0, len(queries), query_chunk):
+        q = torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + query_chunk], np.float32)).to(dev)
+        top = torch.full((len(q), 0), -torch.inf, device=dev, dtype=torch.float32)
+        for b0 in range(0, len(bank), chunk):
+            b = torch.from_numpy(np.ascontiguousarray(bank[b0:b0 + chunk])).to(dev, torch.float32)
+            if scale is not None:
+                b = b * torch.from_numpy(np.ascontiguousarray(scale[b0:b0 + chunk], np.float32)).to(dev)[:, None]
+            sims = torch.cat([top, q @ b.T], 1)
+            top = sims.topk(min(k, sims.shape[1]), dim=1).values
+        out.append(top.cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
