@@ -352,3 +352,21 @@ def test_a_full_disk_names_the_store_and_the_shard(reg_ckpt, tmp_path, monkeypat
     monkeypatch.undo()  # space again: the rerun commits both and nothing is lost
     again = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
     assert again.complete and again.ok == 4 and again.path == res.path
+
+
+def test_the_probe_suggests_the_extract_command_with_the_models_settings(reg_ckpt, tmp_path):
+    """A missing set's suggested command makes a set the probe can use beside the cached ones: same weights, size."""
+    import shlex
+
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    res = extract(config(REG, reg_ckpt, data, tmp_path / "c", name="train"))
+    r = CliRunner().invoke(main, ["probe", "--model", REG, "-f", "cls", "--train", "train", "--val", "val2", "--cache",
+                                  str(tmp_path / "c"), "--out", str(tmp_path / "run"), "-q"])
+    assert r.exit_code != 0 and "no complete feature set of 'val2'" in r.output
+    command = shlex.split(r.output.split("make it with:")[1].splitlines()[1])
+    assert command[:2] == ["regcache", "extract"]
+    flags = dict(zip(command[2::2], command[3::2]))
+    stored = FeatureSet(res.path).meta
+    assert flags["--checkpoint"] == str(reg_ckpt) and flags["--model"] == REG
+    assert (int(flags["--size"]), int(flags["--resize"])) == (stored["preprocess"]["size"],
+                                                              stored["preprocess"]["resize"])

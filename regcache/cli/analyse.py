@@ -12,10 +12,9 @@ from .common import cache_option, main, split_names
 def _feature_sets(names: tuple[str, ...], cache: Path | None):
     """Feature sets by path, or by the CACHE-relative name `regcache ls` prints."""
     from ..extract import default_cache_root
-    from ..store import FeatureSet
+    from ..store import open_set
 
-    root = cache or default_cache_root()
-    return [FeatureSet(n if (Path(n) / "regcache.json").is_file() else root / n) for n in names]
+    return [open_set(n, cache or default_cache_root()) for n in names]
 
 
 @main.command()

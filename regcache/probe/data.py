@@ -1,49 +1,20 @@
-"""Cached sets as the probe reads them: finding them, checking they fit together, rows and labels."""
+"""Cached sets as the probe reads them: checking they fit together, rows and labels."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..store import FeatureSet, list_feature_sets
+from ..store import FeatureSet
 
 
 class ProbeError(ValueError):
     """Input the probe cannot use: a missing feature set, an empty set, non-finite features, …"""
 
 
-# --------------------------------------------------------------------------- finding feature sets
-
-def find_feature_set(cache: str | os.PathLike, dataset: str, model: str, features: Sequence[str],
-                     available: Sequence[FeatureSet] | None = None) -> FeatureSet:
-    """The complete feature set of ``dataset`` (a name, or a feature-set path) for ``model`` (alias, timm
-    name or fingerprint prefix) holding ``features``; if none, the error gives the command that makes it.
-
-    ``available``: the cache's sets when the caller already listed them (finding several sets lists once).
-    """
-    from ..models import ALIASES
-
-    if (Path(dataset) / "regcache.json").is_file():
-        return FeatureSet(dataset)
-    timm_name = ALIASES.get(model, model)
-    found = [fs for fs in (available if available is not None else list_feature_sets(cache))
-             if fs.meta["dataset"]["name"] == dataset and fs.complete and set(features) <= set(fs.features)
-             and (fs.meta["model"]["name"] == model or fs.meta["model"]["timm_name"] == timm_name
-                  or fs.fingerprint.startswith(model))]
-    if not found:
-        raise ProbeError(f"no complete feature set of {dataset!r} for {model!r} with {','.join(features)} under "
-                         f"{cache}; make it with:\n  regcache extract --model {model} --data manifests/{dataset}.yaml"
-                         f" --features {','.join(features)}")
-    if len(found) > 1:
-        listing = "\n  ".join(str(fs.path) for fs in found)
-        raise ProbeError(f"several feature sets of {dataset!r} for {model!r} (different settings); "
-                         f"name one by path:\n  {listing}")
-    return found[0]
-
+# --------------------------------------------------------------------------- compatible sets
 
 def check_compatible(sets: dict[str, FeatureSet]) -> None:
     """Every set must come from the same backbone, weights, preprocessing and precision."""

@@ -39,8 +39,9 @@ class Row:
 
 def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[Split],
              scorers: Sequence[str], bank: "BankSource | None" = None, scorer_args: dict | None = None,
-             scores_out: dict | None = None, device: str = "cpu") -> list[Row]:
-    """ID and OOD accuracy, and per-anomaly-set metrics (`ood.METRICS`) for every scorer, plus their means.
+             scores_out: dict | None = None, device: str = "cpu", groups: dict[str, str] | None = None) -> list[Row]:
+    """ID and OOD accuracy, and per-anomaly-set metrics (`ood.METRICS`) for every scorer, plus their means:
+    over all anomaly sets (set ``mean``) and over each group of ``groups`` (set ``mean near-ood``, …).
 
     ``scorer_args``: hyperparameters by scorer name (``{"react": {"percentile": 0.9}}``); each row records
     the scorer's full set. Feature scorers fit on ``bank(head.features, device)``, streamed in chunks.
@@ -55,8 +56,9 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
     fitted = _scorers(head, scorers, bank, scorer_args or {}, device)
     args = {name: json.dumps(sc.args, sort_keys=True) for name, sc in fitted.items()}
     id_scores = {name: _score(sc, head, id_split) for name, sc in fitted.items()}
-    per: dict[tuple[str, str], list[float]] = {}
+    per: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
     for s in anomalies:
+        means = ["mean"] + ([f"mean {groups[s.name]}"] if groups and s.name in groups else [])
         for name, sc in fitted.items():
             o = _score(sc, head, s)
             if scores_out is not None:
@@ -64,10 +66,11 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
             for metric, m in ood.METRICS.items():
                 v = m(id_scores[name], o)
                 rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args[name]))
-                per.setdefault((name, metric), []).append(v)
-    for (name, metric), values in per.items():
-        rows.append(Row(f, "mean", "anomaly", metric, float(np.mean(values)),
-                        sum(len(s) for s in anomalies), name, **hp, scorer_args=args[name]))
+                for mean in means:
+                    per.setdefault((mean, name, metric), []).append((v, len(s)))
+    for (mean, name, metric), got in per.items():
+        rows.append(Row(f, mean, "anomaly", metric, float(np.mean([v for v, _ in got])), sum(n for _, n in got),
+                        name, **hp, scorer_args=args[name]))
     return rows
 
 
@@ -92,6 +95,7 @@ def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) ->
     return np.concatenate(out)
 
 
+OOD_GROUPS = ("near-ood", "far-ood")  # manifest splits whose anomaly sets get their own mean, as OpenOOD reports
 SCORERS = tuple(ood.SCORERS)  # every registered scorer (`regcache scorers` lists them)
 FEATURE_SCORERS = tuple(n for n, c in ood.SCORERS.items() if c.needs_bank)  # these fit on the training features
 
@@ -134,6 +138,13 @@ class _Data:
     train: "Split | StreamedSplit | None" = None
     val: Split | None = None
     bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
+    groups: dict[str, str] = field(default_factory=dict)  # anomaly set -> OOD_GROUPS entry (its manifest's split)
+
+
+def _groups(sets: dict[str, FeatureSet], names: Sequence[str]) -> dict[str, str]:
+    """Anomaly sets whose manifest split is near-ood or far-ood (OpenOOD v1.5's benchmark), by name."""
+    return {n: sets[n].meta["dataset"].get("split") for n in names
+            if sets[n].meta["dataset"].get("split") in OOD_GROUPS}
 
 
 BankSource = Callable[[Sequence[str], str], "ood.Bank"]  # (feature combination, device) -> bank
@@ -225,7 +236,7 @@ def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed
     test = _labelled(sets["test"], union, job.test, id_classes, num_classes) if job.test else val
     return _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
                  [load_split(sets[n], union, n) for n in job.anomaly], num_classes, train, val,
-                 _bank(train))
+                 _bank(train), _groups(sets, job.anomaly))
 
 
 def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row], protocol: dict,
@@ -235,7 +246,7 @@ def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, 
     scores: dict = {}
     for head in heads:
         rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, data.bank,
-                               _scorer_args(job), scores, device)
+                               _scorer_args(job), scores, device, data.groups)
     df = pd.DataFrame([asdict(r) for r in rows])
     df.insert(0, "model", job.model)
     df["seed"] = seed
@@ -323,7 +334,8 @@ def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequenc
             rows, labels, keys = rows[fit_rows], labels[fit_rows], keys[fit_rows]
         bank = _store_bank(fs, job.train, rows, labels, keys)
     data = _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
-                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, bank=bank)
+                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, bank=bank,
+                 groups=_groups(sets, job.anomaly))
     df, scores = _evaluate_all(job, heads, data, seed, [], protocol, device)
     return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()},
                        protocol)

@@ -27,8 +27,8 @@ class FeatureSet(UnitWriter, FeatureReader):
     """One feature set on disk: read it (`FeatureReader`), or create it and write units into it (`UnitWriter`)."""
 
 
-from .resolve import find_reusable, list_feature_sets  # noqa: E402  (resolve returns FeatureSets)
+from .resolve import find_feature_set, find_reusable, list_feature_sets, open_set  # noqa: E402  (resolve returns FeatureSets)
 
 __all__ = ["ARRAYS", "INDEX_SCHEMA", "META", "SCHEMA_VERSION", "Claims", "FeatureReader", "FeatureSet", "Features",
-           "StoreError", "StoreMeta", "UnitWriter", "feature_set_path", "find_reusable", "fingerprint",
-           "list_feature_sets", "slug"]
+           "StoreError", "StoreMeta", "UnitWriter", "feature_set_path", "find_feature_set", "find_reusable", "fingerprint",
+           "list_feature_sets", "open_set", "slug"]
