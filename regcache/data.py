@@ -454,7 +454,11 @@ def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     import zlib
 
     raw = _open_url(url, allow_pipe)
-    watched = _Watched(_decompressed(raw))
+    try:
+        watched = _Watched(_decompressed(raw))
+    except OSError as e:  # a 'pipe:' command or download that failed before its first bytes
+        _close_quietly(raw)
+        raise ShardError(f"could not be read: {e}") from None
     state = {"end": 0, "last": None}
 
     def members() -> Iterator[dict]:
@@ -475,8 +479,9 @@ def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
         while watched.read(1 << 20):
             pass
     except (EOFError, OSError, tarfile.ReadError, zlib.error, lzma.LZMAError) as e:
-        _close_quietly(raw)  # member data or a compressed stream cut short
-        raise ShardError(f"truncated or unreadable: {type(e).__name__}: {e}") from None
+        _close_quietly(raw)  # member data or a compressed stream cut short, or a source that gave nothing
+        what = "could not be read" if watched.pos == 0 else "truncated or unreadable"
+        raise ShardError(f"{what}: {type(e).__name__}: {e}") from None
     except BaseException:  # the reader stopped early, or another error: nothing more to check
         _close_quietly(raw)
         raise
