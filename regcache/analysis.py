@@ -27,13 +27,13 @@ OUTLIER_PERCENTILE = 98.0
 # --------------------------------------------------------------------------- from the cache
 
 def split_norms(norms: np.ndarray, layout: TokenLayout) -> dict[str, np.ndarray]:
-    """[N, T] norms -> {"cls": [N], "registers": [N, M], "patches": [N, h, w]} (row-major grid)."""
-    c, p = int(layout.has_cls), layout.num_prefix
-    out = {"patches": norms[:, p:].reshape(len(norms), *layout.grid)}
+    """[N, T] norms -> {"cls": [N], "registers": [N, M], "patches": [N, h, w]} (row-major grid), wherever the
+    layout puts the registers."""
+    out = {"patches": norms[:, layout.patch_slice].reshape(len(norms), *layout.grid)}
     if layout.has_cls:
         out["cls"] = norms[:, 0]
     if layout.num_reg:
-        out["registers"] = norms[:, c:p]
+        out["registers"] = norms[:, layout.reg_slice]
     return out
 
 
@@ -207,13 +207,12 @@ def last_block_attention(model, images) -> "torch.Tensor":
 def attention_maps(model, images, layout: TokenLayout, registers: bool = False) -> dict[str, "torch.Tensor"]:
     """Head-averaged attention of [CLS] (and of each register) to the patches, [B, h, w] each."""
     probs = last_block_attention(model, images).mean(1)  # [B, T, T]
-    p = layout.num_prefix
     rows = {}
     if layout.has_cls:
         rows["cls"] = 0
     if registers:
-        rows.update({f"reg{i + 1}": int(layout.has_cls) + i for i in range(layout.num_reg)})
-    return {name: probs[:, r, p:].reshape(len(images), *layout.grid) for name, r in rows.items()}
+        rows.update({f"reg{i + 1}": layout.reg_slice.start + i for i in range(layout.num_reg)})
+    return {name: probs[:, r, layout.patch_slice].reshape(len(images), *layout.grid) for name, r in rows.items()}
 
 
 def neighbour_similarity(model, images, layout: TokenLayout) -> "torch.Tensor":

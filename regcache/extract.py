@@ -23,7 +23,7 @@ import torch
 
 from . import __version__
 from .data import Dataset, ShardId, UnitStream, check_pipes, count_samples, load_dataset, shard_ids
-from .features import TokenLayout, select_features
+from .features import TokenLayout, select_features, with_layers
 from .models import ModelSpec, Preprocess, load_model, preprocess_for, state_dict_digest
 from .store import SCHEMA_VERSION, FeatureSet, StoreError, feature_set_path, find_reusable, fingerprint
 from .tokens import layout_of, token_features
@@ -49,6 +49,9 @@ class ExtractConfig:
     labels: str | None = None  # a plain pattern's labels: cls, json:FIELD or none (default: detected)
     role: str | None = None    # a plain pattern's role (anomaly: unlabelled)
     features: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None  # also store the LAYER_FEATURES of these blocks, as NAME@-k
+    test_time_registers: str | None = None  # FILE[:K] from `regcache registers find` (regcache.registers)
+    test_time_patches: str = "zero"  # registers.PATCH_MODES
     cache: Path = field(default_factory=default_cache_root)
     store: Path | None = None
     checkpoint: str | None = None
@@ -99,17 +102,21 @@ class ExtractResult:
     error: str | None = None     # why the set is unusable although every unit is committed
 
 
-def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...]) -> dict:
+def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...],
+                registers: dict | None = None) -> dict:
     """What determines the content of a feature set; its hash names the store.
 
     The data part is the dataset's description; what each shard held is recorded with its unit
-    and checked (`verify_shards`) before any committed unit is reused or resumed.
+    and checked (`verify_shards`) before any committed unit is reused or resumed. ``registers``:
+    the test-time registers (`attach_registers`), by content: the neuron file's digest, not its path.
     """
     return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
             "pos_embed": spec.pos_embed,
             "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
             "features": sorted(features), "dataset": ds.digest,
-            **({"random_init": spec.random_init} if spec.random_init is not None else {})}
+            **({"random_init": spec.random_init} if spec.random_init is not None else {}),
+            **({"test_time_registers": {k: registers[k] for k in ("digest", "registers", "patches")}}
+               if registers else {})}
 
 
 def shard_counts(ds: Dataset) -> list[int | None]:
@@ -126,7 +133,7 @@ def unit_capacity(cfg: ExtractConfig, counts: list[int | None]) -> int:
 
 
 def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, layout: TokenLayout,
-               features: tuple[str, ...]) -> dict:
+               features: tuple[str, ...], registers: dict | None = None) -> dict:
     """Everything a new store records besides its identity (counting shard sizes may read tar headers)."""
     import timm
     import zarr
@@ -137,7 +144,8 @@ def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, la
         "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
         "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
                   "random_init": spec.random_init,
-                  "weights_digest": digest, "kwargs": spec.kwargs, "pos_embed": spec.pos_embed},
+                  "weights_digest": digest, "kwargs": spec.kwargs, "pos_embed": spec.pos_embed,
+                  **({"test_time_registers": registers} if registers else {})},
         "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
         "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
                     "urls": list(ds.shards), "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
@@ -237,9 +245,12 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs, cfg.pos_embed, cfg.random_init)
     model = load_model(spec, cfg.preprocess.size)
     digest = state_dict_digest(model)
+    registers = attach_registers(cfg, model, spec, digest)
     layout = layout_of(model)
     features = select_features(cfg.features, layout)
-    identity = identity_of(spec, digest, cfg, ds, features)
+    if cfg.layers:
+        features = with_layers(features, cfg.layers, layout.depth)
+    identity = identity_of(spec, digest, cfg, ds, features, registers)
     fp = fingerprint(identity)
 
     if cfg.store is None:
@@ -252,7 +263,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                                  failed=len(reuse.errors), reused=True, complete=True,
                                  units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
     path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
-    fs = FeatureSet.create(path, identity, lambda: build_meta(cfg, spec, digest, ds, layout, features))
+    fs = FeatureSet.create(path, identity, lambda: build_meta(cfg, spec, digest, ds, layout, features, registers))
     verify_shards(fs, ds, ids)
     for tmp in fs.remove_stale_temporaries():
         log.info("removed %s, left by a killed writer", tmp)
@@ -273,6 +284,20 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
     return _conclude(fs, result, t0)
+
+
+def attach_registers(cfg: ExtractConfig, model: torch.nn.Module, spec: ModelSpec, digest: str) -> dict | None:
+    """Install ``cfg.test_time_registers`` on ``model``; what identifies them (file digest, K, settings)."""
+    if cfg.test_time_registers is None:
+        return None
+    from .registers import RegisterNeurons, install, parse_spec
+
+    path, k = parse_spec(cfg.test_time_registers)
+    neurons, file_digest = RegisterNeurons.load(path)
+    neurons.check(model, spec.timm_name, digest, str(path))
+    install(model, neurons.neurons, k, cfg.test_time_patches)
+    return {"file": str(path), "digest": file_digest, "registers": k, "patches": cfg.test_time_patches,
+            "neurons": {str(b): ids for b, ids in sorted(neurons.neurons.items())}}
 
 
 def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:

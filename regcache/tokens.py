@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .features import TokenLayout
+from .features import TokenLayout, layer_name, split_name
 
 
 class LayoutError(ValueError):
@@ -34,8 +34,12 @@ def layout_of(model: torch.nn.Module) -> TokenLayout:
     placement = {(True, False): "token", (False, True): "pooled", (True, True): "token+pooled"}.get((norm, fc_norm),
                                                                                                   "none")
     grid = tuple(int(g) for g in model.patch_embed.grid_size)
-    return TokenLayout(has_cls=has_cls, num_reg=num_reg, grid=grid, dim=int(model.embed_dim), num_dist=num_dist,
-                       norm=placement)
+    extra = int(getattr(model, "test_time_registers", 0))  # appended by regcache.registers.install
+    if extra and num_reg:
+        raise LayoutError(f"{type(model).__name__} has {num_reg} trained registers and {extra} test-time ones")
+    return TokenLayout(has_cls=has_cls, num_reg=num_reg or extra, grid=grid, dim=int(model.embed_dim),
+                       num_dist=num_dist, norm=placement, registers="end" if extra else "prefix",
+                       depth=len(model.blocks))
 
 
 def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, features: tuple[str, ...],
@@ -51,14 +55,14 @@ def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, fea
                           f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)")
     post = post.float()
     head = (lambda t: pooled_norm(t).float()) if pooled_norm is not None else (lambda t: t)
-    r, p = layout.reg_start, layout.num_prefix
+    r, p = layout.reg_slice, layout.patch_slice
     make = {
         "cls": lambda: head(post[:, 0]),
-        "patch": lambda: head(post[:, p:].mean(1)),
-        "reg": lambda: head(post[:, r:p].mean(1)),
-        "reg_all": lambda: head(post[:, r:p]),
+        "patch": lambda: head(post[:, p].mean(1)),
+        "reg": lambda: head(post[:, r].mean(1)),
+        "reg_all": lambda: head(post[:, r]),
         "norms": lambda: pre.float().norm(dim=-1),
-        "tokens": lambda: head(post[:, p:]),
+        "tokens": lambda: head(post[:, p]),
     }
     return {f: make[f]() for f in features}
 
@@ -66,10 +70,23 @@ def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, fea
 @torch.inference_mode()
 def token_features(model: torch.nn.Module, images: torch.Tensor, layout: TokenLayout,
                    features: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Run the model once; ``forward_intermediates`` gives the last block's output and its final norm."""
-    post, inter = model.forward_intermediates(images, indices=1, norm=False, output_fmt="NLC",
-                                              return_prefix_tokens=layout.num_prefix > 0)
-    patches, prefix = inter[-1] if isinstance(inter[-1], tuple) else (inter[-1], None)
-    pre = patches if prefix is None else torch.cat([prefix, patches], dim=1)
+    """Run the model once; ``forward_intermediates`` gives the output of the last block and of every block
+    a ``NAME@-k`` feature asks for. Earlier blocks' tokens go through the final norm (DINOv2's linear
+    evaluation); the last block's normalised tokens are the model's own output."""
+    by_layer: dict[int, list[str]] = {}
+    for f in features:
+        base, layer = split_name(f)
+        by_layer.setdefault(layer, []).append(base)
+    layers = sorted(by_layer)
+    depth = len(model.blocks)
+    post, inter = model.forward_intermediates(images, indices=[depth + i for i in layers], norm=False,
+                                              output_fmt="NLC", return_prefix_tokens=layout.num_prefix > 0)
     fc_norm = getattr(model, "fc_norm", None)
-    return split_tokens(pre, post, layout, features, fc_norm if _active(fc_norm) else None)
+    out = {}
+    for layer, block in zip(layers, inter):
+        patches, prefix = block if isinstance(block, tuple) else (block, None)
+        pre = patches if prefix is None else torch.cat([prefix, patches], dim=1)
+        got = split_tokens(pre, post if layer == -1 else model.norm(pre), layout, tuple(by_layer[layer]),
+                           fc_norm if _active(fc_norm) else None)
+        out.update({layer_name(base, layer): v for base, v in got.items()})
+    return {f: out[f] for f in features}

@@ -21,9 +21,10 @@ from conftest import NOREG, REG, SIZE, config, make_shards
 
 REG_LAYOUT = TokenLayout(has_cls=True, num_reg=4, grid=(3, 4), dim=8)
 NOREG_LAYOUT = TokenLayout(has_cls=True, num_reg=0, grid=(3, 4), dim=8)
+END_LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(3, 4), dim=8, registers="end")  # test-time registers
 
 
-@pytest.mark.parametrize("layout", [REG_LAYOUT, NOREG_LAYOUT])
+@pytest.mark.parametrize("layout", [REG_LAYOUT, NOREG_LAYOUT, END_LAYOUT])
 def test_a_token_at_a_known_cell_lights_that_cell(layout):
     norms = np.ones((2, layout.num_tokens))
     row, col = 1, 3
@@ -33,6 +34,9 @@ def test_a_token_at_a_known_cell_lights_that_cell(layout):
     assert parts["patches"].shape == (2, 3, 4) and parts["patches"][1, row, col] == 50.0
     assert np.count_nonzero(parts["patches"] != 1) == 1 and np.all(parts["cls"] == 7.0)
     assert ("registers" in parts) == bool(layout.num_reg)
+    if layout.num_reg:  # registers by hand: after [CLS] for trained ones, after the 12 patches for test-time ones
+        norms[:, 1 + 12 * (layout.registers == "end") + np.arange(layout.num_reg)] = 3.0
+        assert np.all(analysis.split_norms(norms, layout)["registers"] == 3.0)
 
 
 def test_hand_made_outliers_give_known_threshold_counts_and_positions():

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..features import DEFAULT_FEATURES, FEATURES
+from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
+from ..registers import PATCH_MODES
 from .common import (
     cache_option,
     human_size,
@@ -33,7 +34,18 @@ from .common import (
               help="A shard pattern's role (anomaly: unlabelled). Manifests say it in their 'role' field.")
 @click.option("--features", "-f", default=None, metavar="LIST",
               help=f"Comma list of {', '.join(FEATURES)} [default: {','.join(DEFAULT_FEATURES)}, "
-                   "those the model has].")
+                   f"those the model has]; {'/'.join(LAYER_FEATURES)}@-k of block -k (counted from the last).")
+@click.option("--layers", default=None, metavar="LIST|lastN",
+              help=f"Also store {', '.join(LAYER_FEATURES)} (those in --features) of these blocks, named NAME@-k, "
+                   "from the same forward pass: e.g. -4,-3,-2,-1 or last4 (DINOv2's linear protocol), or block "
+                   "numbers from 0. Earlier blocks' tokens go through the final norm, as DINOv2's linear "
+                   "evaluation does.")
+@click.option("--test-time-registers", "ttr", default=None, metavar="FILE[:K]",
+              help="Add K test-time registers (default 1) driven by the neuron file of 'regcache registers find': "
+                   "the set then has reg and reg_all (registers at the end of the layout).")
+@click.option("--test-time-patches", type=click.Choice(list(PATCH_MODES)), default="zero", show_default=True,
+              help="What the register neurons do at the patch tokens: " +
+                   "; ".join(f"{k}: {v}" for k, v in PATCH_MODES.items()) + ".")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Local weights (.safetensors, or a torch file read weights-only) instead of the hub.")
 @click.option("--random-init", type=int, default=None, metavar="SEED",
@@ -85,9 +97,10 @@ from .common import (
                    "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
 @click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, warnings only.")
-def extract(model, data, name, labels, role, features, checkpoint, random_init, model_arg, batch_size, workers, device, precision, dtype, size,
-            resize, crop_mode, pos_embed, interpolation, mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe,
-            compile_, finalize, launcher, nproc_per_node, quiet):
+def extract(model, data, name, labels, role, features, layers, ttr, test_time_patches, checkpoint, random_init,
+            model_arg, batch_size, workers, device, precision, dtype, size, resize, crop_mode, pos_embed, interpolation,
+            mean, std, views, seed, cache, store, part, num_parts, unit_rows, allow_pipe, compile_, finalize, launcher,
+            nproc_per_node, quiet):
     """Stream DATA through MODEL once and store its token features.
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
@@ -97,7 +110,7 @@ def extract(model, data, name, labels, role, features, checkpoint, random_init, 
     """
     from ..extract import ExtractConfig, default_cache_root
     from ..extract import extract as run
-    from ..features import parse_features
+    from ..features import parse_features, parse_layers
     from ..models import preprocess_for
 
     if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
@@ -105,7 +118,10 @@ def extract(model, data, name, labels, role, features, checkpoint, random_init, 
     setup_logging(quiet)
     try:
         cfg = ExtractConfig(
-            model=model, data=data, name=name, labels=labels, role=role, features=parse_features(features) if features else None,
+            model=model, data=data, name=name, labels=labels, role=role,
+            features=parse_features(features) if features else None,
+            layers=parse_layers(layers) if layers else None, test_time_registers=ttr,
+            test_time_patches=test_time_patches,
             cache=cache or default_cache_root(), store=store, checkpoint=checkpoint, random_init=random_init,
             model_kwargs=parse_kv(model_arg),
             preprocess=preprocess_for(model, size=size, resize=resize, interpolation=interpolation,
@@ -177,3 +193,68 @@ def ls(cache, as_json):
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     for t in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+
+
+@main.group()
+def registers():
+    """Test-time registers (Jiang et al. 2025) for a ViT trained without registers."""
+
+
+@registers.command("find")
+@click.option("--model", "-m", required=True, help="Alias or timm ViT name (a VisionTransformer without registers).")
+@click.option("--data", "-d", required=True, help="Manifest or shard pattern to take the images from.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Local weights instead of the hub.")
+@click.option("--images", "-n", default=500, show_default=True, help="Images to look at (the first ones).")
+@click.option("--detect-layer", type=int, default=None,
+              help="Block (from 0, or -k from the last) whose high-norm patch tokens are the outliers [default: the "
+                   "block whose patch norms are most heavy-tailed: 99th percentile over median].")
+@click.option("--threshold", type=float, default=None,
+              help="Outliers: patch-token norm above this at the detection block [default: --percentile].")
+@click.option("--percentile", type=float, default=99.0, show_default=True,
+              help="Outliers: norm above this percentile of the detection block's patch norms (without --threshold).")
+@click.option("--max-layer", type=int, default=None,
+              help="Neurons of blocks up to this one compete [default: the detection block].")
+@click.option("--top-k", "-k", default=10, show_default=True, help="Neurons kept.")
+@click.option("--size", type=int, default=None, help="Crop size [default: the model's].")
+@click.option("--batch-size", "-b", default=16, show_default=True)
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The neuron file (JSON) to write, for 'regcache extract --test-time-registers FILE[:K]'.")
+def registers_find(model, data, checkpoint, images, detect_layer, threshold, percentile, max_layer, top_k, size,
+                   batch_size, out):
+    """Find the register neurons: score every MLP hidden neuron (blocks[i].mlp.act) by its mean |activation|
+    at the high-norm patch tokens of the detection block, and keep the top-k of blocks <= --max-layer.
+
+    Prints the patch-norm profile per block, the outliers (by both threshold and percentile) and the
+    neurons; writes them, with the model, its weights digest and these settings, to --out.
+    """
+    from ..models import ModelSpec, load_model, preprocess_for, state_dict_digest
+    from ..registers import RegisterNeurons, dataset_batches, find_neurons
+
+    setup_logging(False)
+    try:
+        spec = ModelSpec(model, checkpoint)
+        pre = preprocess_for(model, size=size)
+        net = load_model(spec, pre.size)
+        found = find_neurons(net, dataset_batches(data, pre, images, batch_size), detect_layer=detect_layer,
+                             max_layer=max_layer, top_k=top_k, threshold=threshold, percentile=percentile)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    settings = {"data": data, "images": found.images, "size": pre.size, "detect_layer": found.detect_layer,
+                "threshold": found.threshold, "percentile": found.percentile,
+                "max_layer": max_layer if max_layer is not None else found.detect_layer, "top_k": top_k,
+                "outlier_rule": "threshold" if threshold is not None else "percentile"}
+    summary = {"outliers": found.outliers, "patch_tokens": found.tokens,
+               "scores": [[b, n, round(s, 4)] for b, n, s in found.scores],
+               "block_norms": {str(b): {k: round(v, 3) for k, v in st.items()} for b, st in found.block_norms.items()}}
+    RegisterNeurons(spec.timm_name, state_dict_digest(net), found.neurons, settings, summary).save(out)
+    click.echo("block  median   p99     max    p99/median  (patch-token norms, before any norm)")
+    for b, st in found.block_norms.items():
+        mark = "  <- detection" if b == found.detect_layer else ""
+        click.echo(f"{b:>5}  {st['median']:7.1f} {st['p99']:7.1f} {st['max']:7.1f} {st['ratio']:8.2f}{mark}")
+    click.echo(f"{found.images} images, {found.tokens} patch tokens at block {found.detect_layer}: {found.outliers} "
+               f"outliers ({100 * found.outliers / found.tokens:.2f}%), norm > {found.threshold:.2f} "
+               f"(the {found.percentile:.2f}th percentile)")
+    per_block = ", ".join(f"block {b}: {len(ids)}" for b, ids in found.neurons.items())
+    click.echo(f"top {len(found.scores)} neurons ({per_block}): " +
+               ", ".join(f"{b}:{n} ({s:.2f})" for b, n, s in found.scores))
+    click.echo(f"written to {out}")

@@ -1,0 +1,289 @@
+"""Test-time registers (Jiang et al. 2025, "Vision Transformers Don't Need Trained Registers") for any
+timm VisionTransformer: register tokens added to a model trained without them, training-free.
+
+A few MLP hidden neurons ("register neurons") write the high-norm outlier tokens. `find_neurons` finds
+them: it takes the high-norm patch tokens at a detection block and scores every hidden neuron (the
+output of ``blocks[i].mlp.act``) by its mean |activation| at those positions. `install` appends K
+zero tokens after the position embedding (no position of their own) and, in every register neuron,
+gives each register that image's own largest activation over the patches (sign kept) and the patches
+zero, so the outliers move from patches into the registers. Everything is per image: an image's
+features do not depend on its batchmates (the authors' code intervenes on the first image of a batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+import numpy as np
+
+if TYPE_CHECKING:  # torch is imported where used, so that the CLI's --help stays fast
+    import torch
+
+#: what happens to the register neurons' activations at the patch tokens
+PATCH_MODES: dict[str, str] = {
+    "zero": "set to zero (the paper's default: the outliers leave the patches)",
+    "keep": "left as they are (the registers get the maximum, the patches keep theirs)",
+}
+DEFAULT_PERCENTILE = 99.0
+
+
+class RegisterError(ValueError):
+    """A neuron file that cannot be used with this model, or a model test-time registers do not fit."""
+
+
+@dataclass
+class RegisterNeurons:
+    """The neuron file: which hidden neurons of which blocks, found on which weights, and how."""
+
+    model: str                       # timm name
+    weights: str                     # state_dict_digest of the weights they were found on
+    neurons: dict[int, list[int]]    # block index (from 0) -> hidden-neuron ids
+    settings: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        d = asdict(self)
+        d["neurons"] = {str(k): v for k, v in sorted(self.neurons.items())}
+        Path(path).write_text(json.dumps(d, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> tuple["RegisterNeurons", str]:
+        """The file and the sha256 of its bytes (part of a feature set's fingerprint)."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+            d = json.loads(raw)
+            neurons = {int(k): [int(n) for n in v] for k, v in d["neurons"].items()}
+            out = cls(model=str(d["model"]), weights=str(d["weights"]), neurons=neurons,
+                      settings=dict(d.get("settings", {})), summary=dict(d.get("summary", {})))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise RegisterError(f"{path} is not a register-neuron file from 'regcache registers find' ({e})") from None
+        if not any(out.neurons.values()):
+            raise RegisterError(f"{path} lists no neurons")
+        return out, hashlib.sha256(raw).hexdigest()
+
+    def check(self, model: torch.nn.Module, timm_name: str, digest: str, where: str) -> None:
+        """Refuse other weights or blocks/neurons the model does not have: the ids mean nothing there."""
+        if self.model != timm_name or self.weights != digest:
+            raise RegisterError(f"{where} was found on {self.model} with weights {self.weights[:12]}…; this model is "
+                                f"{timm_name} with weights {digest[:12]}… (run 'regcache registers find' on it)")
+        for block, ids in self.neurons.items():
+            _act(model, block, where)
+            hidden = _hidden_size(model, block)
+            bad = [n for n in ids if not 0 <= n < hidden]
+            if bad:
+                raise RegisterError(f"{where}: block {block} has {hidden} hidden neurons, not {bad[:5]}")
+
+
+def parse_spec(spec: str) -> tuple[Path, int]:
+    """``FILE[:K]`` -> (FILE, K); K registers, 1 when not given."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and tail.isdigit():
+        path, k = Path(head), int(tail)
+    else:
+        path, k = Path(spec), 1
+    if k < 1:
+        raise RegisterError(f"--test-time-registers {spec!r}: K must be at least 1")
+    if not path.is_file():
+        raise RegisterError(f"--test-time-registers {spec!r}: no file {path}")
+    return path, k
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise RegisterError(f"test-time registers need a timm VisionTransformer, not {type(model).__name__} "
+                            "(its tokens must pass patch_drop after the position embedding)")
+    if getattr(model, "reg_token", None) is not None:
+        raise RegisterError(f"the model already has {model.reg_token.shape[1]} trained registers")
+
+
+def _act(model: torch.nn.Module, block: int, where: str = "the neuron file") -> torch.nn.Module:
+    if not 0 <= block < len(model.blocks):
+        raise RegisterError(f"{where}: block {block} does not exist (the model has {len(model.blocks)})")
+    act = getattr(getattr(model.blocks[block], "mlp", None), "act", None)
+    if act is None:
+        raise RegisterError(f"{where}: block {block} has no mlp.act (not a timm Mlp)")
+    return act
+
+
+def _hidden_size(model: torch.nn.Module, block: int) -> int:
+    return int(model.blocks[block].mlp.fc1.out_features)
+
+
+class Installed:
+    """The hooks of `install`; `remove` gives the plain model back."""
+
+    def __init__(self, model: torch.nn.Module, handles: list):
+        self.model, self.handles = model, handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        del self.model.test_time_registers
+
+
+def install(model: torch.nn.Module, neurons: dict[int, list[int]], k: int, patches: str = "zero") -> Installed:
+    """Give ``model`` ``k`` test-time registers driven by ``neurons`` (block -> hidden ids); see the module doc.
+
+    The registers are appended after the patches: `tokens.layout_of` reads ``model.test_time_registers``
+    and puts them at the end of the layout.
+    """
+    import torch
+
+    _check_model(model)
+    if patches not in PATCH_MODES:
+        raise RegisterError(f"unknown patch mode {patches!r}; known: {', '.join(PATCH_MODES)}")
+    if getattr(model, "test_time_registers", 0):
+        raise RegisterError("the model already has test-time registers installed")
+    start = int(model.num_prefix_tokens)
+
+    def append(module, inputs, x):
+        return torch.cat([x, x.new_zeros(x.shape[0], k, x.shape[2])], dim=1)
+
+    def move(ids: torch.Tensor):
+        def hook(module, inputs, a):
+            a = a.clone()
+            ids_ = ids.to(a.device)
+            at_patches = a[:, start:-k, ids_]                                  # [B, L, n]
+            peak = at_patches.gather(1, at_patches.abs().argmax(1, keepdim=True))  # [B, 1, n], sign kept
+            a[:, -k:, ids_] = peak.expand(-1, k, -1)
+            if patches == "zero":
+                a[:, start:-k, ids_] = 0
+            return a
+        return hook
+
+    handles = [model.patch_drop.register_forward_hook(append)]
+    for block, ids in sorted(neurons.items()):
+        if ids:
+            handles.append(_act(model, block).register_forward_hook(move(torch.tensor(sorted(ids)))))
+    model.test_time_registers = k
+    return Installed(model, handles)
+
+
+# --------------------------------------------------------------------------- finding the neurons
+
+@dataclass
+class Found:
+    """What `find_neurons` measured, and the neurons it keeps."""
+
+    neurons: dict[int, list[int]]
+    scores: list[tuple[int, int, float]]   # (block, neuron, mean |activation| at the outliers), best first
+    detect_layer: int
+    threshold: float                       # the absolute norm threshold used
+    percentile: float                      # the percentile of patch norms that threshold is
+    outliers: int                          # outlier patch tokens at the detection block
+    tokens: int                            # patch tokens seen
+    images: int
+    block_norms: dict = field(default_factory=dict)  # block -> {median, p99, max, ratio} of patch norms
+
+
+def patch_norms_per_block(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Norm of every patch token at every block's output (before any norm), [B, blocks, L]."""
+    import torch
+
+    with torch.inference_mode():
+        _, inter = model.forward_intermediates(images, indices=None, norm=False, output_fmt="NLC",
+                                               return_prefix_tokens=False)
+    k = int(getattr(model, "test_time_registers", 0))
+    return torch.stack([(y[:, :-k] if k else y).float().norm(dim=-1) for y in inter], dim=1)
+
+
+def find_neurons(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, detect_layer: int | None = None,
+                 max_layer: int | None = None, top_k: int = 10, threshold: float | None = None,
+                 percentile: float = DEFAULT_PERCENTILE) -> Found:
+    """Two passes over ``batches`` (normalised images): patch norms at every block, then neuron scores.
+
+    The detection block (``None``: the one whose patch norms are most heavy-tailed, top-1% norm over the
+    median) and its outliers (norm > ``threshold``, else above the ``percentile``-th percentile) decide
+    where activations are read; neurons of blocks ``<= max_layer`` (default: the detection block) compete.
+    """
+    import torch
+
+    _check_model(model)
+    batches = list(batches)
+    if not batches:
+        raise RegisterError("no images to find register neurons on")
+    depth = len(model.blocks)
+    norms = torch.cat([patch_norms_per_block(model, b) for b in batches])  # [N, blocks, L]
+    stats = {}
+    for i in range(depth):
+        v = norms[:, i].flatten().numpy()
+        med, p99 = float(np.median(v)), float(np.percentile(v, 99))
+        stats[i] = {"median": med, "p99": p99, "max": float(v.max()), "ratio": p99 / max(med, 1e-12)}
+    if detect_layer is None:
+        detect_layer = max(stats, key=lambda i: stats[i]["ratio"])
+    if detect_layer < 0:
+        detect_layer += depth
+    if not 0 <= detect_layer < depth:
+        raise RegisterError(f"detection block {detect_layer} does not exist (the model has {depth})")
+    max_layer = detect_layer if max_layer is None else (max_layer + depth if max_layer < 0 else max_layer)
+    if not 0 <= max_layer < depth:
+        raise RegisterError(f"block {max_layer} does not exist (the model has {depth})")
+    at = norms[:, detect_layer].flatten().numpy()
+    if threshold is None:
+        threshold = float(np.percentile(at, percentile))
+    percentile = float(100 * np.mean(at <= threshold))
+    outlier_count = int((at > threshold).sum())
+    if not outlier_count:
+        raise RegisterError(f"no patch token at block {detect_layer} has a norm above {threshold:.2f} "
+                            f"(max {at.max():.2f}); lower --threshold or choose another --detect-layer")
+    sums = {i: torch.zeros(_hidden_size(model, i), dtype=torch.float64) for i in range(max_layer + 1)}
+    start = int(model.num_prefix_tokens)
+    offset = 0
+    for b in batches:
+        mask = norms[offset:offset + len(b), detect_layer] > threshold  # [B, L]
+        offset += len(b)
+        if not mask.any():
+            continue
+        handles = [_act(model, i).register_forward_hook(_accumulate(sums[i], mask, start)) for i in sums]
+        try:
+            with torch.inference_mode():
+                model.forward_intermediates(b, indices=[max_layer], stop_early=True, intermediates_only=True)
+        finally:
+            for h in handles:
+                h.remove()
+    scores = sorted(((i, n, float(s[n] / outlier_count)) for i, s in sums.items() for n in range(len(s))),
+                    key=lambda t: -t[2])[:top_k]
+    chosen: dict[int, list[int]] = {}
+    for i, n, _ in scores:
+        chosen.setdefault(i, []).append(n)
+    return Found(neurons={i: sorted(v) for i, v in sorted(chosen.items())}, scores=scores,
+                 detect_layer=detect_layer, threshold=float(threshold), percentile=percentile,
+                 outliers=outlier_count, tokens=int(at.size), images=int(norms.shape[0]), block_norms=stats)
+
+
+def _accumulate(total: torch.Tensor, mask: torch.Tensor, start: int):
+    def hook(module, inputs, a):
+        a = a[:, start:start + mask.shape[1]].float().abs()  # the patch tokens
+        total.add_(a[mask].sum(0).double().cpu())
+    return hook
+
+
+def dataset_batches(data: str, preprocess, limit: int, batch_size: int) -> Iterator[torch.Tensor]:
+    """The first ``limit`` decodable images of a manifest or shard pattern, preprocessed and normalised."""
+    import torch
+
+    from .data import SampleError, decode_image, load_dataset, open_shard
+
+    ds = load_dataset(data)
+    batch, seen = [], 0
+    for url in ds.shards:
+        for sample in open_shard(url, allow_pipe=False):
+            try:
+                img = decode_image(sample, ds.image_keys)
+            except SampleError:
+                continue
+            batch.append(preprocess(img))
+            seen += 1
+            if len(batch) == batch_size or seen == limit:
+                yield preprocess.normalize(torch.stack(batch))
+                batch = []
+            if seen == limit:
+                return
+    if batch:
+        yield preprocess.normalize(torch.stack(batch))

@@ -1,0 +1,176 @@
+"""Test-time registers: a planted register neuron is found, the intervention equals a hand-written block loop,
+an image's features do not depend on its batchmates, and neuron files are checked against the model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from regcache.cli import main
+from regcache.extract import extract
+from regcache.models import ModelSpec, load_model, state_dict_digest
+from regcache.registers import RegisterError, RegisterNeurons, find_neurons, install, parse_spec
+from regcache.store import FeatureSet
+from regcache.tokens import layout_of, token_features
+
+from conftest import NOREG, REG, SIZE, config, make_shards
+
+BLOCK, NEURON, POSITION, CHANNEL = 1, 7, 5, 3
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """Random weights with one planted register neuron: block 1's hidden neuron 7 fires only at patch 5
+    (its position embedding carries channel 3) and writes a large vector there, a high-norm token."""
+    torch.manual_seed(0)
+    model = timm.create_model(NOREG, pretrained=False, img_size=SIZE, num_classes=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".gamma"):
+                p.copy_(torch.randn_like(p) * 0.5)
+        model.pos_embed[0, 1 + POSITION, CHANNEL] += 30
+        mlp = model.blocks[BLOCK].mlp
+        mlp.fc1.weight[NEURON] = 0
+        mlp.fc1.weight[NEURON, CHANNEL], mlp.fc1.bias[NEURON] = 5, -20
+        model.blocks[BLOCK].ls2.gamma.fill_(1)
+        mlp.fc2.weight[:, NEURON] = torch.randn(model.embed_dim) * 2
+    path = tmp_path_factory.mktemp("planted") / "planted.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+def images(n: int = 6, seed: int = 0) -> torch.Tensor:
+    """Random images at different contrasts, so that activations (and their per-image maxima) differ."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, SIZE, SIZE, generator=g) * torch.linspace(0.3, 2.0, n).view(n, 1, 1, 1)
+
+
+def load(ckpt) -> torch.nn.Module:
+    return load_model(ModelSpec(NOREG, str(ckpt)), SIZE)
+
+
+def test_find_neurons_recovers_the_planted_neuron(planted):
+    model, x = load(planted), images(8)
+    auto = find_neurons(model, [x[:3], x[3:]], top_k=1)
+    assert auto.neurons == {BLOCK: [NEURON]} and auto.detect_layer >= BLOCK
+    by_threshold = find_neurons(model, [x], detect_layer=BLOCK, threshold=100.0, top_k=3)
+    assert by_threshold.outliers == len(x)  # patch 5 of every image, nothing else
+    assert by_threshold.scores[0][:2] == (BLOCK, NEURON) and by_threshold.scores[0][2] > 10 * by_threshold.scores[1][2]
+    assert by_threshold.percentile == pytest.approx(100 * (1 - 1 / 16))
+    with pytest.raises(RegisterError, match="no patch token at block 0"):
+        find_neurons(model, [x], detect_layer=0, threshold=1e6)
+
+
+def reference(model: torch.nn.Module, x: torch.Tensor, neurons: dict, k: int, patches: str) -> torch.Tensor:
+    """The last block's output with test-time registers, by hand: timm's block parts called one by one,
+    the intervention as loops over images and neurons."""
+    with torch.no_grad():
+        h = model._pos_embed(model.patch_embed(x))
+        h = torch.cat([h, torch.zeros(len(x), k, h.shape[-1])], dim=1)
+        for i, blk in enumerate(model.blocks):
+            h = h + blk.ls1(blk.attn(blk.norm1(h)))
+            a = blk.mlp.act(blk.mlp.fc1(blk.norm2(h)))
+            for b in range(len(x)):
+                for n in neurons.get(i, []):
+                    at = a[b, 1:-k, n]
+                    a[b, -k:, n] = at[at.abs().argmax()]
+                    if patches == "zero":
+                        a[b, 1:-k, n] = 0
+            h = h + blk.ls2(blk.mlp.fc2(a))
+    return h
+
+
+@pytest.mark.parametrize("patches", ["zero", "keep"])
+def test_installed_registers_equal_a_hand_written_forward(planted, patches):
+    neurons, k, x = {BLOCK: [NEURON], 3: [1, 2, 3]}, 2, images()
+    ref = reference(load(planted), x, neurons, k, patches)
+    model = load(planted)
+    handle = install(model, neurons, k, patches)
+    layout = layout_of(model)
+    assert (layout.registers, layout.num_reg, layout.num_tokens) == ("end", 2, 1 + 16 + 2)
+    got = token_features(model, x, layout, ("cls", "patch", "reg", "reg_all", "norms"))
+    post = model.norm(ref)
+    np.testing.assert_allclose(got["norms"], ref.norm(dim=-1), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got["reg_all"], post[:, -k:], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["reg"], post[:, -k:].mean(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["patch"], post[:, 1:-k].mean(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got["cls"], post[:, 0], rtol=1e-4, atol=1e-4)
+    if patches == "zero":  # the outlier left patch 5 for the registers
+        assert got["norms"][:, 1 + POSITION].max() < 100 < got["norms"][:, -k:].min()
+    handle.remove()
+    assert not hasattr(model, "test_time_registers") and layout_of(model).num_reg == 0
+    assert token_features(model, x, layout_of(model), ("norms",))["norms"][:, 1 + POSITION].min() > 1000
+
+
+def test_features_do_not_depend_on_batchmates(planted):
+    model = load(planted)
+    neurons = {0: [3, 4], BLOCK: [NEURON], 3: [1, 2]}
+    install(model, neurons, 3)
+    layout, x, others = layout_of(model), images(4), images(3, seed=1)
+    names = ("cls", "reg_all", "norms")
+    seen = {}
+    watch = model.blocks[0].mlp.act.register_forward_hook(lambda m, i, a: seen.update(reg=a[:, -1, [3, 4]].clone()))
+    batched = token_features(model, x, layout, names)
+    watch.remove()
+    mixed = token_features(model, torch.cat([others[:1], x[2:3], others[1:]]), layout, names)
+    for i in range(len(x)):
+        alone = token_features(model, x[i:i + 1], layout, names)
+        for f in names:
+            np.testing.assert_allclose(batched[f][i], alone[f][0], rtol=1e-4, atol=1e-4, err_msg=f"{f} image {i}")
+    for f in names:
+        np.testing.assert_allclose(mixed[f][1], batched[f][2], rtol=1e-4, atol=1e-4, err_msg=f)
+    # not vacuous: the registers' activations (each image's own maxima) differ between images
+    assert (seen["reg"].max(0).values - seen["reg"].min(0).values).min() > 0.1
+
+
+def test_neuron_files_are_checked_against_the_model(planted, reg_ckpt, tmp_path):
+    model = load(planted)
+    digest = state_dict_digest(model)
+    f = tmp_path / "n.json"
+    RegisterNeurons(NOREG, digest, {BLOCK: [NEURON]}).save(f)
+    got, file_digest = RegisterNeurons.load(f)
+    assert got.neurons == {BLOCK: [NEURON]} and len(file_digest) == 64
+    assert parse_spec(f"{f}:3") == (f, 3) and parse_spec(str(f)) == (f, 1)
+    got.check(model, NOREG, digest, str(f))
+    with pytest.raises(RegisterError, match="found on .* this model is"):
+        got.check(model, NOREG, "0" * 64, str(f))
+    with pytest.raises(RegisterError, match="block 1 has 1536 hidden neurons, not \\[5000\\]"):
+        RegisterNeurons(NOREG, digest, {1: [5000]}).check(model, NOREG, digest, "x")
+    with pytest.raises(RegisterError, match="no file"):
+        parse_spec(str(tmp_path / "missing.json:2"))
+    with pytest.raises(RegisterError, match="K must be at least 1"):
+        parse_spec(f"{f}:0")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(RegisterError, match="not a register-neuron file"):
+        RegisterNeurons.load(tmp_path / "bad.json")
+    with pytest.raises(RegisterError, match="already has 4 trained registers"):
+        install(load_model(ModelSpec(REG, str(reg_ckpt)), SIZE), {BLOCK: [NEURON]}, 1)
+
+
+def test_find_then_extract_through_the_cli(planted, tmp_path):
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=6)
+    out = tmp_path / "neurons.json"
+    res = CliRunner().invoke(main, ["registers", "find", "-m", NOREG, "--checkpoint", str(planted), "-d", data,
+                                    "--size", str(SIZE), "-n", "5", "-k", "1", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "written to" in res.output and "<- detection" in res.output
+    saved = json.loads(out.read_text())
+    assert saved["neurons"] == {str(BLOCK): [NEURON]} and saved["settings"]["images"] == 5
+    sets = {}
+    for k in (1, 2):
+        r = extract(config(NOREG, planted, data, tmp_path / "cache", test_time_registers=f"{out}:{k}"))
+        sets[k] = FeatureSet(r.path)
+    fs = sets[2]
+    assert fs.features == ("cls", "patch", "reg", "norms") and fs.layout.registers == "end"
+    assert fs.meta["identity"]["test_time_registers"]["registers"] == 2
+    assert sets[1].fingerprint != fs.fingerprint
+    norms = fs.load("norms", concat=False).x["norms"]
+    assert norms[:, -2:].min() > 100 > norms[:, 1:-2].max()
+    res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", data, "--random-init", "0", "--size", str(SIZE),
+                                    "--cache", str(tmp_path / "c2"), "-q", "--test-time-registers", str(out)])
+    assert res.exit_code != 0 and "found on" in res.output
