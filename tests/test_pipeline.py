@@ -65,6 +65,7 @@ probes:
     iterations: 20
     batch_size: 8
     plots: false
+    augmented: true
 analyses:
   - {{name: norms, kind: norms, datasets: [tiny-test]}}
 """)
@@ -78,15 +79,18 @@ def _statuses(out: Path) -> dict[str, list[str]]:
 
 def _run(tiny: Path, out: str, **kw):
     pl = load_pipeline(tiny / "tiny.yaml", {"vars.OUT": out, **kw.pop("overrides", {})})
-    return run_pipeline(pl, progress=False, echo=lambda s: None, **kw)
+    return run_pipeline(pl, progress=False, echo=kw.pop("echo", lambda s: None), **kw)
 
 
 def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
     from regcache.extract import extract
     from regcache.probe import run_probe
 
-    run = _run(tiny, "out1", overrides={"probes.p.seed": 3})
+    said = []
+    run = _run(tiny, "out1", overrides={"probes.p.seed": 3}, echo=said.append)
     out = tiny / "out1"
+    # the block names an augmented protocol, and tiny-train was extracted with one view
+    assert any(s.startswith("warning: probe") and "plain crop only" in s for s in said), said
     assert _statuses(out) == {"extract": ["ran"] * 3, "probes": ["ran"], "analyses": ["ran"]}
     rec = json.loads((out / "pipeline.json").read_text())
     assert rec["overrides"] == {"vars.OUT": "out1", "probes.p.seed": 3} and rec["finished"]

@@ -208,6 +208,10 @@ def _probe(job: ProbeJobPlan, pl: Pipeline, progress: bool, echo) -> None:
     echo(f"probe {job.label}: {' '.join('[' + ';'.join(c) + ']' for c in job.combos)}")
     pj, cfg = probe_call(job, pl)
     result = run_probe(pj, cfg, progress=progress)
+    if job.block.settings["augmented"] and len(result.protocol.get("train_views") or []) < 2:
+        echo(f"warning: probe {job.label} names a protocol that trains on augmented views, but "
+             f"{job.block.train} holds the plain crop only (extracted with views: 1): its heads saw no augmentation; "
+             f"extract {job.block.train} with views > 1 (datasets[].extract.views) to follow the protocol")
     roles = {"train": job.block.train, "val": job.block.val, "test": job.block.test}
     for role, path in result.sets.items():
         want = job.paths[roles.get(role, role)]

@@ -27,6 +27,8 @@ PROBE_FIELDS: dict[str, tuple[type | tuple, Any]] = {
     "device": (str, "cpu"), "val_fraction": ((float, int), 0.1), "stream": (bool, False),
     "stream_window": (int, 16), "scorers": (list, ["msp", "energy", "maxlogit"]), "knn_k": (int, 50),
     "plots": (bool, True),
+    # the protocol trains on augmented views (the paper's random-resized crops): a train set of one view warns
+    "augmented": (bool, False),
 }
 #: extraction settings (as `regcache extract` flags); None leaves the model's own default
 EXTRACT_FIELDS: dict[str, tuple[type | tuple, Any]] = {
