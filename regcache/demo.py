@@ -153,8 +153,9 @@ def build(root: str | os.PathLike, sizes: DemoSizes = DemoSizes(), per_shard: in
     return manifests
 
 
-#: the demo as a pipeline: `regcache demo` builds the sets and runs it (from a source checkout)
-DEMO_PIPELINE = Path(__file__).resolve().parents[1] / "pipelines" / "demo.yaml"
+#: the demo as a pipeline: `regcache demo` builds the sets and runs it. It ships inside the package, so that an
+#: installed regcache has it; pipelines/demo.yaml in a checkout links to it.
+DEMO_PIPELINE = Path(__file__).resolve().parent / "pipeline" / "demo.yaml"
 
 
 def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, precision: str = "fp32",
@@ -167,8 +168,6 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     from .offline import fetch_vits14
     from .pipeline import load_pipeline, run_pipeline
 
-    if not DEMO_PIPELINE.is_file():
-        raise DataError(f"the demo runs {DEMO_PIPELINE}, which is not there: run it from a source checkout")
     out = Path(out).resolve()
     build(out / "data")
     overrides = {"vars.DEMO": str(out), "extract.size": size, "extract.resize": size * 8 // 7,

@@ -282,7 +282,7 @@ def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     top.data = doc
     # what manifests may need too: every variable the pipeline defines or uses
     used_vars = {k: env[k] for k in [*defaults, *VAR.findall(text)] if k in env}
-    base = file.resolve().parent
+    base = file.absolute().parent  # relative paths read from where the file is seen (a link: the link's folder)
     with _manifest_env(used_vars):
         return _build(top, file, base, text, overrides, used_vars, warnings, allow_unset)
 
