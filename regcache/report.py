@@ -17,7 +17,9 @@ from . import __version__, ood
 from .probe import save_heads
 from .store import FeatureSet
 
-METRIC_LABELS = {"fpr95": "FPR95↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑", "aupr_out": "AUPR-out↑"}
+#: column labels; the two FPR95 conventions (DESIGN §5) never share one
+METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑",
+                 "aupr_out": "AUPR-out↑"}
 
 
 def _pct(v: float) -> str:
@@ -79,7 +81,8 @@ def _protocol_notes(res: pd.DataFrame) -> list[str]:
 
 
 def markdown(results: pd.DataFrame) -> str:
-    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, mean FPR95 and AUROC.
+    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, then the means
+    over all anomaly sets (FPR95 both ways, AUROC) and over each group of them (near-/far-OOD: FPR95, AUROC).
 
     A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why.
     """
@@ -90,14 +93,17 @@ def markdown(results: pd.DataFrame) -> str:
     ano = res[res.role == "anomaly"]
     scorers = list(dict.fromkeys(ano.scorer)) or [""]
     acc_sets = list(dict.fromkeys(acc.set))
-    ano_sets = [s for s in dict.fromkeys(ano.set) if s != "mean"]
+    ano_sets = [s for s in dict.fromkeys(ano.set) if not s.startswith("mean")]
+    means = [("mean", m) for m in ("fpr95", "fpr95_openood", "auroc")] + \
+        [(s, m) for s in dict.fromkeys(ano.set) if s.startswith("mean ") for m in ("fpr95", "auroc")]
     n_of = {r.set: r.n for r in res.itertuples()}
     seeds = ",".join(str(s) for s in sorted(set(res.seed)))
     out = []
     for scorer in scorers:
         head = ["model", "features"] + [f"{s} top-1" for s in acc_sets]
         if scorer:
-            head += [f"{s} FPR95↓" for s in ano_sets] + ["mean FPR95↓", "mean AUROC↑"]
+            head += [f"{s} {METRIC_LABELS['fpr95']}" for s in ano_sets]
+            head += [f"{s} {METRIC_LABELS[m]}" for s, m in means]
         lines = [f"### {'accuracy' if not scorer else 'anomaly scorer: ' + scorer} (%, seed {seeds})", "",
                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for (model, feats), g in res.groupby(["model", "features"], sort=False):
@@ -105,12 +111,15 @@ def markdown(results: pd.DataFrame) -> str:
             cells = [model, f"[{feats.replace(',', ';')}]"] + [_pct(get(s, "top1").mean()) for s in acc_sets]
             if scorer:
                 cells += [_pct(get(s, "fpr95", scorer).mean()) for s in ano_sets]
-                cells += [_pct(get("mean", "fpr95", scorer).mean()), _pct(get("mean", "auroc", scorer).mean())]
+                cells += [_pct(get(s, m, scorer).mean()) for s, m in means]
             lines.append("| " + " | ".join(cells) + " |")
         out.append("\n".join(lines))
     counts = ", ".join(f"{s}: n={n_of[s]}" for s in [*acc_sets, *ano_sets])
-    out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID "
-               "(Hendrycks & Gimpel; Liu et al.). Full numbers (AUPR, every scorer) in results.parquet.")
+    out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID, fraction of OOD accepted "
+               "(Hendrycks & Gimpel; Liu et al.). FPR95-OpenOOD: OOD positive, threshold catching 95% of OOD, "
+               "fraction of ID flagged (OpenOOD v1.5, pytorch-ood); not comparable with FPR95. Means are unweighted "
+               "over sets; near-ood/far-ood group the sets by their manifest's split. Full numbers (AUPR, scorer "
+               "hyperparameters) in results.parquet.")
     out += [*_protocol_notes(res), *filter(None, [_merge_note(res)])]
     return "\n\n".join(out) + "\n"
 

@@ -247,3 +247,39 @@ def test_all_scorers_through_probe_and_score(caches, tmp_path):
     assert bad.exit_code == 2 and "knn has no hyperparameter 'z'" in bad.output
     listing = CliRunner().invoke(main, ["scorers"])
     assert listing.exit_code == 0 and all(n in listing.output for n in ood.SCORERS) and "ICLR 2023" in listing.output
+
+
+def test_near_far_means_and_the_ood_validation_set(caches, tmp_path):
+    """Anomaly sets group by their manifest's split: near-ood and far-ood get their own means (OpenOOD's tables),
+    an ood-val set is reported alone and enters no mean; the report labels both FPR95 conventions apart."""
+    from conftest import make_set
+
+    from regcache.store import FeatureSet
+
+    rng = np.random.default_rng(5)
+    for name, split, shift in (("near1", "near-ood", 1.0), ("far1", "far-ood", 6.0), ("far2", "far-ood", 8.0),
+                               ("oval", "ood-val", 3.0)):
+        x = {f: (rng.normal(size=(40, 4)) + shift).astype(np.float32) for f in ("cls", "reg")}
+        fs = make_set(caches, name, x, -np.ones(40, int), role="anomaly")
+        meta = json.loads((fs.path / "regcache.json").read_text())
+        meta["dataset"]["split"] = split
+        (fs.path / "regcache.json").write_text(json.dumps(meta))
+        assert FeatureSet(fs.path).meta["dataset"]["split"] == split
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["probe", "-m", "m", "-f", "cls,reg", "--train", "train", "--val", "val",
+                                  "--anomaly", "far,near1,far1,far2,oval", "--cache", str(caches), "--out", str(out),
+                                  "--iterations", "30", "--scorers", "msp,knn", "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "results.parquet")
+    v = df[df.role == "anomaly"].set_index(["set", "metric", "scorer"]).value
+    for metric in ("fpr95", "fpr95_openood", "auroc"):
+        for scorer in ("msp", "knn"):
+            assert v["mean", metric, scorer] == pytest.approx(np.mean([v[s, metric, scorer]
+                                                                       for s in ("far", "near1", "far1", "far2")]))
+            assert v["mean near-ood", metric, scorer] == pytest.approx(v["near1", metric, scorer])
+            assert v["mean far-ood", metric, scorer] == pytest.approx((v["far1", metric, scorer]
+                                                                       + v["far2", metric, scorer]) / 2)
+    assert not any(s.startswith("mean") and "val" in s for s in df.set)
+    md = (out / "results.md").read_text()
+    for label in ("oval FPR95↓", "mean FPR95↓", "mean FPR95-OpenOOD↓", "mean near-ood AUROC↑", "mean far-ood FPR95↓"):
+        assert label in md, label

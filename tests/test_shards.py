@@ -157,8 +157,15 @@ def test_paper_manifests_are_valid(monkeypatch):
     monkeypatch.setenv("REGCACHE_DATA", "/data")
     root = Path(__file__).resolve().parents[1] / "manifests"
     sets = {p.stem: load_manifest(p) for p in root.glob("*.yaml")}
+    openood = {"ssb-hard", "ninco", "inaturalist", "textures", "openimage-o", "openimage-o-val", "imagenet-v2",
+               "imagenet-c", "imagenet-es"}  # OpenOOD v1.5's ImageNet-1k benchmark (with imagenet-r)
     assert set(sets) == {"imagenet1k-train", "imagenet1k-val", "imagenet-a", "imagenet-r", "imagenet-sketch", "dtd",
-                         "svhn", "places365", "lsun", "lsun-resize", "isun", "imagenet1k-val-1k"}
+                         "svhn", "places365", "lsun", "lsun-resize", "isun", "imagenet1k-val-1k"} | openood
+    splits = {n: sets[n].split for n in openood}
+    assert {n for n, s in splits.items() if s == "near-ood"} == {"ssb-hard", "ninco"}
+    assert {n for n, s in splits.items() if s == "far-ood"} == {"inaturalist", "textures", "openimage-o"}
+    assert all(sets[n].role == "ood-gen" and len(sets[n].classes) == 1000
+               for n, s in splits.items() if s == "covariate-shift")
     assert all(ds.name == name for name, ds in sets.items())
     assert len(sets["imagenet1k-train"].classes) == 1000 and len(sets["imagenet-a"].subset) == 200
     assert len(sets["imagenet-r"].subset) == 200 and set(sets["imagenet-r"].subset) <= set(sets["imagenet-r"].classes)

@@ -14,7 +14,7 @@ from .. import ood
 from ..store import FeatureSet, find_feature_set, list_feature_sets
 from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
                    class_names, holdout, load_split, map_labels)
-from .heads import Head, ProbeConfig, accuracy, load_heads, select, train_heads
+from .heads import Head, ProbeConfig, accuracy, fit_heads, load_heads, refit, select
 
 
 
@@ -41,7 +41,8 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
              scorers: Sequence[str], bank: "BankSource | None" = None, scorer_args: dict | None = None,
              scores_out: dict | None = None, device: str = "cpu", groups: dict[str, str] | None = None) -> list[Row]:
     """ID and OOD accuracy, and per-anomaly-set metrics (`ood.METRICS`) for every scorer, plus their means:
-    over all anomaly sets (set ``mean``) and over each group of ``groups`` (set ``mean near-ood``, …).
+    over all anomaly sets (set ``mean``) and over each group of ``groups`` (set ``mean near-ood``, …); a set
+    of the OOD validation split (``ood-val``, for choosing hyperparameters) is reported alone, in no mean.
 
     ``scorer_args``: hyperparameters by scorer name (``{"react": {"percentile": 0.9}}``); each row records
     the scorer's full set. Feature scorers fit on ``bank(head.features, device)``, streamed in chunks.
@@ -58,7 +59,8 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
     id_scores = {name: _score(sc, head, id_split) for name, sc in fitted.items()}
     per: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
     for s in anomalies:
-        means = ["mean"] + ([f"mean {groups[s.name]}"] if groups and s.name in groups else [])
+        group = (groups or {}).get(s.name)
+        means = [] if group == OOD_VALIDATION else ["mean"] + ([f"mean {group}"] if group else [])
         for name, sc in fitted.items():
             o = _score(sc, head, s)
             if scores_out is not None:
@@ -96,6 +98,8 @@ def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) ->
 
 
 OOD_GROUPS = ("near-ood", "far-ood")  # manifest splits whose anomaly sets get their own mean, as OpenOOD reports
+OOD_VALIDATION = "ood-val"            # the manifest split of OOD validation sets: in no mean
+OOD_SPLITS = (*OOD_GROUPS, OOD_VALIDATION)
 SCORERS = tuple(ood.SCORERS)  # every registered scorer (`regcache scorers` lists them)
 FEATURE_SCORERS = tuple(n for n, c in ood.SCORERS.items() if c.needs_bank)  # these fit on the training features
 
@@ -138,13 +142,13 @@ class _Data:
     train: "Split | StreamedSplit | None" = None
     val: Split | None = None
     bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
-    groups: dict[str, str] = field(default_factory=dict)  # anomaly set -> OOD_GROUPS entry (its manifest's split)
+    groups: dict[str, str] = field(default_factory=dict)  # anomaly set -> its manifest's split, where one of OOD_SPLITS
 
 
 def _groups(sets: dict[str, FeatureSet], names: Sequence[str]) -> dict[str, str]:
-    """Anomaly sets whose manifest split is near-ood or far-ood (OpenOOD v1.5's benchmark), by name."""
+    """Anomaly sets whose manifest split is near-ood, far-ood or ood-val (OpenOOD v1.5's benchmark), by name."""
     return {n: sets[n].meta["dataset"].get("split") for n in names
-            if sets[n].meta["dataset"].get("split") in OOD_GROUPS}
+            if sets[n].meta["dataset"].get("split") in OOD_SPLITS}
 
 
 BankSource = Callable[[Sequence[str], str], "ood.Bank"]  # (feature combination, device) -> bank
@@ -274,7 +278,7 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
     With several heads per combination (an lr/wd grid), the selection set and the test set must differ.
     """
     job.scorers = tuple(ood.resolve(job.scorers))
-    heads_per = len(cfg.grid)
+    heads_per = cfg.heads_per_combination
     if heads_per > 1 and not job.test:
         raise ProbeError(_need_test(job, heads_per))
     union = sorted({f for combo in cfg.features for f in combo})
@@ -285,12 +289,15 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
     views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
     protocol = {"heads_per_combination": heads_per, "selection_set": data.val.name, "id_set": data.test.name,
                 "id_is_selection_set": data.test is data.val, "train_views": sorted(int(v) for v in np.unique(views))}
-    candidates = train_heads(data.train, data.num_classes, cfg, progress=progress)
+    candidates = fit_heads(data.train, data.num_classes, cfg, progress=progress)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None  # rank 0 evaluates and writes
     heads = select(candidates, data.val)
     selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
                  for h in candidates]
+    if cfg.refit:
+        heads = refit(heads, data.train, data.val, data.num_classes, cfg)
+        protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
     df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol, cfg.device)
     return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()}, protocol)
 
