@@ -15,8 +15,9 @@ scorer_arg_option = click.option(
 
 @main.command()
 @click.option("--model", "-m", required=True, help="Alias, timm name, or fingerprint prefix of the cached sets.")
-@click.option("--features", "-f", "combos", multiple=True, required=True, metavar="LIST",
-              help="A feature combination such as cls,reg; repeat for several, all trained in one pass.")
+@click.option("--features", "-f", "combos", multiple=True, metavar="LIST",
+              help="A feature combination such as cls,reg; repeat for several, all trained in one pass "
+              "[default: the --preset's].")
 @click.option("--train", required=True, help="Dataset name (manifest name) or feature-set path of the ID train set.")
 @click.option("--val", default=None, help="Set that selects the heads [default: a held-out part of --train].")
 @click.option("--test", default=None, help="ID test set: ID accuracy, ID side of anomaly scores; required with an "
@@ -25,10 +26,20 @@ scorer_arg_option = click.option(
 @click.option("--anomaly", multiple=True, metavar="LIST", help="Anomaly sets (FPR95, AUROC, AUPR).")
 @cache_option
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run directory [default: runs/MODEL-TIME].")
+@click.option("--preset", default=None, metavar="NAME", help="A named protocol (its grid, solver and default "
+              "features; options given explicitly win): dinov3-logreg, dinov2-linear, dinov2-linear-last4. See README, Probing.")
+@click.option("--solver", type=click.Choice(["minibatch", "lbfgs"]), default="minibatch", show_default=True,
+              help="minibatch: SGD/AdamW over --lr x --wd (the paper; works with --stream). lbfgs: full-batch "
+              "multinomial logistic regression, one head per --C, all fitted together (sets in memory).")
+@click.option("--C", "cs", default="1", show_default=True,
+              help="lbfgs: inverse regularisation values (comma list), scikit-learn's C: C * sum(loss) + |W|^2/2.")
+@click.option("--tol", default=1e-4, show_default=True, help="lbfgs: stop a head when every gradient entry is below.")
+@click.option("--refit", is_flag=True, help="After selection, train the chosen setting again on train + val.")
 @click.option("--lr", default="0.01", show_default=True, help="Learning rates (comma list): one head each.")
 @click.option("--wd", default="0", show_default=True, help="Weight decays (comma list): one head each.")
 @click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True)
-@click.option("--iterations", default=10_000, show_default=True)
+@click.option("--iterations", type=int, default=None,
+              help="Steps (minibatch) or the iteration cap (lbfgs) [default: 10000, lbfgs 1000].")
 @click.option("--batch-size", default=4096, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
@@ -44,7 +55,8 @@ scorer_arg_option = click.option(
 @click.option("--stream-window", default=16, show_default=True, help="Shards per shuffle window with --stream.")
 @click.option("--no-plots", is_flag=True, help="Skip the ROC and histogram PNGs.")
 @click.option("--quiet", "-q", is_flag=True)
-def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, optimizer, iterations, batch_size, seed,
+def probe(model, combos, train, val, test, eval_, anomaly, cache, out, preset, solver, cs, tol, refit, lr, wd,
+          optimizer, iterations, batch_size, seed,
           device, val_fraction, scorers, scorer_args, knn_k, stream, allow_random_init, stream_window, no_plots, quiet):
     """Train linear heads on cached features and evaluate them (never loads a backbone).
 
@@ -66,9 +78,11 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
                        scorer_args=parse_scorer_args(scorer_args),
                        allow_random_init=allow_random_init)
         device = _init_distributed(device)
-        cfg = ProbeConfig(features=list(combos), lrs=parse_floats(lr), wds=parse_floats(wd), optimizer=optimizer,
-                          iterations=iterations, batch_size=batch_size, seed=seed, device=device,
-                          val_fraction=val_fraction, stream=stream, stream_window=stream_window)
+        options = dict(features=list(combos), lrs=parse_floats(lr), wds=parse_floats(wd), optimizer=optimizer,
+                       iterations=iterations, batch_size=batch_size, seed=seed, device=device,
+                       val_fraction=val_fraction, stream=stream, stream_window=stream_window, solver=solver,
+                       Cs=parse_floats(cs), tol=tol, refit=refit)
+        cfg = ProbeConfig(**_with_preset(preset, options))
         result = run_probe(job, cfg, progress=not quiet)
         if result is not None:  # None: a rank other than 0 under torchrun
             write_run(out, result, job, cfg, plots=not no_plots)
@@ -79,6 +93,27 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, lr, wd, o
     if result is not None:
         click.echo((out / "results.md").read_text())
         click.echo(f"run directory: {out}")
+
+
+#: probe options -> the ProbeConfig field each sets
+_FIELDS = {"combos": "features", "lr": "lrs", "wd": "wds", "cs": "Cs", "optimizer": "optimizer",
+           "iterations": "iterations", "batch_size": "batch_size", "solver": "solver", "tol": "tol", "refit": "refit"}
+
+
+def _with_preset(preset: str | None, options: dict) -> dict:
+    """ProbeConfig arguments: without a preset the options; with one, its settings under the options the
+    user typed (click's parameter source tells typed from default)."""
+    from click.core import ParameterSource
+
+    from ..probe.presets import get_preset
+
+    if preset is None:
+        if not options["features"]:
+            raise click.UsageError("give --features (or a --preset with default features)")
+        return options
+    ctx = click.get_current_context()
+    typed = {f for opt, f in _FIELDS.items() if ctx.get_parameter_source(opt) == ParameterSource.COMMANDLINE}
+    return get_preset(preset).config({k: v for k, v in options.items() if k in typed or k not in _FIELDS.values()})
 
 
 def parse_scorer_args(items) -> dict:
@@ -209,3 +244,87 @@ def run_cmd(pipeline, models_, stages, dry_run, sets, quiet):
         run_pipeline(pl, order, split_names(models_) or None, dry_run=dry_run, progress=not quiet, echo=click.echo)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
+
+
+def _id_sets(f):
+    """Options shared by knn and fewshot: the model, the sets, the features, where to write."""
+    for opt in reversed([
+        click.option("--model", "-m", required=True, help="Alias, timm name, or fingerprint prefix of the cached sets."),
+        click.option("--features", "-f", "combos", multiple=True, metavar="LIST",
+                     help="A feature combination such as cls,patch; repeat for several [default: cls]."),
+        click.option("--train", required=True, help="The labelled set to learn from (its view-0 rows)."),
+        click.option("--test", required=True, help="ID set to report on."),
+        click.option("--eval", "eval_", multiple=True, metavar="LIST", help="OOD-generalisation sets."),
+        cache_option,
+        click.option("--device", default="cpu", show_default=True),
+        click.option("--out", type=click.Path(path_type=Path), default=None,
+                     help="Also write the long results: .parquet or .csv."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _job(model, train, test, eval_, cache):
+    from ..extract import default_cache_root
+    from ..probe import ProbeJob
+
+    return ProbeJob(model=model, train=train, cache=cache or default_cache_root(), test=test, eval=split_names(eval_))
+
+
+def _write(df, out) -> None:
+    if out is None:
+        return
+    if out.suffix == ".csv":
+        df.to_csv(out, index=False)
+    elif out.suffix == ".parquet":
+        df.to_parquet(out, index=False)
+    else:
+        raise click.BadParameter("--out must end in .parquet or .csv")
+
+
+@main.command()
+@_id_sets
+@click.option("--preset", type=click.Choice(["dinov2-knn"]), default="dinov2-knn", show_default=True,
+              help="The protocol whose k and temperature are the defaults.")
+@click.option("--k", "ks", default=None, help="Neighbour counts (comma list) [default: the preset's, 10,20,100,200].")
+@click.option("--temperature", type=float, default=None, help="Vote weight exp(sim / T) [default: the preset's, 0.07].")
+def knn(model, combos, train, test, eval_, cache, device, out, preset, ks, temperature):
+    """Weighted kNN classifier on cached features (DINOv2's: cosine similarity, votes exp(sim / T)).
+
+    Top-1 and top-5 per k on --test and --eval sets; labels are mapped into --train's classes by name.
+    """
+    from ..probe.knn import run_knn
+    from ..probe.presets import get_preset
+
+    setup_logging(False)
+    p = get_preset(preset).settings
+    try:
+        df = run_knn(_job(model, train, test, eval_, cache), [c.split(",") for c in combos] or [["cls"]],
+                     tuple(int(k) for k in ks.split(",")) if ks else p["ks"],
+                     p["temperature"] if temperature is None else temperature, device)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(df.pivot_table(index=["features", "set", "metric"], columns="k", values="value").round(4).to_string())
+    _write(df, out)
+
+
+@main.command()
+@_id_sets
+@click.option("--shots", default="1,2,5,10", show_default=True, help="Images per class (comma list).")
+@click.option("--seeds", default="0,1,2", show_default=True, help="One draw of the shots per seed (comma list).")
+@click.option("--C", "c", default=1.0, show_default=True, help="Logistic regression's C (scikit-learn's objective).")
+def fewshot(model, combos, train, test, eval_, cache, device, out, shots, seeds, c):
+    """k-shot logistic regression: k images per class drawn per seed from --train, fitted with L-BFGS.
+
+    Reports top-1, top-5 and mean-per-class recall on --test and --eval, per seed and as mean ± std.
+    """
+    from ..probe.knn import run_few_shot
+
+    setup_logging(False)
+    try:
+        df, summary = run_few_shot(_job(model, train, test, eval_, cache), [x.split(",") for x in combos] or [["cls"]],
+                                   [int(k) for k in shots.split(",")], [int(s) for s in seeds.split(",")], c, device)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(summary.round(4).to_string(index=False))
+    _write(df, out)

@@ -1,7 +1,10 @@
-"""Training linear heads: every head of a grid shares each mini-batch.
+"""Training linear heads: every head of a grid in one pass over the data.
 
-Per feature combination the heads' weights are one stacked tensor, so a step is one matmul per
-combination, and each head keeps its own optimiser state.
+Two solvers. ``minibatch`` (SGD or AdamW, the paper's and DINOv2's protocol; also for streamed
+sets): per feature combination the heads' weights are one stacked tensor, so a step is one matmul
+per combination, and each head keeps its own optimiser state. ``lbfgs`` (sets in memory): every
+head of a C grid is scikit-learn's ``LogisticRegression(C)``, fitted full-batch together
+(`solvers.lbfgs_grid`).
 """
 from __future__ import annotations
 
@@ -21,13 +24,18 @@ from .data import ProbeError, Split, StreamedSplit
 
 @dataclass
 class ProbeConfig:
-    """Heads and their training; defaults follow the paper (SGD, lr 0.01, 10k iterations, batch 4096)."""
+    """Heads and their training; defaults follow the paper (SGD, lr 0.01, 10k iterations, batch 4096).
+
+    ``solver="lbfgs"`` fits one head per ``Cs`` value instead of the lr × wd grid; ``iterations`` is then
+    its iteration cap (default 1,000) and ``tol`` its gradient tolerance (scikit-learn's). ``refit``:
+    after selection, train the chosen setting again on train + val (DINOv3's protocol).
+    """
 
     features: list[tuple[str, ...]]
     lrs: tuple[float, ...] = (0.01,)
     wds: tuple[float, ...] = (0.0,)
     optimizer: str = "sgd"
-    iterations: int = 10_000
+    iterations: int | None = None  # default: 10,000 (minibatch), 1,000 (lbfgs)
     batch_size: int = 4096
     momentum: float = 0.9
     seed: int = 0
@@ -35,22 +43,46 @@ class ProbeConfig:
     val_fraction: float = 0.1
     stream: bool = False        # read the training set window by window instead of loading it
     stream_window: int = 16     # units (input shards) per shuffle window when streaming
+    solver: str = "minibatch"
+    Cs: tuple[float, ...] = (1.0,)  # lbfgs: inverse regularisation, scikit-learn's C (one head each)
+    tol: float = 1e-4               # lbfgs: stop a head when every gradient entry is below this
+    refit: bool = False
 
     def __post_init__(self) -> None:
         self.features = [parse_features(f) for f in self.features]
         if self.optimizer not in ("sgd", "adamw"):
             raise ProbeError("optimizer must be sgd or adamw")
+        if self.solver not in SOLVERS:
+            raise ProbeError(f"solver must be one of {', '.join(SOLVERS)}")
         if not self.features:
             raise ProbeError("no feature combination")
+        if self.solver == "lbfgs" and (not self.Cs or min(self.Cs) <= 0):
+            raise ProbeError("lbfgs needs one or more C values, all > 0")
+        if self.solver == "lbfgs" and self.stream:
+            raise ProbeError("lbfgs is full-batch: it needs the training set in memory; drop --stream or use "
+                             "--solver minibatch")
+        if self.iterations is None:
+            self.iterations = 1_000 if self.solver == "lbfgs" else 10_000
 
     @property
     def grid(self) -> list[tuple[float, float]]:
+        """The minibatch solver's (lr, wd) pairs, one head each per combination."""
         return [(lr, wd) for lr in self.lrs for wd in self.wds]
+
+    @property
+    def heads_per_combination(self) -> int:
+        return len(self.Cs) if self.solver == "lbfgs" else len(self.grid)
+
+
+SOLVERS = ("minibatch", "lbfgs")
 
 
 @dataclass
 class Head:
-    """One trained linear head: ``logits = x @ weight.T + bias`` on the concatenation of ``features``."""
+    """One trained linear head: ``logits = x @ weight.T + bias`` on the concatenation of ``features``.
+
+    An lbfgs head has ``C`` (scikit-learn's) and ``wd = 1/(C·n)``, its weight decay on the mean loss.
+    """
 
     features: tuple[str, ...]
     lr: float
@@ -58,6 +90,7 @@ class Head:
     weight: torch.Tensor
     bias: torch.Tensor
     val_acc: float = float("nan")
+    C: float = float("nan")
 
     def logits(self, split: Split, chunk: int = 65536) -> np.ndarray:
         out = [split.combo(self.features, np.arange(i, min(i + chunk, len(split)))) @ self.weight.T + self.bias
@@ -75,7 +108,7 @@ def save_heads(path: Path, heads: dict, meta: dict) -> None:
     tensors, info = {}, []
     for h in heads.values():
         tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
-        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc})
+        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc, "C": h.C})
     save_file(tensors, str(path), metadata={"heads": json.dumps(info), **{k: json.dumps(v) for k, v in meta.items()}})
 
 
@@ -85,7 +118,8 @@ def load_heads(path: Path) -> list:
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["heads"])
         return [Head(tuple(h["features"]), h["lr"], h["wd"], f.get_tensor(f"{','.join(h['features'])}/weight"),
-                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"]) for h in info]
+                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"], h.get("C", float("nan")))
+                for h in info]
 
 
 class _Stacked:
@@ -113,6 +147,16 @@ class _Stacked:
                 mhat, vhat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
                 p.sub_(lr * (mhat / (vhat.sqrt() + 1e-8) + wd * p))
             p.grad = None
+
+
+def fit_heads(train: "Split | StreamedSplit", num_classes: int, cfg: ProbeConfig,
+              progress: bool = False) -> list[Head]:
+    """Every head of ``cfg`` with its solver, in combination-major grid order."""
+    if cfg.solver == "lbfgs":
+        from .solvers import lbfgs_heads
+
+        return lbfgs_heads(train, num_classes, cfg)
+    return train_heads(train, num_classes, cfg, progress)
 
 
 def train_heads(train: "Split | StreamedSplit", num_classes: int, cfg: ProbeConfig,
@@ -181,3 +225,24 @@ def select(heads: list[Head], val: Split) -> dict[tuple[str, ...], Head]:
         if h.features not in best or h.val_acc > best[h.features].val_acc:
             best[h.features] = h
     return best
+
+
+def refit(chosen: dict[tuple[str, ...], Head], train: "Split | StreamedSplit", val: Split, num_classes: int,
+          cfg: ProbeConfig) -> dict[tuple[str, ...], Head]:
+    """Train each combination's chosen setting again on train + val (DINOv3): the selection used val,
+    the final head may learn from it too. Each refit head keeps the chosen head's validation accuracy."""
+    from dataclasses import replace
+
+    if isinstance(train, StreamedSplit):
+        raise ProbeError("refit needs the training set in memory (drop --stream)")
+    both = Split(f"{train.name}+{val.name}", {f: np.concatenate([train.x[f], val.x[f]]) for f in train.x},
+                 np.concatenate([train.labels, val.labels]), np.concatenate([train.keys, val.keys]),
+                 np.concatenate([train.views, val.views]))
+    out = {}
+    for combo, h in chosen.items():
+        one = replace(cfg, features=[combo], lrs=(h.lr,), wds=(h.wd,), Cs=(h.C,), refit=False)
+        new = fit_heads(both, num_classes, one)[0]
+        new.val_acc = h.val_acc
+        out[combo] = new
+    return out
+

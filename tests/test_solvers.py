@@ -1,0 +1,177 @@
+"""The L-BFGS grid against scikit-learn, kNN against a brute-force loop, few-shot and presets against
+independent computations, and the CLI paths that use them."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
+
+from regcache.cli import main
+from regcache.probe import ProbeConfig, Split, fit_heads, load_heads
+from regcache.probe.knn import few_shot, knn_scores, shots
+from regcache.probe.presets import PRESETS, get_preset
+from regcache.probe.solvers import lbfgs_grid
+from regcache.store import FeatureSet
+
+
+@pytest.fixture(scope="module")
+def digits():
+    x, y = load_digits(return_X_y=True)
+    x = x / 16.0
+    perm = np.random.default_rng(0).permutation(len(y))
+    return x[perm[:1200]], y[perm[:1200]], x[perm[1200:]], y[perm[1200:]]
+
+
+def sklearn_fit(x, y, C, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # ConvergenceWarning at a small max_iter is part of the comparison
+        return LogisticRegression(C=C, **kw).fit(x, y)
+
+
+def test_lbfgs_grid_is_sklearn_logistic_regression(digits):
+    """Tightly converged, every head of the grid is sklearn's optimum: held-out probabilities and weights agree."""
+    xtr, ytr, xte, yte = digits
+    Cs = [1e-3, 0.1, 1.0]
+    w, b, iters = lbfgs_grid(torch.tensor(xtr), torch.tensor(ytr), 10, Cs, tol=1e-9, max_iter=2000)
+    for i, C in enumerate(Cs):
+        sk = sklearn_fit(xtr, ytr, C, tol=1e-10, max_iter=10_000)
+        ours = torch.softmax(torch.tensor(xte) @ w[i].T + b[i], 1).numpy()
+        np.testing.assert_allclose(ours, sk.predict_proba(xte), atol=1e-5)
+        np.testing.assert_allclose(w[i].numpy(), sk.coef_, atol=1e-4)
+        # sklearn's intercept is defined up to a constant shift (softmax); compare after centring
+        np.testing.assert_allclose(b[i] - b[i].mean(), sk.intercept_ - sk.intercept_.mean(), atol=1e-4)
+    assert (iters > 1).all()
+
+
+def test_float32_grid_with_defaults_predicts_as_sklearn(digits):
+    """The default path (float32, sklearn's tol 1e-4) through fit_heads: two combinations x three C."""
+    xtr, ytr, xte, yte = digits
+    half = xtr.shape[1] // 2
+    s = Split("s", {"cls": xtr[:, :half].astype(np.float16), "patch": xtr[:, half:].astype(np.float16)}, ytr,
+              np.arange(len(ytr)).astype(str), np.zeros(len(ytr), np.int16))
+    Cs = (0.01, 0.3, 3.0)
+    heads = fit_heads(s, 10, ProbeConfig(features=[("patch",), ("patch", "cls")], solver="lbfgs", Cs=Cs))
+    assert [(h.features, h.C) for h in heads] == [(c, C) for c in [("patch",), ("patch", "cls")] for C in Cs]
+    x16 = xtr.astype(np.float16).astype(np.float64)
+    te16 = xte.astype(np.float16).astype(np.float64)
+    for h in heads:
+        cols = np.r_[half:xtr.shape[1], 0:half] if h.features == ("patch", "cls") else np.r_[half:xtr.shape[1]]
+        sk = sklearn_fit(x16[:, cols], ytr, h.C, max_iter=1000)
+        ours = (torch.tensor(te16[:, cols], dtype=torch.float32) @ h.weight.T + h.bias).numpy()
+        assert np.mean(ours.argmax(1) == sk.predict(te16[:, cols])) >= 0.98
+        assert abs(np.mean(ours.argmax(1) == yte) - sk.score(te16[:, cols], yte)) <= 0.01
+        assert h.wd == pytest.approx(1 / (h.C * len(ytr)))
+
+
+def test_lbfgs_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="C values"):
+        ProbeConfig(features=["cls"], solver="lbfgs", Cs=(0.0,))
+    with pytest.raises(ValueError, match="in memory"):
+        ProbeConfig(features=["cls"], solver="lbfgs", stream=True)
+    assert ProbeConfig(features=["cls"], solver="lbfgs").iterations == 1000
+    assert ProbeConfig(features=["cls"]).iterations == 10_000
+
+
+def brute_force_knn(train, ytr, test, k, T, classes):
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    tr, te = unit(train), unit(test)
+    out = np.zeros((len(te), classes))
+    for i, q in enumerate(te):
+        sims = tr @ q
+        for j in np.argsort(-sims, kind="stable")[:k]:
+            out[i, ytr[j]] += np.exp(sims[j] / T)
+    return out
+
+
+def test_knn_equals_a_brute_force_loop():
+    rng = np.random.default_rng(0)
+    ytr = rng.integers(0, 7, 300)
+    centres = rng.normal(size=(7, 12))
+    tr = centres[ytr] + rng.normal(size=(300, 12))
+    te = centres[rng.integers(0, 7, 50)] + rng.normal(size=(50, 12))
+    # tiny blocks: the running top-k over training blocks and the test chunks are exercised
+    got = knn_scores(torch.tensor(tr), torch.tensor(ytr), torch.tensor(te), 7, ks=(1, 10, 20), temperature=0.07,
+                     max_bytes=4 * 300 * 8)
+    for k, scores in got.items():
+        ref = brute_force_knn(tr, ytr, te, k, 0.07, 7)
+        # ours scales every row by exp(-max sim / T): compare normalised votes, and the predictions
+        np.testing.assert_allclose(scores / scores.sum(1, keepdims=True), ref / ref.sum(1, keepdims=True),
+                                   rtol=1e-4, atol=1e-6)
+        assert (scores.argmax(1) == ref.argmax(1)).all()
+    assert not np.array_equal(got[1].argmax(1), got[20].argmax(1))  # k matters on this data
+
+
+def test_few_shot_metrics_against_sklearn(digits):
+    xtr, ytr, xte, yte = digits
+    split = lambda x, y: Split("s", {"cls": x.astype(np.float16)}, y, np.arange(len(y)).astype(str),  # noqa: E731
+                               np.zeros(len(y), np.int16))
+    rows = shots(ytr, 3, seed=1)
+    assert np.bincount(ytr[rows]).tolist() == [3] * 10 and not np.array_equal(rows, shots(ytr, 3, seed=2))
+    res = few_shot(split(xtr, ytr), split(xte, yte), ["cls"], 10, [3], [1], C=1.0)[0]
+    x16 = xtr.astype(np.float16).astype(np.float64)[rows]
+    te16 = xte.astype(np.float16).astype(np.float64)
+    sk = sklearn_fit(x16, ytr[rows], 1.0, tol=1e-8, max_iter=5000)
+    assert res["top1"] == pytest.approx(sk.score(te16, yte), abs=0.01)
+    assert res["mean_per_class_recall"] == pytest.approx(balanced_accuracy_score(yte, sk.predict(te16)), abs=0.01)
+    assert res["top5"] == pytest.approx(top_k_accuracy_score(yte, sk.predict_proba(te16), k=5), abs=0.01)
+    assert res["top5"] > res["top1"]
+
+
+def test_presets_are_the_published_grids():
+    v3 = get_preset("dinov3-logreg").config({})
+    assert len(v3["Cs"]) == 45 and v3["Cs"][0] == pytest.approx(1e-6) and v3["Cs"][-1] == pytest.approx(1e5)
+    assert v3["solver"] == "lbfgs" and v3["refit"]
+    v2 = get_preset("dinov2-linear").config({})
+    assert len(v2["lrs"]) == 13 and v2["lrs"][0] == pytest.approx(1e-5 * 1024 / 256) and v2["iterations"] == 12_500
+    small = get_preset("dinov2-linear").config({"batch_size": 512})
+    assert small["lrs"][-1] == pytest.approx(0.1 * 512 / 256)  # the lr follows the batch it will train with
+    assert get_preset("dinov2-linear").config({"lrs": (0.5,)})["lrs"] == (0.5,)  # typed options win
+    assert ("cls@-4", "cls@-3", "cls@-2", "cls") in PRESETS["dinov2-linear-last4"].features
+    with pytest.raises(ValueError, match="known"):
+        get_preset("nope")
+    help_text = "".join(CliRunner().invoke(main, ["probe", "--help"]).output.split())  # unwrapped
+    assert all(n in help_text for n, p in PRESETS.items() if p.kind == "heads")
+
+
+def test_lbfgs_preset_run_selects_then_refits(caches, tmp_path):
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["probe", "-m", "m", "--preset", "dinov3-logreg", "-f", "cls,reg", "--train", "train",
+                                  "--val", "val", "--test", "test", "--cache", str(caches), "--out", str(out),
+                                  "--C", "0.001,0.1,10", "--tol", "1e-4", "-q", "--no-plots"])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(out / "results.parquet")
+    assert len(df[df.role == "selection"]) == 3
+    (head,) = load_heads(out / "heads.safetensors")
+    # the refit head is sklearn's fit at the chosen C on train + val
+    tr, va, te = (FeatureSet(caches / n).load("cls,reg") for n in ("train", "val", "test"))
+    x, y = np.concatenate([tr.x, va.x]).astype(np.float64), np.concatenate([tr.labels, va.labels])
+    sk = sklearn_fit(x, y, head.C, max_iter=1000)
+    ours = te.x @ head.weight.numpy().T + head.bias.numpy()
+    assert np.mean(ours.argmax(1) == sk.predict(te.x)) >= 0.98
+    top1 = df[(df.role == "id") & (df.metric == "top1")].value.item()
+    assert top1 == pytest.approx(np.mean(ours.argmax(1) == te.labels))
+
+
+def test_knn_and_fewshot_commands(caches, tmp_path):
+    r = CliRunner().invoke(main, ["knn", "-m", "m", "-f", "cls,reg", "--train", "train", "--test", "test",
+                                  "--eval", "shifted", "--cache", str(caches), "--k", "5,20",
+                                  "--out", str(tmp_path / "k.parquet")])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "k.parquet")
+    assert set(df.k) == {5, 20} and set(df.set) == {"test", "shifted"} and set(df.metric) == {"top1", "top5"}
+    tr, te = (FeatureSet(caches / n).load("cls,reg") for n in ("train", "test"))
+    ref = brute_force_knn(tr.x.astype(np.float16).astype(np.float64), tr.labels,
+                          te.x.astype(np.float16).astype(np.float64), 20, 0.07, 4)
+    got = df.set_index(["set", "k", "metric"]).value
+    assert got["test", 20, "top1"] == pytest.approx(np.mean(ref.argmax(1) == te.labels))
+    r = CliRunner().invoke(main, ["fewshot", "-m", "m", "-f", "cls", "--train", "train", "--test", "test",
+                                  "--cache", str(caches), "--shots", "1,5", "--seeds", "0,1"])
+    assert r.exit_code == 0, r.output
+    assert "mean_per_class_recall" in r.output and "seeds" in r.output
