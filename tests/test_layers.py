@@ -1,6 +1,8 @@
 """Block features (--layers, NAME@-k): stored values equal a manual loop over timm's blocks; names parse strictly."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -84,3 +86,27 @@ def test_a_block_the_model_lacks_is_refused(reg_ckpt, tmp_path):
     data = make_shards(tmp_path / "shards", n_shards=1, per_shard=1)
     with pytest.raises(FeatureError, match="12 blocks, so it has no cls@-13"):
         extract(config(REG, reg_ckpt, data, tmp_path / "cache", features=("cls", "cls@-13")))
+
+
+def test_norms_gain_a_per_block_view(reg_ckpt, tmp_path):
+    from click.testing import CliRunner
+
+    from regcache.cli import main
+
+    data = make_shards(tmp_path / "shards", n_shards=1, per_shard=4)
+    res = extract(config(REG, reg_ckpt, data, tmp_path / "cache", features=("cls", "norms"), layers=(-3, -1),
+                         dtype="float32"))
+    fs = FeatureSet(res.path)
+    out = tmp_path / "norms"
+    run = CliRunner().invoke(main, ["norms", str(res.path), "--out", str(out)])
+    assert run.exit_code == 0, run.output
+    assert "block  -3: patch median" in run.output and (out / "block_norms.png").is_file()
+    (summary,) = json.loads((out / "summary.json").read_text())
+    assert set(summary["blocks"]) == {"-3", "-1"}
+    x = fs.load("norms@-3,norms", concat=False).x
+    for block, name in (("-3", "norms@-3"), ("-1", "norms")):
+        patches, regs = x[name][:, 5:], x[name][:, 1:5]  # [cls, 4 registers, 16 patches]
+        assert summary["blocks"][block]["patch_median"] == pytest.approx(float(np.median(patches)), rel=1e-6)
+        assert summary["blocks"][block]["patch_max"] == pytest.approx(float(patches.max()), rel=1e-6)
+        assert summary["blocks"][block]["registers_median"] == pytest.approx(float(np.median(regs)), rel=1e-6)
+    assert summary["blocks"]["-3"]["patch_median"] != pytest.approx(summary["blocks"]["-1"]["patch_median"])

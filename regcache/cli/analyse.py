@@ -26,7 +26,9 @@ def norms(featuresets, cache, out):
     and where they sit; several feature sets (e.g. vitl and vitl_reg) side by side.
 
     FEATURESETS are paths, or names relative to the cache root as `regcache ls` prints them.
-    Writes norm_histograms.png, outlier_positions.png, summary.json and summary.parquet.
+    Writes norm_histograms.png, outlier_positions.png, summary.json and summary.parquet; for sets
+    extracted with --layers, also the per-block view (patch-norm percentiles block by block: where do
+    the high-norm tokens appear?) in block_norms.png and the summaries.
     """
     from ..analysis import norms_report
 
@@ -39,6 +41,8 @@ def norms(featuresets, cache, out):
                    f"{100 * s.images_with_outlier:.1f}% of images with an outlier, "
                    f"{s.outliers_per_image:.2f} outliers per image; median norms "
                    + ", ".join(f"{k} {v:.1f}" for k, v in s.median_norm.items()))
+        for block, prof in s.blocks.items():
+            click.echo(f"  block {block:>3}: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in prof.items()))
     click.echo(f"written to {out}")
 
 
