@@ -102,14 +102,56 @@ def test_failed_unit_is_recorded_then_cleared_by_a_commit(tmp_path):
     assert fs.failed_units() == {} and fs.finalize()
 
 
-def test_float16_padding_compresses_to_almost_nothing(tmp_path):
-    fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=5000, dtype="float16"))
+def test_float16_padding_is_not_stored(tmp_path):
+    fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=50_000, dtype="float16"))
     fs.commit_unit(0, *unit_data(0, 10))
     fs.commit_unit(1, *unit_data(1, 0))
     stored = fs.nbytes()
     meta = json.loads((tmp_path / "features.zarr" / "cls" / "zarr.json").read_text())
     assert meta["data_type"] == "float16"
-    assert stored < 10_000  # 2 units x 5000 rows x (3 + 6 + 8) values x 2 bytes = 340 kB uncompressed
+    # 2 units x 50,000 rows x (3 + 6 + 8) values x 2 bytes = 3.4 MB; at most one partly filled inner chunk
+    # (<= 1024 rows) per feature of unit 0 is stored, plus the shard indexes
+    assert stored < 1024 * 17 * 2 + 3 * 2 * (16 * 50 + 4)
+
+
+def old_layout(path, meta):
+    """Arrays as regcache wrote them before raw shards: one blosc-lz4 chunk per unit."""
+    from zarr.codecs import BloscCodec
+
+    group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
+    for name in meta["features"]:
+        shape = LAYOUT.shape(name)
+        group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], *shape),
+                           chunks=(meta["unit_rows"], *shape), dtype=meta["dtype"], fill_value=0,
+                           compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), overwrite=True)
+
+
+@pytest.mark.parametrize("layout", ["raw shards", "blosc chunks (older stores)"])
+def test_direct_shard_reads_equal_zarr_reads(tmp_path, monkeypatch, layout):
+    """Every read path (direct from the shard files, zarr's for other layouts) reads what zarr-python reads:
+    whole units, parts of inner chunks, rows out of order, inner chunks never written, other dtypes."""
+    import regcache.store.writer as writer
+
+    monkeypatch.setattr(writer, "inner_rows", lambda rows, row_bytes: 4)  # several inner chunks per unit
+    if layout != "raw shards":
+        monkeypatch.setattr(writer.UnitWriter, "_create_arrays", staticmethod(old_layout))
+    fs = FeatureSet.create(tmp_path / "fs", *make_meta(4, unit_rows=12, dtype="float16"))
+    for u, n in enumerate((12, 5, 0, 9)):  # full, one inner chunk and a part, empty, two and a part
+        fs.commit_unit(u, *unit_data(u, n))
+    assert fs.finalize()
+    assert (fs._raw_shards("cls") is not None) == (layout == "raw shards")
+    rows = fs.index.row.to_numpy()
+    for name in FEATS:
+        whole = zarr.open_array(str(tmp_path / "fs" / "features.zarr" / name))[:]
+        np.testing.assert_array_equal(fs.read_rows(name, rows), whole[rows])
+        pick = rows[[7, 3, 14, 20, 13, 0, 25]]  # out of order, across units
+        np.testing.assert_array_equal(fs.read_rows(name, pick), whole[pick])
+        np.testing.assert_array_equal(fs.read_rows(name, np.arange(24, 36)), whole[24:36])  # with padding
+        wide = np.zeros((len(rows), 2, *LAYOUT.shape(name)), np.float32)
+        fs.read_rows(name, rows, out=wide[:, 1])  # a strided float32 target
+        np.testing.assert_array_equal(wide[:, 1], whole[rows].astype(np.float32))
+    if layout == "raw shards":
+        assert not (tmp_path / "fs" / "features.zarr" / "cls" / "c" / "2").exists()  # the empty unit: nothing
 
 
 def test_reuse_finds_a_superset_of_the_features(tmp_path):

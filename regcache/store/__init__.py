@@ -4,9 +4,10 @@ Layout of one feature set (a directory whose name ends in its fingerprint)::
 
     regcache.json        identity, fingerprint, token layout, provenance (written once, at creation)
     features.zarr/NAME   one Zarr v3 array per feature, [units * unit_rows, *shape]; unit u owns the
-                         rows [u*unit_rows, (u+1)*unit_rows), which are exactly one chunk.
-                         Blosc-lz4: float16 features barely compress (zstd saves ~9% at 1/16 the
-                         read speed, bench/scale.py), but padding and empty rows vanish either way
+                         rows [u*unit_rows, (u+1)*unit_rows), which are exactly one Zarr shard of
+                         raw inner chunks (no codec: float16 features compress by 9% at most);
+                         inner chunks that are all padding are not stored. Stores written with a
+                         codec (blosc-lz4, before) read through zarr, as any zarr reader does
     units/UNIT.parquet   the commit record of a unit: one line per sample (row, or the error)
     units/UNIT.failed    why a unit (a whole shard) failed; retried by the next run
     index.parquet        key, label, shard, view, row of every stored sample, once all units are in
