@@ -290,14 +290,9 @@ def attach_registers(cfg: ExtractConfig, model: torch.nn.Module, spec: ModelSpec
     """Install ``cfg.test_time_registers`` on ``model``; what identifies them (file digest, K, settings)."""
     if cfg.test_time_registers is None:
         return None
-    from .registers import RegisterNeurons, install, parse_spec
+    from .registers import attach
 
-    path, k = parse_spec(cfg.test_time_registers)
-    neurons, file_digest = RegisterNeurons.load(path)
-    neurons.check(model, spec.timm_name, digest, str(path))
-    install(model, neurons.neurons, k, cfg.test_time_patches)
-    return {"file": str(path), "digest": file_digest, "registers": k, "patches": cfg.test_time_patches,
-            "neurons": {str(b): ids for b, ids in sorted(neurons.neurons.items())}}
+    return attach(model, spec.timm_name, cfg.test_time_registers, cfg.test_time_patches, digest)
 
 
 def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:

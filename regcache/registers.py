@@ -28,6 +28,9 @@ PATCH_MODES: dict[str, str] = {
     "keep": "left as they are (the registers get the maximum, the patches keep theirs)",
 }
 DEFAULT_PERCENTILE = 99.0
+#: below this 99th-percentile-over-median ratio of patch norms at every block, `registers find` says that
+#: the model shows no clear high-norm tokens (artifacts in >1% of the patches put p99 at several times the median)
+CLEAR_RATIO = 2.0
 
 
 class RegisterError(ValueError):
@@ -113,6 +116,21 @@ def _act(model: torch.nn.Module, block: int, where: str = "the neuron file") -> 
 
 def _hidden_size(model: torch.nn.Module, block: int) -> int:
     return int(model.blocks[block].mlp.fc1.out_features)
+
+
+def attach(model: "torch.nn.Module", timm_name: str, spec: str, patches: str = "zero",
+           digest: str | None = None) -> dict:
+    """Install the registers of ``spec`` (``FILE[:K]``) after checking the file against the model's weights
+    (``digest``: their `state_dict_digest`, if already known); returns what identifies them (the file's
+    digest, K, the patch mode) and what they are."""
+    from .models import state_dict_digest
+
+    path, k = parse_spec(spec)
+    neurons, file_digest = RegisterNeurons.load(path)
+    neurons.check(model, timm_name, digest or state_dict_digest(model), str(path))
+    install(model, neurons.neurons, k, patches)
+    return {"file": str(path), "digest": file_digest, "registers": k, "patches": patches,
+            "neurons": {str(b): ids for b, ids in sorted(neurons.neurons.items())}}
 
 
 class Installed:

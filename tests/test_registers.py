@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from PIL import Image
 from safetensors.torch import save_file
 
 from regcache.cli import main
@@ -171,6 +172,13 @@ def test_find_then_extract_through_the_cli(planted, tmp_path):
     assert sets[1].fingerprint != fs.fingerprint
     norms = fs.load("norms", concat=False).x["norms"]
     assert norms[:, -2:].min() > 100 > norms[:, 1:-2].max()
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(img)
+    res = CliRunner().invoke(main, ["attention", "-m", NOREG, "--checkpoint", str(planted), "-i", str(img),
+                                    "--size", str(SIZE), "--resize", "64", "--display", "64", "--registers",
+                                    "--test-time-registers", f"{out}:2", "--out", str(tmp_path / "att")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "att" / "attention__img.png").is_file()
     res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", data, "--random-init", "0", "--size", str(SIZE),
                                     "--cache", str(tmp_path / "c2"), "-q", "--test-time-registers", str(out)])
     assert res.exit_code != 0 and "found on" in res.output

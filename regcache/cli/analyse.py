@@ -99,6 +99,8 @@ def tokenprobe(featuresets, cache, iterations, seed, out):
 @click.option("--images", "-i", multiple=True, required=True, type=click.Path(exists=True, dir_okay=False),
               help="Image files (repeat the option).")
 @click.option("--registers", is_flag=True, help="Also draw each register's attention.")
+@click.option("--test-time-registers", "ttr", default=None, metavar="FILE[:K]",
+              help="Add test-time registers from this neuron file (see 'regcache registers find') first.")
 @click.option("--similarity", is_flag=True,
               help="Also: cosine similarity of each patch embedding to its neighbours, outliers vs the rest.")
 @click.option("--size", default=224, show_default=True)
@@ -106,14 +108,19 @@ def tokenprobe(featuresets, cache, iterations, seed, out):
 @click.option("--display", default=800, show_default=True, help="Pixels of each drawn map.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attention"),
               show_default=True)
-def attention(model, checkpoint, images, registers, similarity, size, resize, display, out):
+def attention(model, checkpoint, images, registers, ttr, similarity, size, resize, display, out):
     """Last-block attention of [CLS] (and registers) to the patches, averaged over heads, for a few images."""
     from ..analysis import attention_figure, similarity_report
     from ..models import ModelSpec, load_model, preprocess_for
     from ..tokens import layout_of
 
     try:
-        net = load_model(ModelSpec(model, checkpoint), size)
+        spec = ModelSpec(model, checkpoint)
+        net = load_model(spec, size)
+        if ttr:
+            from ..registers import attach
+
+            attach(net, spec.timm_name, ttr)
         layout, pre = layout_of(net), preprocess_for(model, size=size, resize=resize)
         if registers and not layout.num_reg:
             raise click.ClickException(f"{model} has no register tokens")

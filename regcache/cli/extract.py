@@ -228,7 +228,7 @@ def registers_find(model, data, checkpoint, images, detect_layer, threshold, per
     neurons; writes them, with the model, its weights digest and these settings, to --out.
     """
     from ..models import ModelSpec, load_model, preprocess_for, state_dict_digest
-    from ..registers import RegisterNeurons, dataset_batches, find_neurons
+    from ..registers import CLEAR_RATIO, RegisterNeurons, dataset_batches, find_neurons
 
     setup_logging(False)
     try:
@@ -254,6 +254,11 @@ def registers_find(model, data, checkpoint, images, detect_layer, threshold, per
     click.echo(f"{found.images} images, {found.tokens} patch tokens at block {found.detect_layer}: {found.outliers} "
                f"outliers ({100 * found.outliers / found.tokens:.2f}%), norm > {found.threshold:.2f} "
                f"(the {found.percentile:.2f}th percentile)")
+    peak = max(st["ratio"] for st in found.block_norms.values())
+    if peak < CLEAR_RATIO:
+        click.echo(f"note: no block has clearly high-norm patch tokens (p99/median <= {peak:.2f} everywhere, "
+                   f"below {CLEAR_RATIO}): the outliers are the top {100 - found.percentile:.2f}% by definition, "
+                   "and the neurons found need not be register neurons")
     per_block = ", ".join(f"block {b}: {len(ids)}" for b, ids in found.neurons.items())
     click.echo(f"top {len(found.scores)} neurons ({per_block}): " +
                ", ".join(f"{b}:{n} ({s:.2f})" for b, n, s in found.scores))
