@@ -112,6 +112,36 @@ def test_attention_rows_sum_to_one_and_maps_have_the_grid_shape(reg_ckpt):
     assert sims.shape == (2, *layout.grid) and sims.abs().max() <= 1 + 1e-5
 
 
+def test_qkv_norms_equal_projections_of_a_manual_block_loop(reg_ckpt, tmp_path):
+    from regcache.models import ModelSpec, load_model
+
+    model = load_model(ModelSpec(REG, str(reg_ckpt)), SIZE)
+    layout = layout_of(model)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    got = analysis.qkv_norms(model, x, layout, (-2, -1))
+    with torch.inference_mode():  # timm's modules one by one; q_norm/k_norm are identities in this model
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        inputs = []
+        for blk in model.blocks:
+            inputs.append(blk.norm1(h))
+            h = blk(h)
+    d = layout.dim
+    for b in (-2, -1):
+        qkv = model.blocks[b].attn.qkv(inputs[b])[:, layout.patch_slice]  # [B, L, 3D]
+        for i, name in enumerate("qkv"):
+            ref = qkv[..., i * d:(i + 1) * d].norm(dim=-1).reshape(2, *layout.grid)
+            torch.testing.assert_close(got[b][name], ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[-2]["k"], got[-1]["k"])
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 70, 3), dtype=np.uint8)).save(img)
+    r = CliRunner().invoke(main, ["attention", "-m", REG, "--checkpoint", str(reg_ckpt), "-i", str(img), "--size",
+                                  str(SIZE), "--resize", "64", "--display", "64", "--qkv", "2",
+                                  "--out", str(tmp_path / "att")])
+    assert r.exit_code == 0, r.output
+    assert "block -2: mean norm at" in r.output and (tmp_path / "att" / "qkv__a.png").is_file()
+    assert set(json.loads((tmp_path / "att" / "qkv.json").read_text())["blocks"]) == {"-2", "-1"}
+
+
 def test_neighbour_similarity_against_a_loop():
     class Embed(torch.nn.Module):
         def forward(self, x):

@@ -2,12 +2,13 @@
 maps and patch-embedding similarity from a small backbone pass (`backbone`); token probes (`tokenprobe`).
 The claims are those of the reproducibility study of "Vision Transformers Need Registers".
 """
-from .backbone import (attention_figure, attention_maps, last_block_attention, neighbour_similarity,
-                       similarity_report, token_norms)
+from .backbone import (attention_figure, attention_maps, attention_parts, last_block_attention,
+                       neighbour_similarity, qkv_norms, qkv_report, similarity_report, token_norms)
 from .norms import (OUTLIER_PERCENTILE, NormSummary, feature_maps, load_norms, norms_report, outliers,
                     split_norms, summarize)
 from .tokenprobe import TokenProbe, token_probe
 
-__all__ = ["OUTLIER_PERCENTILE", "NormSummary", "TokenProbe", "attention_figure", "attention_maps", "feature_maps",
+__all__ = ["OUTLIER_PERCENTILE", "NormSummary", "TokenProbe", "attention_figure", "attention_maps",
+           "attention_parts", "feature_maps", "qkv_norms", "qkv_report",
            "last_block_attention", "load_norms", "neighbour_similarity", "norms_report", "outliers",
            "similarity_report", "split_norms", "summarize", "token_norms", "token_probe"]

@@ -15,28 +15,83 @@ from .norms import _safe, outliers, split_norms
 if TYPE_CHECKING:
     import torch
 
-def last_block_attention(model, images) -> "torch.Tensor":
-    """Attention probabilities of the last block, [B, heads, T, T] (rows sum to 1 over keys).
+def attention_parts(model, images, blocks: Sequence[int] = (-1,)) -> dict[int, tuple]:
+    """Per block: the attention's queries, keys and values, each [B, heads, T, head_dim] (after q_norm/k_norm).
 
-    timm's attention runs fused; we recompute the probabilities from the block's own q/k projections
-    on the input it received.
+    timm's attention runs fused; one forward pass records each chosen block's attention input, and
+    the block's own qkv projection recomputes them from it.
     """
     import torch
 
-    attn = model.blocks[-1].attn
-    seen = {}
-    handle = attn.register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]))
+    seen, handles = {}, []
+    for b in blocks:
+        handles.append(model.blocks[b].attn.register_forward_hook(lambda m, inp, out, b=b: seen.update({b: inp[0]})))
     try:
         with torch.inference_mode():
             model.forward_features(images)
     finally:
-        handle.remove()
-    x = seen["x"]
+        for h in handles:
+            h.remove()
+    parts = {}
     with torch.inference_mode():
-        b, t, d = x.shape
-        qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
-        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-        return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        for b in blocks:
+            attn, x = model.blocks[b].attn, seen[b]
+            n, t, d = x.shape
+            qkv = attn.qkv(x).reshape(n, t, 3, attn.num_heads, d // attn.num_heads).permute(2, 0, 3, 1, 4)
+            parts[b] = (attn.q_norm(qkv[0]), attn.k_norm(qkv[1]), qkv[2])
+    return parts
+
+
+def last_block_attention(model, images) -> "torch.Tensor":
+    """Attention probabilities of the last block, [B, heads, T, T] (rows sum to 1 over keys)."""
+    q, k, _ = attention_parts(model, images)[-1]
+    attn = model.blocks[-1].attn
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def qkv_norms(model, images, layout: TokenLayout, blocks: Sequence[int]) -> dict[int, dict[str, "torch.Tensor"]]:
+    """Per block and for q, k, v: the norm of each patch token's vector (heads concatenated), [B, h, w]."""
+    out = {}
+    for b, parts in attention_parts(model, images, blocks).items():
+        out[b] = {name: t.permute(0, 2, 1, 3).flatten(2).float().norm(dim=-1)[:, layout.patch_slice]
+                  .reshape(len(images), *layout.grid) for name, t in zip("qkv", parts)}
+    return out
+
+
+def qkv_report(model, layout: TokenLayout, preprocess, paths: Sequence[Path], out: Path, blocks: int = 3) -> dict:
+    """The study's Fig. 6: query, key and value norm maps of the last ``blocks`` blocks, per image (PNG),
+    and their mean at outlier patches (output norm above the 98th percentile over these images) vs the rest."""
+    import torch
+    from PIL import Image
+
+    plt = pyplot()
+    out.mkdir(parents=True, exist_ok=True)
+    crops = [preprocess(Image.open(p).convert("RGB")) for p in paths]
+    images = preprocess.normalize(torch.stack(crops))
+    chosen = list(range(-blocks, 0))
+    maps = qkv_norms(model, images, layout, chosen)
+    patches = split_norms(token_norms(model, images).numpy(), layout)["patches"]
+    threshold, is_out = outliers(patches)
+    result = {"images": len(paths), "threshold": threshold, "outliers": int(is_out.sum()), "blocks": {}}
+    for b, m in maps.items():
+        result["blocks"][str(b)] = {
+            name: {"outliers": float(v.numpy()[is_out].mean()) if is_out.any() else float("nan"),
+                   "normal": float(v.numpy()[~is_out].mean())} for name, v in m.items()}
+    for i, path in enumerate(paths):
+        fig, axes = plt.subplots(len(chosen), 4, figsize=(12, 3 * len(chosen)), squeeze=False)
+        for row, b in zip(axes, chosen):
+            row[0].imshow(crops[i].permute(1, 2, 0).numpy())
+            row[0].set(title=f"block {b}", xticks=[], yticks=[])
+            for ax, name in zip(row[1:], "qkv"):
+                im = ax.imshow(maps[b][name][i].numpy(), cmap="viridis")
+                ys, xs = np.nonzero(is_out[i])
+                ax.scatter(xs, ys, marker="x", color="red", s=14)
+                ax.set(title=f"{name} norm", xticks=[], yticks=[])
+                fig.colorbar(im, ax=ax, fraction=0.046)
+        written = save_figure(fig, out / f"qkv__{_safe(Path(path).stem)}.png")
+        result.setdefault("figures", []).append(str(written))
+    (out / "qkv.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def attention_maps(model, images, layout: TokenLayout, registers: bool = False) -> dict[str, "torch.Tensor"]:

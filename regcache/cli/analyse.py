@@ -103,14 +103,17 @@ def tokenprobe(featuresets, cache, iterations, seed, out):
               help="Add test-time registers from this neuron file (see 'regcache registers find') first.")
 @click.option("--similarity", is_flag=True,
               help="Also: cosine similarity of each patch embedding to its neighbours, outliers vs the rest.")
+@click.option("--qkv", type=int, default=0, metavar="N",
+              help="Also: query, key and value norm maps of the last N blocks (the study's Fig. 6), and their "
+                   "means at outlier patches (output norm above the 98th percentile) vs the rest, in qkv.json.")
 @click.option("--size", default=224, show_default=True)
 @click.option("--resize", default=256, show_default=True)
 @click.option("--display", default=800, show_default=True, help="Pixels of each drawn map.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("attention"),
               show_default=True)
-def attention(model, checkpoint, images, registers, ttr, similarity, size, resize, display, out):
+def attention(model, checkpoint, images, registers, ttr, similarity, qkv, size, resize, display, out):
     """Last-block attention of [CLS] (and registers) to the patches, averaged over heads, for a few images."""
-    from ..analysis import attention_figure, similarity_report
+    from ..analysis import attention_figure, qkv_report, similarity_report
     from ..models import ModelSpec, load_model, preprocess_for
     from ..tokens import layout_of
 
@@ -130,5 +133,10 @@ def attention(model, checkpoint, images, registers, ttr, similarity, size, resiz
             r = similarity_report(net, layout, pre, [Path(i) for i in images], out)
             click.echo(f"neighbour similarity: outliers {r['mean_similarity_outliers']:.3f} "
                        f"({r['outliers']} patches), normal {r['mean_similarity_normal']:.3f}")
+        if qkv:
+            r = qkv_report(net, layout, pre, [Path(i) for i in images], out, qkv)
+            for block, means in r["blocks"].items():
+                click.echo(f"block {block}: mean norm at {r['outliers']} outlier / other patches: " + ", ".join(
+                    f"{k} {v['outliers']:.2f} / {v['normal']:.2f}" for k, v in means.items()))
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
