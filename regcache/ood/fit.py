@@ -59,10 +59,20 @@ class Bank:
         return self.memo(("moments", normalise), lambda: Moments.of(self, normalise))
 
     def stored(self) -> np.ndarray:
-        """The whole bank in its stored dtype (float16 for a default cache: the bank's own bytes), for k-NN."""
-        return self.memo("stored", lambda: np.concatenate([np.asarray(self.read(np.arange(i, min(i + self.chunk,
-                                                                                                len(self)))))
-                                                           for i in range(0, len(self), self.chunk)]))
+        """The whole bank in its stored dtype (float16 for a default cache: the bank's own bytes), for k-NN;
+        filled chunk by chunk into one array (no list of chunks to concatenate, which would double it)."""
+        def fill() -> np.ndarray:
+            if not len(self):
+                raise FitError(f"{self.name} has no rows")
+            out = None
+            for i in range(0, len(self), self.chunk):
+                rows = np.arange(i, min(i + self.chunk, len(self)))
+                x = np.asarray(self.read(rows))
+                if out is None:
+                    out = np.empty((len(self), x.shape[1]), x.dtype)
+                out[rows] = x
+            return out
+        return self.memo("stored", fill)
 
 
 def add_rows(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
@@ -168,24 +178,23 @@ def quantile(bank: Bank, q: float, transform: Callable[[np.ndarray], np.ndarray]
 
 
 def topk_similarities(queries: np.ndarray, bank: np.ndarray, k: int, scale: np.ndarray | None = None,
-                      device: str = "cpu", chunk: int = 65536, query_chunk: int = 4096) -> np.ndarray:
+                      device: str = "cpu", chunk: int = 16384, query_chunk: int = 2048) -> np.ndarray:
     """[Q, k] largest values of ``queries @ (scale[:, None] * bank).T``, descending, in float32; exact.
 
-    The bank is read ``chunk`` rows at a time (converted to float32 on ``device`` per chunk) and each
-    query's running top k is merged with the chunk's: memory is queries × (k + chunk), not queries × bank.
+    The bank is read once, ``chunk`` rows at a time (moved to ``device`` and made float32 per chunk),
+    and each query's running top k is merged with the chunk's, ``query_chunk`` queries at a time: the
+    similarity block is query_chunk × chunk floats (128 MB by default), never queries × bank.
     """
     if k > len(bank):
         raise FitError(f"k={k} exceeds the {len(bank)} rows of the training bank")
     dev = torch.device(device)
-    out = []
-    for q0 in range(0, len(queries), query_chunk):
-        q = torch.from_numpy(np.ascontiguousarray(queries[q0:q0 + query_chunk], np.float32)).to(dev)
-        top = torch.full((len(q), 0), -torch.inf, device=dev, dtype=torch.float32)
-        for b0 in range(0, len(bank), chunk):
-            b = torch.from_numpy(np.ascontiguousarray(bank[b0:b0 + chunk])).to(dev, torch.float32)
-            if scale is not None:
-                b = b * torch.from_numpy(np.ascontiguousarray(scale[b0:b0 + chunk], np.float32)).to(dev)[:, None]
-            sims = torch.cat([top, q @ b.T], 1)
-            top = sims.topk(min(k, sims.shape[1]), dim=1).values
-        out.append(top.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, k), np.float32)
+    q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(dev)
+    top = torch.full((len(q), 0), -torch.inf, device=dev, dtype=torch.float32)
+    for b0 in range(0, len(bank), chunk):
+        b = torch.from_numpy(np.ascontiguousarray(bank[b0:b0 + chunk])).to(dev, torch.float32)
+        if scale is not None:
+            b = b * torch.from_numpy(np.ascontiguousarray(scale[b0:b0 + chunk], np.float32)).to(dev)[:, None]
+        width = min(k, top.shape[1] + len(b))
+        top = torch.cat([torch.cat([top[i:i + query_chunk], q[i:i + query_chunk] @ b.T], 1).topk(width, dim=1).values
+                         for i in range(0, len(q), query_chunk)]) if len(q) else top[:, :width]
+    return top.cpu().numpy()

@@ -384,6 +384,11 @@ class NCI(Scorer):
 
 # =========================================================================== from features and training statistics
 
+def _row_norms(x: np.ndarray, chunk: int) -> np.ndarray:
+    """L2 norms of the rows of a (float16) array, a chunk at a time in float32: no float32 copy of the whole bank."""
+    return np.concatenate([np.linalg.norm(x[i:i + chunk].astype(np.float32), axis=1) for i in range(0, len(x), chunk)])
+
+
 @register
 class KNN(Scorer):
     """Negative distance from the L2-normalised feature to its k-th nearest L2-normalised training feature;
@@ -399,8 +404,7 @@ class KNN(Scorer):
     def fit(self, bank, head):
         super().fit(bank, head)
         self.bank = bank
-        self.inv_norm = bank.memo("inv_norm", lambda: 1 / np.maximum(np.linalg.norm(
-            bank.stored().astype(np.float32), axis=1), 1e-12))
+        self.inv_norm = bank.memo("inv_norm", lambda: 1 / np.maximum(_row_norms(bank.stored(), bank.chunk), 1e-12))
         return self
 
     def score(self, features, logits):
