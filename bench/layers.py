@@ -2,11 +2,12 @@
 
     python bench/layers.py [--images 128] [--batch-size 32] [--precision bf16] [--rounds 3]
 
-Times, batch by batch in turn on the same preloaded tensors (so that the machine's drift hits all
-alike): (1) timm's forward_features, (2) regcache's one pass with cls, patch, reg, norms of the last
-block, (3) the same of the last 4 blocks (``--layers last4``: 16 features), (4) with 1 test-time
-register driven by 10 neurons in 2 blocks (on the model without trained registers, so (4) is
-compared with the bare pass of that model). Random weights: speed does not depend on them.
+Times, batch by batch in turn on the same preloaded tensors, each batch's fastest of --rounds (the
+least disturbed by other processes on a shared machine): (1) timm's forward_features, (2) regcache's
+one pass with cls, patch, reg, norms of the last block, (3) the same of the last 4 blocks
+(``--layers last4``: 16 features), (4) with 1 test-time register driven by 10 neurons in 2 blocks
+(on the model without trained registers, so (4) is compared with the bare pass of that model).
+Random weights: speed does not depend on them.
 """
 from __future__ import annotations
 
@@ -57,28 +58,25 @@ def main() -> None:
         "bare_noreg": run(noreg.forward_features),
         "ttr": run(lambda b: token_features(ttr, b, lay_ttr, base)),
     }
-    rounds: dict[str, list[float]] = {k: [] for k in fns}
+    best = {k: [float("inf")] * len(batches) for k in fns}  # per batch, the fastest of the rounds
     for fn in fns.values():
         fn(batches[0])  # warm-up
     for _ in range(args.rounds):
-        spent = dict.fromkeys(fns, 0.0)
-        for b in batches:
+        for i, b in enumerate(batches):
             for k, fn in fns.items():
                 t = time.perf_counter()
                 fn(b)
-                spent[k] += time.perf_counter() - t
-        for k in fns:
-            rounds[k].append(args.images / spent[k])
+                best[k][i] = min(best[k][i], time.perf_counter() - t)
 
-    def extra(k: str, ref: str) -> list[float]:
-        return [round(100 * (r / v - 1), 2) for r, v in zip(rounds[ref], rounds[k])]
+    def extra(k: str, ref: str) -> float:
+        return round(100 * (sum(best[k]) / sum(best[ref]) - 1), 2)
 
     print(json.dumps({
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "precision": args.precision, "images": args.images, "batch_size": args.batch_size,
-        "img_s": {k: [round(v, 2) for v in vs] for k, vs in rounds.items()},
-        "extra_cost_pct_per_round": {"last_block": extra("last_block", "bare_reg"), "last4": extra("last4", "bare_reg"),
-                                     "ttr": extra("ttr", "bare_noreg")},
+        "precision": args.precision, "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
+        "img_s_best": {k: round(args.images / sum(v), 2) for k, v in best.items()},
+        "extra_cost_pct": {"last_block": extra("last_block", "bare_reg"), "last4": extra("last4", "bare_reg"),
+                           "ttr": extra("ttr", "bare_noreg")},
         "features_last4": len(last4),
     }, indent=2))
 

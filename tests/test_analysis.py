@@ -14,7 +14,7 @@ from regcache.cli import main
 from regcache.extract import extract
 from regcache.features import TokenLayout
 from regcache.models import Preprocess
-from regcache.store import FeatureSet
+from regcache.store import FeatureSet, StoreError
 from regcache.tokens import layout_of
 
 from conftest import NOREG, REG, SIZE, config, make_shards
@@ -213,3 +213,33 @@ def test_token_probe_reads_positions_from_normal_tokens_but_not_from_outliers(tm
     res = CliRunner().invoke(main, ["tokenprobe", str(tmp_path / "fs"), "--iterations", "300", "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())[0]["accuracy_normal"] == pytest.approx(r.accuracy_normal)
+
+
+def test_pixel_probe_rebuilds_normal_patches_but_not_outliers(tmp_path):
+    from regcache.store import FeatureSet as FS
+
+    layout = TokenLayout(has_cls=True, num_reg=0, grid=(2, 3), dim=16)
+    rng = np.random.default_rng(0)
+    n, length, p = 150, 6, 2
+    mix = rng.normal(size=(16, p * p * 3)) * 0.05
+    tokens = rng.normal(size=(n, length, 16))
+    patches = np.clip(0.5 + tokens @ mix, 0, 1)                        # pixels: linear in the token
+    norms = rng.uniform(1, 2, size=(n, 1 + length))
+    flat = rng.choice(n * length, size=15, replace=False)              # outliers: pixels unrelated to the token
+    img, pos = np.divmod(flat, length)
+    patches[img, pos] = rng.uniform(0, 1, size=(15, p * p * 3))
+    norms[img, 1 + pos] = 100.0
+    crops = (patches.reshape(n, 2, 3, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * p, 3 * p, 3) * 255)
+    fs = FS.create(tmp_path / "fs", {"model": "m", "features": ["norms", "tokens"], "dataset": "t"}, {
+        "features": ["tokens", "norms"], "layout": layout.to_dict(), "dtype": "float32", "unit_rows": n,
+        "num_units": 1, "model": {"name": "m"}, "dataset": {"name": "t", "shards": ["t.tar"]}})
+    fs.commit_unit(0, {"tokens": tokens.astype(np.float32), "norms": norms.astype(np.float32)},
+                   [(f"k{i}", 0, 0) for i in range(n)])
+    fs.finalize()
+    r = analysis.pixel_probe(FS(tmp_path / "fs"), ridge=1e-3,
+                             crops={f"k{i}": crops[i].round().astype(np.uint8) for i in range(n)})
+    assert r.patch_pixels == 12 and r.test_images == 30 and r.outliers > 0
+    assert r.rmse_normal < 0.01 < 0.2 < r.rmse_outliers  # uint8 rounding only vs uniform noise (~0.3)
+    assert r.rmse_mean_patch > 5 * r.rmse_normal
+    with pytest.raises(StoreError, match="no longer in the shards"):
+        analysis.pixel_probe(FS(tmp_path / "fs"), crops={})

@@ -6,9 +6,9 @@ from .backbone import (attention_figure, attention_maps, attention_parts, last_b
                        neighbour_similarity, qkv_norms, qkv_report, similarity_report, token_norms)
 from .norms import (OUTLIER_PERCENTILE, NormSummary, feature_maps, load_norms, norms_report, outliers,
                     split_norms, summarize)
-from .tokenprobe import TokenProbe, token_probe
+from .tokenprobe import PixelProbe, TokenProbe, pixel_probe, token_probe
 
 __all__ = ["OUTLIER_PERCENTILE", "NormSummary", "TokenProbe", "attention_figure", "attention_maps",
-           "attention_parts", "feature_maps", "qkv_norms", "qkv_report",
+           "attention_parts", "feature_maps", "qkv_norms", "qkv_report", "PixelProbe", "pixel_probe",
            "last_block_attention", "load_norms", "neighbour_similarity", "norms_report", "outliers",
            "similarity_report", "split_norms", "summarize", "token_norms", "token_probe"]

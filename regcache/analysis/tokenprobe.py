@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 
@@ -57,3 +58,56 @@ def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fract
                       accuracy(head.logits(held), held.labels),
                       float(right[out_mask].mean()) if out_mask.any() else float("nan"),
                       float(right[~out_mask].mean()), int(out_mask.sum()))
+
+
+@dataclass
+class PixelProbe:
+    """Claim 4's other half: how well a linear map rebuilds a patch's pixels from its token."""
+
+    name: str
+    train_images: int
+    test_images: int
+    patch_pixels: int          # values per patch (p * p * 3)
+    rmse: float                # held-out per-patch RMSE, pixel values in [0, 1]
+    rmse_outliers: float       # on held-out outlier tokens (norm > 98th percentile)
+    rmse_normal: float
+    rmse_mean_patch: float     # baseline: always predict the training patches' mean
+    outliers: int
+
+
+def pixel_probe(fs: FeatureSet, ridge: float = 1.0, seed: int = 0, test_fraction: float = 0.2,
+                crops: Mapping[str, np.ndarray] | None = None) -> PixelProbe:
+    """Ridge regression from each patch token to its patch's pixels, fitted on some images' tokens, scored on
+    the others'; outlier tokens against the rest. Needs the ``tokens`` and ``norms`` features; ``crops``
+    (key -> the preprocessed uint8 crop [H, W, 3]) are read back from the set's shards when not given."""
+    from .norms import _find_images
+
+    missing = [f for f in ("tokens", "norms") if f not in fs.features]
+    if missing:
+        raise StoreError(f"{fs.path} lacks {', '.join(missing)}: extract with --features tokens,norms (small sets)")
+    got = _view0(fs, "tokens,norms")
+    crops = _find_images(fs, list(got.keys)) if crops is None else crops
+    if len(crops) < len(got.keys):
+        raise StoreError(f"{fs.path}: {len(got.keys) - len(crops)} of {len(got.keys)} images are no longer in the "
+                         "shards the set was made from; the pixel probe needs them")
+    tokens, n = got.x["tokens"].astype(np.float64), len(got.keys)
+    h, w = fs.layout.grid
+    pixels = np.stack([crops[k] for k in got.keys]).astype(np.float64) / 255  # [N, H, W, 3]
+    p = pixels.shape[1] // h
+    patches = pixels[:, :h * p, :w * p].reshape(n, h, p, w, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, h * w, -1)
+    _, is_out = outliers(split_norms(got.x["norms"], fs.layout)["patches"])
+    is_out = is_out.reshape(n, h * w)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(n, bool)
+    test[rng.choice(n, size=max(1, int(round(test_fraction * n))), replace=False)] = True
+    x, y = tokens[~test].reshape(-1, tokens.shape[-1]), patches[~test].reshape(-1, patches.shape[-1])
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    weights = np.linalg.solve(xc.T @ xc + ridge * np.eye(xc.shape[1]), xc.T @ (y - my))
+    xt, yt = tokens[test].reshape(-1, tokens.shape[-1]), patches[test].reshape(-1, patches.shape[-1])
+    rmse = np.sqrt((((xt - mx) @ weights + my - yt) ** 2).mean(1))
+    out_mask = is_out[test].ravel()
+    name = f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']}"
+    return PixelProbe(name, int((~test).sum()), int(test.sum()), int(patches.shape[-1]), float(rmse.mean()),
+                      float(rmse[out_mask].mean()) if out_mask.any() else float("nan"), float(rmse[~out_mask].mean()),
+                      float(np.sqrt(((yt - my) ** 2).mean(1)).mean()), int(out_mask.sum()))

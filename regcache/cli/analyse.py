@@ -71,26 +71,38 @@ def featuremap(featureset, keys, cache, out, no_images):
 @cache_option
 @click.option("--iterations", default=500, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--pixels", is_flag=True,
+              help="Also: a ridge map from each patch token to its patch's pixels (read back from the shards), "
+                   "held-out RMSE for outlier against normal tokens.")
+@click.option("--ridge", default=1.0, show_default=True, help="Ridge penalty of --pixels.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the numbers as JSON.")
-def tokenprobe(featuresets, cache, iterations, seed, out):
-    """Linear probes that read a patch token's grid position from the token, outliers against normal tokens.
+def tokenprobe(featuresets, cache, iterations, seed, pixels, ridge, out):
+    """Linear probes that read a patch token's grid position (and, with --pixels, its patch's pixels) from
+    the token, outliers against normal tokens (claim 4 of the reproducibility study).
 
     Needs feature sets extracted with --features tokens,norms (every patch token: small sets only).
     """
     from dataclasses import asdict
 
-    from ..analysis import token_probe
+    from ..analysis import pixel_probe, token_probe
 
+    rows = []
     try:
-        results = [token_probe(fs, iterations=iterations, seed=seed) for fs in _feature_sets(featuresets, cache)]
+        for fs in _feature_sets(featuresets, cache):
+            r = token_probe(fs, iterations=iterations, seed=seed)
+            click.echo(f"{r.name}: position accuracy {100 * r.accuracy:.1f}% (chance {100 * r.chance:.1f}%), "
+                       f"outlier tokens {100 * r.accuracy_outliers:.1f}% (n={r.outliers}), "
+                       f"normal tokens {100 * r.accuracy_normal:.1f}%; {r.test_images} held-out images")
+            rows.append(asdict(r))
+            if pixels:
+                px = pixel_probe(fs, ridge=ridge, seed=seed)
+                click.echo(f"  pixels: held-out RMSE {px.rmse:.4f} (mean-patch baseline {px.rmse_mean_patch:.4f}), "
+                           f"outlier tokens {px.rmse_outliers:.4f} (n={px.outliers}), normal {px.rmse_normal:.4f}")
+                rows[-1]["pixels"] = asdict(px)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
-    for r in results:
-        click.echo(f"{r.name}: position accuracy {100 * r.accuracy:.1f}% (chance {100 * r.chance:.1f}%), "
-                   f"outlier tokens {100 * r.accuracy_outliers:.1f}% (n={r.outliers}), "
-                   f"normal tokens {100 * r.accuracy_normal:.1f}%; {r.test_images} held-out images")
     if out is not None:
-        out.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        out.write_text(json.dumps(rows, indent=2))
 
 
 @main.command()
