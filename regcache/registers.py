@@ -71,9 +71,10 @@ class RegisterNeurons:
     def check(self, model: torch.nn.Module, timm_name: str, digest: str, where: str) -> None:
         """Refuse other weights or blocks/neurons the model does not have: the ids mean nothing there."""
         if self.model != timm_name or self.weights != digest:
-            raise RegisterError(f"{where} was found on {self.model} with weights {self.weights[:12]}…; this model is "
-                                f"{timm_name} with weights {digest[:12]}… (run 'regcache registers find' on it; the digest covers "
-                                "the position table as resampled to the input size, so find at the --size you use)")
+            raise RegisterError(f"{where} was found on {self.model} with weights {self.weights[:12]}…; this model "
+                                f"is {timm_name} with weights {digest[:12]}… (run 'regcache registers find' on it; "
+                                "the digest covers the position table as resampled to the input size, so find at "
+                                "the --size you extract at)")
         for block, ids in self.neurons.items():
             _act(model, block, where)
             hidden = _hidden_size(model, block)
