@@ -41,11 +41,10 @@ def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tenso
             best_sim, pos = sim.topk(min(kmax, sim.shape[1]), dim=1)
             best_lab = idx.gather(1, pos)
         weight = ((best_sim - best_sim[:, :1]) / temperature).exp()   # sorted, so column 0 is the max
-        votes = torch.zeros(len(q), best_sim.shape[1], num_classes, device=dev)
-        votes.scatter_(2, best_lab.unsqueeze(2), weight.unsqueeze(2))
-        cum = votes.cumsum(1)                                          # votes of the first j neighbours
         for k in ks:
-            out[k][s:s + len(q)] = cum[:, min(k, kmax) - 1].cpu().numpy()
+            votes = torch.zeros(len(q), num_classes, device=dev)
+            votes.scatter_add_(1, best_lab[:, :k], weight[:, :k])
+            out[k][s:s + len(q)] = votes.cpu().numpy()
     return out
 
 
