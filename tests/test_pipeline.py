@@ -119,7 +119,7 @@ def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
         raise AssertionError("a finished pipeline did work again")
 
     monkeypatch.setattr("regcache.extract.load_model", refuse)
-    monkeypatch.setattr("regcache.probe.run.train_heads", refuse)
+    monkeypatch.setattr("regcache.probe.run.fit_heads", refuse)
     _run(tiny, "out1", overrides={"probes.p.seed": 3})
     assert _statuses(out) == {"extract": ["cached"] * 3, "probes": ["cached"], "analyses": ["cached"]}
     # a changed probe setting is a new probe job, the sets stay cached
@@ -144,6 +144,23 @@ def test_interrupted_run_does_only_what_is_missing(tiny):
     assert _statuses(tiny / "out2")["extract"] == ["ran", "ran", "to do"]
     _run(tiny, "out2", overrides={"cache": "cache2", "analyses": []})
     assert _statuses(tiny / "out2") == {"extract": ["cached", "cached", "ran"], "probes": ["ran"], "analyses": []}
+
+
+def test_two_entries_of_one_model_keep_their_own_sets(tiny, reg_ckpt):
+    """One model twice (plain, and with block features), told apart by label: each probe reads the sets its own
+    entry made, although a lookup by model name alone would find two candidates for every dataset."""
+    models = [{"name": REG, "checkpoint": str(reg_ckpt)},
+              {"name": REG, "label": "reg-blocks", "checkpoint": str(reg_ckpt), "extract": {"layers": [-2]}}]
+    run = _run(tiny, "out3", overrides={"cache": "cache3", "analyses": [], "models": models})
+    assert _statuses(tiny / "out3") == {"extract": ["ran"] * 6, "probes": ["ran", "ran"], "analyses": []}
+    made = {(j.model.label, j.dataset.name): j.path for j in run.extract}
+    assert len(set(made.values())) == 6
+    for job in run.probes:
+        used = json.loads((job.run / "config.json").read_text())["sets"]  # what the probe read, by role
+        assert (used["train"], used["test"], used["tiny-tex"]) == \
+            tuple(made[(job.model.label, n)] for n in ("tiny-train", "tiny-test", "tiny-tex"))
+    report = (tiny / "out3" / "report.md").read_text()
+    assert "| reg-blocks " in report and f"| {REG} " in report
 
 
 def test_paper_table1_dry_run_lists_88_extractions(monkeypatch):

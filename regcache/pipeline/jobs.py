@@ -47,7 +47,7 @@ class ExtractJob:
 
     @property
     def label(self) -> str:
-        return f"{self.model.name} × {self.dataset.name}"
+        return f"{self.model.label} × {self.dataset.name}"
 
     def config(self, cache: Path, progress: bool):
         """The ExtractConfig a hand-typed `regcache extract` with these flags would build."""
@@ -63,7 +63,9 @@ class ExtractJob:
                              cache=cache, checkpoint=self.model.checkpoint, model_kwargs=dict(self.model.args),
                              preprocess=pre, pos_embed=s["pos_embed"], precision=s["precision"], dtype=s["dtype"],
                              batch_size=s["batch_size"], workers=s["workers"], device=s["device"],
-                             unit_rows=s.get("unit_rows"), progress=progress)
+                             unit_rows=s.get("unit_rows"), layers=s.get("layers"),
+                             test_time_registers=s.get("test_time_registers"),
+                             test_time_patches=s.get("test_time_patches") or "zero", progress=progress)
 
     def gflops(self) -> float | None:
         """Per image, from the model's size class and the crop size; None for an unknown size class."""
@@ -80,10 +82,27 @@ class ExtractJob:
         """From the extracted set's layout; before extraction, from the name (aliases *_reg, timm *_reg4_*)."""
         if self.num_reg is not None:
             return self.num_reg > 0
+        if self.settings.get("test_time_registers"):
+            return True
         from ..models import ALIASES
 
         name = ALIASES.get(self.model.name, self.model.name)
         return bool(re.search(r"(^|_)reg\d*(_|\.|$)", name)) or "dinov3" in name
+
+
+def _extras(s: dict) -> dict:
+    """Settings that change a set only when given: block features, test-time registers (by the file's digest)."""
+    from ..data import shard_id
+
+    out = {}
+    if s.get("layers"):
+        out["layers"] = list(s["layers"])
+    if s.get("test_time_registers"):
+        file, _, k = s["test_time_registers"].rpartition(":")
+        file, k = (file, k) if k.isdigit() else (s["test_time_registers"], "1")
+        out["test_time_registers"] = {"file": shard_id(file).digest, "k": int(k),
+                                      "patches": s.get("test_time_patches") or "zero"}
+    return out
 
 
 def weights_id(m: ModelEntry) -> str:
@@ -99,7 +118,7 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None) -> list[ExtractJ
 
     jobs = []
     for m in pl.models:
-        if models and m.name not in models:
+        if models and m.label not in models:
             continue
         spec = ModelSpec(m.name, m.checkpoint, dict(m.args))
         weights = weights_id(m)
@@ -109,8 +128,9 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None) -> list[ExtractJ
             pre = job.config(pl.cache, False).preprocess
             job.key = digest({"model": spec.timm_name, "kwargs": spec.kwargs, "weights": weights,
                               "pos_embed": s["pos_embed"], "preprocess": pre.to_dict(), "precision": s["precision"],
-                              "dtype": s["dtype"], "features": s.get("features"), "dataset": d.dataset.digest})
-            job.record = pl.out / "jobs" / "extract" / f"{_slug(m.name)}__{_slug(d.name)}__{job.key[:16]}.json"
+                              "dtype": s["dtype"], "features": s.get("features"), "dataset": d.dataset.digest,
+                              **_extras(s)})
+            job.record = pl.out / "jobs" / "extract" / f"{_slug(m.label)}__{_slug(d.name)}__{job.key[:16]}.json"
             _check_record(job)
             jobs.append(job)
     return jobs
@@ -135,7 +155,7 @@ def _check_record(job: ExtractJob) -> None:
 def write_record(job: ExtractJob) -> None:
     job.record.parent.mkdir(parents=True, exist_ok=True)
     tmp = job.record.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": job.key, "model": job.model.name, "dataset": job.dataset.name,
+    tmp.write_text(json.dumps({"key": job.key, "model": job.model.label, "dataset": job.dataset.name,
                                "path": job.path, "fingerprint": job.fingerprint}, indent=2))
     tmp.replace(job.record)
 
@@ -154,7 +174,7 @@ class ProbeJobPlan:
 
     @property
     def label(self) -> str:
-        return f"{self.block.name} × {self.model.name}"
+        return f"{self.block.name} × {self.model.label}"
 
 
 @dataclass
@@ -173,7 +193,7 @@ class AnalysisJob:
 
     @property
     def label(self) -> str:
-        return f"{self.spec.name} ({self.spec.kind}) × {', '.join(m.name for m in self.models)}"
+        return f"{self.spec.name} ({self.spec.kind}) × {', '.join(m.label for m in self.models)}"
 
 
 def _done(run: Path, key: str) -> bool:
@@ -185,14 +205,14 @@ def _inputs(job, names: list[str], sets: dict[tuple[str, str], ExtractJob], mode
     """Input fingerprints by dataset (one model), or by model/dataset (several)."""
     for m in models or [job.model]:
         for n in names:
-            ej = sets.get((m.name, n))
-            k = f"{m.name}/{n}" if models else n
+            ej = sets.get((m.label, n))
+            k = f"{m.label}/{n}" if models else n
             job.inputs[k], job.paths[k] = (ej.fingerprint, ej.path) if ej else (None, None)
 
 
 def _key_and_run(job, pl: Pipeline, group: str, what: dict) -> None:
     if all(job.inputs.values()):
-        names = "+".join(m.name for m in getattr(job, "models", [job.model]))
+        names = "+".join(m.label for m in getattr(job, "models", [job.model]))
         job.key = digest({**what, "model": names, "inputs": job.inputs})
         job.run = pl.out / group / _slug(what["name"]) / f"{_slug(names)}-{job.key[:12]}"
         if _done(job.run, job.key):
@@ -200,7 +220,7 @@ def _key_and_run(job, pl: Pipeline, group: str, what: dict) -> None:
 
 
 def probe_jobs(pl: Pipeline, ext: list[ExtractJob], models: list[str] | None = None) -> list[ProbeJobPlan]:
-    sets = {(j.model.name, j.dataset.name): j for j in ext}
+    sets = {(j.model.label, j.dataset.name): j for j in ext}
     jobs = []
     for b in pl.probes:
         for name in b.models:
@@ -223,7 +243,7 @@ def probe_jobs(pl: Pipeline, ext: list[ExtractJob], models: list[str] | None = N
 
 
 def analysis_jobs(pl: Pipeline, ext: list[ExtractJob], models: list[str] | None = None) -> list[AnalysisJob]:
-    sets = {(j.model.name, j.dataset.name): j for j in ext}
+    sets = {(j.model.label, j.dataset.name): j for j in ext}
     jobs = []
     for a in pl.analyses:
         chosen = [pl.model(n) for n in a.models if not models or n in models]

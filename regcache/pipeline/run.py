@@ -42,12 +42,12 @@ class PipelineRun:
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"regcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
                          "zarr": zarr.__version__, "python": platform.python_version()},
-            "extract": [{"model": j.model.name, "dataset": j.dataset.name, "key": j.key, "status": j.status,
+            "extract": [{"model": j.model.label, "dataset": j.dataset.name, "key": j.key, "status": j.status,
                          "path": j.path, "fingerprint": j.fingerprint} for j in self.extract],
-            "probes": [{"block": j.block.name, "model": j.model.name, "features": [",".join(c) for c in j.combos],
+            "probes": [{"block": j.block.name, "model": j.model.label, "features": [",".join(c) for c in j.combos],
                         "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs,
                         **({"skipped": j.skipped} if j.skipped else {})} for j in self.probes],
-            "analyses": [{"name": j.spec.name, "kind": j.spec.kind, "models": [m.name for m in j.models],
+            "analyses": [{"name": j.spec.name, "kind": j.spec.kind, "models": [m.label for m in j.models],
                           "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs}
                          for j in self.analyses],
             "report": str(self.report) if self.report else None,
@@ -70,10 +70,10 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
                  after_job: Hook | None = None) -> PipelineRun:
     """Plan, then (unless ``dry_run``) run the jobs of ``stages`` that are not done; ``after_job`` is called
     after each job that did work (tests interrupt a run there)."""
-    unknown = [m for m in models or [] if m not in [x.name for x in pl.models]]
+    unknown = [m for m in models or [] if m not in [x.label for x in pl.models]]
     if unknown:
         raise PipelineError(f"{pl.path}: --models {', '.join(unknown)}: not in field 'models' "
-                            f"({', '.join(m.name for m in pl.models)})")
+                            f"({', '.join(m.label for m in pl.models)})")
     for w in pl.warnings:
         echo(f"warning: {w}")
     run = PipelineRun(pl, extract_jobs(pl, models))
@@ -148,7 +148,7 @@ def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]
     for job in jobs:
         ex = submitit.AutoExecutor(folder=pl.out / "submitit" / job.key[:16],
                                    cluster="local" if pl.launcher["kind"] == "local" else "slurm")
-        ex.update_parameters(name=f"regcache-{job.model.name}-{job.dataset.name}", **pl.launcher["params"])
+        ex.update_parameters(name=f"regcache-{job.model.label}-{job.dataset.name}", **pl.launcher["params"])
         cfg = job.config(pl.cache, progress=False)
         with ex.batch():
             arrays[job.key] = [ex.submit(extract, replace(cfg, part=i, num_parts=parts)) for i in range(parts)]
@@ -191,7 +191,8 @@ def probe_call(job: ProbeJobPlan, pl: Pipeline):
 
     b, s = job.block, job.block.settings
     pj = ProbeJob(model=job.model.name, train=b.train, cache=pl.cache, val=b.val, test=b.test, eval=list(b.eval),
-                  anomaly=list(b.anomaly), scorers=tuple(s["scorers"]), knn_k=s["knn_k"])
+                  anomaly=list(b.anomaly), scorers=tuple(s["scorers"]), knn_k=s["knn_k"],
+                  paths={n: p for n, p in job.paths.items() if p})  # the sets this pipeline made, not look-alikes
     cfg = ProbeConfig(features=list(job.combos), lrs=tuple(s["lr"]), wds=tuple(s["wd"]), optimizer=s["optimizer"],
                       iterations=s["iterations"], batch_size=s["batch_size"], momentum=float(s["momentum"]),
                       seed=s["seed"], device=s["device"], val_fraction=float(s["val_fraction"]),
@@ -294,10 +295,12 @@ def write_report(run: PipelineRun) -> Path:
     parts = [f"# {pl.name}\n\nPipeline {pl.path} (sha256 {pl.text_sha256[:12]})"
              + (f", overrides {json.dumps(pl.overrides)}" if pl.overrides else "") + "."]
     for table in pl.tables:
-        runs = [j.run for j in run.probes if j.block.name == table and j.run and (j.run / "job.json").is_file()]
-        if not runs:
+        done = {str(j.run): j.model.label for j in run.probes
+                if j.block.name == table and j.run and (j.run / "job.json").is_file()}
+        if not done:
             continue
-        df = merge(runs)
+        df = merge(done)
+        df["model"] = df.run.map(done)  # the pipeline's label: two entries of one model stay apart
         keys = ["model", "features", "set", "metric", "scorer", "role"]
         if not df[df.role != "selection"].duplicated(keys).any():  # one run per model: rows by model, not run
             df = df.drop(columns="run")
@@ -329,7 +332,7 @@ def plan_text(run: PipelineRun) -> str:
         else:
             cost = f"{'? img' if n is None else _n(n) + ' img'} × {'? GFLOP' if g is None else f'{g:.1f} GFLOP'}"
             unknown += j.status == "to do"
-        lines.append(f"  {j.status:<7} {j.model.name:<28} {j.dataset.name:<18} {cost}")
+        lines.append(f"  {j.status:<7} {j.model.label:<28} {j.dataset.name:<18} {cost}")
     hours = total * 1e9 / (pl.cost["tflops"] * 1e12) / 3600
     lines.append(f"  to do: {total / 1e6:,.1f} PFLOP = {hours:,.2f} device-hours at {pl.cost['tflops']:g} TFLOP/s "
                  f"({pl.cost['device']})" + (f"; {unknown} jobs of unknown cost" if unknown else ""))

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DataError, Dataset, load_manifest
-from ..features import FeatureError, parse_features
+from ..features import FeatureError, parse_features, parse_layers
 
 STAGES = ("extract", "probe", "analyse", "report")
 #: where extraction jobs run: here, or as submitit array jobs (one part per task; local: submitit's local executor)
@@ -36,6 +36,7 @@ EXTRACT_FIELDS: dict[str, tuple[type | tuple, Any]] = {
     "crop_mode": (str, None), "mean": (list, None), "std": (list, None), "views": (int, 1), "seed": (int, 0),
     "pos_embed": (str, "timm"), "precision": (str, "fp32"), "dtype": (str, "float16"), "batch_size": (int, 64),
     "workers": (int, None), "device": (str, "auto"), "unit_rows": (int, None),
+    "layers": ((list, str), None), "test_time_registers": (str, None), "test_time_patches": (str, None),
 }
 
 
@@ -49,6 +50,11 @@ class ModelEntry:
     checkpoint: str | None = None  # local weights (resolved path)
     args: dict = field(default_factory=dict)  # extra timm.create_model arguments
     extract: dict = field(default_factory=dict)  # extraction settings for this model (e.g. features)
+    label: str = ""  # what the pipeline calls it (--models, probe and analysis blocks, reports); default: name
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name)
 
 
 @dataclass(frozen=True)
@@ -114,7 +120,7 @@ class Pipeline:
     warnings: list[str] = field(default_factory=list)
 
     def model(self, name: str) -> ModelEntry:
-        return next(m for m in self.models if m.name == name)
+        return next(m for m in self.models if m.label == name)
 
     def dataset(self, name: str) -> DatasetEntry:
         return next(d for d in self.datasets if d.name == name)
@@ -335,18 +341,20 @@ def _build(top: _Fields, file: Path, base: Path, text: str, overrides: dict, var
         where = f"models[{i}]"
         if isinstance(m, str):
             m = {"name": m}
-        f = _Fields(m, file, where, ("name", "checkpoint", "args", "extract"))
+        f = _Fields(m, file, where, ("name", "label", "checkpoint", "args", "extract"))
         ckpt = f.get("checkpoint", str)
         own = _Fields(f.get("extract", dict, {}), file, f.at("extract"), tuple(EXTRACT_FIELDS))
         models.append(ModelEntry(f.get("name", str, required=True), str(_path(base, ckpt)) if ckpt else None,
-                                 dict(f.get("args", dict, {})), _extract_settings(own, *checks, defaults=False)))
+                                 dict(f.get("args", dict, {})), _extract_settings(own, *checks, base=base,
+                                                                                  defaults=False),
+                                 f.get("label", str, "")))
     if not models:
         raise top.error("lists no model", "models")
-    if len({m.name for m in models}) < len(models):
-        raise top.error("names a model twice", "models")
+    if len({m.label for m in models}) < len(models):
+        raise top.error("names a model twice (give each entry of one model its own label)", "models")
 
     ext = _Fields(top.get("extract", dict, {}), file, "extract", tuple(EXTRACT_FIELDS))
-    extract = _extract_settings(ext, *checks)
+    extract = _extract_settings(ext, *checks, base=base)
 
     datasets = []
     for i, d in enumerate(top.get("datasets", list, required=True)):
@@ -358,12 +366,12 @@ def _build(top: _Fields, file: Path, base: Path, text: str, overrides: dict, var
         ds = _load_manifest(manifest, f.at("manifest"), file, allow_unset, warnings)
         own = _Fields(f.get("extract", dict, {}), file, f.at("extract"), tuple(EXTRACT_FIELDS))
         datasets.append(DatasetEntry(manifest, ds, f.get("images", int),
-                                     _extract_settings(own, *checks, defaults=False)))
+                                     _extract_settings(own, *checks, base=base, defaults=False)))
     names = [d.name for d in datasets]
     if len(set(names)) < len(names):
         raise top.error(f"two manifests have the same name ({', '.join(sorted({n for n in names if names.count(n) > 1}))})",
                         "datasets")
-    model_names = [m.name for m in models]
+    model_names = [m.label for m in models]
     # what some model stores (None: the defaults, which the probe checks itself)
     stored = None if extract.get("features") is None else \
         {f for m in models for f in m.extract.get("features", extract["features"])}
@@ -423,9 +431,23 @@ def _known(f: _Fields, key: str, known: list[str], required: bool = False) -> li
     return got or list(known)
 
 
-def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, defaults: bool = True) -> dict:
+def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, base: Path, defaults: bool = True) -> dict:
+    from ..registers import PATCH_MODES
+
     out = {k: f.get(k, t, d if defaults else None) for k, (t, d) in EXTRACT_FIELDS.items()}
     out = {k: v for k, v in out.items() if defaults or v is not None}
+    _choice(f, "test_time_patches", out.get("test_time_patches"), PATCH_MODES)
+    if out.get("layers") is not None:
+        spec = out["layers"] if isinstance(out["layers"], str) else ",".join(str(x) for x in out["layers"])
+        try:
+            out["layers"] = parse_layers(spec)
+        except FeatureError as e:
+            raise f.error(str(e), "layers") from None
+    if out.get("test_time_registers"):  # FILE[:K] as extract takes it, the file relative to the pipeline
+        file, colon, k = out["test_time_registers"].rpartition(":")
+        if not (colon and k.isdigit()):
+            file, colon, k = out["test_time_registers"], "", ""
+        out["test_time_registers"] = str(_path(base, file)) + colon + k
     _choice(f, "precision", out.get("precision"), precisions)
     _choice(f, "dtype", out.get("dtype"), dtypes)
     _choice(f, "pos_embed", out.get("pos_embed"), pos_embed)

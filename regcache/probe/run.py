@@ -1,6 +1,7 @@
 """A whole probe run: find the sets, train, select, evaluate on test, eval and anomaly sets; score saved runs."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -121,6 +122,7 @@ class ProbeJob:
     knn_k: int = 50
     scorer_args: dict = field(default_factory=dict)  # {scorer: {param: value}}; knn.k here overrides knn_k
     allow_random_init: bool = False  # use sets of random weights (extract --random-init): smoke tests
+    paths: dict[str, str] = field(default_factory=dict)  # set name -> feature-set path, already resolved (a pipeline's)
 
 
 @dataclass
@@ -184,8 +186,13 @@ def _read(fs: FeatureSet, name: str, feature: str, rows: np.ndarray, keys: np.nd
 
 
 def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
-    available = list_feature_sets(job.cache)
-    find = lambda name: find_feature_set(job.cache, name, job.model, union, available)  # noqa: E731
+    available = functools.cache(lambda: list_feature_sets(job.cache))  # listed once, if a name needs it
+
+    def find(name: str) -> FeatureSet:
+        if name in job.paths:
+            return FeatureSet(job.paths[name])
+        return find_feature_set(job.cache, name, job.model, union, available())
+
     known = known or {}
     sets = {"train": FeatureSet(known["train"]) if "train" in known else find(job.train)}
     for role in ("val", "test"):
