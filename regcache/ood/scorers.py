@@ -67,18 +67,14 @@ class Scorer:
         """Scores of a chunk of queries (float64 features and the head's logits); larger = more in-distribution."""
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        return f"{self.name}({', '.join(f'{k}={v}' for k, v in self.args.items())})"
-
 
 def _cast(scorer: str, key: str, value: Any, default: Any) -> Any:
     """A hyperparameter in its default's type (values from the command line arrive as text)."""
     kind = type(default)
     try:
-        value = kind(value) if kind is not bool else str(value).lower() in ("1", "true", "yes")
+        return kind(value)
     except (TypeError, ValueError):
         raise ValueError(f"{scorer}.{key}={value!r}: expected a {kind.__name__}") from None
-    return value
 
 
 SCORERS: dict[str, type[Scorer]] = {}
