@@ -215,6 +215,10 @@ def test_registry_names_and_arguments():
             ood.parse_args(bad)
     with pytest.raises(ValueError, match="knn.k='seven': expected a int"):
         ood.make("knn", k="seven")
+    for name, arg, msg in (("react", {"percentile": 1.5}, r"react.percentile=1.5: must lie in \[0.0, 1.0\)"),
+                           ("knn", {"k": 0}, r"knn.k=0: must lie in \[1, inf\)")):
+        with pytest.raises(ValueError, match=msg):
+            ood.make(name, **arg)
     with pytest.raises(ValueError, match="unknown scorer 'foo'"):
         ood.resolve(["msp", "foo"])
     assert all(c.reference and c.name for c in ood.SCORERS.values())

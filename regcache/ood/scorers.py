@@ -45,6 +45,7 @@ class Scorer:
     reference: ClassVar[str]
     defaults: ClassVar[str] = "the paper"
     params: ClassVar[dict[str, Any]] = {}
+    limits: ClassVar[dict[str, tuple[float, float]]] = {}  # param -> [low, high) it must lie in
     needs_bank: ClassVar[bool] = False
     inputs: ClassVar[str] = "logits"  # what it reads, for `regcache scorers`
 
@@ -54,6 +55,9 @@ class Scorer:
             known = ", ".join(self.params) or "none"
             raise ValueError(f"scorer {self.name} has no hyperparameter {unknown[0]!r} (it has: {known})")
         self.args = {k: _cast(self.name, k, params.get(k, d), d) for k, d in self.params.items()}
+        for k, (lo, hi) in self.limits.items():
+            if not lo <= self.args[k] < hi:
+                raise ValueError(f"{self.name}.{k}={self.args[k]}: must lie in [{lo}, {hi})")
         self.head: Linear | None = None
 
     def fit(self, bank: Bank | None, head: Linear) -> "Scorer":
@@ -138,6 +142,7 @@ class Energy(Scorer):
     name = "energy"
     reference = "Liu et al., Energy-based OOD detection, NeurIPS 2020"
     params = {"temperature": 1.0}
+    limits = {"temperature": (1e-12, np.inf)}
 
     def score(self, features, logits):
         return energy(logits, self.args["temperature"])
@@ -160,6 +165,7 @@ class GEN(Scorer):
     reference = "Liu, Lochman & Zach, GEN, CVPR 2023"
     defaults = "OpenOOD v1.5 (gamma 0.1, M 100)"
     params = {"gamma": 0.1, "M": 100}
+    limits = {"gamma": (1e-12, np.inf), "M": (1, np.inf)}
 
     def score(self, features, logits):
         p = np.sort(softmax(logits), axis=1)[:, ::-1][:, :self.args["M"]]
@@ -229,6 +235,7 @@ class ReAct(_Shaping):
     reference = "Sun, Guo & Li, ReAct, NeurIPS 2021"
     defaults = "OpenOOD v1.5 and the paper (90th percentile)"
     params = {"percentile": 0.90}
+    limits = {"percentile": (0.0, 1.0)}
     needs_bank = True
 
     def fit(self, bank, head):
@@ -244,6 +251,7 @@ class _ASH(_Shaping):
     reference = "Djurisic et al., Extremely simple activation shaping (ASH), ICLR 2023"
     defaults = "OpenOOD v1.5 (percentile 90)"
     params = {"percentile": 0.90}
+    limits = {"percentile": (0.0, 1.0)}
 
 
 @register
@@ -287,6 +295,7 @@ class SCALE(_Shaping):
     reference = "Xu et al., Scaling for training time and post-hoc OOD detection enhancement (SCALE), ICLR 2024"
     defaults = "OpenOOD v1.5 (percentile 85)"
     params = {"percentile": 0.85}
+    limits = {"percentile": (0.0, 1.0)}
 
     def shape(self, x):
         mask = _keep_top(x, self.args["percentile"])[0]
@@ -302,6 +311,7 @@ class DICE(_Shaping):
     reference = "Sun & Li, DICE: leveraging sparsification for OOD detection, ECCV 2022"
     defaults = "OpenOOD v1.5 (p 0.9; the paper uses 0.7 on ImageNet)"
     params = {"p": 0.90}
+    limits = {"p": (0.0, 1.0)}
     needs_bank = True
 
     def fit(self, bank, head):
@@ -349,6 +359,7 @@ class GradNorm(Scorer):
     inputs = "features + head"
     reference = "Huang, Geng & Li, On the importance of gradients for detecting distributional shifts, NeurIPS 2021"
     params = {"temperature": 1.0}
+    limits = {"temperature": (1e-12, np.inf)}
 
     def score(self, features, logits):
         z = self.head(features)
@@ -395,6 +406,7 @@ class KNN(Scorer):
     reference = "Sun et al., OOD detection with deep nearest neighbors, ICML 2022"
     defaults = "OpenOOD v1.5 (k 50)"
     params = {"k": 50}
+    limits = {"k": (1, np.inf)}
     needs_bank = True
 
     def fit(self, bank, head):
@@ -419,6 +431,7 @@ class NNGuide(Scorer):
     reference = "Park, Jung & Teoh, Nearest neighbor guidance for OOD detection, ICCV 2023"
     defaults = "OpenOOD v1.5 (k 100; OpenOOD takes the first 1% of the training set, here the whole bank)"
     params = {"k": 100}
+    limits = {"k": (1, np.inf)}
     needs_bank = True
 
     def fit(self, bank, head):
