@@ -1,6 +1,6 @@
 """Extra cost of block features (--layers) and of test-time registers over the bare forward_features.
 
-    python bench/layers.py [--images 128] [--batch-size 32] [--precision bf16] [--rounds 3]
+    python bench/layers.py [--images 128] [--batch-size 32] [--precision bf16] [--rounds 3] [--threads N]
 
 Times, batch by batch in turn on the same preloaded tensors, each batch's fastest of --rounds (the
 least disturbed by other processes on a shared machine): (1) timm's forward_features, (2) regcache's
@@ -25,7 +25,11 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads [default: torch's]; on a shared "
+                    "machine, 1 thread and small batches give the fastest-of-rounds a better chance")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import timm
 

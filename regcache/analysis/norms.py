@@ -63,6 +63,14 @@ def summarize(name: str, norms: np.ndarray, layout: TokenLayout) -> tuple[NormSu
     return summary, is_out.mean(0)
 
 
+def set_name(fs: FeatureSet) -> str:
+    """``model / dataset`` as figures and summaries label a set; test-time registers are named, since they
+    change every feature of the same model and data."""
+    ttr = fs.meta["model"].get("test_time_registers")
+    extra = f" +{ttr['registers']} test-time reg" if ttr else ""
+    return f"{fs.meta['model']['name']}{extra} / {fs.meta['dataset']['name']}"
+
+
 def load_norms(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
     """View-0 norms [N, T] and keys of a feature set."""
     if "norms" not in fs.features:
@@ -75,7 +83,7 @@ def _view0(fs: FeatureSet, features: str, **kw):
     """View-0 rows of ``features``; an empty set is refused by name (numpy's percentile would fail on it)."""
     got = fs.load(features, views=[0], concat=False, allow_incomplete=True, **kw)
     if not len(got.keys):
-        raise StoreError(f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']} ({fs.path}) has no rows")
+        raise StoreError(f"{set_name(fs)} ({fs.path}) has no rows")
     return got
 
 
@@ -104,8 +112,8 @@ def block_norms_figure(names: Sequence[str], profiles: Sequence[dict], out: Path
         for key in prof[blocks[0]]:
             ax.plot(blocks, [prof[b][key] for b in blocks], marker="o", ms=3, label=key.replace("_", " "),
                     ls="-" if key.startswith("patch") else "--")
-        ax.set(yscale="log", xlabel="block (from the last)", ylabel="token norm before the final norm", title=name,
-               xticks=blocks)
+        ax.set(yscale="log", xlabel="block (from the last)", ylabel="token norm before the final norm", xticks=blocks)
+        ax.set_title(name, fontsize=8)
         ax.legend(fontsize=7)
     return save_figure(fig, out / "block_norms.png")
 
@@ -119,7 +127,7 @@ def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
     out.mkdir(parents=True, exist_ok=True)
     summaries, heatmaps, parts = [], [], []
     for fs in sets:
-        name = f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']}"
+        name = set_name(fs)
         norms, _ = load_norms(fs)
         s, heat = summarize(name, norms, fs.layout)
         summaries.append(s)

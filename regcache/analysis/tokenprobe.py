@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..store import FeatureSet, StoreError
-from .norms import _view0, outliers, split_norms
+from .norms import _view0, outliers, set_name, split_norms
 
 
 @dataclass
@@ -53,7 +53,7 @@ def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fract
     pred = head.logits(held).argmax(1)
     right = pred == held.labels
     out_mask = is_out[test].ravel()
-    name = f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']}"
+    name = set_name(fs)
     return TokenProbe(name, int((~test).sum()), int(test.sum()), 1 / length,
                       accuracy(head.logits(held), held.labels),
                       float(right[out_mask].mean()) if out_mask.any() else float("nan"),
@@ -107,7 +107,7 @@ def pixel_probe(fs: FeatureSet, ridge: float = 1.0, seed: int = 0, test_fraction
     xt, yt = tokens[test].reshape(-1, tokens.shape[-1]), patches[test].reshape(-1, patches.shape[-1])
     rmse = np.sqrt((((xt - mx) @ weights + my - yt) ** 2).mean(1))
     out_mask = is_out[test].ravel()
-    name = f"{fs.meta['model']['name']} / {fs.meta['dataset']['name']}"
+    name = set_name(fs)
     return PixelProbe(name, int((~test).sum()), int(test.sum()), int(patches.shape[-1]), float(rmse.mean()),
                       float(rmse[out_mask].mean()) if out_mask.any() else float("nan"), float(rmse[~out_mask].mean()),
                       float(np.sqrt(((yt - my) ** 2).mean(1)).mean()), int(out_mask.sum()))
