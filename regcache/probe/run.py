@@ -89,12 +89,12 @@ def _scorers(head: Head, names: Sequence[str], bank: "BankSource | None", args: 
 
 
 def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) -> np.ndarray:
-    """A split's scores, a chunk of rows at a time in float64 (features and the head's full logits)."""
-    lin = scorer.head or ood.Linear(head.weight.numpy(), head.bias.numpy())
+    """A fitted scorer's scores of a split, a chunk of rows at a time in float64 (features, and the head's
+    logits over all its classes: anomaly sets have no class subset)."""
     out = []
     for i in range(0, len(split), chunk):
         x = split.combo(head.features, np.arange(i, min(i + chunk, len(split)))).numpy().astype(np.float64)
-        out.append(scorer.score(x, lin(x)))
+        out.append(scorer.score(x, scorer.head(x)))
     return np.concatenate(out)
 
 
