@@ -186,11 +186,14 @@ def test_chunked_fit_equals_unchunked_fit(data, name):
 def test_streamed_quantile_is_exact():
     rng = np.random.default_rng(1)
     x = np.round(rng.normal(size=(500, 9)), 1)  # many ties
-    for q in (0.0, 0.05, 0.5, 0.9, 0.97, 1.0):
+    half = (rng.normal(size=(700, 5)) * 3).astype(np.float16)  # the float16 path: a count per distinct value
+    half[0, :2] = [0.0, -0.0]
+    for q in (0.0, 0.05, 0.3, 0.5, 0.77, 0.9, 0.97, 1.0):
         bank = Bank.from_array(x, np.zeros(500, int), chunk=33)
         assert quantile(bank, q) == np.quantile(x, q)
         # a tiny histogram and threshold force several refinement passes
         assert quantile(bank, q, bins=4, exact_below=10) == np.quantile(x, q)
+        assert quantile(Bank.from_array(half, np.zeros(700, int), chunk=64), q) == np.quantile(half.astype(float), q)
 
 
 def test_chunked_top_k_equals_a_full_sort():

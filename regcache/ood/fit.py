@@ -55,6 +55,11 @@ class Bank:
             self._memo[key] = compute()
         return self._memo[key]
 
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype the bank is stored in (float16 for a default cache)."""
+        return np.asarray(self.read(np.arange(min(1, len(self))))).dtype
+
     def moments(self, normalise: bool = False) -> "Moments":
         return self.memo(("moments", normalise), lambda: Moments.of(self, normalise))
 
@@ -142,17 +147,18 @@ class Moments:
         return (self.scatter + np.outer(s, d) + np.outer(d, s)) / self.n + np.outer(d, d)
 
 
-def quantile(bank: Bank, q: float, transform: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-             bins: int = 65536, exact_below: int = 1 << 22) -> float:
-    """``np.quantile(all values of transform(bank), q)`` (linear interpolation), exact, without holding the values.
+def quantile(bank: Bank, q: float, bins: int = 65536, exact_below: int = 1 << 22) -> float:
+    """``np.quantile(every value of the bank, q)`` (linear interpolation), exact, without holding the values.
 
-    One pass for the range, then histogram passes that narrow the range holding the two order
-    statistics until it holds at most ``exact_below`` values, which a last pass collects and sorts.
+    A float16 bank (the default cache dtype) has at most 65,536 distinct values: one pass counts each.
+    Otherwise one pass finds the range, histogram passes narrow it to the two order statistics until
+    it holds at most ``exact_below`` values, and a last pass collects and sorts those.
     """
+    if bank.dtype == np.float16:
+        return _float16_quantile(bank, q)
     lo, hi, n = np.inf, -np.inf, 0
     for x, _ in bank.chunks(np.float64):
-        v = transform(x)
-        lo, hi, n = min(lo, v.min()), max(hi, v.max()), n + v.size
+        lo, hi, n = min(lo, x.min()), max(hi, x.max()), n + x.size
     pos = q * (n - 1)
     ks = sorted({int(np.floor(pos)), min(int(np.floor(pos)) + 1, n - 1)})
     below, a, b = 0, lo, hi  # values < a: `below` of them; the order statistics lie in [a, b]
@@ -161,7 +167,7 @@ def quantile(bank: Bank, q: float, transform: Callable[[np.ndarray], np.ndarray]
         edges = np.linspace(a, b, bins + 1)
         counts = np.zeros(bins, np.int64)
         for x, _ in bank.chunks(np.float64):
-            v = transform(x).ravel()
+            v = x.ravel()
             v = v[(v >= a) & (v <= b)]
             inside += v.size
             counts += np.histogram(v, edges)[0]
@@ -171,10 +177,28 @@ def quantile(bank: Bank, q: float, transform: Callable[[np.ndarray], np.ndarray]
         first, last = np.searchsorted(cum, ks[0], "right"), np.searchsorted(cum, ks[-1], "right")
         below += int(counts[:first].sum())
         a, b = edges[first], edges[last + 1]
-    values = np.sort(np.concatenate([v[(v >= a) & (v <= b)] for v in (transform(x).ravel()
-                                                                      for x, _ in bank.chunks(np.float64))]))
-    lower, upper = values[ks[0] - below], values[ks[-1] - below]
-    return float(lower + (pos - np.floor(pos)) * (upper - lower))
+    values = np.sort(np.concatenate([v[(v >= a) & (v <= b)] for v in (x.ravel() for x, _ in bank.chunks(np.float64))]))
+    return _lerp(values[ks[0] - below], values[ks[-1] - below], pos - np.floor(pos))
+
+
+def _float16_quantile(bank: Bank, q: float) -> float:
+    counts = np.zeros(1 << 16, np.int64)
+    for i in range(0, len(bank), bank.chunk):
+        x = np.ascontiguousarray(bank.read(np.arange(i, min(i + bank.chunk, len(bank)))))
+        counts += np.bincount(x.view(np.uint16).ravel(), minlength=1 << 16)
+    values = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
+    seen = np.flatnonzero(counts)  # finite values only: the bank was checked
+    order = np.argsort(values[seen], kind="stable")
+    values, cum = values[seen][order], np.cumsum(counts[seen][order])
+    pos = q * (cum[-1] - 1)
+    k = int(np.floor(pos))
+    lower, upper = values[np.searchsorted(cum, k, "right")], values[np.searchsorted(cum, min(k + 1, cum[-1] - 1), "right")]
+    return _lerp(lower, upper, pos - k)
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation between order statistics, to the last bit (``np.quantile``'s _lerp)."""
+    return float(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
 
 
 def topk_similarities(queries: np.ndarray, bank: np.ndarray, k: int, scale: np.ndarray | None = None,
