@@ -2,8 +2,9 @@
 
 At ImageNet scale the bank (1.28M × 1024 float16) is 2.6 GB; a float64 copy would be 10.5 GB and a
 query × bank similarity block tens of GB. So every statistic here is accumulated over chunks of rows
-(means and D × D moments in float64, exact quantiles by histogram refinement, exact k-NN with a
-running top-k merge), and a `Bank` memoises each statistic so that scorers sharing one (Mahalanobis,
+(means and D × D moments in float64, exact quantiles by counting float16 values or by histogram
+refinement), k-NN keeps the bank once in its stored dtype and searches it exactly in chunks with a
+running top-k merge, and a `Bank` memoises each statistic so that scorers sharing one (Mahalanobis,
 RMDS, ViM, Residual, DICE, fDBD, NCI all use `moments`) read the bank once for it.
 """
 from __future__ import annotations
@@ -41,13 +42,18 @@ class Bank:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def chunks(self, dtype=np.float64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(features in ``dtype``, labels) of consecutive row blocks of at most ``chunk`` rows."""
+    def blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(row positions, features in the stored dtype) of consecutive blocks of at most ``chunk`` rows."""
         if not len(self):
             raise FitError(f"{self.name} has no rows")
         for i in range(0, len(self), self.chunk):
             rows = np.arange(i, min(i + self.chunk, len(self)))
-            yield np.asarray(self.read(rows), dtype=dtype), self.labels[rows]
+            yield rows, np.asarray(self.read(rows))
+
+    def chunks(self, dtype=np.float64) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(features in ``dtype``, labels) of consecutive blocks of at most ``chunk`` rows."""
+        for rows, x in self.blocks():
+            yield x.astype(dtype, copy=False), self.labels[rows]
 
     def memo(self, key, compute: Callable[[], object]):
         """``compute()`` once per bank and key: scorers that need the same statistic share one pass."""
@@ -67,12 +73,8 @@ class Bank:
         """The whole bank in its stored dtype (float16 for a default cache: the bank's own bytes), for k-NN;
         filled chunk by chunk into one array (no list of chunks to concatenate, which would double it)."""
         def fill() -> np.ndarray:
-            if not len(self):
-                raise FitError(f"{self.name} has no rows")
             out = None
-            for i in range(0, len(self), self.chunk):
-                rows = np.arange(i, min(i + self.chunk, len(self)))
-                x = np.asarray(self.read(rows))
+            for rows, x in self.blocks():
                 if out is None:
                     out = np.empty((len(self), x.shape[1]), x.dtype)
                 out[rows] = x
@@ -183,9 +185,8 @@ def quantile(bank: Bank, q: float, bins: int = 65536, exact_below: int = 1 << 22
 
 def _float16_quantile(bank: Bank, q: float) -> float:
     counts = np.zeros(1 << 16, np.int64)
-    for i in range(0, len(bank), bank.chunk):
-        x = np.ascontiguousarray(bank.read(np.arange(i, min(i + bank.chunk, len(bank)))))
-        counts += np.bincount(x.view(np.uint16).ravel(), minlength=1 << 16)
+    for _, x in bank.blocks():
+        counts += np.bincount(np.ascontiguousarray(x).view(np.uint16).ravel(), minlength=1 << 16)
     values = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float64)
     seen = np.flatnonzero(counts)  # finite values only: the bank was checked
     order = np.argsort(values[seen], kind="stable")
