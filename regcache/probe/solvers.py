@@ -125,7 +125,7 @@ def lbfgs_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, Cs: Sequence[
         rho[slot, idx] = torch.where(keep, 1.0 / sy.where(keep, torch.ones_like(sy)), torch.zeros_like(sy))
         upd = idx[moved]
         theta[upd], g[upd], gmax[upd] = new_th[moved], new_g[moved], new_gmax[moved]
-        stalled = (fa - new_f) <= ftol * torch.maximum(fa.abs(), torch.ones_like(fa))
+        stalled = (fa - new_f) <= ftol * fa.abs()  # relative: a separable set drives f towards 0
         f[upd] = new_f[moved]
         iters[idx] += 1
         active[idx] = moved & ~stalled & (new_gmax > tol)
