@@ -151,15 +151,15 @@ def test_two_entries_of_one_model_keep_their_own_sets(tiny, reg_ckpt):
     entry made, although a lookup by model name alone would find two candidates for every dataset."""
     models = [{"name": REG, "checkpoint": str(reg_ckpt)},
               {"name": REG, "label": "reg-blocks", "checkpoint": str(reg_ckpt), "extract": {"layers": [-2]}}]
-    run = _run(tiny, "out3", overrides={"cache": "cache3", "analyses": [], "models": models})
-    assert _statuses(tiny / "out3") == {"extract": ["ran"] * 6, "probes": ["ran", "ran"], "analyses": []}
+    run = _run(tiny, "out-labels", overrides={"cache": "cache-labels", "analyses": [], "models": models})
+    assert _statuses(tiny / "out-labels") == {"extract": ["ran"] * 6, "probes": ["ran", "ran"], "analyses": []}
     made = {(j.model.label, j.dataset.name): j.path for j in run.extract}
     assert len(set(made.values())) == 6
     for job in run.probes:
         used = json.loads((job.run / "config.json").read_text())["sets"]  # what the probe read, by role
         assert (used["train"], used["test"], used["tiny-tex"]) == \
             tuple(made[(job.model.label, n)] for n in ("tiny-train", "tiny-test", "tiny-tex"))
-    report = (tiny / "out3" / "report.md").read_text()
+    report = (tiny / "out-labels" / "report.md").read_text()
     assert "| reg-blocks " in report and f"| {REG} " in report
 
 
