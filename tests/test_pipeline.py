@@ -198,11 +198,29 @@ def test_registers_study_plans():
     ({"probes.p.features": ["cls,nope"]}, "probes[0].features[0]"),
     ({"models": [{"name": "x", "weights": "y"}]}, "models[0]"),
     ({"report.tables": ["q"]}, "report.tables"),
+    ({"probes.p.scorer_args": {"react": {"percentile": 2}}}, "probes[0].scorer_args"),  # out of range
+    ({"probes.p.scorer_args": {"react": {"k": 2}}}, "probes[0].scorer_args"),           # no such parameter
+    ({"models": [{"name": "a"}, {"name": "a"}]}, "models"),                              # one model twice, no labels
 ])
 def test_malformed_pipeline_is_refused_naming_the_field(tiny, edit, field):
     with pytest.raises(PipelineError) as e:
         load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", **edit})
     assert str(tiny / "tiny.yaml") in str(e.value) and f"field '{field}" in str(e.value)
+
+
+def test_scorers_all_and_scorer_args_reach_the_probe(tiny):
+    from regcache.ood import SCORERS
+    from regcache.pipeline.jobs import probe_jobs
+    from regcache.pipeline.run import probe_call
+
+    pl = load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", "probes.p.scorers": ["all"],
+                                            "probes.p.scorer_args": {"react": {"percentile": 0.8}}})
+    (job,) = probe_jobs(pl, [])
+    pj, _ = probe_call(job, pl)
+    assert pj.scorer_args == {"react": {"percentile": 0.8}} and pj.scorers == ("all",)
+    from regcache.ood import resolve
+
+    assert resolve(pj.scorers) == list(SCORERS)
 
 
 def test_unset_variable_and_missing_manifest_are_named(tiny):

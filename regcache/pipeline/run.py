@@ -192,6 +192,7 @@ def probe_call(job: ProbeJobPlan, pl: Pipeline):
     b, s = job.block, job.block.settings
     pj = ProbeJob(model=job.model.name, train=b.train, cache=pl.cache, val=b.val, test=b.test, eval=list(b.eval),
                   anomaly=list(b.anomaly), scorers=tuple(s["scorers"]), knn_k=s["knn_k"],
+                  scorer_args={k: dict(v) for k, v in s["scorer_args"].items()},
                   paths={n: p for n, p in job.paths.items() if p})  # the sets this pipeline made, not look-alikes
     cfg = ProbeConfig(features=list(job.combos), lrs=tuple(s["lr"]), wds=tuple(s["wd"]), optimizer=s["optimizer"],
                       iterations=s["iterations"], batch_size=s["batch_size"], momentum=float(s["momentum"]),

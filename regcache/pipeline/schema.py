@@ -26,6 +26,7 @@ PROBE_FIELDS: dict[str, tuple[type | tuple, Any]] = {
     "iterations": (int, 10_000), "batch_size": (int, 4096), "momentum": ((float, int), 0.9), "seed": (int, 0),
     "device": (str, "cpu"), "val_fraction": ((float, int), 0.1), "stream": (bool, False),
     "stream_window": (int, 16), "scorers": (list, ["msp", "energy", "maxlogit"]), "knn_k": (int, 50),
+    "scorer_args": (dict, {}),  # {scorer: {param: value}}, as --scorer-arg scorer.param=value
     "plots": (bool, True),
     # the protocol trains on augmented views (the paper's random-resized crops): a train set of one view warns
     "augmented": (bool, False),
@@ -468,6 +469,8 @@ def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, base: Path, def
 
 
 def _probe_block(f: _Fields, datasets: list[str], models: list[str], stored: set | None, scorers) -> ProbeBlock:
+    from ..ood import make as make_scorer
+
     combos = []
     for j, c in enumerate(f.get("features", list, required=True)):
         try:
@@ -497,7 +500,14 @@ def _probe_block(f: _Fields, datasets: list[str], models: list[str], stored: set
             raise f.error("must list at least one value", k)
     _choice(f, "optimizer", settings["optimizer"], ("sgd", "adamw"))
     for s in settings["scorers"]:
-        _choice(f, "scorers", s, scorers)
+        _choice(f, "scorers", s, [*scorers, "all"])
+    for name, params in settings["scorer_args"].items():
+        try:
+            if not isinstance(params, dict):
+                raise ValueError(f"{name}: give its hyperparameters as a mapping, e.g. {{percentile: 0.9}}")
+            make_scorer(name, **params)  # names, types and ranges checked as the probe will
+        except ValueError as e:
+            raise f.error(str(e), "scorer_args") from None
     for k in ("iterations", "batch_size", "knn_k", "stream_window"):
         if settings[k] < 1:
             raise f.error("must be at least 1", k)
