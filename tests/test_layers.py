@@ -110,3 +110,13 @@ def test_norms_gain_a_per_block_view(reg_ckpt, tmp_path):
         assert summary["blocks"][block]["patch_max"] == pytest.approx(float(patches.max()), rel=1e-6)
         assert summary["blocks"][block]["registers_median"] == pytest.approx(float(np.median(regs)), rel=1e-6)
     assert summary["blocks"]["-3"]["patch_median"] != pytest.approx(summary["blocks"]["-1"]["patch_median"])
+
+
+def test_extract_cli_names_a_bad_layers_value(tmp_path):
+    from click.testing import CliRunner
+
+    from regcache.cli import main
+
+    res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", str(tmp_path / "x-{000..001}.tar"), "--random-init",
+                                    "0", "--layers", "last0", "--cache", str(tmp_path)])
+    assert res.exit_code == 1 and "--layers 'last0': lastN needs a positive N" in res.output
