@@ -52,7 +52,8 @@ def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, fea
     """
     if pre.shape[1] != layout.num_tokens:
         raise LayoutError(f"the model returned {pre.shape[1]} tokens, the layout expects {layout.num_tokens} "
-                          f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches)")
+                          f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches"
+                          f"{f' + {layout.num_reg} test-time registers' if layout.registers == 'end' else ''})")
     post = post.float()
     head = (lambda t: pooled_norm(t).float()) if pooled_norm is not None else (lambda t: t)
     r, p = layout.reg_slice, layout.patch_slice
