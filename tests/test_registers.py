@@ -182,3 +182,23 @@ def test_find_then_extract_through_the_cli(planted, tmp_path):
     res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", data, "--random-init", "0", "--size", str(SIZE),
                                     "--cache", str(tmp_path / "c2"), "-q", "--test-time-registers", str(out)])
     assert res.exit_code != 0 and "found on" in res.output
+
+
+def test_real_vits14_registers_are_per_image(offline_vits14):
+    """On real weights (fused attention, real activations): find, install, and batch independence."""
+    from skimage import data as skdata
+
+    model = load_model(ModelSpec(NOREG, str(offline_vits14)), 112)
+    photos = [skdata.coffee(), skdata.chelsea(), skdata.astronaut(), skdata.rocket()]
+    x = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255,
+                                                     size=(112, 112), mode="bilinear")[0] for p in photos])
+    x = (x - 0.45) / 0.225
+    found = find_neurons(model, [x[:2], x[2:]], detect_layer=-1, percentile=98, top_k=4)
+    assert sum(map(len, found.neurons.values())) == 4 and abs(found.outliers - 0.02 * found.tokens) <= 1
+    install(model, found.neurons, 1)
+    layout = layout_of(model)
+    batched = token_features(model, x, layout, ("cls", "reg"))
+    for i in range(len(x)):
+        alone = token_features(model, x[i:i + 1], layout, ("cls", "reg"))
+        for f in ("cls", "reg"):
+            np.testing.assert_allclose(batched[f][i], alone[f][0], rtol=1e-4, atol=1e-4, err_msg=f"{f} image {i}")
