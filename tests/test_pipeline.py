@@ -185,7 +185,13 @@ def test_paper_table1_dry_run_lists_88_extractions(monkeypatch):
 def test_registers_study_plans():
     run = run_pipeline(load_pipeline(ROOT / "pipelines" / "registers-study.yaml", allow_unset=True), dry_run=True,
                        echo=lambda s: None)
-    assert len(run.extract) == 18 and len(run.probes) == 6
+    assert len(run.extract) == 27 and len(run.probes) == 9  # S/B/L: plain, trained registers, test-time registers
+    ttr = {j.model.label: j for j in run.probes if j.model.label.endswith("_ttr")}
+    assert set(ttr) == {"vits_ttr", "vitb_ttr", "vitl_ttr"} and all(("cls", "reg") in j.combos for j in ttr.values())
+    plain = next(j for j in run.probes if j.model.label == "vits")
+    assert ("cls", "reg") not in plain.combos  # a model without registers skips the register combinations
+    keys = {j.model.label: j.key for j in run.extract if j.dataset.name == "imagenet1k-val"}
+    assert keys["vits"] != keys["vits_ttr"]  # the test-time registers are part of the extraction's identity
     assert {k.kind for k in (a.spec for a in run.analyses)} == {"norms", "featuremap", "tokenprobe", "attention"}
 
 

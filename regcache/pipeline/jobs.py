@@ -21,7 +21,7 @@ from .schema import AnalysisSpec, DatasetEntry, ModelEntry, Pipeline, ProbeBlock
 
 #: GFLOP per image at 224 px by model size (BENCHMARKS.md: DINOv2 ViT-S/B/L/g-14); scaled by (size/224)²
 GFLOPS_224: dict[str, float] = {"small": 12.5, "base": 47.0, "large": 165.0, "giant": 608.0}
-#: features that exist only in models with registers: combinations naming them skip models without
+#: features that exist only in models with registers (also as reg@-k): combinations naming them skip models without
 REGISTER_FEATURES = ("reg", "reg_all")
 
 
@@ -229,7 +229,7 @@ def probe_jobs(pl: Pipeline, ext: list[ExtractJob], models: list[str] | None = N
             m = pl.model(name)
             train = sets.get((name, b.train))
             regs = train.has_registers() if train else True
-            combos = [c for c in b.features if regs or not set(c) & set(REGISTER_FEATURES)]
+            combos = [c for c in b.features if regs or not {f.split("@")[0] for f in c} & set(REGISTER_FEATURES)]
             job = ProbeJobPlan(b, m, combos)
             if not combos:
                 job.skipped, job.status = "every combination needs registers, which this model has not", "skipped"
