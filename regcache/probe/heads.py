@@ -63,6 +63,19 @@ class ProbeConfig:
                              "--solver minibatch")
         if self.iterations is None:
             self.iterations = 1_000 if self.solver == "lbfgs" else 10_000
+        # values that would train nothing, or train backwards, and still report a number
+        checks = {"iterations": self.iterations >= 1, "batch size": self.batch_size >= 1,
+                  "stream window": self.stream_window >= 1, "tolerance": self.tol > 0,
+                  "learning rates (one or more, all > 0)": bool(self.lrs) and min(self.lrs) > 0,
+                  "weight decays (one or more, all >= 0)": bool(self.wds) and min(self.wds) >= 0,
+                  "validation fraction (between 0 and 0.5)": 0 < self.val_fraction <= 0.5,
+                  "momentum (in [0, 1))": 0 <= self.momentum < 1}
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ProbeError(f"invalid {', '.join(bad)}: got iterations={self.iterations}, "
+                             f"batch_size={self.batch_size}, lrs={list(self.lrs)}, wds={list(self.wds)}, "
+                             f"val_fraction={self.val_fraction}, momentum={self.momentum}, "
+                             f"stream_window={self.stream_window}, tol={self.tol}")
 
     @property
     def grid(self) -> list[tuple[float, float]]:
