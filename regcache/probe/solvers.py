@@ -109,7 +109,9 @@ def lbfgs_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, Cs: Sequence[
         if not len(idx):
             break
         th, gr, fa = theta[idx], g[idx], f[idx]
-        direction = -_two_loop(gr, s_hist[:, idx], y_hist[:, idx], rho[:, idx], it, history)
+        every = len(idx) == heads  # no copy of the history while every head is still running
+        direction = -_two_loop(gr, s_hist if every else s_hist[:, idx], y_hist if every else y_hist[:, idx],
+                               rho if every else rho[:, idx], it, history)
         slope = (gr * direction).sum(1)
         bad = slope >= 0  # not a descent direction (lost curvature): restart that head from -g
         if bad.any():
