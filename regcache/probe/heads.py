@@ -253,7 +253,8 @@ def refit(chosen: dict[tuple[str, ...], Head], train: "Split | StreamedSplit", v
                  np.concatenate([train.views, val.views]))
     out = {}
     for combo, h in chosen.items():
-        one = replace(cfg, features=[combo], lrs=(h.lr,), wds=(h.wd,), Cs=(h.C,), refit=False)
+        setting = {"Cs": (h.C,)} if cfg.solver == "lbfgs" else {"lrs": (h.lr,), "wds": (h.wd,)}
+        one = replace(cfg, features=[combo], refit=False, **setting)
         new = fit_heads(both, num_classes, one)[0]
         new.val_acc = h.val_acc
         out[combo] = new
