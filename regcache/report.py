@@ -179,6 +179,7 @@ def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
     config = {"job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
               "probe": asdict(cfg), "protocol": result.protocol, "sets": result.sets,
               "fingerprints": {k: FeatureSet(p).fingerprint for k, p in result.sets.items()},
+              "contents": {k: FeatureSet(p).content_id() for k, p in result.sets.items()},
               "regcache": __version__, "torch": torch.__version__,
               "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}
     (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -189,13 +190,28 @@ def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
 
 def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """The long results of several run directories (or results.parquet files), one table."""
-    frames = []
+    frames, seen = [], {}
     for r in runs:
         p = Path(r)
         p = p / "results.parquet" if p.is_dir() else p
         if not p.is_file():
             raise FileNotFoundError(f"{r}: no results.parquet")
+        for name, content in _set_contents(p.parent).items():
+            first = seen.setdefault(name, (content, p.parent))
+            if first[0] != content:
+                raise ValueError(f"set {name!r} holds other images in {p.parent} than in {first[1]} (it was "
+                                 "extracted again from other shards): one column would mix two datasets")
         df = pd.read_parquet(p)
         df.insert(0, "run", str(p.parent))
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def _set_contents(run: Path) -> dict[str, str]:
+    """Set name -> the content id of the shards it was read from, as the run recorded it (none for old runs)."""
+    f = run / "config.json"
+    if not f.is_file():
+        return {}
+    config = json.loads(f.read_text())
+    roles = {r: config["job"].get(r) for r in ("train", "val", "test")}
+    return {roles.get(k) or k: v for k, v in config.get("contents", {}).items()}

@@ -15,3 +15,74 @@ def test_settings_that_train_nothing_or_backwards_are_refused(bad):
     with pytest.raises(ProbeError, match="invalid"):
         ProbeConfig(features=["cls"], **bad)
     ProbeConfig(features=["cls"])  # the defaults pass
+
+
+# --------------------------------------------------------------------------- sets that share images
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory, reg_ckpt):
+    """train, val (other images), val-again (val's shards under another name), in one cache."""
+    from conftest import REG, config, make_shards
+    from regcache.extract import extract
+
+    root = tmp_path_factory.mktemp("guards")
+    train = make_shards(root / "train", n_shards=2, per_shard=6, seed=1)
+    val = make_shards(root / "val", n_shards=1, per_shard=6, seed=2)
+    for name, data in (("train", train), ("val", val), ("val-again", val)):
+        extract(config(REG, reg_ckpt, data, root / "cache", name=name))
+    return root
+
+
+def _probe(root, *args):
+    from click.testing import CliRunner
+
+    from conftest import REG
+    from regcache.cli import main
+
+    return CliRunner().invoke(main, ["probe", "-m", REG, "-f", "cls", "--cache", str(root / "cache"), "-q",
+                                     "--iterations", "5", "--batch-size", "4", "--allow-random-init", "--no-plots",
+                                     "--out", str(root / "runs" / "_".join(a.strip("-") for a in args)), *args])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--train", "train", "--test", "train"], "same shards as the train set"),
+    (["--train", "train", "--val", "val", "--test", "val-again", "--lr", "0.1,0.01"], "same shards as the val set"),
+    (["--train", "train", "--val", "val", "--refit"], "name one with --test"),
+])
+def test_a_test_set_of_images_that_trained_or_selected_the_heads_is_refused(sets, args, says):
+    r = _probe(sets, *args)
+    assert r.exit_code == 1 and says in r.output, r.output
+
+
+def test_one_head_on_a_renamed_copy_of_val_is_allowed(sets):
+    r = _probe(sets, "--train", "train", "--val", "val", "--test", "val-again")  # nothing is selected
+    assert r.exit_code == 0, r.output
+
+
+def test_score_and_report_refuse_a_set_extracted_again_from_other_images(sets, reg_ckpt, tmp_path):
+    """The same dataset name and settings over other images keeps its fingerprint, not its content id."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from conftest import REG, config, make_shards
+    from regcache.cli import main
+    from regcache.extract import extract
+
+    root = tmp_path / "r"
+    shutil.copytree(sets / "cache", root / "cache")
+    v = make_shards(tmp_path / "v", n_shards=1, per_shard=6, seed=2)
+    first = extract(config(REG, reg_ckpt, v, root / "cache", name="v"))
+    assert _probe(root, "--train", "train", "--test", "v").exit_code == 0
+    (run,) = (root / "runs").iterdir()
+    shutil.copytree(run, tmp_path / "before")
+    shutil.rmtree(first.path)  # the shards regenerated with other images, and the set extracted again
+    make_shards(tmp_path / "v", n_shards=1, per_shard=6, seed=9)
+    again = extract(config(REG, reg_ckpt, v, root / "cache", name="v"))
+    assert again.path == first.path and again.fingerprint == first.fingerprint
+    r = CliRunner().invoke(main, ["score", str(run), "--cache", str(root / "cache")])
+    assert r.exit_code == 1 and "extracted again" in r.output, r.output
+    assert _probe(root, "--train", "train", "--test", "v", "--seed", "1").exit_code == 0
+    after = next(p for p in (root / "runs").iterdir() if p != run)
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "before"), str(after), "--out", str(tmp_path / "rep")])
+    assert r.exit_code != 0 and "holds other images" in r.output, r.output

@@ -217,8 +217,9 @@ def test_random_init_sets_are_recorded_and_refused_by_the_probe(tmp_path):
 
     data = make_shards(tmp_path / "shards", n_shards=2, per_shard=6)
     cache = tmp_path / "cache"
-    for name in ("rtrain", "rtest"):
-        r = CliRunner().invoke(main, ["extract", "-m", REG, "--random-init", "0", "-d", data, "--name", name,
+    for name, shard in (("rtrain", "000"), ("rtest", "001")):  # other images for test
+        r = CliRunner().invoke(main, ["extract", "-m", REG, "--random-init", "0", "-d",
+                                      data.replace("{000..001}", shard), "--name", name,
                                       "--cache", str(cache), "--size", str(SIZE), "--resize", str(RESIZE), "-q",
                                       "--device", "cpu"])
         assert r.exit_code == 0, r.output

@@ -165,7 +165,7 @@ class ProbeJobPlan:
     block: ProbeBlock
     model: ModelEntry
     combos: list[tuple[str, ...]]
-    inputs: dict[str, str | None] = field(default_factory=dict)  # dataset -> fingerprint (None: not made yet)
+    inputs: dict[str, str | None] = field(default_factory=dict)  # dataset -> fingerprint:content (None: not made yet)
     paths: dict[str, str | None] = field(default_factory=dict)
     key: str | None = None
     run: Path | None = None
@@ -207,7 +207,14 @@ def _inputs(job, names: list[str], sets: dict[tuple[str, str], ExtractJob], mode
         for n in names:
             ej = sets.get((m.label, n))
             k = f"{m.label}/{n}" if models else n
-            job.inputs[k], job.paths[k] = (ej.fingerprint, ej.path) if ej else (None, None)
+            job.inputs[k], job.paths[k] = (_content(ej), ej.path) if ej and ej.fingerprint else (None, None)
+
+
+def _content(ej: ExtractJob) -> str:
+    """A set's settings and the shard bytes its rows were read from: a re-extracted set is a new input."""
+    from ..store import FeatureSet
+
+    return f"{ej.fingerprint}:{FeatureSet(ej.path).content_id()}"
 
 
 def _key_and_run(job, pl: Pipeline, group: str, what: dict) -> None:

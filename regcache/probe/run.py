@@ -292,6 +292,10 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
     sets = _find_sets(job, union)
     if heads_per > 1 and job.val and sets["val"].path.resolve() == sets["test"].path.resolve():
         raise ProbeError(_need_test(job, heads_per))
+    if cfg.refit and (not job.test or (job.val and sets["val"].path.resolve() == sets["test"].path.resolve())):
+        raise ProbeError(f"--refit trains the selected heads again on {job.train} + {job.val or 'its held-out part'}, "
+                         "so the ID numbers need a set apart from both: name one with --test")
+    _check_apart(sets, selected=heads_per > 1 or cfg.refit)
     data = _load(job, sets, union, cfg.seed, cfg.val_fraction, stream=cfg.stream_window if cfg.stream else 0)
     views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
     protocol = {"heads_per_combination": heads_per, "selection_set": data.val.name, "id_set": data.test.name,
@@ -307,6 +311,35 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
         protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
     df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol, cfg.device)
     return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()}, protocol)
+
+
+def _check_apart(sets: dict[str, FeatureSet], selected: bool) -> None:
+    """The ID test set shares no shard bytes with the set that trained the heads, nor with the one that
+    selected them (a copy of a set, or one manifest under two names, is the same data)."""
+    if "test" not in sets:
+        return
+
+    def shards(fs: FeatureSet) -> set[str]:
+        return {d for d in fs.shard_digests().values() if d}
+
+    test = shards(sets["test"])
+    for role in [r for r in (("train", "val") if selected else ("train",)) if r in sets]:
+        common = test & shards(sets[role])
+        if common:
+            raise ProbeError(f"the test set {sets['test'].path} was read from {len(common)} of the same shards as "
+                             f"the {role} set {sets[role].path}: its numbers would be on images that "
+                             f"{'trained' if role == 'train' else 'selected'} the heads; name a test set of other "
+                             "images")
+
+
+def _check_unchanged(run: Path, config: dict, sets: dict[str, FeatureSet]) -> None:
+    """A saved run is scored further only against the very sets it was made from (same settings, same bytes)."""
+    for key, recorded in (("fingerprints", lambda fs: fs.fingerprint), ("contents", lambda fs: fs.content_id())):
+        for role, was in config.get(key, {}).items():
+            if role in sets and recorded(sets[role]) != was:
+                raise ProbeError(f"{sets[role].path}, the {role} set of run {run}, has been extracted again from "
+                                 "other shards or settings since the run was made: its numbers would mix two "
+                                 "datasets; probe again to get a run of the current data")
 
 
 def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequence[str] = (),
@@ -330,6 +363,7 @@ def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequenc
     heads = load_heads(run / "heads.safetensors")
     union = sorted({f for h in heads for f in h.features})
     sets = _find_sets(job, union, known=config["sets"])
+    _check_unchanged(run, config, sets)
     seed, protocol = config["probe"]["seed"], config.get("protocol", {})
     id_classes, num_classes = class_names(sets["train"].meta["dataset"])[0], int(heads[0].weight.shape[0])
     id_role = "test" if job.test else "val" if job.val else None
