@@ -254,12 +254,21 @@ def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:
         f = path.parent / str(m[f"{key}_file"])
         if not f.is_file():
             raise DataError(f"{path}: field '{key}_file': {f} does not exist")
-        return tuple(line.strip() for line in f.read_text().splitlines() if line.strip())
+        return _unique(tuple(line.strip() for line in f.read_text().splitlines() if line.strip()), path,
+                       f"{key}_file")
     if m.get(key) is None:
         return None
     if not isinstance(m[key], list) or not all(isinstance(c, (str, int)) for c in m[key]):
         raise DataError(f"{path}: field '{key}' must be a list of names")
-    return tuple(str(c) for c in m[key])
+    return _unique(tuple(str(c) for c in m[key]), path, key)
+
+
+def _unique(names: tuple[str, ...], path: Path, key: str) -> tuple[str, ...]:
+    """Labels are mapped by class name, so two classes of one name would merge silently."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: field '{key}' names {', '.join(twice[:5])} more than once")
+    return names
 
 
 def count_samples(url: str) -> int | None:

@@ -94,6 +94,8 @@ class Preprocess:
             raise ValueError("views must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need one value per RGB channel, got {self.mean} and {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std must be positive in every channel (it divides the pixels), got {self.std}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -336,8 +338,14 @@ def load_model(spec: ModelSpec, img_size: int) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's generator
         if spec.random_init is not None:
             torch.manual_seed(spec.random_init)
-        model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
-                                  img_size=img_size, **spec.kwargs)
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
+                                      img_size=img_size, **spec.kwargs)
+        except (TypeError, ValueError, AssertionError) as e:  # a model argument timm cannot take
+            if not spec.kwargs:
+                raise
+            raise ModelError(f"{spec.timm_name} cannot be built with the model arguments "
+                             f"{spec.kwargs} ({type(e).__name__}: {e})") from None
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
         raise ModelError(f"{spec.timm_name} is not a timm VisionTransformer (no forward_intermediates)")
     if dinov2 and (getattr(model, "pos_embed", None) is None or getattr(model, "dynamic_img_size", False)):

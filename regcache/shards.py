@@ -113,6 +113,11 @@ def plan_folder(src: Path, classes: Sequence[str] | None = None, flat: bool = Fa
     def key(p: Path) -> str:  # stable, and free of the dots webdataset splits keys on
         return re.sub(r"[.\s]", "_", str(p.relative_to(src).with_suffix("")))
 
+    seen: dict[str, Path] = {}
+    for p in files:  # x.png beside x.jpg, or "a b.png" beside "a_b.png": one key, and the shard would fail whole
+        if (other := seen.setdefault(key(p), p)) != p:
+            raise DataError(f"{other} and {p} would both be sample {key(p)!r}: rename one of them")
+
     if flat:
         return FolderPlan([(key(p), p, None) for p in files], None, None)
     folders = sorted({p.relative_to(src).parts[0] for p in files if len(p.relative_to(src).parts) > 1})

@@ -86,3 +86,69 @@ def test_score_and_report_refuse_a_set_extracted_again_from_other_images(sets, r
     after = next(p for p in (root / "runs").iterdir() if p != run)
     r = CliRunner().invoke(main, ["report", str(tmp_path / "before"), str(after), "--out", str(tmp_path / "rep")])
     assert r.exit_code != 0 and "holds other images" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- inputs refused up front
+
+def test_a_class_named_twice_is_refused_in_the_manifest_and_in_the_probe(tmp_path):
+    from regcache.data import DataError, load_manifest
+    from regcache.probe import map_labels
+
+    m = tmp_path / "dup.yaml"
+    m.write_text("name: dup\nshards: x-000.tar\nclasses: [cat, dog, cat]\n")
+    with pytest.raises(DataError, match="cat more than once"):
+        load_manifest(m)
+    (tmp_path / "c.txt").write_text("cat\ndog\ncat\n")
+    m.write_text("name: dup\nshards: x-000.tar\nclasses_file: c.txt\n")
+    with pytest.raises(DataError, match="cat more than once"):
+        load_manifest(m)
+
+    class Stored:  # a store written before the manifest check: the probe refuses it too
+        path = tmp_path
+        meta = {"dataset": {"classes": ["cat", "dog", "cat"]}}
+
+    import numpy as np
+
+    from regcache.probe import Split
+
+    with pytest.raises(ProbeError, match="more than once"):
+        map_labels(Split("dup", {}, np.array([0, 1]), np.array(["a", "b"]), np.zeros(2, int)), Stored(),
+                   ["cat", "dog"], 2)
+
+
+def test_from_folder_refuses_two_files_that_would_be_one_sample(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from regcache.data import DataError
+    from regcache.shards import plan_folder
+
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for name in ("x.png", "x.jpg", "y.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "src" / "a" / name)
+    with pytest.raises(DataError, match="would both be sample 'a/x'"):
+        plan_folder(tmp_path / "src")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["-b", "0"], "--batch-size"), (["--size", "0"], "--size"), (["--num-parts", "0"], "--num-parts"),
+    (["--std", "0,0,0"], "std must be positive"), (["--model-arg", "depth=x"], "cannot be built with the model"),
+])
+def test_extract_refuses_bad_settings_by_name_without_a_traceback(tmp_path, reg_ckpt, args, says):
+    from click.testing import CliRunner
+
+    from conftest import REG, make_shards
+    from regcache.cli import main
+
+    data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
+    r = CliRunner().invoke(main, ["extract", "-m", REG, "--checkpoint", str(reg_ckpt), "-d", data, "--cache",
+                                  str(tmp_path / "c"), "-q", "-j", "0", *args])
+    assert r.exit_code in (1, 2) and says in r.output and "Traceback" not in r.output, r.output
+
+
+def test_two_probes_in_the_same_second_get_their_own_run_directories(tmp_path, monkeypatch):
+    from regcache.cli.common import new_dir
+
+    monkeypatch.chdir(tmp_path)
+    first, second = new_dir(tmp_path / "runs" / "m-1"), new_dir(tmp_path / "runs" / "m-1")
+    assert first != second and first.is_dir() and second.name == "m-1-2"

@@ -36,6 +36,20 @@ def split_names(values: tuple[str, ...]) -> list[str]:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
+def new_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3``, … : a default run directory that no other run (started in the
+    same second) shares, created here so that two runs never write into one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise click.ClickException(f"{path}: 999 run directories of that name already exist; give --out")
+
+
 def human_size(n: float) -> str:
     if n < 1024:
         return f"{int(n)} B"

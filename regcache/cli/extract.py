@@ -53,7 +53,7 @@ from .common import (
                    "set; probe refuses it without --allow-random-init).")
 @click.option("--model-arg", multiple=True, metavar="KEY=VALUE",
               help="Extra timm.create_model argument (part of the fingerprint), e.g. depth=2.")
-@click.option("--batch-size", "-b", default=64, show_default=True)
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", "-j", type=int, default=None,
               help="DataLoader decode workers [default: min(4, cores); 0 on a CPU with 2 cores or fewer].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda if present).")
@@ -61,9 +61,9 @@ from .common import (
               help="Forward-pass precision (autocast).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Stored dtype.")
-@click.option("--size", type=int, default=None,
+@click.option("--size", type=click.IntRange(min=1), default=None,
               help="Crop size (pixels) [default: the model's; 224 for the DINOv2/v3 aliases].")
-@click.option("--resize", type=int, default=None,
+@click.option("--resize", type=click.IntRange(min=1), default=None,
               help="Shorter side is resized to this before the crop [default: size / the model's crop_pct; "
                    "256 for the aliases].")
 @click.option("--crop-mode", type=click.Choice(["center", "squash"]), default=None,
@@ -82,8 +82,9 @@ from .common import (
 @cache_option
 @click.option("--store", type=click.Path(path_type=Path), default=None,
               help="Write to this feature-set directory instead of the fingerprinted path under --cache.")
-@click.option("--part", default=0, show_default=True, help="With --num-parts: which part of the shards to do.")
-@click.option("--num-parts", default=1, show_default=True,
+@click.option("--part", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --num-parts: which part of the shards to do.")
+@click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
               help="Split the shards into this many parts (array jobs); the last part to finish writes the index.")
 @click.option("--unit-rows", type=int, default=None,
               help="Rows reserved per shard [default: the largest shard, from the manifest or tar headers].")
@@ -215,8 +216,8 @@ def registers():
 @click.option("--max-layer", type=int, default=None,
               help="Neurons of blocks up to this one compete [default: the detection block].")
 @click.option("--top-k", "-k", default=10, show_default=True, help="Neurons kept.")
-@click.option("--size", type=int, default=None, help="Crop size [default: the model's].")
-@click.option("--batch-size", "-b", default=16, show_default=True)
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Crop size [default: the model's].")
+@click.option("--batch-size", "-b", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The neuron file (JSON) to write, for 'regcache extract --test-time-registers FILE[:K]'.")
 def registers_find(model, data, checkpoint, images, detect_layer, threshold, percentile, max_layer, top_k, size,

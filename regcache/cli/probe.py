@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from .common import cache_option, main, parse_floats, setup_logging, split_names
+from .common import (
+    cache_option,
+    main,
+    new_dir,
+    parse_floats,
+    setup_logging,
+    split_names,
+)
 
 scorer_arg_option = click.option(
     "--scorer-arg", "scorer_args", multiple=True, metavar="SCORER.PARAM=VALUE",
@@ -70,7 +77,7 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, preset, s
     from ..report import write_run
 
     setup_logging(quiet)
-    out = out or Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    default_out = Path("runs") / f"{model}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
         job = ProbeJob(model=model, train=train, cache=cache or default_cache_root(), val=val, test=test,
                        eval=split_names(eval_),
@@ -85,6 +92,7 @@ def probe(model, combos, train, val, test, eval_, anomaly, cache, out, preset, s
         cfg = ProbeConfig(**_with_preset(preset, options))
         result = run_probe(job, cfg, progress=not quiet)
         if result is not None:  # None: a rank other than 0 under torchrun
+            out = out or new_dir(default_out)
             write_run(out, result, job, cfg, plots=not no_plots)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
@@ -166,12 +174,12 @@ def score(run, eval_, anomaly, scorers, scorer_args, device, cache, out):
     from ..report import markdown, plot_scores
 
     setup_logging(False)
-    out = out or run / f"score-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     try:
         result = score_run(run, split_names(eval_), split_names(anomaly), split_names((scorers,)) if scorers else None,
                            cache, parse_scorer_args(scorer_args) if scorer_args else None, device)
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
+    out = out or new_dir(run / f"score-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(out / "results.parquet", index=False)
     (out / "results.md").write_text(markdown(result.results))

@@ -197,6 +197,11 @@ def map_labels(split: Split, fs: FeatureSet, id_classes: Sequence[str] | None, n
         named, unnamed = (name, "the training set") if id_classes is None else ("the training set", name)
         raise ProbeError(f"{unnamed} has no class names (integer labels) but {named} has: labels cannot be mapped "
                          "by name; give both manifests a class list (classes or classes_file)")
+    for which, names in ((name, own), ("the training set", id_classes)):
+        twice = sorted({n for n in names if list(names).count(n) > 1}) if names is not None else []
+        if twice:
+            raise ProbeError(f"{which} names a class more than once ({_list(twice)}): labels map by name and "
+                             "would merge")
     labels, sub = split.labels, None
     if own is None:
         beyond = labels >= num_classes
