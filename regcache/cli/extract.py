@@ -196,7 +196,7 @@ def ls(cache, as_json):
         click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
 
 
-@main.group()
+@main.group(short_help="Test-time registers for a ViT trained without them: find their neurons.")
 def registers():
     """Test-time registers (Jiang et al. 2025) for a ViT trained without registers."""
 
