@@ -105,6 +105,13 @@ def _check_model(model: torch.nn.Module) -> None:
                             "(its tokens must pass patch_drop after the position embedding)")
     if getattr(model, "reg_token", None) is not None:
         raise RegisterError(f"the model already has {model.reg_token.shape[1]} trained registers")
+    from timm.layers import GluMlp, SwiGLU
+
+    glu = next((type(b.mlp).__name__ for b in model.blocks if isinstance(b.mlp, (GluMlp, SwiGLU))), None)
+    if glu:
+        raise RegisterError(f"test-time registers act on the output of each MLP's activation, which a gated MLP "
+                            f"({glu}, as in ViT-g and many DINOv3 models) multiplies by a second branch; "
+                            "only plain-MLP ViTs are supported")
 
 
 def _act(model: torch.nn.Module, block: int, where: str = "the neuron file") -> torch.nn.Module:

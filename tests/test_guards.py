@@ -152,3 +152,55 @@ def test_two_probes_in_the_same_second_get_their_own_run_directories(tmp_path, m
     monkeypatch.chdir(tmp_path)
     first, second = new_dir(tmp_path / "runs" / "m-1"), new_dir(tmp_path / "runs" / "m-1")
     assert first != second and first.is_dir() and second.name == "m-1-2"
+
+
+# --------------------------------------------------------------------------- found in review
+
+def test_knn_refuses_to_classify_its_own_training_images(sets):
+    from click.testing import CliRunner
+
+    from conftest import REG
+    from regcache.cli import main
+
+    r = CliRunner().invoke(main, ["knn", "-m", REG, "-f", "cls", "--train", "train", "--test", "train", "--cache",
+                                  str(sets / "cache")])
+    assert r.exit_code != 0 and "same shards as the train set" in r.output, r.output
+
+
+def test_sets_with_and_without_test_time_registers_never_mix():
+    from regcache.probe.data import check_compatible
+
+    class Stored:
+        def __init__(self, path, **extra):
+            self.path, self.meta = path, {"identity": {"model": "m", "weights": "w", "preprocess": {}, **extra}}
+
+    check_compatible({"train": Stored("a"), "dtd": Stored("b", pos_embed="timm")})  # the default, recorded or not
+    with pytest.raises(ProbeError, match="test_time_registers"):
+        check_compatible({"train": Stored("a", test_time_registers={"digest": "d", "registers": 1}),
+                          "dtd": Stored("b")})
+
+
+def test_remote_shards_count_as_the_same_images_by_url(tmp_path):
+    """Remote shards have no byte digest: their URLs stand for them, so train and test are still kept apart."""
+    import numpy as np
+
+    from conftest import make_set
+    from regcache.probe.run import _check_apart
+
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+    a = make_set(tmp_path / "c1", "val", {"cls": x}, np.arange(8) % 2)
+    b = make_set(tmp_path / "c2", "val", {"cls": x}, np.arange(8) % 2)
+    with pytest.raises(ProbeError, match="same shards as the train set"):
+        _check_apart({"train": a, "test": b}, selected=False)
+
+
+def test_test_time_registers_refuse_gated_mlps():
+    from timm.layers import SwiGLU
+    from timm.models.vision_transformer import VisionTransformer
+
+    from regcache.registers import RegisterError, _check_model
+
+    model = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, mlp_layer=SwiGLU)
+    with pytest.raises(RegisterError, match="gated MLP"):
+        _check_model(model)
+    _check_model(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2))

@@ -17,12 +17,16 @@ class ProbeError(ValueError):
 # --------------------------------------------------------------------------- compatible sets
 
 def check_compatible(sets: dict[str, FeatureSet]) -> None:
-    """Every set must come from the same backbone, weights, preprocessing and precision."""
-    keys = ("model", "model_kwargs", "weights", "preprocess", "precision")
+    """Every set must come from the same backbone: weights, position embeddings, test-time registers (hooks
+    that leave the weights as they are), random init, preprocessing and precision."""
+    keys = ("model", "model_kwargs", "weights", "pos_embed", "test_time_registers", "random_init", "preprocess",
+            "precision")
+    unset = {"pos_embed": "timm"}  # stores from before the option recorded nothing for its default
     ref_name, ref = next(iter(sets.items()))
     for name, fs in sets.items():
         a, b = ref.meta["identity"], fs.meta["identity"]
-        diff = [k for k in keys if a.get(k) != b.get(k) and not (k == "preprocess" and _same_eval(a[k], b[k]))]
+        diff = [k for k in keys if a.get(k, unset.get(k)) != b.get(k, unset.get(k))
+                and not (k == "preprocess" and _same_eval(a[k], b[k]))]
         if diff:
             raise ProbeError(f"{name} ({fs.path}) and {ref_name} ({ref.path}) differ in {', '.join(diff)}")
 

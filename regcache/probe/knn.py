@@ -98,12 +98,13 @@ def few_shot(train: Split, test: Split, features: Sequence[str], num_classes: in
 def _sets(job, combos: Sequence[Sequence[str]]):
     """The training split (view 0) and the labelled ID test and eval splits of a job, labels in the training classes."""
     from .data import class_names, load_split
-    from .run import _find_sets, _labelled, _num_classes
+    from .run import _check_apart, _find_sets, _labelled, _num_classes
 
     if not job.test:
         raise ProbeError("give the ID set to report on with --test")
     union = sorted({f for c in combos for f in c})
     sets = _find_sets(job, union)
+    _check_apart(sets, selected=False)  # a query that is its own neighbour would vote for itself
     id_classes = class_names(sets["train"].meta["dataset"])[0]
     train = load_split(sets["train"], union, job.train)
     k = _num_classes(job.train, train.labels, id_classes)

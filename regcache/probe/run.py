@@ -320,7 +320,7 @@ def _check_apart(sets: dict[str, FeatureSet], selected: bool) -> None:
         return
 
     def shards(fs: FeatureSet) -> set[str]:
-        return {d for d in fs.shard_digests().values() if d}
+        return set(fs.shard_digests().values())
 
     test = shards(sets["test"])
     for role in [r for r in (("train", "val") if selected else ("train",)) if r in sets]:

@@ -80,9 +80,11 @@ class FeatureReader:
         meta = pq.read_schema(self._record(unit)).metadata or {}
         return json.loads(meta[b"shard"]) if b"shard" in meta else None
 
-    def shard_digests(self) -> dict[int, str | None]:
-        """Per committed unit, the digest of the shard bytes it was read from (None where not recorded)."""
-        return {u: (self.unit_shard(u) or {}).get("digest") for u in sorted(self.committed_units())}
+    def shard_digests(self) -> dict[int, str]:
+        """Per committed unit, the digest of the shard bytes it was read from; where the bytes could not be
+        digested (a remote shard) or were not recorded (older stores), the shard's URL stands for them."""
+        urls = self.meta["dataset"].get("urls") or self.meta["dataset"]["shards"]
+        return {u: (self.unit_shard(u) or {}).get("digest") or f"url:{urls[u]}" for u in sorted(self.committed_units())}
 
     def content_id(self) -> str:
         """What the rows were read from: a hash of the shard digests of every committed unit.
