@@ -28,10 +28,15 @@ def brute_fpr95_openood(id_s, ood_s, tpr=0.95):
 
 
 def sklearn_fpr95_openood(id_s, ood_s, tpr=0.95):
-    """OpenOOD v1.5's own computation (evaluators/metrics.py): roc_curve with OOD as positive on -score."""
+    """OpenOOD v1.5's own computation (evaluators/metrics.py): roc_curve with OOD as positive on -score.
+
+    With every threshold kept: roc_curve's default drops collinear ROC points, and the point at 95% can be
+    one of them (ID [1, 2], OOD eighteen 0s and [1, 2]: 0.5 exactly, 1.0 with the point dropped).
+    """
     from sklearn.metrics import roc_curve
 
-    fpr, tprs, _ = roc_curve(np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))], -np.r_[id_s, ood_s])
+    fpr, tprs, _ = roc_curve(np.r_[np.zeros(len(id_s)), np.ones(len(ood_s))], -np.r_[id_s, ood_s],
+                             drop_intermediate=False)
     return float(fpr[np.argmax(tprs >= tpr)])
 
 
@@ -50,6 +55,12 @@ def test_metrics_match_brute_force_and_sklearn(id_s, ood_s):
     assert ood.auroc(id_s, ood_s) == pytest.approx(roc_auc_score(y, s))
     assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(y, s))
     assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - y, -s))
+
+
+def test_fpr95_openood_keeps_a_collinear_roc_point():
+    """The case hypothesis found: the 95% point lies on a straight stretch of the ROC curve."""
+    id_s, ood_s = [1.0, 2.0], [0.0] * 18 + [1.0, 2.0]
+    assert ood.fpr_at_tpr_openood(id_s, ood_s) == brute_fpr95_openood(id_s, ood_s) == 0.5
 
 
 def test_fpr95_hand_made_cases():
