@@ -214,16 +214,7 @@ def report(runs, out):
         raise click.ClickException(str(e)) from e
     text = markdown(df)
     click.echo(text)
-    if out is None:
-        return
-    if out.suffix == ".md":
-        out.write_text(text)
-    elif out.suffix == ".csv":
-        df.to_csv(out, index=False)
-    elif out.suffix == ".parquet":
-        df.to_parquet(out, index=False)
-    else:
-        raise click.BadParameter("--out must end in .md, .csv or .parquet")
+    _write(df, out, text)
 
 
 @main.command("run")
@@ -279,15 +270,15 @@ def _job(model, train, test, eval_, cache):
     return ProbeJob(model=model, train=train, cache=cache or default_cache_root(), test=test, eval=split_names(eval_))
 
 
-def _write(df, out) -> None:
+def _write(df, out: Path | None, markdown: str | None = None) -> None:
+    """A results table to ``--out``, in the format its suffix names (.md where the command has a Markdown form)."""
+    writers = {".csv": lambda: df.to_csv(out, index=False), ".parquet": lambda: df.to_parquet(out, index=False),
+               **({".md": lambda: out.write_text(markdown)} if markdown is not None else {})}
     if out is None:
         return
-    if out.suffix == ".csv":
-        df.to_csv(out, index=False)
-    elif out.suffix == ".parquet":
-        df.to_parquet(out, index=False)
-    else:
-        raise click.BadParameter("--out must end in .parquet or .csv")
+    if out.suffix not in writers:
+        raise click.BadParameter(f"--out must end in {', '.join(sorted(writers))}")
+    writers[out.suffix]()
 
 
 @main.command()
