@@ -46,6 +46,7 @@ def _probe(root, *args):
 
 @pytest.mark.parametrize("args, says", [
     (["--train", "train", "--test", "train"], "same shards as the train set"),
+    (["--train", "train", "--val", "train"], "same shards as the train set"),  # ID numbers default to val
     (["--train", "train", "--val", "val", "--test", "val-again", "--lr", "0.1,0.01"], "same shards as the val set"),
     (["--train", "train", "--val", "val", "--refit"], "name one with --test"),
 ])

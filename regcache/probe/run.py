@@ -314,22 +314,24 @@ def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeRe
 
 
 def _check_apart(sets: dict[str, FeatureSet], selected: bool) -> None:
-    """The ID test set shares no shard bytes with the set that trained the heads, nor with the one that
-    selected them (a copy of a set, or one manifest under two names, is the same data)."""
-    if "test" not in sets:
+    """The set the ID numbers are on (test, else val) shares no shard bytes with the set that trained the heads,
+    nor with the one that selected them (a copy of a set, or one manifest under two names, is the same data)."""
+    id_role = "test" if "test" in sets else "val" if "val" in sets else None
+    if id_role is None:
         return
 
     def shards(fs: FeatureSet) -> set[str]:
         return set(fs.shard_digests().values())
 
-    test = shards(sets["test"])
-    for role in [r for r in (("train", "val") if selected else ("train",)) if r in sets]:
-        common = test & shards(sets[role])
+    reported = shards(sets[id_role])
+    others = ["train", "val"] if selected and id_role == "test" else ["train"]
+    for role in [r for r in others if r in sets]:
+        common = reported & shards(sets[role])
         if common:
-            raise ProbeError(f"the test set {sets['test'].path} was read from {len(common)} of the same shards as "
-                             f"the {role} set {sets[role].path}: its numbers would be on images that "
-                             f"{'trained' if role == 'train' else 'selected'} the heads; name a test set of other "
-                             "images")
+            raise ProbeError(f"the {id_role} set {sets[id_role].path}, which the ID numbers are on, was read from "
+                             f"{len(common)} of the same shards as the {role} set {sets[role].path}: they would be "
+                             f"on images that {'trained' if role == 'train' else 'selected'} the heads; name a "
+                             "test set of other images")
 
 
 def _check_unchanged(run: Path, config: dict, sets: dict[str, FeatureSet]) -> None:
