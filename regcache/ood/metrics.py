@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def _check(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
     if not len(a) or not len(b):
