@@ -1,0 +1,279 @@
+"""Datasets: manifests and shard patterns, labels, and what each shard held (its digest)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from braceexpand import braceexpand
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+ROLES = ("id-train", "id-val", "ood-gen", "anomaly")
+
+
+class DataError(ValueError):
+    """A manifest or shard list that cannot be used; the message names the file and the field."""
+
+
+class SampleError(ValueError):
+    """One sample that cannot be used (its key and reason go to the errors table)."""
+
+
+# --------------------------------------------------------------------------- datasets
+
+@dataclass(frozen=True)
+class Dataset:
+    """One dataset split, as extraction needs it. ``shards`` are expanded URLs in their fixed order."""
+
+    name: str
+    shards: tuple[str, ...]
+    counts: tuple[int | None, ...] | None = None  # per shard; None where unknown
+    image_keys: tuple[str, ...] = IMAGE_KEYS
+    label_key: str | None = "cls"
+    label_field: str | None = None
+    classes: tuple[str, ...] | None = None
+    role: str | None = None
+    split: str | None = None
+    subset: tuple[str, ...] | None = None
+    source: str = ""  # what identifies the data, before ${VARS} are expanded: what the digest hashes
+
+    @property
+    def digest(self) -> str:
+        """Identifies the data independently of where ``${VARS}`` point on this machine."""
+        return hashlib.sha256(self.source.encode()).hexdigest()
+
+    def shard_name(self, unit: int) -> str:
+        """How the index names a shard: its file name (a 'pipe:' command as it is)."""
+        url = self.shards[unit]
+        return url if url.startswith("pipe:") else Path(url).name
+
+
+@dataclass(frozen=True)
+class ShardId:
+    """What one shard holds, cheaply: resolved path, size, and a digest of sampled bytes.
+
+    The same manifest text can point at other images (another folder, regenerated shards), so a
+    feature set's identity covers this, not only the text. ``digest`` is None for remote URLs
+    (only their URL identifies them) and "missing" for a local file that is not there.
+    """
+
+    url: str
+    path: str | None = None
+    size: int | None = None
+    digest: str | None = None
+
+
+DIGEST_WINDOWS, DIGEST_WINDOW = 8, 1 << 16
+
+
+def shard_id(url: str) -> ShardId:
+    """Size and sha256 of 8 evenly spaced 64 KiB windows (first and last included; the whole file when small)."""
+    if "://" in url or url.startswith("pipe:"):
+        return ShardId(url)
+    path = os.path.realpath(url)
+    try:
+        size = os.path.getsize(path)
+        h = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as f:
+            if size <= DIGEST_WINDOWS * DIGEST_WINDOW:
+                h.update(f.read())
+            else:
+                for i in range(DIGEST_WINDOWS):
+                    f.seek((size - DIGEST_WINDOW) * i // (DIGEST_WINDOWS - 1))
+                    h.update(f.read(DIGEST_WINDOW))
+    except FileNotFoundError:
+        return ShardId(url, path, None, "missing")
+    return ShardId(url, path, size, h.hexdigest())
+
+
+def shard_ids(ds: "Dataset", threads: int = 8) -> list[ShardId]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(shard_id, ds.shards))
+
+
+def expand_vars(text: str, where: str) -> str:
+    """``${NAME}`` from the environment; an unset one is an error naming it."""
+    def sub(m: re.Match) -> str:
+        if m.group(1) not in os.environ:
+            raise DataError(f"{where}: environment variable ${{{m.group(1)}}} is not set")
+        return os.environ[m.group(1)]
+
+    return re.sub(r"\$\{(\w+)\}", sub, text)
+
+
+def expand_shards(spec: str | Sequence[str], where: str = "shards") -> tuple[str, ...]:
+    """A brace pattern, a list of patterns, or a comma-free path list -> the ordered shard URLs."""
+    patterns = [spec] if isinstance(spec, str) else list(spec)
+    urls = [u for p in patterns for u in braceexpand(expand_vars(str(p), where))]
+    if not urls:
+        raise DataError(f"{where}: no shard")
+    return tuple(urls)
+
+
+def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str | None = None,
+                 role: str | None = None) -> Dataset:
+    """A manifest (``*.yaml``/``*.yml``) or a shard pattern such as ``data/train-{000..009}.tar``.
+
+    For a pattern, ``labels`` is ``cls``, ``json:FIELD`` or ``none``; left out, it is ``cls`` if the
+    first sample of the first shard has a ``.cls`` and ``none`` (label -1) if not, as a flat folder
+    of anomaly images has. ``role`` anomaly means ``none``. A manifest says both itself.
+    """
+    text = str(data)
+    if text.endswith((".yaml", ".yml")):
+        ds = load_manifest(text)
+        for flag, value in (("--name", name), ("--labels", labels), ("--role", role)):
+            if value is not None:
+                raise DataError(f"{text} is a manifest: {flag} applies to shard patterns only (set it in the manifest)")
+        return ds
+    if role is not None and role not in ROLES:
+        raise DataError(f"role {role!r}: one of {', '.join(ROLES)}")
+    shards = expand_shards(text)
+    default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
+    if labels is None:
+        labels = "none" if role == "anomaly" else detect_labels(shards[0])
+    label_key, label_field = parse_labels(labels, "--labels")
+    if role == "anomaly" and label_key is not None:
+        raise DataError(f"--role anomaly stores no labels; drop --labels {labels}")
+    name = name or default
+    return Dataset(name=name, shards=shards, label_key=label_key, label_field=label_field, role=role,
+                   source=json.dumps({"pattern": text, "name": name, "labels": labels, "role": role}, sort_keys=True))
+
+
+def parse_labels(spec: str, where: str) -> tuple[str | None, str | None]:
+    """``cls`` / ``json:FIELD`` / ``none`` -> (label key, JSON field)."""
+    if spec == "none":
+        return None, None
+    if spec.startswith("json:") and len(spec) > 5:
+        return "json", spec[5:]
+    if spec and ":" not in spec:
+        return spec, None
+    raise DataError(f"{where}: {spec!r} is not cls, json:FIELD or none")
+
+
+def detect_labels(url: str) -> str:
+    """``cls`` if the shard's first sample has a ``.cls`` member, else ``none`` (said in the log)."""
+    import logging
+
+    try:
+        from .tar import open_shard  # tar imports this module's errors
+
+        first = next(iter(open_shard(url, allow_pipe=False)), None)
+    except (DataError, OSError):
+        return "cls"  # the shard's own error is reported when it is read
+    if first is not None and "cls" not in first:
+        logging.getLogger("regcache").warning(
+            "%s: its first sample has no .cls label; storing the set unlabelled (label -1). "
+            "Pass --labels cls to require labels.", url)
+        return "none"
+    return "cls"
+
+
+def load_manifest(path: str | os.PathLike) -> Dataset:
+    """Read a manifest (DESIGN §4); every malformed field is an error that names it and the file."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"manifest {path} does not exist")
+    text = path.read_text()
+    try:
+        m = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DataError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(m, dict):
+        raise DataError(f"{path}: a manifest is a mapping of fields")
+
+    def field_(key: str, types: type | tuple[type, ...], required: bool = False) -> Any:
+        if key not in m or m[key] is None:
+            if required:
+                raise DataError(f"{path}: missing field '{key}'")
+            return None
+        if not isinstance(m[key], types):
+            names = types.__name__ if isinstance(types, type) else " or ".join(t.__name__ for t in types)
+            raise DataError(f"{path}: field '{key}' must be {names}, got {type(m[key]).__name__}")
+        return m[key]
+
+    unknown = set(m) - {"name", "split", "role", "shards", "counts", "image", "label", "classes",
+                        "classes_file", "subset", "subset_file", "description", "source"}
+    if unknown:
+        raise DataError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
+    name = field_("name", str, required=True)
+    raw_shards = field_("shards", (str, list), required=True)
+    # a relative local path is relative to the manifest, so shards and manifest can move together
+    shards = tuple(u if "://" in u or u.startswith("pipe:") or os.path.isabs(u) else str(path.parent / u)
+                   for u in expand_shards(raw_shards, f"{path}: field 'shards'"))
+    counts = field_("counts", list)
+    if counts is not None and (len(counts) != len(shards) or not all(isinstance(c, int) and c >= 0 for c in counts)):
+        raise DataError(f"{path}: field 'counts' must list one non-negative integer per shard ({len(shards)})")
+    role = field_("role", str)
+    if role is not None and role not in ROLES:
+        raise DataError(f"{path}: field 'role' is {role!r}; one of {', '.join(ROLES)}")
+    image = field_("image", str) or ";".join(IMAGE_KEYS)
+    label = field_("label", str) or "cls"
+    label_key, label_field = parse_labels(label, f"{path}: field 'label'")
+    classes = _name_list(m, "classes", path)
+    subset = _name_list(m, "subset", path)
+    if subset is not None and role == "anomaly":
+        raise DataError(f"{path}: an anomaly set has no class subset")
+    if subset is not None:
+        if classes is None:
+            raise DataError(f"{path}: field 'subset' needs the ID class list in 'classes' or 'classes_file'")
+        outside = [c for c in subset if c not in set(classes)]
+        if outside:
+            raise DataError(f"{path}: field 'subset' names classes outside the ID classes: {', '.join(outside[:5])}")
+    split = field_("split", str)
+    # what identifies the data: everything but the counts (which a scan may add) and free text
+    identity = {"name": name, "split": split, "role": role, "shards": raw_shards, "image": image, "label": label,
+                "classes": classes, "subset": subset}
+    return Dataset(name=name, shards=shards, counts=tuple(counts) if counts else None,
+                   image_keys=tuple(k.strip().lower() for k in image.split(";") if k.strip()),
+                   label_key=label_key if role != "anomaly" else None, label_field=label_field,
+                   classes=classes, role=role, split=split, subset=subset,
+                   source=json.dumps(identity, sort_keys=True))
+
+
+def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:
+    """An inline list under ``key`` or a one-name-per-line file under ``key_file`` (relative to the manifest)."""
+    if m.get(key) is not None and m.get(f"{key}_file") is not None:
+        raise DataError(f"{path}: give '{key}' or '{key}_file', not both")
+    if m.get(f"{key}_file") is not None:
+        f = path.parent / str(m[f"{key}_file"])
+        if not f.is_file():
+            raise DataError(f"{path}: field '{key}_file': {f} does not exist")
+        return _unique(tuple(line.strip() for line in f.read_text().splitlines() if line.strip()), path,
+                       f"{key}_file")
+    if m.get(key) is None:
+        return None
+    if not isinstance(m[key], list) or not all(isinstance(c, (str, int)) for c in m[key]):
+        raise DataError(f"{path}: field '{key}' must be a list of names")
+    return _unique(tuple(str(c) for c in m[key]), path, key)
+
+
+def _unique(names: tuple[str, ...], path: Path, key: str) -> tuple[str, ...]:
+    """Labels are mapped by class name, so two classes of one name would merge silently."""
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"{path}: field '{key}' names {', '.join(twice[:5])} more than once")
+    return names
+
+
+def count_samples(url: str) -> int | None:
+    """Samples in a local tar, from its headers alone (seeks past the data); None if unreadable or remote."""
+    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+        return None
+    from webdataset.tariterators import base_plus_ext
+
+    try:
+        with tarfile.open(url, "r:") as tar:
+            keys = {base_plus_ext(m.name)[0] for m in tar if m.isreg() and not Path(m.name).name.startswith("__")}
+    except (tarfile.TarError, OSError):
+        return None
+    return len(keys - {None})
