@@ -1,8 +1,12 @@
 """Out-of-distribution detection: metrics (`metrics`), logit scores (`scores`), the scorer registry
-(`scorers`) and fitting on the training bank in chunks (`fit`)."""
+(`scorers`) with its entries by what they read (`from_logits`, `from_head`, `from_bank`), and fitting
+on the training bank in chunks (`fit`)."""
 from .fit import Bank, FitError, Moments, quantile, topk_similarities
 from .metrics import METRICS, aupr_in, aupr_out, auroc, average_precision, fpr_at_tpr, fpr_at_tpr_openood, roc_points
 from .scorers import SCORERS, Linear, Scorer, make, parse_args, register, resolve
+from . import from_logits  # noqa: F401, I001  (each registers its scorers, in this order)
+from . import from_head  # noqa: F401
+from . import from_bank  # noqa: F401
 from .scores import energy, max_logit, msp, softmax
 
 __all__ = ["METRICS", "SCORERS", "Bank", "FitError", "Linear", "Moments", "Scorer", "aupr_in", "aupr_out", "auroc",
