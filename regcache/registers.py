@@ -83,13 +83,16 @@ class RegisterNeurons:
                 raise RegisterError(f"{where}: block {block} has {hidden} hidden neurons, not {bad[:5]}")
 
 
-def parse_spec(spec: str) -> tuple[Path, int]:
-    """``FILE[:K]`` -> (FILE, K); K registers, 1 when not given."""
+def split_spec(spec: str) -> tuple[str, int]:
+    """``FILE[:K]`` -> (FILE, K), K registers, 1 when not given; nothing is checked (pipelines plan with it)."""
     head, sep, tail = spec.rpartition(":")
-    if sep and tail.isdigit():
-        path, k = Path(head), int(tail)
-    else:
-        path, k = Path(spec), 1
+    return (head, int(tail)) if sep and tail.isdigit() else (spec, 1)
+
+
+def parse_spec(spec: str) -> tuple[Path, int]:
+    """``FILE[:K]`` -> (FILE, K), the file there and K at least 1."""
+    file, k = split_spec(spec)
+    path = Path(file)
     if k < 1:
         raise RegisterError(f"--test-time-registers {spec!r}: K must be at least 1")
     if not path.is_file():

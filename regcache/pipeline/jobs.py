@@ -93,14 +93,14 @@ class ExtractJob:
 def _extras(s: dict) -> dict:
     """Settings that change a set only when given: block features, test-time registers (by the file's digest)."""
     from ..data import shard_id
+    from ..registers import split_spec
 
     out = {}
     if s.get("layers"):
         out["layers"] = list(s["layers"])
     if s.get("test_time_registers"):
-        file, _, k = s["test_time_registers"].rpartition(":")
-        file, k = (file, k) if k.isdigit() else (s["test_time_registers"], "1")
-        out["test_time_registers"] = {"file": shard_id(file).digest, "k": int(k),
+        file, k = split_spec(s["test_time_registers"])
+        out["test_time_registers"] = {"file": shard_id(file).digest, "k": k,
                                       "patches": s.get("test_time_patches") or "zero"}
     return out
 

@@ -433,7 +433,7 @@ def _known(f: _Fields, key: str, known: list[str], required: bool = False) -> li
 
 
 def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, base: Path, defaults: bool = True) -> dict:
-    from ..registers import PATCH_MODES
+    from ..registers import PATCH_MODES, split_spec
 
     out = {k: f.get(k, t, d if defaults else None) for k, (t, d) in EXTRACT_FIELDS.items()}
     out = {k: v for k, v in out.items() if defaults or v is not None}
@@ -445,10 +445,8 @@ def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, base: Path, def
         except FeatureError as e:
             raise f.error(str(e), "layers") from None
     if out.get("test_time_registers"):  # FILE[:K] as extract takes it, the file relative to the pipeline
-        file, colon, k = out["test_time_registers"].rpartition(":")
-        if not (colon and k.isdigit()):
-            file, colon, k = out["test_time_registers"], "", ""
-        out["test_time_registers"] = str(_path(base, file)) + colon + k
+        file, k = split_spec(out["test_time_registers"])
+        out["test_time_registers"] = f"{_path(base, file)}:{k}"
     _choice(f, "precision", out.get("precision"), precisions)
     _choice(f, "dtype", out.get("dtype"), dtypes)
     _choice(f, "pos_embed", out.get("pos_embed"), pos_embed)
