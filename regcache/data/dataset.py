@@ -176,20 +176,26 @@ def detect_labels(url: str) -> str:
     return "cls"
 
 
-def load_manifest(path: str | os.PathLike) -> Dataset:
-    """Read a manifest (DESIGN §4); every malformed field is an error that names it and the file."""
+def read_yaml_mapping(path: Path, what: str, error: type[Exception]) -> tuple[str, dict]:
+    """The text of a YAML file of fields (a manifest, a pipeline) and its mapping; ``error`` names the file."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
-        raise DataError(f"manifest {path} does not exist")
+        raise error(f"{what} {path} does not exist")
     text = path.read_text()
     try:
-        m = yaml.safe_load(text)
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(m, dict):
-        raise DataError(f"{path}: a manifest is a mapping of fields")
+        raise error(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(doc, dict):
+        raise error(f"{path}: a {what} is a mapping of fields")
+    return text, doc
+
+
+def load_manifest(path: str | os.PathLike) -> Dataset:
+    """Read a manifest (DESIGN §4); every malformed field is an error that names it and the file."""
+    path = Path(path)
+    text, m = read_yaml_mapping(path, "manifest", DataError)
 
     def field_(key: str, types: type | tuple[type, ...], required: bool = False) -> Any:
         if key not in m or m[key] is None:

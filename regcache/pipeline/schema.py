@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import DataError, Dataset, load_manifest
+from ..data.dataset import read_yaml_mapping
 from ..features import FeatureError, parse_features, parse_layers
 
 STAGES = ("extract", "probe", "analyse", "report")
@@ -252,18 +253,8 @@ def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     """
     import copy
 
-    import yaml
-
     file = Path(path)
-    if not file.is_file():
-        raise PipelineError(f"pipeline {file} does not exist")
-    text = file.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{file}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise PipelineError(f"{file}: a pipeline is a mapping of fields")
+    text, raw = read_yaml_mapping(file, "pipeline", PipelineError)
     overrides = dict(overrides or {})
     doc = copy.deepcopy(raw)
     for k, v in overrides.items():
