@@ -1,4 +1,4 @@
-"""Backbones: aliases to timm names, weight loading, and the preprocessing that is part of a cache's identity."""
+"""Backbones: weight loading, and the preprocessing that is part of a cache's identity (aliases: `registry`)."""
 from __future__ import annotations
 
 import hashlib
@@ -7,66 +7,17 @@ import math
 from dataclasses import asdict, dataclass, field
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
+from .registry import ALIASES, IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, Alias, ModelError, resolve_name
+from .settings import Backbone, Preprocessing
+
+if TYPE_CHECKING:
+    from .features import TokenLayout
+
 log = logging.getLogger("regcache")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-#: the DINOv2/DINOv3 papers' linear-evaluation transform: shorter side 256, center crop 224, bicubic
-PAPER_EVAL: Mapping[str, Any] = {"size": 224, "crop_pct": 224 / 256, "interpolation": "bicubic",
-                                 "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "crop_mode": "center"}
-
-
-@dataclass(frozen=True)
-class Alias:
-    """A short name: the timm model, the ``create_model`` arguments that give the original's semantics,
-    and its authors' eval transform when it differs from timm's ``pretrained_cfg`` (None: timm's)."""
-
-    timm_name: str
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    preprocess: Mapping[str, Any] | None = None
-
-
-_SIZES2 = [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]
-_SIZES3 = [("s", "small"), ("sp", "small_plus"), ("b", "base"), ("l", "large"), ("hp", "huge_plus"), ("_7b", "7b")]
-
-#: the one registry: short names users type. Any other timm ViT name (``arch`` or ``arch.tag``) works as is.
-#: DINOv3: [CLS] pooling as upstream (timm defaults to avg); its 4 storage tokens are registers.
-MODELS: dict[str, Alias] = {
-    **{f"vit{s}": Alias(f"vit_{n}_patch14_dinov2.lvd142m", preprocess=PAPER_EVAL) for s, n in _SIZES2},
-    **{f"vit{s}_reg": Alias(f"vit_{n}_patch14_reg4_dinov2.lvd142m", preprocess=PAPER_EVAL) for s, n in _SIZES2},
-    **{f"v3{s}": Alias(f"vit_{n}_patch16_dinov3.lvd1689m", {"global_pool": "token"}, PAPER_EVAL) for s, n in _SIZES3},
-}
-#: alias -> timm name (name.tag), for readers that only match names
-ALIASES: dict[str, str] = {a: m.timm_name for a, m in MODELS.items()}
-
-#: position-embedding resampling when the input grid differs from the weights' table
-POS_EMBED: dict[str, str] = {
-    "timm": "timm's load-time resample (bicubic, antialiased), as timm.create_model does",
-    "dinov2": "DINOv2 hub's interpolate_pos_encoding (bicubic, no antialias, scale factor (n + 0.1) / N): "
-              "reproduces numbers made with torch.hub facebookresearch/dinov2 models",
-}
-
-
-class ModelError(ValueError):
-    """An unknown model name, or a checkpoint that does not fit the architecture."""
-
-
-def resolve_name(name: str) -> str:
-    """Alias or timm name (``arch`` or ``arch.tag``) -> the timm name; unknown names list the aliases."""
-    import timm
-
-    full = ALIASES.get(name, name)
-    if not timm.is_model(full.split(".")[0]):
-        aliases = ", ".join(f"{a} ({n})" for a, n in ALIASES.items())
-        if name.startswith("v3") or "dinov3" in name:
-            aliases += f"; DINOv3 needs a timm that has vit_*_patch16_dinov3 (installed: timm {timm.__version__})"
-        raise ModelError(f"unknown model {name!r}: not an alias and not a timm model. Aliases: {aliases}")
-    return full
-
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -140,6 +91,12 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
+def preprocess_of(s: Preprocessing, views: int = 1, seed: int = 0) -> Preprocess:
+    """The eval transform that settings with a model and preprocessing fields ask for (None: the model's own)."""
+    return preprocess_for(s.model, size=s.size, resize=s.resize, interpolation=s.interpolation, mean=s.mean,
+                          std=s.std, crop_mode=s.crop_mode, views=views, seed=seed)
+
+
 def preprocess_for(model: str, *, size: int | None = None, resize: int | None = None,
                    interpolation: str | None = None, mean: tuple | None = None, std: tuple | None = None,
                    crop_mode: str | None = None, views: int = 1, seed: int = 0) -> Preprocess:
@@ -178,32 +135,35 @@ def _timm_eval(model: str) -> dict[str, Any]:
             "mean": d["mean"], "std": d["std"], "crop_mode": d.get("crop_mode", "center")}
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What determines a backbone: the timm name, optional local weights, architecture overrides
-    (an alias's own arguments first, the user's on top) and the position-embedding resampling.
+def model_args(b: Backbone) -> dict:
+    """The ``timm.create_model`` arguments: an alias's own (which give the original's semantics), the user's on top."""
+    alias = MODELS.get(b.model)
+    return {**(alias.kwargs if alias is not None else {}), **b.model_args}
 
-    ``random_init``: timm's random initialisation under this seed, for smoke tests without hub or checkpoint.
-    """
 
-    name: str
-    checkpoint: str | None = None
-    kwargs: dict = field(default_factory=dict)
-    pos_embed: str = "timm"
-    random_init: int | None = None
+def hub_name(name: str) -> str:
+    """``arch.tag`` with timm's default tag filled in (the hub weights a name without a tag loads)."""
+    from timm.models import get_pretrained_cfg
 
-    def __post_init__(self) -> None:
-        if self.checkpoint is not None and self.random_init is not None:
-            raise ModelError("give either a checkpoint or --random-init, not both")
-        if self.pos_embed not in POS_EMBED:
-            raise ModelError(f"unknown --pos-embed {self.pos_embed!r}; known: {', '.join(POS_EMBED)}")
-        alias = MODELS.get(self.name)
-        if alias is not None:
-            object.__setattr__(self, "kwargs", {**alias.kwargs, **self.kwargs})
+    full = resolve_name(name)
+    if "." in full:
+        return full
+    cfg = get_pretrained_cfg(full)
+    return f"{full}.{cfg.tag}" if cfg is not None and cfg.tag else full
 
-    @property
-    def timm_name(self) -> str:
-        return resolve_name(self.name)
+
+def layout_without_weights(b: Backbone, img_size: int, registers: int = 0) -> "TokenLayout":
+    """The token layout a backbone will have (``registers``: test-time ones), from an empty model on the meta
+    device: no weights are read or allocated, so a pipeline plans any model in milliseconds."""
+    import timm
+
+    from .tokens import layout_of
+
+    with torch.device("meta"):
+        model = _create(b, pretrained=False, img_size=img_size)
+    if registers:
+        model.test_time_registers = registers
+    return layout_of(model)
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:
@@ -325,36 +285,43 @@ def _dinov2_filter(model: torch.nn.Module) -> Callable[[dict, torch.nn.Module], 
     return f
 
 
-def load_model(spec: ModelSpec, img_size: int) -> torch.nn.Module:
-    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``spec.checkpoint``, or seeded random ones.
+def _create(b: Backbone, **kw: Any) -> torch.nn.Module:
+    """``timm.create_model`` of the backbone, headless; model arguments timm cannot take are named."""
+    import timm
 
-    ``spec.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
-    (`POS_EMBED`); it needs a learned absolute table and a fixed input size.
+    name, kwargs = resolve_name(b.model), model_args(b)
+    try:
+        return timm.create_model(name, num_classes=0, **kw, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        if not b.model_args:
+            raise
+        raise ModelError(f"{name} cannot be built with the model arguments {kwargs} ({type(e).__name__}: {e})") from None
+
+
+def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
+    """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``b.checkpoint``, or seeded random ones.
+
+    ``b.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
+    (`regcache.settings.choices.POS_EMBED`); it needs a learned absolute table and a fixed input size.
     """
     import timm
 
-    hub = spec.checkpoint is None and spec.random_init is None
-    dinov2 = spec.pos_embed == "dinov2"
+    hub = b.checkpoint is None and b.random_init is None
+    dinov2 = b.pos_embed == "dinov2"
+    name = resolve_name(b.model)
     with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's generator
-        if spec.random_init is not None:
-            torch.manual_seed(spec.random_init)
-        try:
-            model = timm.create_model(spec.timm_name, pretrained=hub and not dinov2, num_classes=0,
-                                      img_size=img_size, **spec.kwargs)
-        except (TypeError, ValueError, AssertionError) as e:  # a model argument timm cannot take
-            if not spec.kwargs:
-                raise
-            raise ModelError(f"{spec.timm_name} cannot be built with the model arguments "
-                             f"{spec.kwargs} ({type(e).__name__}: {e})") from None
+        if b.random_init is not None:
+            torch.manual_seed(b.random_init)
+        model = _create(b, pretrained=hub and not dinov2, img_size=img_size)
     if not hasattr(model, "forward_intermediates") or not hasattr(model, "num_prefix_tokens"):
-        raise ModelError(f"{spec.timm_name} is not a timm VisionTransformer (no forward_intermediates)")
+        raise ModelError(f"{name} is not a timm VisionTransformer (no forward_intermediates)")
     if dinov2 and (getattr(model, "pos_embed", None) is None or getattr(model, "dynamic_img_size", False)):
         raise ModelError(f"--pos-embed dinov2 needs a learned position table at a fixed input size; "
-                         f"{spec.timm_name} has {'none' if getattr(model, 'pos_embed', None) is None else 'a dynamic one'}")
+                         f"{name} has {'none' if getattr(model, 'pos_embed', None) is None else 'a dynamic one'}")
     if dinov2 and hub:
         from timm.models import load_pretrained
 
         load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
-    elif spec.checkpoint is not None:
-        load_checkpoint(model, spec.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
+    elif b.checkpoint is not None:
+        load_checkpoint(model, b.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
     return model.eval().requires_grad_(False)

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 
+from .settings.choices import PATCH_MODES
+
 if TYPE_CHECKING:  # torch is imported where used, so that the CLI's --help stays fast
+    from .settings import RegistersFindSettings
     import torch
 
-#: what happens to the register neurons' activations at the patch tokens
-PATCH_MODES: dict[str, str] = {
-    "zero": "set to zero (the paper's default: the outliers leave the patches)",
-    "keep": "left as they are (the registers get the maximum, the patches keep theirs)",
-}
 DEFAULT_PERCENTILE = 99.0
 #: below this 99th-percentile-over-median ratio of patch norms at every block, `registers find` says that
 #: the model shows no clear high-norm tokens (artifacts in >1% of the patches put p99 at several times the median)
@@ -42,7 +40,7 @@ class RegisterNeurons:
     """The neuron file: which hidden neurons of which blocks, found on which weights, and how."""
 
     model: str                       # timm name
-    weights: str                     # state_dict_digest of the weights they were found on
+    weights: dict                    # the weights they were found on (`regcache.identity.weights`)
     neurons: dict[int, list[int]]    # block index (from 0) -> hidden-neuron ids
     settings: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
@@ -60,7 +58,10 @@ class RegisterNeurons:
             raw = path.read_bytes()
             d = json.loads(raw)
             neurons = {int(k): [int(n) for n in v] for k, v in d["neurons"].items()}
-            out = cls(model=str(d["model"]), weights=str(d["weights"]), neurons=neurons,
+            if not isinstance(d["weights"], dict):
+                raise ValueError("written by an older regcache (weights by a state-dict digest): run "
+                                 "'regcache registers find' again")
+            out = cls(model=str(d["model"]), weights=dict(d["weights"]), neurons=neurons,
                       settings=dict(d.get("settings", {})), summary=dict(d.get("summary", {})))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise RegisterError(f"{path} is not a register-neuron file from 'regcache registers find' ({e})") from None
@@ -68,36 +69,20 @@ class RegisterNeurons:
             raise RegisterError(f"{path} lists no neurons")
         return out, hashlib.sha256(raw).hexdigest()
 
-    def check(self, model: torch.nn.Module, timm_name: str, digest: str, where: str) -> None:
+    def check(self, model: torch.nn.Module, weights: dict, where: str) -> None:
         """Refuse other weights or blocks/neurons the model does not have: the ids mean nothing there."""
-        if self.model != timm_name or self.weights != digest:
-            raise RegisterError(f"{where} was found on {self.model} with weights {self.weights[:12]}…; this model "
-                                f"is {timm_name} with weights {digest[:12]}… (run 'regcache registers find' on it; "
-                                "the digest covers the position table as resampled to the input size, so find at "
-                                "the --size you extract at)")
+        if self.weights != weights:
+            diff = ", ".join(k for k in sorted(set(weights) | set(self.weights))
+                             if weights.get(k) != self.weights.get(k))
+            raise RegisterError(f"{where} was found on other weights than this model's (they differ in {diff}): run "
+                                "'regcache registers find' on this model; the crop size is part of it, since the "
+                                "position table is resampled to it, so find at the --size you extract at")
         for block, ids in self.neurons.items():
             _act(model, block, where)
             hidden = _hidden_size(model, block)
             bad = [n for n in ids if not 0 <= n < hidden]
             if bad:
                 raise RegisterError(f"{where}: block {block} has {hidden} hidden neurons, not {bad[:5]}")
-
-
-def split_spec(spec: str) -> tuple[str, int]:
-    """``FILE[:K]`` -> (FILE, K), K registers, 1 when not given; nothing is checked (pipelines plan with it)."""
-    head, sep, tail = spec.rpartition(":")
-    return (head, int(tail)) if sep and tail.isdigit() else (spec, 1)
-
-
-def parse_spec(spec: str) -> tuple[Path, int]:
-    """``FILE[:K]`` -> (FILE, K), the file there and K at least 1."""
-    file, k = split_spec(spec)
-    path = Path(file)
-    if k < 1:
-        raise RegisterError(f"--test-time-registers {spec!r}: K must be at least 1")
-    if not path.is_file():
-        raise RegisterError(f"--test-time-registers {spec!r}: no file {path}")
-    return path, k
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -130,19 +115,14 @@ def _hidden_size(model: torch.nn.Module, block: int) -> int:
     return int(model.blocks[block].mlp.fc1.out_features)
 
 
-def attach(model: "torch.nn.Module", timm_name: str, spec: str, patches: str = "zero",
-           digest: str | None = None) -> dict:
-    """Install the registers of ``spec`` (``FILE[:K]``) after checking the file against the model's weights
-    (``digest``: their `state_dict_digest`, if already known); returns what identifies them (the file's
-    digest, K, the patch mode) and what they are."""
-    from .models import state_dict_digest
-
-    path, k = parse_spec(spec)
-    neurons, file_digest = RegisterNeurons.load(path)
-    neurons.check(model, timm_name, digest or state_dict_digest(model), str(path))
-    install(model, neurons.neurons, k, patches)
-    return {"file": str(path), "digest": file_digest, "registers": k, "patches": patches,
-            "neurons": {str(b): ids for b, ids in sorted(neurons.neurons.items())}}
+def attach(model: "torch.nn.Module", registers: dict, weights: dict) -> dict:
+    """Install the test-time registers ``registers`` (`identity.Plan.registers`: the neuron file and K) after
+    checking the file against the model's ``weights`` (`identity.weights`); returns them with their neurons."""
+    path = Path(registers["file"])
+    neurons, _ = RegisterNeurons.load(path)
+    neurons.check(model, weights, str(path))
+    install(model, neurons.neurons, registers["k"], registers["patches"])
+    return {**registers, "neurons": {str(b): ids for b, ids in sorted(neurons.neurons.items())}}
 
 
 class Installed:
@@ -317,3 +297,26 @@ def dataset_batches(data: str, preprocess, limit: int, batch_size: int) -> Itera
                 return
     if batch:
         yield preprocess.normalize(torch.stack(batch))
+
+
+def find(s: "RegistersFindSettings") -> Found:
+    """`regcache registers find`: the register neurons of ``s.model`` on the first ``s.images`` images, written
+    with the weights they were found on (`identity.weights_of`) and these settings to ``s.out``."""
+    from .identity import weights_of
+    from .models import load_model, preprocess_of, resolve_name
+    from .settings import default_cache_root
+
+    pre = preprocess_of(s)
+    net = load_model(s, pre.size)
+    found = find_neurons(net, dataset_batches(s.data, pre, s.images, s.batch_size), detect_layer=s.detect_layer,
+                         max_layer=s.max_layer, top_k=s.top_k, threshold=s.threshold, percentile=s.percentile)
+    settings = {"data": s.data, "images": found.images, "size": pre.size, "detect_layer": found.detect_layer,
+                "threshold": found.threshold, "percentile": found.percentile,
+                "max_layer": s.max_layer if s.max_layer is not None else found.detect_layer, "top_k": s.top_k,
+                "outlier_rule": "threshold" if s.threshold is not None else "percentile"}
+    summary = {"outliers": found.outliers, "patch_tokens": found.tokens,
+               "scores": [[b, n, round(x, 4)] for b, n, x in found.scores],
+               "block_norms": {str(b): {k: round(v, 3) for k, v in st.items()} for b, st in found.block_norms.items()}}
+    weights = weights_of(s, pre.size, default_cache_root() / ".digests")
+    RegisterNeurons(resolve_name(s.model), weights, found.neurons, settings, summary).save(s.out)
+    return found

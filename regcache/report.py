@@ -1,21 +1,18 @@
 """Run directories: results (Parquet, Markdown in the layout of the paper's Table I), heads, config, plots."""
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
-import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__, ood
-from .probe import save_heads
-from .store import FeatureSet
+from . import __version__
+from .probe.head import save_heads
+from .store.meta import Record
 
 #: column labels; the two FPR95 conventions (DESIGN §5) never share one
 METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑",
@@ -80,112 +77,114 @@ def _protocol_notes(res: pd.DataFrame) -> list[str]:
     return [n if len(m) == models else f"{'; '.join(m)}: {n}" for n, m in by_note.items() if n]
 
 
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table's lines."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def frame_markdown(df: pd.DataFrame) -> str:
+    """A DataFrame (its index levels, then its columns) as a Markdown table."""
+    flat = df.reset_index()
+    return "\n".join(md_table([str(c) for c in flat.columns],
+                               [["" if pd.isna(v) else f"{v:g}" if isinstance(v, float) else str(v) for v in row]
+                                for row in flat.itertuples(index=False)]))
+
+
+def _columns(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(set, role, label) in order; a name used under two roles (an eval set named like the ID set) is labelled
+    with its role, so that the two are never one column."""
+    pairs = list(dict.fromkeys(zip(frame.set, frame.role)))
+    twice = {s for s, _ in pairs if sum(1 for t, _ in pairs if t == s) > 1}
+    tag = {"id": "ID", "ood-gen": "OOD", "anomaly": "anomaly"}
+    return [(s, r, f"{s} ({tag.get(r, r)})" if s in twice or r == "id" else s) for s, r in pairs]
+
+
 def markdown(results: pd.DataFrame) -> str:
-    """One table per scorer: rows model x features; ID and OOD top-1, FPR95 per anomaly set, then the means
-    over all anomaly sets (FPR95 both ways, AUROC) and over each group of them (near-/far-OOD: FPR95, AUROC).
+    """Two tables, as OpenOOD reports: top-1 accuracy (rows model x features; the ID set, then the OOD
+    generalisation sets), and OOD detection (rows model x features x scorer; per anomaly set and for the
+    means over all of them and over each group, FPR95 / AUROC).
 
     A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why.
     """
     res = results[results.role != "selection"].copy()
     if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart
         res["model"] = res.model + " (" + _run_labels(res.run) + ")"
-    acc = res[res.metric == "top1"]
-    ano = res[res.role == "anomaly"]
-    scorers = list(dict.fromkeys(ano.scorer)) or [""]
-    acc_sets = list(dict.fromkeys(acc.set))
-    ano_sets = [s for s in dict.fromkeys(ano.set) if not s.startswith("mean")]
-    means = [("mean", m) for m in ("fpr95", "fpr95_openood", "auroc")] + \
-        [(s, m) for s in dict.fromkeys(ano.set) if s.startswith("mean ") for m in ("fpr95", "auroc")]
-    n_of = {r.set: r.n for r in res.itertuples()}
+    acc, ano = res[res.metric == "top1"], res[res.role == "anomaly"]
     seeds = ",".join(str(s) for s in sorted(set(res.seed)))
-    out = []
-    for scorer in scorers:
-        head = ["model", "features"] + [f"{s} top-1" for s in acc_sets]
-        if scorer:
-            head += [f"{s} {METRIC_LABELS['fpr95']}" for s in ano_sets]
-            head += [f"{s} {METRIC_LABELS[m]}" for s, m in means]
-        lines = [f"### {'accuracy' if not scorer else 'anomaly scorer: ' + scorer} (%, seed {seeds})", "",
-                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for (model, feats), g in res.groupby(["model", "features"], sort=False):
-            get = lambda s, m, sc="", g=g: g[(g.set == s) & (g.metric == m) & (g.scorer == sc)].value  # noqa: E731
-            cells = [model, f"[{feats.replace(',', ';')}]"] + [_pct(get(s, "top1").mean()) for s in acc_sets]
-            if scorer:
-                cells += [_pct(get(s, "fpr95", scorer).mean()) for s in ano_sets]
-                cells += [_pct(get(s, m, scorer).mean()) for s, m in means]
-            lines.append("| " + " | ".join(cells) + " |")
-        out.append("\n".join(lines))
-    counts = ", ".join(f"{s}: n={n_of[s]}" for s in [*acc_sets, *ano_sets])
-    out.append(f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID, fraction of OOD accepted "
-               "(Hendrycks & Gimpel; Liu et al.). FPR95-OpenOOD: OOD positive, threshold catching 95% of OOD, "
-               "fraction of ID flagged (OpenOOD v1.5, pytorch-ood); not comparable with FPR95. Means are unweighted "
-               "over sets; near-ood/far-ood group the sets by their manifest's split. Full numbers (AUPR, scorer "
-               "hyperparameters) in results.parquet.")
+
+    def cell(g: pd.DataFrame, s: str, r: str, m: str, sc: str = "") -> str:
+        return _pct(g[(g.set == s) & (g.role == r) & (g.metric == m) & (g.scorer == sc)].value.mean())
+
+    acc_cols = _columns(acc)
+    out = [f"### Accuracy (top-1, %, seed {seeds})", "",
+           *md_table(["model", "features", *(label for *_, label in acc_cols)],
+                  [[model, f"[{feats.replace(',', ';')}]", *(cell(g, s, r, "top1") for s, r, _ in acc_cols)]
+                   for (model, feats), g in acc.groupby(["model", "features"], sort=False)])]
+    ano_sets = [s for s in dict.fromkeys(ano.set) if not s.startswith("mean")]
+    if ano_sets:
+        means = [s for s in dict.fromkeys(ano.set) if s.startswith("mean")]
+        rows = [[model, f"[{feats.replace(',', ';')}]", scorer,
+                 *(f"{cell(g, s, 'anomaly', 'fpr95', scorer)} / {cell(g, s, 'anomaly', 'auroc', scorer)}"
+                   for s in [*ano_sets, *means])]
+                for (model, feats, scorer), g in ano.groupby(["model", "features", "scorer"], sort=False)]
+        out += ["", f"### OOD detection ({METRIC_LABELS['fpr95']} / {METRIC_LABELS['auroc']}, %, seed {seeds})", "",
+                *md_table(["model", "features", "scorer", *ano_sets, *means], rows)]
+    n_of = {(r.set, r.role): r.n for r in res.itertuples()}
+    counts = ", ".join(f"{label}: n={n_of[(s, r)]}" for s, r, label in _columns(res[~res.set.str.startswith("mean")]))
+    out = ["\n".join(out), f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID, fraction of "
+           "OOD accepted (Hendrycks & Gimpel; Liu et al.). Means are unweighted over sets; near-ood/far-ood group the "
+           "sets by their manifest's split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and "
+           "the scorers' hyperparameters are in results.parquet."]
     out += [*_protocol_notes(res), *filter(None, [_merge_note(res)])]
     return "\n\n".join(out) + "\n"
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
+class SetUse(Record):
+    """One set a run read: its role, the name it was read under, and what it held."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    return path
+    role: str          # train, val, test, eval or anomaly
+    name: str
+    path: str
+    fingerprint: str   # its settings and dataset
+    content: str       # the shard bytes its rows were read from (`FeatureSet.content_id`)
 
 
-def plot_scores(out: Path, scores: dict) -> list[Path]:
-    """Per anomaly set and feature combination: ROC curves and score histograms of every scorer."""
-    plt = pyplot()
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    by_pair: dict[tuple[str, str], dict] = {}
-    for (feats, name, scorer), pair in scores.items():
-        by_pair.setdefault((feats, name), {})[scorer] = pair
-    for (feats, name), per in by_pair.items():
-        stem = f"{name}__{feats.replace(',', '+')}"
-        fig, ax = plt.subplots(figsize=(4.5, 4.5))
-        for scorer, (a, b) in per.items():
-            fpr, tpr = ood.roc_points(a, b)
-            ax.plot(fpr, tpr, label=f"{scorer} (AUROC {100 * ood.auroc(a, b):.1f})")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
-        ax.axhline(0.95, color="grey", lw=0.5)
-        ax.set(xlabel="FPR (anomaly accepted)", ylabel="TPR (ID kept)", title=f"[{feats}] vs {name}")
-        ax.legend(fontsize=7)
-        written.append(save_figure(fig, out / f"roc__{stem}.png"))
-        fig, axes = plt.subplots(1, len(per), figsize=(3.2 * len(per), 3), squeeze=False)
-        for ax, (scorer, (a, b)) in zip(axes[0], per.items()):
-            bins = np.histogram_bin_edges(np.r_[a, b], bins=40)
-            ax.hist(a, bins, alpha=0.6, density=True, label="ID")
-            ax.hist(b, bins, alpha=0.6, density=True, label=name)
-            ax.set(title=scorer, xlabel="score (higher = ID)")
-        axes[0][0].legend(fontsize=7)
-        written.append(save_figure(fig, out / f"hist__{stem}.png"))
-    return written
+class RunRecord(Record):
+    """config.json of a run: the settings it ran with, the sets it read, how the heads were chosen."""
+
+    settings: dict[str, Any]   # `ProbeSettings`, as JSON
+    sets: list[SetUse]
+    protocol: dict[str, Any]
+    regcache: str
+    torch: str
+    created: str
+    command: list[str]
 
 
-def write_run(out: Path, result, job, cfg, plots: bool = True) -> None:
-    """Everything a run leaves: results.parquet, results.md, heads.safetensors, config.json, plots/."""
+def run_record(result, s) -> RunRecord:
+    uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path), fingerprint=n.fs.fingerprint,
+                   content=n.fs.content_id()) for label, n in result.sets.items()]
+    return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, regcache=__version__,
+                     torch=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     command=sys.argv)
+
+
+def write_scores(out: Path, result, plots: bool = True) -> None:
+    """A run's numbers: results.parquet (long), results.md (the tables), plots/ (ROC curves, histograms)."""
+    from .plots import plot_scores
+
     out.mkdir(parents=True, exist_ok=True)
     result.results.to_parquet(out / "results.parquet", index=False)
     (out / "results.md").write_text(markdown(result.results))
-    config = {"job": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(job).items()},
-              "probe": asdict(cfg), "protocol": result.protocol, "sets": result.sets,
-              "fingerprints": {k: FeatureSet(p).fingerprint for k, p in result.sets.items()},
-              "contents": {k: FeatureSet(p).content_id() for k, p in result.sets.items()},
-              "regcache": __version__, "torch": torch.__version__,
-              "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_heads(out / "heads.safetensors", result.heads, {"model": job.model, "train": result.sets["train"]})
     if plots and result.scores:
         plot_scores(out / "plots", result.scores)
+
+
+def write_run(out: Path, result, s) -> None:
+    """Everything a probe run leaves: its numbers (`write_scores`), heads.safetensors and config.json."""
+    write_scores(out, result, plots=s.plots)
+    (out / "config.json").write_bytes(run_record(result, s).to_json())
+    save_heads(out / "heads.safetensors", result.heads, {"model": s.model, "train": str(result.sets.train.fs.path)})
 
 
 def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
@@ -208,10 +207,6 @@ def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
 
 
 def _set_contents(run: Path) -> dict[str, str]:
-    """Set name -> the content id of the shards it was read from, as the run recorded it (none for old runs)."""
+    """Set name -> the content id of the shards it was read from, as the run recorded it."""
     f = run / "config.json"
-    if not f.is_file():
-        return {}
-    config = json.loads(f.read_text())
-    roles = {r: config["job"].get(r) for r in ("train", "val", "test")}
-    return {roles.get(k) or k: v for k, v in config.get("contents", {}).items()}
+    return {u.name: u.content for u in RunRecord.read(f, "run record").sets} if f.is_file() else {}

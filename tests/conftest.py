@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from regcache.features import TokenLayout
+from regcache.settings import ExtractSettings
 from regcache.shards import write_shards
 from regcache.store import FeatureSet
-from regcache.extract import ExtractConfig
-from regcache.features import TokenLayout
-from regcache.models import Preprocess
 
 REG = "vit_small_patch14_reg4_dinov2"
 NOREG = "vit_small_patch14_dinov2"
@@ -81,11 +80,10 @@ def make_shards(root: Path, n_shards: int = 3, per_shard: int = 5, seed: int = 0
     return str(root / f"part-{{000..{n_shards - 1:03d}}}.tar")
 
 
-def config(model: str, ckpt: Path, data: str, cache: Path, **kw) -> ExtractConfig:
-    kw.setdefault("workers", 0)
-    kw.setdefault("batch_size", 4)
-    return ExtractConfig(model=model, checkpoint=str(ckpt), data=data, cache=cache, progress=False,
-                         preprocess=kw.pop("preprocess", Preprocess(size=SIZE, resize=RESIZE)), **kw)
+def config(model: str, ckpt: Path, data: str, cache: Path, **kw) -> ExtractSettings:
+    """The settings of a test extraction: a tiny model at 56 px, no decode workers, quiet."""
+    return ExtractSettings.make({"model": model, "checkpoint": str(ckpt), "data": data, "cache": cache, "quiet": True,
+                                 "size": SIZE, "resize": RESIZE, "workers": 0, "batch_size": 4, **kw})
 
 
 def cli_args(ckpt: Path, data: str, cache: Path, *extra: str) -> list[str]:
@@ -104,17 +102,29 @@ def cli_env() -> dict:
 PROBE_LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=4)
 
 
-def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1):
+def record(features, layout: TokenLayout, dtype: str, unit_rows: int, num_units: int, name: str = "d",
+           model: str = "m", **dataset) -> dict:
+    """The non-identity fields of a feature set's record (`SetRecord`), as extraction writes them."""
+    shards = [f"{name}-{u}.tar" for u in range(num_units)]
+    return {"features": list(features), "layout": layout, "dtype": dtype, "unit_rows": unit_rows,
+            "num_units": num_units, "model": {"name": model, "timm_name": f"timm_{model}"},
+            "dataset": {"name": name, "labels": "cls", "image": ["png"], "shards": shards, "urls": shards,
+                        "sizes": [None] * num_units, "content": name, "source": name, **dataset},
+            "provenance": {"created": "now", "regcache": "test", "timm": "", "torch": "", "zarr": "", "python": "",
+                           "host": "", "command": [], "settings": {}}}
+
+
+def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1,
+             split=None):
     """A cached feature set as extraction would write it, from arrays (no backbone), in ``units`` shards."""
-    ident = {"model": f"timm_{model}", "model_kwargs": {}, "weights": weights, "preprocess": {"size": 4},
-             "precision": "fp32", "dtype": "float32", "features": sorted(x), "dataset": name}
+    ident = {"model": f"timm_{model}", "model_args": {}, "checkpoint": weights, "random_init": None,
+             "pos_embed": "timm", "size": 4, "resize": 4, "crop_mode": "center", "interpolation": "bicubic",
+             "mean": [0, 0, 0], "std": [1, 1, 1], "test_time_registers": None, "test_time_patches": None,
+             "precision": "fp32", "dtype": "float32", "features": sorted(x), "data": name, "views": 1, "seed": None}
     n = len(labels)
     per = -(-n // units) if n else 1
-    meta = {"features": list(x), "layout": PROBE_LAYOUT.to_dict(),
-            "dtype": "float32", "unit_rows": per, "num_units": units,
-            "model": {"name": model, "timm_name": f"timm_{model}"},
-            "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(units)], "classes": classes,
-                        "subset": subset, "role": role}}
+    meta = record(x, PROBE_LAYOUT, "float32", per, units, name, model, classes=classes, subset=subset, role=role,
+                  split=split, labels="cls" if role != "anomaly" else "none")
     fs = FeatureSet.create(root / name, ident, meta)
     for u in range(units):
         sl = slice(u * per, min(n, (u + 1) * per))
@@ -152,7 +162,7 @@ def relabel(root, src: str, name: str, classes=None, subset=None, labels=None, *
     """A copy of cached set ``src`` whose labels index ``classes`` (or ``subset`` when unnamed), by class name."""
     fs = FeatureSet(root / src)
     got = fs.load(concat=False)
-    old = fs.meta["dataset"]["classes"]
+    old = fs.meta.dataset.classes
     if labels is None:
         own = classes if classes is not None else subset
         labels = np.array([own.index(old[y]) for y in got.labels])

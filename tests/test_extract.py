@@ -12,7 +12,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-import regcache.extract as extract_mod
+import regcache.extract.run as extract_mod
 from regcache.cli import main
 from regcache.data import DataError
 from regcache.extract import extract
@@ -75,10 +75,16 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
     runner = CliRunner()
     args = ["extract", "-m", REG, "--checkpoint", str(reg_ckpt), "-d", str(manifest), "--cache", str(tmp_path / "c"),
             "--size", "56", "--resize", "64", "-j", "0", "-q"]
+    monkeypatch.setattr("regcache.extract.run.load_model", lambda *a: pytest.fail("loaded the model"))
+    r = runner.invoke(main, args)  # a missing shard is named before anything is loaded or written
+    assert r.exit_code == 1 and "1 of 3 shards do not exist" in r.output and "s-002.tar" in r.output, r.output
+    assert not (tmp_path / "c").exists()
+    monkeypatch.undo()
+    (d / "s-002.tar").write_bytes(b"not a tar at all" * 100)
     r = runner.invoke(main, args)
     assert r.exit_code == 1, r.output
     assert "failed shard s-001.tar" in r.output and "failed shard s-002.tar: ShardError" in r.output
-    assert "no such file" in r.output and ("unexpected end" in r.output or "ReadError" in r.output)
+    assert "not a tar file" in r.output and ("unexpected end" in r.output or "ReadError" in r.output)
     fs = FeatureSet(next((tmp_path / "c").glob("bad/*")))
     assert not fs.complete and set(fs.failed_units()) == {1, 2}
     errors = dict(zip(fs.errors.key, fs.errors.reason))
@@ -91,13 +97,17 @@ def test_bad_samples_and_bad_shards_are_reported_and_nothing_is_lost(reg_ckpt, t
     assert list(fs.index.key) == ["img00000", "img00001"]
     assert len(fs.index) + len(fs.errors) == 9  # ok + failed = total of the committed shard
 
-    # repair the shards: the rerun redoes only the two failed units and completes the store
+    # repair the shards: other bytes, so another set (its identity is the shards' bytes); it takes the unit of the
+    # unchanged shard from the first set, and runs the backbone on the two repaired ones only
     (d / "s-001.tar").write_bytes(full)
     write_raw(d / "s-002.tar", good[:1])
     r = runner.invoke(main, args)
     assert r.exit_code == 0, r.output
-    assert "2 shards written, 1 skipped" in r.output
-    fs = FeatureSet(fs.path)
+    assert "2 shards written, 0 skipped, 1 taken from an earlier set" in r.output
+    first = fs
+    fs = FeatureSet(next(p for p in (tmp_path / "c").glob("bad/*") if p != first.path))
+    for name in fs.features:  # the adopted unit is bit-identical to the one the first set committed
+        np.testing.assert_array_equal(fs.read_rows(name, np.arange(2)), first.read_rows(name, np.arange(2)))
     assert fs.complete and fs.failed_units() == {}
     # s-002 repeats s-000's img00000: exactly once across the set, the later copy is an error
     assert list(fs.index.key) == ["img00000", "img00001", "img00002", "img00003"]
@@ -193,7 +203,7 @@ def test_dataloader_workers_split_shards_without_loss_or_duplicates(reg_ckpt, tm
 def test_cli_ls_lists_feature_sets(reg_ckpt, tmp_path):
     data = make_shards(tmp_path / "shards", n_shards=1, per_shard=2)
     res = extract(config(REG, reg_ckpt, data, tmp_path / "c", name="tiny-val"))
-    assert res.path.parent.name == "tiny-val" and FeatureSet(res.path).meta["dataset"]["name"] == "tiny-val"
+    assert res.path.parent.name == "tiny-val" and FeatureSet(res.path).meta.dataset.name == "tiny-val"
     r = CliRunner().invoke(main, ["ls", "--cache", str(tmp_path / "c")])
     assert r.exit_code == 0 and REG in r.output and "cls,patch,reg,norms" in r.output and "1/1" in r.output
     r = CliRunner().invoke(main, ["ls", "--cache", str(tmp_path / "c"), "--json"])
@@ -213,8 +223,7 @@ def test_augmented_views_are_rows_of_their_own_and_view_0_is_the_plain_crop(reg_
 
     data = make_shards(tmp_path / "shards", n_shards=2, per_shard=3)
     plain = extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32"))
-    views = extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32",
-                           preprocess=Preprocess(size=56, resize=64, views=3, seed=1)))
+    views = extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32", views=3, seed=1))
     assert views.path != plain.path and views.ok == 3 * plain.ok
     idx = FeatureSet(views.path).index
     assert list(idx.view[:6]) == [0, 1, 2, 0, 1, 2] and list(idx.key[:3]) == ["img00000"] * 3

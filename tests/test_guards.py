@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from regcache.probe import ProbeConfig, ProbeError
+from regcache.probe import ProbeError
+from regcache.settings import ProbeSettings, SettingsError
 
 
 @pytest.mark.parametrize("bad", [
-    {"iterations": 0}, {"iterations": -5}, {"lrs": ()}, {"lrs": (-1.0,)}, {"wds": (-1.0,)}, {"batch_size": 0},
+    {"iterations": 0}, {"iterations": -5}, {"lr": ()}, {"lr": (-1.0,)}, {"wd": (-1.0,)}, {"batch_size": 0},
     {"val_fraction": 0.99}, {"val_fraction": 0.0}, {"stream_window": 0}, {"momentum": 1.0},
 ])
 def test_settings_that_train_nothing_or_backwards_are_refused(bad):
-    with pytest.raises(ProbeError, match="invalid"):
-        ProbeConfig(features=["cls"], **bad)
-    ProbeConfig(features=["cls"])  # the defaults pass
+    (field,) = bad
+    with pytest.raises(SettingsError, match=rf"^probe\.{field}"):
+        ProbeSettings.make({"model": "m", "train": "t", "features": ["cls"], **bad}, where="probe")
+    ProbeSettings.make(model="m", train="t", features=["cls"])  # the defaults pass
 
 
 # --------------------------------------------------------------------------- sets that share images
@@ -47,7 +49,8 @@ def _probe(root, *args):
 @pytest.mark.parametrize("args, says", [
     (["--train", "train", "--test", "train"], "same shards as the train set"),
     (["--train", "train", "--val", "train"], "same shards as the train set"),  # ID numbers default to val
-    (["--train", "train", "--val", "val", "--test", "val-again", "--lr", "0.1,0.01"], "same shards as the val set"),
+    # the same shards under another name are one set (its rows carry both names): refused as the val set itself
+    (["--train", "train", "--val", "val", "--test", "val-again", "--lr", "0.1,0.01"], "must not also give the ID"),
     (["--train", "train", "--val", "val", "--refit"], "name one with --test"),
 ])
 def test_a_test_set_of_images_that_trained_or_selected_the_heads_is_refused(sets, args, says):
@@ -80,7 +83,7 @@ def test_score_and_report_refuse_a_set_extracted_again_from_other_images(sets, r
     shutil.rmtree(first.path)  # the shards regenerated with other images, and the set extracted again
     make_shards(tmp_path / "v", n_shards=1, per_shard=6, seed=9)
     again = extract(config(REG, reg_ckpt, v, root / "cache", name="v"))
-    assert again.path == first.path and again.fingerprint == first.fingerprint
+    assert again.fingerprint != first.fingerprint  # the identity is the shards' bytes, not their names
     r = CliRunner().invoke(main, ["score", str(run), "--cache", str(root / "cache")])
     assert r.exit_code == 1 and "extracted again" in r.output, r.output
     assert _probe(root, "--train", "train", "--test", "v", "--seed", "1").exit_code == 0
@@ -106,15 +109,16 @@ def test_a_class_named_twice_is_refused_in_the_manifest_and_in_the_probe(tmp_pat
 
     class Stored:  # a store written before the manifest check: the probe refuses it too
         path = tmp_path
-        meta = {"dataset": {"classes": ["cat", "dog", "cat"]}}
 
     import numpy as np
 
     from regcache.probe import Split
+    from regcache.sets import Named
+    from regcache.store import Description
 
     with pytest.raises(ProbeError, match="more than once"):
-        map_labels(Split("dup", {}, np.array([0, 1]), np.array(["a", "b"]), np.zeros(2, int)), Stored(),
-                   ["cat", "dog"], 2)
+        map_labels(Split("dup", {}, np.array([0, 1]), np.array(["a", "b"]), np.zeros(2, int)),
+                   Named(Stored(), Description(name="dup", classes=["cat", "dog", "cat"])), ["cat", "dog"], 2)
 
 
 def test_from_folder_refuses_two_files_that_would_be_one_sample(tmp_path):
@@ -133,7 +137,7 @@ def test_from_folder_refuses_two_files_that_would_be_one_sample(tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["-b", "0"], "--batch-size"), (["--size", "0"], "--size"), (["--num-parts", "0"], "--num-parts"),
-    (["--std", "0,0,0"], "std must be positive"), (["--model-arg", "depth=x"], "cannot be built with the model"),
+    (["--std", "0,0,0"], "--std[0]: Input should be greater than 0"), (["--model-arg", "depth=x"], "cannot be built with the model"),
 ])
 def test_extract_refuses_bad_settings_by_name_without_a_traceback(tmp_path, reg_ckpt, args, says):
     from click.testing import CliRunner
@@ -148,7 +152,7 @@ def test_extract_refuses_bad_settings_by_name_without_a_traceback(tmp_path, reg_
 
 
 def test_two_probes_in_the_same_second_get_their_own_run_directories(tmp_path, monkeypatch):
-    from regcache.cli.common import new_dir
+    from regcache.rundir import new_dir
 
     monkeypatch.chdir(tmp_path)
     first, second = new_dir(tmp_path / "runs" / "m-1"), new_dir(tmp_path / "runs" / "m-1")
@@ -173,12 +177,13 @@ def test_sets_with_and_without_test_time_registers_never_mix():
 
     class Stored:
         def __init__(self, path, **extra):
-            self.path, self.meta = path, {"identity": {"model": "m", "weights": "w", "preprocess": {}, **extra}}
+            self.path, self.identity = path, {"model": "m", "checkpoint": "w", "size": 4, **extra}
 
-    check_compatible({"train": Stored("a"), "dtd": Stored("b", pos_embed="timm")})  # the default, recorded or not
+    check_compatible([("train", Stored("a", views=4)), ("dtd", Stored("b", features=["cls"]))])  # rows may differ
     with pytest.raises(ProbeError, match="test_time_registers"):
-        check_compatible({"train": Stored("a", test_time_registers={"digest": "d", "registers": 1}),
-                          "dtd": Stored("b")})
+        check_compatible([("train", Stored("a", test_time_registers={"digest": "d", "k": 1})), ("dtd", Stored("b"))])
+    with pytest.raises(ProbeError, match="pos_embed"):
+        check_compatible([("train", Stored("a", pos_embed="dinov2")), ("dtd", Stored("b", pos_embed="timm"))])
 
 
 def test_remote_shards_count_as_the_same_images_by_url(tmp_path):
@@ -186,13 +191,14 @@ def test_remote_shards_count_as_the_same_images_by_url(tmp_path):
     import numpy as np
 
     from conftest import make_set
-    from regcache.probe.run import _check_apart
+    from regcache.probe.run import RunSets, check_apart
+    from regcache.sets import Named
 
     x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     a = make_set(tmp_path / "c1", "val", {"cls": x}, np.arange(8) % 2)
     b = make_set(tmp_path / "c2", "val", {"cls": x}, np.arange(8) % 2)
     with pytest.raises(ProbeError, match="same shards as the train set"):
-        _check_apart({"train": a, "test": b}, selected=False)
+        check_apart(RunSets(Named.of(a), test=Named.of(b)), selected=False)
 
 
 def test_test_time_registers_refuse_gated_mlps():

@@ -109,33 +109,36 @@ def test_damaged_shard_fails_the_extract_by_name_and_scan_writes_no_counts(reg_c
     assert "counts" not in manifest.read_text()
 
 
-def test_same_pattern_text_over_other_images_is_refused_not_reused(reg_ckpt, tmp_path, monkeypatch):
+def test_same_pattern_text_over_other_images_is_another_set_never_a_reuse(reg_ckpt, tmp_path, monkeypatch):
+    from regcache.sets import Cache
+
     for folder, seed in (("a", 0), ("b", 1)):
         make_shards(tmp_path / folder / "shards", n_shards=2, per_shard=3, seed=seed)
     cache = tmp_path / "c"
     monkeypatch.chdir(tmp_path / "a")
     first = extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="x"))
     assert first.complete and first.ok == 6
-    monkeypatch.chdir(tmp_path / "b")
-    with pytest.raises(StoreError, match="part-000.tar is not the file this cached set read") as e:
-        extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="x"))
-    assert str(first.path) in str(e.value)
-    # kept apart by name, the other images get their own set with their own features
-    other = extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="y"))
-    assert not other.reused and other.path != first.path
+    monkeypatch.chdir(tmp_path / "b")  # the same text, the same name, other bytes: a set of its own
+    other = extract(config(REG, reg_ckpt, "shards/part-{000..001}.tar", cache, name="x"))
+    assert not other.reused and other.path != first.path and other.fingerprint != first.fingerprint
     a, b = FeatureSet(first.path).load("cls"), FeatureSet(other.path).load("cls")
     assert not np.allclose(a.x, b.x)
+    with pytest.raises(StoreError, match="several feature sets of 'x'"):  # by name they are ambiguous: refused
+        Cache(cache).find("x", REG, ["cls"])
 
 
-def test_a_regenerated_shard_is_refused_and_a_repaired_one_is_resumed(reg_ckpt, tmp_path):
+def test_a_regenerated_shard_makes_another_set_and_only_it_runs_the_backbone(reg_ckpt, tmp_path):
     d = tmp_path / "shards"
     pattern = make_shards(d, n_shards=2, per_shard=3)
     cache = tmp_path / "c"
     first = extract(config(REG, reg_ckpt, pattern, cache))
     write_shards(random_images(3, seed=7), str(d / "part-%03d.tar"), 3)  # part-000 rewritten
-    with pytest.raises(StoreError, match="part-000.tar is not the file"):
-        extract(config(REG, reg_ckpt, pattern, cache))
+    second = extract(config(REG, reg_ckpt, pattern, cache))
+    assert second.path != first.path and (second.units_done, second.units_adopted) == (1, 1)
     assert FeatureSet(first.path).complete  # the old set is left as it was
+    old, new = FeatureSet(first.path), FeatureSet(second.path)
+    np.testing.assert_array_equal(old.read_rows("cls", np.array([3, 4, 5])), new.read_rows("cls", np.array([3, 4, 5])))
+    assert not np.allclose(old.read_rows("cls", np.arange(3)), new.read_rows("cls", np.arange(3)))
 
 
 def test_declared_counts_are_checked_when_a_set_is_reused(reg_ckpt, tmp_path):
@@ -232,7 +235,7 @@ def test_a_store_of_an_unknown_schema_is_refused(reg_ckpt, tmp_path):
     meta = json.loads((res.path / "regcache.json").read_text())
     meta["schema_version"] = 99
     (res.path / "regcache.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="schema 99; this regcache reads schema"):
+    with pytest.raises(StoreError, match="schema 99, written by an older regcache; this regcache reads schema"):
         FeatureSet(res.path)
 
 
@@ -309,12 +312,9 @@ def test_two_identical_commands_share_the_shards_and_equal_one_run(reg_ckpt, tmp
 def test_a_shard_that_outgrew_its_unit_names_the_command_that_fixes_it(reg_ckpt, tmp_path):
     d = tmp_path / "shards"
     pattern = make_shards(d, n_shards=2, per_shard=2)
-    (d / "part-001.tar").rename(tmp_path / "away.tar")  # missing when the store is created
-    first = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
-    assert "part-001.tar" in first.failed_shards
     write_shards(random_images(5, seed=3, prefix="late"), str(d / "part-001-%d.tar"), 5)
-    (d / "part-001-0.tar").rename(d / "part-001.tar")  # restored with more samples than a unit holds
-    res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    (d / "part-001-0.tar").rename(d / "part-001.tar")  # more samples than the units of 2 rows asked for hold
+    first = res = extract(config(REG, reg_ckpt, pattern, tmp_path / "c", unit_rows=2))
     reason = res.failed_shards["part-001.tar"]
     assert "gives 5 rows but a unit of this store holds 2" in reason and "--unit-rows 5" in reason
     assert str(first.path) in reason
@@ -368,5 +368,4 @@ def test_the_probe_suggests_the_extract_command_with_the_models_settings(reg_ckp
     flags = dict(zip(command[2::2], command[3::2]))
     stored = FeatureSet(res.path).meta
     assert flags["--checkpoint"] == str(reg_ckpt) and flags["--model"] == REG
-    assert (int(flags["--size"]), int(flags["--resize"])) == (stored["preprocess"]["size"],
-                                                              stored["preprocess"]["resize"])
+    assert (int(flags["--size"]), int(flags["--resize"])) == (stored.identity["size"], stored.identity["resize"])

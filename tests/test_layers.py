@@ -45,7 +45,7 @@ def test_block_features_equal_a_manual_block_loop(name, ckpt_fixture, request, t
     fs = FeatureSet(res.path)
     bases = ("cls", "patch", "norms") + (("reg",) if name == REG else ())
     assert set(fs.features) == set(bases) | {f"{b}@{k}" for b in bases for k in (-4, -3, -2)}
-    assert "DINOv2" in fs.meta["layout"]["blocks"] and fs.layout.depth == 12
+    assert "DINOv2" in fs.layout.to_dict()["blocks"] and fs.layout.depth == 12
     got = fs.load(concat=False)
     blocks, norm = block_loop(name, ckpt, stored_images(fs, config(name, ckpt, data, tmp_path).preprocess,
                                                              [str(tmp_path / "shards" / "part-000.tar")]))

@@ -277,9 +277,9 @@ def test_pos_embed_and_preprocessing_are_in_the_fingerprint(reg_ckpt, tmp_path):
         (path,) = [p for p in (tmp_path / "cache").glob("*/*") if p not in stores.values()]
         stores[mode] = path
         meta = json.loads((path / "regcache.json").read_text())
-        assert meta["identity"]["pos_embed"] == mode and meta["model"]["pos_embed"] == mode
+        assert meta["identity"]["pos_embed"] == mode
         # timm's pretrained_cfg for vit_small_patch14_reg4_dinov2: crop_pct 1.0, bicubic, ImageNet mean/std
-        pre = meta["preprocess"]
+        pre = meta["identity"]
         assert (pre["size"], pre["resize"], pre["crop_mode"]) == (56, 56, "center")
         assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)
     assert stores["timm"] != stores["dinov2"] and os.path.isdir(stores["dinov2"])

@@ -225,8 +225,7 @@ def test_random_init_sets_are_recorded_and_refused_by_the_probe(tmp_path):
         assert r.exit_code == 0, r.output
     (path,) = (cache / "rtrain").iterdir()
     fs = FeatureSet(path)
-    assert fs.meta["model"]["random_init"] == 0 and fs.meta["model"]["checkpoint"] is None
-    assert fs.meta["identity"]["random_init"] == 0
+    assert fs.identity["random_init"] == 0 and fs.meta.model.checkpoint is None
     probe = ["probe", "-m", REG, "-f", "cls", "--train", "rtrain", "--test", "rtest", "--cache", str(cache),
              "--iterations", "5", "--batch-size", "8", "--no-plots", "-q"]
     r = CliRunner().invoke(main, [*probe, "--out", str(tmp_path / "run0")])

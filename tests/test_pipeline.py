@@ -118,7 +118,7 @@ def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a finished pipeline did work again")
 
-    monkeypatch.setattr("regcache.extract.load_model", refuse)
+    monkeypatch.setattr("regcache.extract.run.load_model", refuse)
     monkeypatch.setattr("regcache.probe.run.fit_heads", refuse)
     _run(tiny, "out1", overrides={"probes.p.seed": 3})
     assert _statuses(out) == {"extract": ["cached"] * 3, "probes": ["cached"], "analyses": ["cached"]}
@@ -169,7 +169,7 @@ def test_paper_table1_dry_run_lists_88_extractions(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a dry run loaded a model")
 
-    monkeypatch.setattr("regcache.extract.load_model", refuse)
+    monkeypatch.setattr("regcache.extract.run.load_model", refuse)
     monkeypatch.setattr("regcache.models.load_model", refuse)
     res = CliRunner().invoke(main, ["run", str(ROOT / "pipelines" / "paper-table1.yaml"), "--dry-run"])
     assert res.exit_code == 0, res.output

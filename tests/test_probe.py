@@ -14,7 +14,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from regcache.cli import main
-from regcache.probe import (ProbeConfig, Split, accuracy, load_heads, predict, train_heads)
+from regcache.probe import Split, accuracy, load_heads, predict, train_heads
+from regcache.settings import Training
 from regcache.store import FeatureSet
 
 from conftest import PROBE_LAYOUT, make_set, relabel
@@ -39,7 +40,7 @@ def test_linearly_separable_features_reach_99_percent():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 2000)
     x = rng.normal(size=(2000, 16)) * 0.3 + np.eye(5, 16)[y] * 3
-    heads = train_heads(split(x, y), 5, ProbeConfig(features=[("cls",)], iterations=300, batch_size=256, lrs=(0.1,)))
+    heads = train_heads(split(x, y), 5, Training(features=[("cls",)], iterations=300, batch_size=256, lr=(0.1,)))
     assert accuracy(heads[0].logits(split(x, y)), y) >= 0.99
 
 
@@ -51,7 +52,7 @@ def test_accuracy_within_one_point_of_sklearn_logistic_regression_on_digits():
     tr, te = perm[:1200], perm[1200:]
     sk = LogisticRegression(max_iter=5000).fit(x[tr], y[tr]).score(x[te], y[te])
     # sklearn minimises C * sum(CE) + |w|^2 / 2, i.e. mean(CE) + |w|^2 / (2 C n): weight decay 1 / (C n)
-    cfg = ProbeConfig(features=[("cls",)], optimizer="sgd", lrs=(0.3,), wds=(1 / len(tr),), iterations=1500,
+    cfg = Training(features=[("cls",)], optimizer="sgd", lr=(0.3,), wd=(1 / len(tr),), iterations=1500,
                       batch_size=256)
     head = train_heads(split(x[tr], y[tr]), 10, cfg)[0]
     ours = accuracy(head.logits(split(x[te], y[te])), y[te])
@@ -65,9 +66,9 @@ def test_many_heads_in_one_pass_equal_heads_trained_one_at_a_time():
                     "reg": (rng.normal(size=(500, 5)) + y[:, None]).astype(np.float16)},
               y, np.arange(500).astype(str), np.zeros(500, np.int16))
     combos, lrs, wds = [("cls",), ("cls", "reg")], (0.01, 0.1), (0.0, 1e-3)
-    together = train_heads(s, 3, ProbeConfig(features=combos, lrs=lrs, wds=wds, iterations=50, batch_size=64, seed=3))
+    together = train_heads(s, 3, Training(features=combos, lr=lrs, wd=wds, iterations=50, batch_size=64, seed=3))
     alone = [h for c in combos for lr in lrs for wd in wds
-             for h in train_heads(s, 3, ProbeConfig(features=[c], lrs=(lr,), wds=(wd,), iterations=50, batch_size=64,
+             for h in train_heads(s, 3, Training(features=[c], lr=(lr,), wd=(wd,), iterations=50, batch_size=64,
                                                     seed=3))]
     assert len(together) == len(alone) == 8
     for a, b in zip(together, alone):
@@ -86,7 +87,7 @@ def test_stacked_optimiser_equals_torch_optim(optimizer):
     x = (rng.normal(size=(300, 7)) + y[:, None]).astype(np.float16)
     s = split(x, y)
     iters, lr, wd = 40, (0.05 if optimizer == "sgd" else 0.01), 1e-2
-    cfg = ProbeConfig(features=[("cls",)], lrs=(lr,), wds=(wd,), optimizer=optimizer, iterations=iters,
+    cfg = Training(features=[("cls",)], lr=(lr,), wd=(wd,), optimizer=optimizer, iterations=iters,
                       batch_size=32, seed=5)
     ours = train_heads(s, 4, cfg)[0]
 
@@ -117,7 +118,7 @@ def test_probe_run_end_to_end(caches, tmp_path):
     args = ["probe", "-m", "m", "-f", "cls", "-f", "cls,reg", "--train", "train", "--val", "val", "--test", "test",
             "--eval", "shifted", "--anomaly", "far,single", "--cache", str(caches), "--out", str(out),
             "--lr", "0.01,0.1", "--iterations", "200", "--batch-size", "64", "--scorers",
-            "msp,energy,maxlogit,knn,mahalanobis,vim", "--knn-k", "5", "-q"]
+            "msp,energy,maxlogit,knn,mahalanobis,vim", "--scorer-arg", "knn.k=5", "-q"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     for f in ("results.parquet", "results.md", "heads.safetensors", "config.json"):
@@ -157,7 +158,7 @@ def test_probe_run_end_to_end(caches, tmp_path):
         y = np.r_[np.ones(len(test.x)), np.zeros(len(o))]
         assert got[anomaly, "auroc", "knn"] == pytest.approx(roc_auc_score(y, np.r_[knn(test.x), knn(o)]), abs=1e-9)
     md = (out / "results.md").read_text()
-    assert "[cls;reg]" in md and "mean FPR95" in md and "n=100" in md and "selected per combination on val" in md
+    assert "[cls;reg]" in md and "| mean |" in md and "n=100" in md and "selected per combination on val" in md
 
     # the same seed gives the same numbers; score re-applies the heads; report merges
     r2 = CliRunner().invoke(main, [a if a != str(out) else str(tmp_path / "run2") for a in args])
@@ -168,9 +169,9 @@ def test_probe_run_end_to_end(caches, tmp_path):
     assert r3.exit_code == 0, r3.output
     s = pd.read_parquet(tmp_path / "s" / "results.parquet").set_index(["features", "set", "metric", "scorer"]).value
     assert s["cls,reg", "far", "auroc", "msp"] == pytest.approx(got["far", "auroc", "msp"])
-    r4 = CliRunner().invoke(main, ["report", str(out), str(tmp_path / "run2"), "--out", str(tmp_path / "m.csv")])
+    r4 = CliRunner().invoke(main, ["report", str(out), str(tmp_path / "run2"), "--out", str(tmp_path / "m")])
     assert r4.exit_code == 0 and "(run2)" in r4.output
-    assert len(pd.read_csv(tmp_path / "m.csv")) == 2 * len(df)
+    assert len(pd.read_csv(tmp_path / "m" / "results.csv")) == 2 * len(df)
 
 
 def test_probe_without_val_selects_on_held_out_train_rows(caches, tmp_path):
@@ -185,7 +186,8 @@ def test_probe_errors_name_the_problem(caches, tmp_path):
     base = ["probe", "-m", "m", "-f", "cls", "--train", "train", "--cache", str(caches), "--iterations", "5", "-q",
             "--out", str(tmp_path / "r")]
     r = CliRunner().invoke(main, base + ["--eval", "imagenet-a"])
-    assert r.exit_code == 1 and "regcache extract --model m --data manifests/imagenet-a.yaml" in r.output
+    assert r.exit_code == 1 and "regcache extract --model m --data MANIFEST_OR_SHARDS" in r.output
+    assert "no set of this dataset name was extracted before" in r.output
     r = CliRunner().invoke(main, base[:5] + ["--train", "far"] + base[7:])
     assert r.exit_code == 1 and "unlabelled" in r.output
     x = {"cls": np.ones((3, PROBE_LAYOUT.dim), np.float32), "reg": np.ones((3, PROBE_LAYOUT.dim), np.float32)}
@@ -199,7 +201,7 @@ def test_probe_errors_name_the_problem(caches, tmp_path):
     assert r.exit_code == 1 and "has no rows" in r.output
     make_set(caches, "other", *[{"cls": np.ones((2, PROBE_LAYOUT.dim), np.float32)}, np.zeros(2, int)], weights="w2")
     r = CliRunner().invoke(main, base + ["--eval", "other"])
-    assert r.exit_code == 1 and "differ in weights" in r.output
+    assert r.exit_code == 1 and "differ in checkpoint" in r.output
 
 
 # --------------------------------------------------------------------------- protocol guards (issue 10)
@@ -285,7 +287,7 @@ def test_every_path_refuses_non_finite_features(caches, tmp_path):
     got = fs.load(concat=False)
     got.x["reg"][[5, 120, 399]] = np.inf
     got.x["reg"][120, 0] = np.nan
-    make_set(caches, "train-nan", got.x, got.labels, classes=fs.meta["dataset"]["classes"], units=8)
+    make_set(caches, "train-nan", got.x, got.labels, classes=fs.meta.dataset.classes, units=8)
     for extra in ([], ["--stream", "--stream-window", "2"]):
         r = CliRunner().invoke(main, ["probe", "-m", "m", "-f", "cls,reg", "--train", "train-nan", "--val", "val",
                                       "--test", "test", "--cache", str(caches), "--out", str(tmp_path / "r"),
@@ -324,7 +326,7 @@ def test_results_state_the_views_the_heads_trained_on(caches, tmp_path):
     got = fs.load(concat=False)
     # two views per image: view 1 is the plain crop plus noise, stored as extraction does (rows of a unit)
     x = {k: np.concatenate([v, v + 0.1]) for k, v in got.x.items()}
-    sets = make_set(caches, "train-2v", x, np.r_[got.labels, got.labels], classes=fs.meta["dataset"]["classes"])
+    sets = make_set(caches, "train-2v", x, np.r_[got.labels, got.labels], classes=fs.meta.dataset.classes)
     import pyarrow as pa
     import pyarrow.parquet as pq
     idx = pq.read_table(sets.path / "index.parquet").to_pandas()

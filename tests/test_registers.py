@@ -168,7 +168,7 @@ def test_find_then_extract_through_the_cli(planted, tmp_path):
         sets[k] = FeatureSet(r.path)
     fs = sets[2]
     assert fs.features == ("cls", "patch", "reg", "norms") and fs.layout.registers == "end"
-    assert fs.meta["identity"]["test_time_registers"]["registers"] == 2
+    assert fs.identity["test_time_registers"]["k"] == 2
     assert sets[1].fingerprint != fs.fingerprint
     norms = fs.load("norms", concat=False).x["norms"]
     assert norms[:, -2:].min() > 100 > norms[:, 1:-2].max()

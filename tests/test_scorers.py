@@ -267,11 +267,8 @@ def test_near_far_means_and_the_ood_validation_set(caches, tmp_path):
     for name, split, shift in (("near1", "near-ood", 1.0), ("far1", "far-ood", 6.0), ("far2", "far-ood", 8.0),
                                ("oval", "ood-val", 3.0)):
         x = {f: (rng.normal(size=(40, 4)) + shift).astype(np.float32) for f in ("cls", "reg")}
-        fs = make_set(caches, name, x, -np.ones(40, int), role="anomaly")
-        meta = json.loads((fs.path / "regcache.json").read_text())
-        meta["dataset"]["split"] = split
-        (fs.path / "regcache.json").write_text(json.dumps(meta))
-        assert FeatureSet(fs.path).meta["dataset"]["split"] == split
+        fs = make_set(caches, name, x, -np.ones(40, int), role="anomaly", split=split)
+        assert FeatureSet(fs.path).meta.dataset.split == split
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["probe", "-m", "m", "-f", "cls,reg", "--train", "train", "--val", "val",
                                   "--anomaly", "far,near1,far1,far2,oval", "--cache", str(caches), "--out", str(out),

@@ -13,14 +13,16 @@ from hypothesis import strategies as st
 from regcache.features import TokenLayout
 from regcache.store import FeatureSet, StoreError, find_reusable
 
+from conftest import record
+
 LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=3)
 FEATS = ["cls", "reg_all", "norms"]
 
 
 def make_meta(num_units: int, unit_rows: int, dtype: str = "float32", **identity) -> tuple[dict, dict]:
-    ident = {"model": "m", "dataset": "d", "features": sorted(FEATS), **identity}
-    return ident, {"features": FEATS, "layout": LAYOUT.to_dict(), "dtype": dtype, "unit_rows": unit_rows,
-                   "num_units": num_units, "dataset": {"shards": [f"s{u}.tar" for u in range(num_units)]}}
+    ident = {"model": "m", "data": "d", "features": sorted(FEATS), **identity}
+    shards = [f"s{u}.tar" for u in range(num_units)]
+    return ident, record(FEATS, LAYOUT, dtype, unit_rows, num_units, shards=shards, urls=shards)
 
 
 def unit_data(unit: int, n: int):
@@ -119,10 +121,10 @@ def old_layout(path, meta):
     from zarr.codecs import BloscCodec
 
     group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
-    for name in meta["features"]:
+    for name in meta.features:
         shape = LAYOUT.shape(name)
-        group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], *shape),
-                           chunks=(meta["unit_rows"], *shape), dtype=meta["dtype"], fill_value=0,
+        group.create_array(name, shape=(meta.unit_rows * meta.num_units, *shape),
+                           chunks=(meta.unit_rows, *shape), dtype=meta.dtype, fill_value=0,
                            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), overwrite=True)
 
 

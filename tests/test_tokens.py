@@ -233,7 +233,7 @@ def test_distilled_and_dinov3_layouts_are_stored(tmp_path):
         res = extract(config(name, tmp_path / "w.safetensors", data, tmp_path / "cache", model_kwargs={"depth": 1},
                              preprocess=Preprocess(size=64, resize=72), features=("cls", "patch", "norms")))
         fs = FeatureSet(res.path)
-        assert fs.meta["layout"]["prefix"] == prefix and fs.meta["layout"]["norm"] == "token"
+        assert list(fs.layout.prefix) == prefix and fs.layout.norm == "token"
         assert fs.layout.num_tokens == len(prefix) + 16
         assert fs.load("norms").x.shape == (3, len(prefix) + 16)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..features import TokenLayout
-from ..report import pyplot, save_figure
+from ..plots import pyplot, save_figure
 from .norms import _safe, outliers, split_norms
 
 if TYPE_CHECKING:

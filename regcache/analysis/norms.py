@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from ..features import TokenLayout, split_name
-from ..report import pyplot, save_figure
+from ..plots import pyplot, save_figure
 from ..store import FeatureSet, StoreError
 
 OUTLIER_PERCENTILE = 98.0
@@ -66,9 +66,9 @@ def summarize(name: str, norms: np.ndarray, layout: TokenLayout) -> tuple[NormSu
 def set_name(fs: FeatureSet) -> str:
     """``model / dataset`` as figures and summaries label a set; test-time registers are named, since they
     change every feature of the same model and data."""
-    ttr = fs.meta["model"].get("test_time_registers")
-    extra = f" +{ttr['registers']} test-time reg" if ttr else ""
-    return f"{fs.meta['model']['name']}{extra} / {fs.meta['dataset']['name']}"
+    ttr = fs.meta.model.test_time_registers
+    extra = f" +{ttr['k']} test-time reg" if ttr else ""
+    return f"{fs.meta.model.name}{extra} / {fs.meta.dataset.name}"
 
 
 def load_norms(fs: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +199,8 @@ def _find_images(fs: FeatureSet, keys: Sequence[str]) -> dict[str, np.ndarray]:
     from ..models import Preprocess
 
     index = fs.index
-    pre = Preprocess(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in fs.meta["preprocess"].items()})
-    urls = dict(zip(fs.meta["dataset"]["shards"], fs.meta["dataset"]["urls"]))
+    pre = Preprocess(**fs.meta.preprocess)
+    urls = dict(zip(fs.meta.dataset.shards, fs.meta.dataset.urls))
     wanted = index[index.key.isin(keys)].groupby("shard").key.apply(set)
     found = {}
     for shard, ks in wanted.items():
@@ -209,7 +209,7 @@ def _find_images(fs: FeatureSet, keys: Sequence[str]) -> dict[str, np.ndarray]:
             continue
         for sample in open_shard(url, allow_pipe=False):
             if sample["__key__"] in ks:
-                img = decode_image(sample, ("jpg", "jpeg", "png", "webp"))
+                img = decode_image(sample, fs.meta.dataset.image)
                 found[sample["__key__"]] = pre(img).permute(1, 2, 0).numpy()
     return found
 

@@ -27,7 +27,9 @@ class TokenProbe:
 def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fraction: float = 0.2) -> TokenProbe:
     """Predict each patch token's position (one of h*w classes) with a linear head trained on held-out
     images' tokens; report accuracy for outlier and normal tokens. Needs the ``tokens`` and ``norms`` features."""
-    from ..probe import ProbeConfig, Split, accuracy, train_heads
+    from ..probe import Split, accuracy
+    from ..probe.minibatch import train_heads
+    from ..settings import Training
 
     missing = [f for f in ("tokens", "norms") if f not in fs.features]
     if missing:
@@ -47,9 +49,9 @@ def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fract
         return Split(name, {"tokens": x}, pos, np.repeat(got.keys[images], length), np.zeros(len(pos), np.int16))
 
     train, held = flat(np.flatnonzero(~test), "train"), flat(np.flatnonzero(test), "test")
-    cfg = ProbeConfig(features=[("tokens",)], optimizer="adamw", lrs=(1e-3,), wds=(1e-4,), iterations=iterations,
-                      batch_size=1024, seed=seed)
-    head = train_heads(train, length, cfg)[0]
+    training = Training(features=["tokens"], optimizer="adamw", lr=[1e-3], wd=[1e-4], iterations=iterations,
+                        batch_size=1024, seed=seed)
+    head = train_heads(train, length, training)[0]
     pred = head.logits(held).argmax(1)
     right = pred == held.labels
     out_mask = is_out[test].ravel()

@@ -1,53 +1,20 @@
-"""What every command shares: the `regcache` group, logging and option parsers."""
+"""What every command shares: the `regcache` group, logging, errors, and the command that makes a missing set."""
 from __future__ import annotations
 
-import json
 import logging
+import shlex
 import sys
-from pathlib import Path
+from contextlib import contextmanager
+from typing import Iterator
 
 import click
+
+from ..settings import ExtractSettings, fields
+from .options import flag
 
 
 def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
-
-
-def parse_kv(pairs: tuple[str, ...]) -> dict:
-    """``depth=2`` -> {"depth": 2}: values are parsed as JSON when they can be."""
-    out = {}
-    for p in pairs:
-        if "=" not in p:
-            raise click.BadParameter(f"{p!r} is not KEY=VALUE")
-        k, v = p.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def parse_floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
-
-
-def split_names(values: tuple[str, ...]) -> list[str]:
-    """``--eval a,b --eval c`` -> [a, b, c]."""
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
-
-
-def new_dir(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3``, … : a default run directory that no other run (started in the
-    same second) shares, created here so that two runs never write into one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):
-        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            continue
-    raise click.ClickException(f"{path}: 999 run directories of that name already exist; give --out")
 
 
 def human_size(n: float) -> str:
@@ -60,17 +27,76 @@ def human_size(n: float) -> str:
     return f"{n / 1024:.1f} TB"
 
 
-cache_option = click.option("--cache", type=click.Path(path_type=Path), envvar="REGCACHE_CACHE",
-                            default=None, show_envvar=True,
-                            help="Cache root for feature sets [default: ~/.cache/regcache].")
+@contextmanager
+def errors() -> Iterator[None]:
+    """An expected failure (bad input, a missing set, damaged data) as a one-line error and exit 1, no
+    traceback; a missing set also gets the command that makes it."""
+    from ..sets import SetNotFound
+
+    try:
+        yield
+    except SetNotFound as e:
+        raise click.ClickException(f"{e}\n{make_it(e)}") from e
+    except (ValueError, RuntimeError, OSError) as e:
+        raise click.ClickException(str(e)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def make_it(e) -> str:
+    """What to run for a missing set (`sets.SetNotFound`): the extract command with the data it was made from
+    before and the backbone settings of the model's other sets, or why no extraction can make it."""
+    from ..features import split_name
+
+    wants_reg = any(split_name(f)[0] in ("reg", "reg_all") for f in e.features)
+    layouts = {(fs.layout.num_reg, fs.layout.registers) for fs in e.siblings}
+    if wants_reg and layouts and all(n == 0 for n, _ in layouts):
+        return (f"  {e.model} has no register tokens (its sets here have none), so no extraction gives "
+                f"{','.join(f for f in e.features if split_name(f)[0] in ('reg', 'reg_all'))}: use a model with "
+                "registers (e.g. vits_reg), or add test-time registers (regcache registers find, then extract "
+                "--test-time-registers)")
+    backbone = {_args(fs) for fs in e.siblings}
+    args = ["regcache", "extract", "--model", e.model,
+            "--data", e.sources[0] if len(e.sources) == 1 else "MANIFEST_OR_SHARDS",
+            "--features", ",".join(e.features)]
+    if len(backbone) == 1:
+        args += backbone.pop()
+    notes = []
+    if len(e.sources) != 1:
+        notes.append("no set of this dataset name was extracted before: give its manifest (or shard pattern) as "
+                     "--data" if not e.sources else f"the dataset was extracted from {len(e.sources)} sources: "
+                     f"{', '.join(e.sources)}")
+    if backbone:
+        notes.append("the model's sets here were made with different backbone settings: add those of the sets to "
+                     "compare with (regcache ls shows them)")
+    return "make it with:\n  " + shlex.join(args) + "".join(f"\n  ({n})" for n in notes)
+
+
+def _args(fs) -> tuple[str, ...]:
+    """The extract options that set a cached set's backbone up as it was (those given when it was made)."""
+    given = fs.meta.provenance.settings
+    out: list[str] = []
+    for name in fields(ExtractSettings, identity=("backbone",)):
+        if name == "model" or given.get(name) is None:
+            continue
+        value = given[name]
+        if isinstance(value, dict):
+            out += [x for k, v in value.items() for x in (flag(ExtractSettings, name), f"{k}={v}")]
+        elif isinstance(value, (list, tuple)):
+            out += [flag(ExtractSettings, name), ",".join(str(v) for v in value)]
+        else:
+            out += [flag(ExtractSettings, name), str(value)]
+    return tuple(out)
+
+
+EPILOG = """\b
+First steps:
+  regcache demo                              offline demo: build sets, extract, probe, print the tables
+  regcache extract -m vits_reg -d manifests/imagenet1k-val.yaml   (a manifest of the checkout, or your own)
+  regcache ls                                what is cached
+  regcache probe -m vits_reg -f cls,reg --train imagenet1k-train --test imagenet1k-val
+Every command has --help; docs/ in the repository has one page per stage."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)
 @click.version_option(package_name="regcache")
 def main() -> None:
-    """Cache frozen-ViT token features once, then probe them as often as you like.
-
-    \b
-    regcache extract --model vitl_reg --data manifests/imagenet1k-val.yaml
-    regcache ls
-    """
+    """Cache frozen-ViT token features once, then probe them as often as you like."""

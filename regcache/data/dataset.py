@@ -13,16 +13,11 @@ from typing import Any
 
 from braceexpand import braceexpand
 
+from ..settings.choices import ROLES
+from .errors import DataError
+from .tar import open_shard
+
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-ROLES = ("id-train", "id-val", "ood-gen", "anomaly")
-
-
-class DataError(ValueError):
-    """A manifest or shard list that cannot be used; the message names the file and the field."""
-
-
-class SampleError(ValueError):
-    """One sample that cannot be used (its key and reason go to the errors table)."""
 
 
 # --------------------------------------------------------------------------- datasets
@@ -41,12 +36,28 @@ class Dataset:
     role: str | None = None
     split: str | None = None
     subset: tuple[str, ...] | None = None
-    source: str = ""  # what identifies the data, before ${VARS} are expanded: what the digest hashes
 
     @property
-    def digest(self) -> str:
-        """Identifies the data independently of where ``${VARS}`` point on this machine."""
-        return hashlib.sha256(self.source.encode()).hexdigest()
+    def labels(self) -> str:
+        """Where the labels are, as manifests and ``--labels`` spell it: ``cls``, ``json:FIELD`` or ``none``."""
+        if self.label_key is None:
+            return "none"
+        return f"json:{self.label_field}" if self.label_field else self.label_key
+
+    def description(self) -> dict:
+        """What a set's rows mean, beyond the rows themselves: its name, role, split and classes. Two
+        descriptions of the same shards share one feature set (its rows), each name with its own meaning."""
+        return {"name": self.name, "role": self.role, "split": self.split,
+                "classes": list(self.classes) if self.classes else None,
+                "subset": list(self.subset) if self.subset else None}
+
+    def content_id(self, shards: Sequence["ShardId"]) -> str:
+        """Identifies the rows a set of this data holds: the bytes of every shard (their `shard_id` digests, or
+        the URL of a remote shard), which members are the image and the label. Not the name, nor where
+        ``${VARS}`` point on this machine, nor how the shards were spelled."""
+        ids = [s.digest if s.digest not in (None, "missing") else f"url:{s.url}" for s in shards]
+        return hashlib.sha256(json.dumps({"shards": ids, "image": list(self.image_keys), "labels": self.labels},
+                                         sort_keys=True).encode()).hexdigest()
 
     def shard_name(self, unit: int) -> str:
         """How the index names a shard: its file name (a 'pipe:' command as it is)."""
@@ -142,9 +153,7 @@ def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str |
     label_key, label_field = parse_labels(labels, "--labels")
     if role == "anomaly" and label_key is not None:
         raise DataError(f"--role anomaly stores no labels; drop --labels {labels}")
-    name = name or default
-    return Dataset(name=name, shards=shards, label_key=label_key, label_field=label_field, role=role,
-                   source=json.dumps({"pattern": text, "name": name, "labels": labels, "role": role}, sort_keys=True))
+    return Dataset(name=name or default, shards=shards, label_key=label_key, label_field=label_field, role=role)
 
 
 def parse_labels(spec: str, where: str) -> tuple[str | None, str | None]:
@@ -163,8 +172,6 @@ def detect_labels(url: str) -> str:
     import logging
 
     try:
-        from .tar import open_shard  # tar imports this module's errors
-
         first = next(iter(open_shard(url, allow_pipe=False)), None)
     except (DataError, OSError):
         return "cls"  # the shard's own error is reported when it is read
@@ -235,15 +242,10 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
         outside = [c for c in subset if c not in set(classes)]
         if outside:
             raise DataError(f"{path}: field 'subset' names classes outside the ID classes: {', '.join(outside[:5])}")
-    split = field_("split", str)
-    # what identifies the data: everything but the counts (which a scan may add) and free text
-    identity = {"name": name, "split": split, "role": role, "shards": raw_shards, "image": image, "label": label,
-                "classes": classes, "subset": subset}
     return Dataset(name=name, shards=shards, counts=tuple(counts) if counts else None,
                    image_keys=tuple(k.strip().lower() for k in image.split(";") if k.strip()),
                    label_key=label_key if role != "anomaly" else None, label_field=label_field,
-                   classes=classes, role=role, split=split, subset=subset,
-                   source=json.dumps(identity, sort_keys=True))
+                   classes=classes, role=role, split=field_("split", str), subset=subset)
 
 
 def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:

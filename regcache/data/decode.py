@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from PIL import Image
 
-from .dataset import Dataset, SampleError
+from .dataset import Dataset
+from .errors import SampleError
 
 
 # --------------------------------------------------------------------------- decoding

@@ -7,7 +7,7 @@ import tarfile
 from collections.abc import Iterator
 
 
-from .dataset import DataError
+from .errors import DataError
 
 
 # --------------------------------------------------------------------------- reading shards

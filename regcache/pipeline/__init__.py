@@ -1,11 +1,12 @@
-"""Declarative pipelines (DESIGN §4): models × datasets × probe settings in one YAML file, run on the public API.
+"""Declarative pipelines (docs/pipelines.md): models × datasets × probe settings in one YAML file, run on the public
+API.
 
-`load_pipeline` reads and validates a file; `run_pipeline` extracts what is not cached, probes, analyses
-and reports, skipping every job a previous run finished. See the README, "Pipelines".
+`load_pipeline` reads and validates a file (`schema`: the JSON Schema of one); `run_pipeline` extracts
+what is not cached, probes, analyses and reports, skipping every job a previous run finished.
 """
-from .jobs import AnalysisJob, ExtractJob, ProbeJobPlan
+from .jobs import ExtractJob, RunJob
 from .run import PipelineRun, plan_text, run_pipeline, write_report
-from .schema import STAGES, Pipeline, PipelineError, load_pipeline, parse_overrides
+from .schema import STAGES, Pipeline, PipelineError, load_pipeline, parse_overrides, schema
 
-__all__ = ["AnalysisJob", "ExtractJob", "Pipeline", "PipelineError", "PipelineRun", "ProbeJobPlan", "STAGES",
-           "load_pipeline", "parse_overrides", "plan_text", "run_pipeline", "write_report"]
+__all__ = ["ExtractJob", "Pipeline", "PipelineError", "PipelineRun", "RunJob", "STAGES", "load_pipeline",
+           "parse_overrides", "plan_text", "run_pipeline", "schema", "write_report"]

@@ -1,8 +1,10 @@
 """Running a pipeline: its jobs in stage order through the public API, one merged report, pipeline.json.
 
-Every job is an `extract`, `run_probe` + `write_run`, or analysis call with the settings a hand-typed
-command would pass, so both give the same sets and numbers. A done job leaves a record; the next run
-skips it without loading a backbone or training a head, so an interrupted run does only what is missing.
+Every job calls the action of its command (`extract`, `probe`, an analysis) with settings validated
+by the same model as the command's options, so a pipeline entry and the hand-typed command give the
+same sets and numbers. A done job is skipped without loading a backbone or training a head (an
+extraction is done when the cache holds its set; a probe or analysis when its ``job.json`` is
+written), so an interrupted run does only what is missing.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from .jobs import AnalysisJob, ExtractJob, ProbeJobPlan, analysis_jobs, extract_jobs, probe_jobs, write_record
+from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, probe_jobs
 from .schema import STAGES, Pipeline, PipelineError, pipeline_env
 
 
@@ -25,8 +27,8 @@ class PipelineRun:
 
     pipeline: Pipeline
     extract: list[ExtractJob] = field(default_factory=list)
-    probes: list[ProbeJobPlan] = field(default_factory=list)
-    analyses: list[AnalysisJob] = field(default_factory=list)
+    probes: list[RunJob] = field(default_factory=list)
+    analyses: list[RunJob] = field(default_factory=list)
     report: Path | None = None
     finished: bool = False
 
@@ -44,10 +46,11 @@ class PipelineRun:
                          "zarr": zarr.__version__, "python": platform.python_version()},
             "extract": [{"model": j.model.label, "dataset": j.dataset.name, "key": j.key, "status": j.status,
                          "path": j.path, "fingerprint": j.fingerprint} for j in self.extract],
-            "probes": [{"block": j.block.name, "model": j.model.label, "features": [",".join(c) for c in j.combos],
+            "probes": [{"block": j.block.name, "model": j.model.label,
+                        "features": [",".join(c) for c in j.settings.features] if j.settings else [],
                         "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs,
                         **({"skipped": j.skipped} if j.skipped else {})} for j in self.probes],
-            "analyses": [{"name": j.spec.name, "kind": j.spec.kind, "models": [m.label for m in j.models],
+            "analyses": [{"name": j.block.name, "kind": j.block.kind, "models": [m.label for m in j.models],
                           "key": j.key, "status": j.status, "run": str(j.run) if j.run else None, "inputs": j.inputs}
                          for j in self.analyses],
             "report": str(self.report) if self.report else None,
@@ -76,7 +79,8 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
                             f"({', '.join(m.label for m in pl.models)})")
     for w in pl.warnings:
         echo(f"warning: {w}")
-    run = PipelineRun(pl, extract_jobs(pl, models))
+    with pipeline_env(pl):
+        run = PipelineRun(pl, extract_jobs(pl, models, dry_run))
     hook = after_job or (lambda job: None)
     with pipeline_env(pl):
         if dry_run:
@@ -114,7 +118,7 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
     return run
 
 
-def _missing(job, pl: Pipeline) -> PipelineError:
+def _missing(job: RunJob, pl: Pipeline) -> PipelineError:
     need = ", ".join(k for k, v in job.inputs.items() if v is None)
     return PipelineError(f"{job.label}: the pipeline has not extracted {need} yet; run "
                          f"'regcache run {pl.path} --stage extract' first")
@@ -122,11 +126,10 @@ def _missing(job, pl: Pipeline) -> PipelineError:
 
 def _verify(job: ExtractJob) -> None:
     """A cached set's shards must still hold what it read (sampled bytes, no decoding), as extract checks on reuse."""
-    from ..data import shard_ids
     from ..extract import verify_shards
     from ..store import FeatureSet
 
-    verify_shards(FeatureSet(job.path), job.dataset.dataset, shard_ids(job.dataset.dataset))
+    verify_shards(FeatureSet(job.path), job.dataset.dataset, list(job.plan.shards))
 
 
 def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]:
@@ -135,8 +138,6 @@ def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]
     Every array is submitted before any is waited for; `_extract` then waits and finalizes. kind
     ``local`` uses submitit's local executor (subprocesses on this machine), as the tests do.
     """
-    from dataclasses import replace
-
     try:
         import submitit
     except ImportError:
@@ -149,25 +150,22 @@ def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]
         ex = submitit.AutoExecutor(folder=pl.out / "submitit" / job.key[:16],
                                    cluster="local" if pl.launcher["kind"] == "local" else "slurm")
         ex.update_parameters(name=f"regcache-{job.model.label}-{job.dataset.name}", **pl.launcher["params"])
-        cfg = job.config(pl.cache, progress=False)
         with ex.batch():
-            arrays[job.key] = [ex.submit(extract, replace(cfg, part=i, num_parts=parts)) for i in range(parts)]
+            arrays[job.key] = [ex.submit(extract, job.settings.model_copy(update={"part": i, "num_parts": parts}))
+                               for i in range(parts)]
         echo(f"submitted {job.label}: {parts} parts, job {arrays[job.key][0].job_id.split('_')[0]}")
     return arrays
 
 
 def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo, array: list | None = None) -> None:
-    from dataclasses import replace
-
     from ..extract import extract
-    from ..store import FeatureSet
 
     echo(f"extract {job.label}")
     if array is None:
-        res = extract(job.config(pl.cache, progress))
+        res = extract(job.settings.model_copy(update={"quiet": not progress}))
     else:  # wait for every part, then write the index without loading the model (as --finalize)
         done = [a.result() for a in array]
-        res = extract(replace(job.config(pl.cache, False), store=done[0].path, finalize_only=True))
+        res = extract(job.settings.model_copy(update={"store": done[0].path, "finalize": True}))
         for d in done:
             res.failed_shards.update(d.failed_shards)
         res.reused = all(d.reused for d in done)
@@ -180,112 +178,44 @@ def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo, array: list | 
         raise PipelineError(f"{job.label}: extraction incomplete ({why}); the store {res.path} keeps what is done, "
                             "run the pipeline again to resume")
     job.path, job.fingerprint = str(res.path), res.fingerprint
-    job.num_reg = FeatureSet(res.path).layout.num_reg
     job.status = "reused" if res.reused else "ran"
-    write_record(job)
 
 
-def probe_call(job: ProbeJobPlan, pl: Pipeline):
-    """The ProbeJob and ProbeConfig that `regcache probe` would build from the same flags."""
-    from ..probe import ProbeConfig, ProbeJob
+def _fresh(run: Path) -> Path:
+    """A job's own run directory, emptied of what an interrupted attempt left (its job.json is not there)."""
+    import shutil
 
-    b, s = job.block, job.block.settings
-    pj = ProbeJob(model=job.model.name, train=b.train, cache=pl.cache, val=b.val, test=b.test, eval=list(b.eval),
-                  anomaly=list(b.anomaly), scorers=tuple(s["scorers"]), knn_k=s["knn_k"],
-                  scorer_args={k: dict(v) for k, v in s["scorer_args"].items()},
-                  paths={n: p for n, p in job.paths.items() if p})  # the sets this pipeline made, not look-alikes
-    cfg = ProbeConfig(features=list(job.combos), lrs=tuple(s["lr"]), wds=tuple(s["wd"]), optimizer=s["optimizer"],
-                      iterations=s["iterations"], batch_size=s["batch_size"], momentum=float(s["momentum"]),
-                      seed=s["seed"], device=s["device"], val_fraction=float(s["val_fraction"]),
-                      stream=s["stream"], stream_window=s["stream_window"])
-    return pj, cfg
+    if run.exists():
+        shutil.rmtree(run)
+    return run
 
 
-def _probe(job: ProbeJobPlan, pl: Pipeline, progress: bool, echo) -> None:
-    from ..probe import run_probe
-    from ..report import write_run
+def _probe(job: RunJob, pl: Pipeline, progress: bool, echo) -> None:
+    from ..probe import probe
 
     if job.key is None:
         raise _missing(job, pl)
-    echo(f"probe {job.label}: {' '.join('[' + ';'.join(c) + ']' for c in job.combos)}")
-    pj, cfg = probe_call(job, pl)
-    result = run_probe(pj, cfg, progress=progress)
-    if job.block.settings["augmented"] and len(result.protocol.get("train_views") or []) < 2:
-        echo(f"warning: probe {job.label} names a protocol that trains on augmented views, but "
-             f"{job.block.train} holds the plain crop only (extracted with views: 1): its heads saw no augmentation; "
-             f"extract {job.block.train} with views > 1 (datasets[].extract.views) to follow the protocol")
-    roles = {"train": job.block.train, "val": job.block.val, "test": job.block.test}
-    for role, path in result.sets.items():
-        want = job.paths[roles.get(role, role)]
-        if Path(path).resolve() != Path(want).resolve():  # the cache holds several candidates
-            raise PipelineError(f"{job.label}: the probe found {path} for {roles.get(role, role)}, but the pipeline "
-                                f"extracted {want}; remove the other set or give this pipeline its own cache")
-    write_run(job.run, result, pj, cfg, plots=job.block.settings["plots"])
+    echo(f"probe {job.label}: {' '.join('[' + ';'.join(c) + ']' for c in job.settings.features)}")
+    result = probe(job.settings.model_copy(update={"out": _fresh(job.run), "quiet": not progress}), pins=job.pins)
+    for w in result.warnings:
+        echo(f"warning: probe {job.label}: {w}")
     _done(job)
+
+
+def _done(job: RunJob) -> None:
+    (job.run / "job.json").write_text(json.dumps({"key": job.key, "inputs": job.inputs, "paths": job.paths},
+                                                 indent=2))
     job.status = "ran"
 
 
-def _done(job) -> None:
-    (job.run / "job.json").write_text(json.dumps({"key": job.key, "inputs": job.inputs, "paths": job.paths},
-                                                 indent=2))
+def _analyse(job: RunJob, pl: Pipeline, echo) -> None:
+    from ..analysis import ACTIONS
 
-
-def _analyse(job: AnalysisJob, pl: Pipeline, echo) -> None:
     if job.key is None:
         raise _missing(job, pl)
     echo(f"analyse {job.label}")
-    job.run.mkdir(parents=True, exist_ok=True)
-    ANALYSES[job.spec.kind](job, job.run)
+    ACTIONS[job.block.kind](job.settings.model_copy(update={"out": _fresh(job.run)}))
     _done(job)
-    job.status = "ran"
-
-
-def _norms(job: AnalysisJob, out: Path) -> None:
-    from ..analysis import norms_report
-    from ..store import FeatureSet
-
-    norms_report([FeatureSet(p) for p in job.paths.values()], out)
-
-
-def _featuremap(job: AnalysisJob, out: Path) -> None:
-    from ..analysis import feature_maps
-    from ..store import FeatureSet
-
-    for name, p in job.paths.items():
-        feature_maps(FeatureSet(p), list(job.spec.options["keys"]), out / name)
-
-
-def _tokenprobe(job: AnalysisJob, out: Path) -> None:
-    from dataclasses import asdict
-
-    from ..analysis import token_probe
-    from ..store import FeatureSet
-
-    o = job.spec.options
-    res = [asdict(token_probe(FeatureSet(p), iterations=o.get("iterations", 500), seed=o.get("seed", 0)))
-           for p in job.paths.values()]
-    (out / "tokenprobe.json").write_text(json.dumps(res, indent=2))
-
-
-def _attention(job: AnalysisJob, out: Path) -> None:
-    from ..analysis import attention_figure, similarity_report
-    from ..models import ModelSpec, load_model, preprocess_for
-    from ..tokens import layout_of
-
-    o, m = job.spec.options, job.model
-    size = o.get("size", 224)
-    net = load_model(ModelSpec(m.name, m.checkpoint, dict(m.args)), size)
-    layout, pre = layout_of(net), preprocess_for(m.name, size=size, resize=o.get("resize", 256))
-    images = [Path(p) for p in o["images"]]
-    attention_figure(net, layout, pre, images, out, bool(o.get("registers")) and layout.num_reg > 0,
-                     o.get("display", 800))
-    if o.get("similarity"):
-        (out / "similarity.json").write_text(json.dumps(similarity_report(net, layout, pre, images, out), indent=2))
-
-
-#: analysis kind -> what it does with a job's input sets (schema.ANALYSES names the same kinds)
-ANALYSES: dict[str, Callable[[AnalysisJob, Path], None]] = {
-    "norms": _norms, "featuremap": _featuremap, "tokenprobe": _tokenprobe, "attention": _attention}
 
 
 def write_report(run: PipelineRun) -> Path:
@@ -324,7 +254,7 @@ def plan_text(run: PipelineRun) -> str:
     lines.append(f"extraction jobs: {len(run.extract)} ({len(run.extract) - len(todo)} cached, {len(todo)} to do)")
     total, unknown = 0.0, 0
     for j in run.extract:
-        n, g, views = j.dataset.num_images, j.gflops(), j.settings["views"]
+        n, g, views = j.dataset.num_images, j.gflops(), j.settings.views
         if n is not None and g is not None:
             flop = n * views * g
             cost = f"{_n(n)} img × {views} view{'s' if views > 1 else ''} × {g:.1f} GFLOP = {flop / 1e6:,.1f} PFLOP"
@@ -333,16 +263,17 @@ def plan_text(run: PipelineRun) -> str:
         else:
             cost = f"{'? img' if n is None else _n(n) + ' img'} × {'? GFLOP' if g is None else f'{g:.1f} GFLOP'}"
             unknown += j.status == "to do"
-        lines.append(f"  {j.status:<7} {j.model.label:<28} {j.dataset.name:<18} {cost}")
+        lines.append(f"  {j.status:<7} {j.model.label:<28} {j.dataset.name:<18} {cost}"
+                     + (f" (not planned: {j.why})" if j.why else ""))
     hours = total * 1e9 / (pl.cost["tflops"] * 1e12) / 3600
     lines.append(f"  to do: {total / 1e6:,.1f} PFLOP = {hours:,.2f} device-hours at {pl.cost['tflops']:g} TFLOP/s "
                  f"({pl.cost['device']})" + (f"; {unknown} jobs of unknown cost" if unknown else ""))
     lines.append(f"probe jobs: {len(run.probes)}")
     for j in run.probes:
-        s = j.block.settings
-        what = (j.skipped or f"{' '.join('[' + ';'.join(c) + ']' for c in j.combos)}; "
-                f"{len(s['lr']) * len(s['wd'])} head(s) per combination, {s['iterations']} it × batch "
-                f"{s['batch_size']}, train {j.block.train}")
+        s = j.settings
+        what = (j.skipped or f"{' '.join('[' + ';'.join(c) + ']' for c in s.features)}; "
+                f"{s.heads_per_combination} head(s) per combination ({s.solver}), {s.max_iter} it"
+                f"{f' × batch {s.batch_size}' if s.solver == 'minibatch' else ''}, train {s.train}")
         lines.append(f"  {j.status:<7} {j.label:<40} {what}")
     if run.analyses:
         lines.append(f"analyses: {len(run.analyses)}")

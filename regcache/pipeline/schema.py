@@ -1,70 +1,164 @@
-"""A pipeline file (DESIGN §4): the grid models × datasets, extraction settings, probe blocks, analyses, report.
+"""A pipeline file (docs/pipelines.md): models × datasets, extraction settings, probe blocks, analyses, report.
 
-Read, overridden (``--set KEY=VALUE``), ``${VARS}``-expanded and validated before any work starts;
-every error names the file and the field. Relative paths are relative to the pipeline file, so a
-pipeline and its manifests can move together (the shipped ones point at ``../manifests``).
+Every block is validated by the settings model of its action (`regcache.settings`): an extract block
+takes every extraction setting, a probe block every probe setting, an analysis block its kind's.
+The pipeline's structure gives the rest (a models[] entry the model and its weights, datasets[] the
+data, the file the cache). Read, overridden (``--set KEY=VALUE``), ``${VARS}``-expanded and validated
+before any work starts; every error names the file and the field path (``probes[0].C``). Relative
+paths are relative to the pipeline file, so a pipeline and its manifests can move together.
+`schema` is the JSON Schema of the file, for editors.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError, create_model, model_validator
 
 from ..data import DataError, Dataset, load_manifest
 from ..data.dataset import read_yaml_mapping
-from ..features import FeatureError, parse_features, parse_layers
+from ..settings import (ANALYSES, ExtractSettings, ProbeSettings, Settings, SettingsError, default_cache_root,
+                        describe, fields, meta, split_spec)
+from ..settings.choices import LAUNCHERS, STAGES, literal
+from ..settings.types import Count, Names, Positive
 
-STAGES = ("extract", "probe", "analyse", "report")
-#: where extraction jobs run: here, or as submitit array jobs (one part per task; local: submitit's local executor)
-LAUNCHERS = ("none", "slurm", "local")
-ANALYSES = ("norms", "featuremap", "tokenprobe", "attention")
-#: probe settings a pipeline may give, with their types and defaults (those of `regcache probe`)
-PROBE_FIELDS: dict[str, tuple[type | tuple, Any]] = {
-    "lr": ((float, int, list), [0.01]), "wd": ((float, int, list), [0.0]), "optimizer": (str, "sgd"),
-    "iterations": (int, 10_000), "batch_size": (int, 4096), "momentum": ((float, int), 0.9), "seed": (int, 0),
-    "device": (str, "cpu"), "val_fraction": ((float, int), 0.1), "stream": (bool, False),
-    "stream_window": (int, 16), "scorers": (list, ["msp", "energy", "maxlogit"]), "knn_k": (int, 50),
-    "scorer_args": (dict, {}),  # {scorer: {param: value}}, as --scorer-arg scorer.param=value
-    "plots": (bool, True),
-    # the protocol trains on augmented views (the paper's random-resized crops): a train set of one view warns
-    "augmented": (bool, False),
-}
-#: extraction settings (as `regcache extract` flags); None leaves the model's own default
-EXTRACT_FIELDS: dict[str, tuple[type | tuple, Any]] = {
-    "features": ((list, str), None), "size": (int, None), "resize": (int, None), "interpolation": (str, None),
-    "crop_mode": (str, None), "mean": (list, None), "std": (list, None), "views": (int, 1), "seed": (int, 0),
-    "pos_embed": (str, "timm"), "precision": (str, "fp32"), "dtype": (str, "float16"), "batch_size": (int, 64),
-    "workers": (int, None), "device": (str, "auto"), "unit_rows": (int, None),
-    "layers": ((list, str), None), "test_time_registers": (str, None), "test_time_patches": (str, None),
-}
+STAGES = tuple(STAGES)
 
 
 class PipelineError(ValueError):
     """A pipeline that cannot run as written; the message names the file and the field."""
 
 
+# --------------------------------------------------------------------------- the file's blocks, from the settings
+
+def block(title: str, source: type[Settings], /, exclude: tuple[str, ...] = (), doc: str = "",
+          **extra: Any) -> type[Settings]:
+    """A block of a pipeline file: the fields of ``source`` that a block may give (scope ``any``, but
+    ``exclude``), with their types, defaults, checks and help, and ``extra`` fields of the pipeline's own."""
+    own = {n: (source.model_fields[n].annotation, copy.copy(source.model_fields[n]))
+           for n in fields(source, scope=("any",)) if n not in exclude}
+    return create_model(title, __base__=Settings, __doc__=doc or source.__doc__, **own, **extra)
+
+
+Label = Annotated[str, Field(description="What the pipeline calls this entry (--models, probe and analysis "
+                                         "blocks, the report) [default: the model].")]
+Models = Annotated[Names, Field(default_factory=list, description="The models (labels) this block runs for "
+                                                                  "[default: all].")]
+ExtractBlock = block("ExtractBlock", ExtractSettings, doc="Extraction settings (as `regcache extract` takes them).")
+_BACKBONE_SOURCE = ("checkpoint", "random_init", "model_args")
+ModelEntry = create_model(
+    "ModelEntry", __base__=Settings, __doc__="A backbone: a model with its weights, and its own extraction settings.",
+    model=(str, ExtractSettings.model_fields["model"]),
+    label=(Label, ""),
+    **{n: (ExtractSettings.model_fields[n].annotation, copy.copy(ExtractSettings.model_fields[n]))
+       for n in _BACKBONE_SOURCE},
+    extract=(ExtractBlock, Field(default_factory=ExtractBlock, description="Extraction settings for this model.")))
+DatasetEntry = create_model(
+    "DatasetEntry", __base__=Settings, __doc__="A dataset: its manifest, and its own extraction settings.",
+    manifest=(str, Field(description="The manifest file (relative to the pipeline file).")),
+    images=(Optional[Count], Field(None, description="Images, for --dry-run's cost while the manifest has no "
+                                                     "counts (regcache manifest scan adds them).")),
+    extract=(ExtractBlock, Field(default_factory=ExtractBlock, description="Extraction settings for this set.")))
+ProbeBlock = block("ProbeBlock", ProbeSettings, doc="A probe block: the settings of `regcache probe`; train, val, "
+                   "test, eval and anomaly name datasets of the pipeline.",
+                   name=(str, Field(description="The block's name (report tables, run folders).")), models=Models)
+AnalysisBlocks = [block(f"{kind.title()}Block", cls, doc=f"An analysis: the settings of `regcache {kind}`" +
+                        ("; sets name datasets of the pipeline." if "sets" in cls.model_fields else "."),
+                        kind=(Literal[kind], Field(description="What to run.")),
+                        name=(Optional[str], Field(None, description="Its name [default: KIND and its index].")),
+                        models=Models)
+                  for kind, cls in ANALYSES.items()]
+
+
+class ReportBlock(Settings):
+    tables: Annotated[Names, Field(default_factory=list, description="Probe blocks in the report, in order "
+                                                                     "[default: all].")]
+
+
+class CostBlock(Settings):
+    tflops: Annotated[Positive, Field(396.0, description="Sustained TFLOP/s of one device, for --dry-run's "
+                                                         "device-hours.")]
+    device: Annotated[str, Field("H100 bf16 at 40% of 989 TFLOP/s", description="What that figure is.")]
+
+
+class LauncherBlock(Settings):
+    kind: Annotated[literal(LAUNCHERS), Field("none", description="Where extraction jobs run: " + "; ".join(
+        f"{k}: {v}" for k, v in LAUNCHERS.items()) + ".")]
+    parts: Annotated[Count, Field(1, description="Parts (array tasks) per extraction.")]
+    params: Annotated[dict[str, Any], Field(default_factory=dict, description="submitit parameters, e.g. "
+                                                                              "slurm_partition, timeout_min.")]
+
+
+class PipelineFile(Settings):
+    """A regcache pipeline: models × datasets, extraction settings, probe blocks, analyses, report."""
+
+    name: Annotated[str, Field(description="The pipeline's name (its output folder by default).")]
+    description: Annotated[str, Field("", description="What it is for.")]
+    vars: Annotated[dict[str, Union[str, int, float]], Field(
+        default_factory=dict, description="Defaults of ${VARS} (the environment wins; --set vars.NAME=VALUE wins "
+                                          "over both).")]
+    cache: Annotated[Optional[str], Field(None, description="Cache root [default: $REGCACHE_CACHE or "
+                                                            "~/.cache/regcache].")]
+    out: Annotated[Optional[str], Field(None, description="Output folder [default: runs/pipelines/NAME].")]
+    models: Annotated[list[Union[str, ModelEntry]], Field(min_length=1, description="Backbones: an alias or timm "
+                                                          "name, or an entry with weights and settings.")]
+    datasets: Annotated[list[Union[str, DatasetEntry]], Field(min_length=1, description="Manifests, or entries "
+                                                              "with an estimate and settings.")]
+    extract: Annotated[ExtractBlock, Field(default_factory=ExtractBlock, description="Extraction settings of every "
+                                           "model and dataset (an entry's own win).")]
+    probes: Annotated[list[ProbeBlock], Field(default_factory=list, description="Probe blocks.")]
+    analyses: Annotated[list[Annotated[Union[tuple(AnalysisBlocks)], Field(discriminator="kind")]], Field(
+        default_factory=list, description="Analyses: " + ", ".join(ANALYSES) + ".")]
+    report: Annotated[ReportBlock, Field(default_factory=ReportBlock)]
+    cost: Annotated[CostBlock, Field(default_factory=CostBlock)]
+    launcher: Annotated[LauncherBlock, Field(default_factory=LauncherBlock)]
+
+    @model_validator(mode="after")
+    def _labels(self):
+        labels = [m if isinstance(m, str) else (m.label or m.model) for m in self.models]
+        twice = sorted({n for n in labels if labels.count(n) > 1})
+        if twice:
+            raise ValueError(f"models: {', '.join(twice)} named twice (give each entry of one model its own label)")
+        names = [p.name for p in self.probes]
+        if len(set(names)) < len(names):
+            raise ValueError("probes: two probe blocks have the same name")
+        return self
+
+
+def schema() -> dict:
+    """The JSON Schema of a pipeline file: every block with every setting its command takes."""
+    out = PipelineFile.model_json_schema()
+    out["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    out["title"] = "regcache pipeline"
+    return out
+
+
+# --------------------------------------------------------------------------- the loaded pipeline
+
 @dataclass(frozen=True)
-class ModelEntry:
-    name: str                      # alias or timm name, as `--model` takes it
-    checkpoint: str | None = None  # local weights (resolved path)
-    args: dict = field(default_factory=dict)  # extra timm.create_model arguments
-    extract: dict = field(default_factory=dict)  # extraction settings for this model (e.g. features)
-    label: str = ""  # what the pipeline calls it (--models, probe and analysis blocks, reports); default: name
+class Model:
+    """A models[] entry: the backbone part of its settings and its own extraction block."""
 
-    def __post_init__(self) -> None:
-        if not self.label:
-            object.__setattr__(self, "label", self.name)
+    label: str
+    source: dict          # model, checkpoint, random_init, model_args: as ExtractSettings takes them
+    extract: dict         # given fields of its extract block
+
+    @property
+    def name(self) -> str:
+        return self.source["model"]
 
 
 @dataclass(frozen=True)
-class DatasetEntry:
+class Data:
     manifest: Path
     dataset: Dataset               # the loaded manifest
     images: int | None = None      # planning estimate when the manifest has no counts
-    extract: dict = field(default_factory=dict)  # extraction settings for this set only (e.g. views)
+    extract: dict = field(default_factory=dict)  # given fields of its extract block
 
     @property
     def name(self) -> str:
@@ -77,29 +171,20 @@ class DatasetEntry:
 
 
 @dataclass(frozen=True)
-class ProbeBlock:
+class Block:
+    """A probe or analysis block: its kind, name, models (labels) and the settings it gives."""
+
+    kind: str                      # probe, or an analysis kind
     name: str
-    features: list[tuple[str, ...]]
-    train: str
-    val: str | None
-    test: str | None
-    eval: list[str]
-    anomaly: list[str]
     models: list[str]
-    settings: dict                 # PROBE_FIELDS, filled with defaults
+    given: dict
 
     @property
     def datasets(self) -> list[str]:
-        return [n for n in (self.train, self.val, self.test, *self.eval, *self.anomaly) if n]
-
-
-@dataclass(frozen=True)
-class AnalysisSpec:
-    name: str
-    kind: str
-    models: list[str]
-    datasets: list[str]
-    options: dict
+        """The pipeline datasets the block reads."""
+        g = self.given
+        return [n for n in (g.get("train"), g.get("val"), g.get("test"), *g.get("eval", []), *g.get("anomaly", []),
+                            *g.get("sets", [])) if n]
 
 
 @dataclass(frozen=True)
@@ -111,21 +196,49 @@ class Pipeline:
     vars: dict[str, str]
     cache: Path
     out: Path
-    models: list[ModelEntry]
-    datasets: list[DatasetEntry]
-    extract: dict
-    probes: list[ProbeBlock]
-    analyses: list[AnalysisSpec]
+    models: list[Model]
+    datasets: list[Data]
+    extract: dict                  # given fields of the top-level extract block
+    probes: list[Block]
+    analyses: list[Block]
     tables: list[str]              # probe blocks in the report, in order
     cost: dict                     # tflops and a label for device-hour estimates
     launcher: dict                 # kind (LAUNCHERS), parts per extraction, submitit parameters
     warnings: list[str] = field(default_factory=list)
 
-    def model(self, name: str) -> ModelEntry:
-        return next(m for m in self.models if m.label == name)
+    def model(self, label: str) -> Model:
+        return next(m for m in self.models if m.label == label)
 
-    def dataset(self, name: str) -> DatasetEntry:
+    def dataset(self, name: str) -> Data:
         return next(d for d in self.datasets if d.name == name)
+
+    def extract_settings(self, m: Model, d: Data) -> ExtractSettings:
+        """The settings of one extraction: the file's extract block < the model's < the dataset's (the most
+        specific wins), with the model entry's backbone, the dataset's manifest and the pipeline's cache."""
+        return ExtractSettings.make({**self.extract, **m.extract, **d.extract, **m.source, "data": str(d.manifest),
+                                     "cache": self.cache, "quiet": True},
+                                    where=f"{self.path}: models[{m.label}] × datasets[{d.name}]")
+
+    def probe_settings(self, b: Block, m: Model) -> ProbeSettings:
+        """The settings of one probe job: the block's, for this model, reading the pipeline's cache."""
+        return ProbeSettings.make({**b.given, "model": m.name, "cache": self.cache},
+                                  where=f"{self.path}: probes[{b.name}]")
+
+    def analysis_settings(self, b: Block, models: list[Model]) -> Settings:
+        """An analysis job's settings: the block's; one that runs a backbone also takes the model entry's
+        backbone and the backbone settings its sets were extracted with (so that, e.g., its test-time
+        registers and position-table resampling are those of its sets), unless the block gives them."""
+        cls = ANALYSES[b.kind]
+        values = dict(b.given)
+        if "cache" in cls.model_fields:
+            values["cache"] = self.cache
+        if "model" in cls.model_fields and len(models) == 1:
+            values["model"] = models[0].name
+        if "model" in cls.model_fields and cls.model_fields["model"].is_required():
+            m = models[0]
+            merged = {**self.extract, **m.extract, **m.source}
+            values = {**{k: v for k, v in merged.items() if k in cls.model_fields}, **values}
+        return cls.make(values, where=f"{self.path}: analyses[{b.name}]")
 
 
 # --------------------------------------------------------------------------- --set and ${VARS}
@@ -189,102 +302,6 @@ def expand(value: Any, env: dict[str, str], where: str, missing: dict[str, str])
     return value
 
 
-# --------------------------------------------------------------------------- checked fields
-
-class _Fields:
-    """One mapping of the pipeline and where it is: typed reads whose errors name the file and the field."""
-
-    def __init__(self, data: Any, file: Path, where: str, allowed):
-        self.file, self.where = file, where
-        if not isinstance(data, dict):
-            raise self.error(f"must be a mapping, got {type(data).__name__}")
-        self.data = data
-        unknown = sorted(set(data) - set(allowed))
-        if unknown:
-            raise self.error(f"unknown field(s) {', '.join(map(str, unknown))}; known: {', '.join(allowed)}")
-
-    def at(self, key: str | None = None) -> str:
-        return ".".join(p for p in (self.where, key) if p)
-
-    def error(self, msg: str, key: str | None = None) -> PipelineError:
-        where = self.at(key)
-        return PipelineError(f"{self.file}: {f'field {where!r}: ' if where else ''}{msg}")
-
-    def get(self, key: str, types, default: Any = None, required: bool = False) -> Any:
-        v = self.data.get(key)
-        if v is None:
-            if required:
-                raise self.error("missing", key)
-            return default
-        if isinstance(types, type):
-            types = (types,)
-        if isinstance(v, bool) and bool not in types:  # YAML's yes/no are not numbers
-            raise self.error(f"must be {' or '.join(t.__name__ for t in types)}, got bool", key)
-        if not isinstance(v, types):
-            raise self.error(f"must be {' or '.join(t.__name__ for t in types)}, got {type(v).__name__}", key)
-        return v
-
-    def names(self, key: str, required: bool = False) -> list[str]:
-        """A list of names, or one comma-separated string."""
-        v = self.get(key, (list, str), [], required)
-        items = [s.strip() for s in v.split(",")] if isinstance(v, str) else v
-        if not all(isinstance(s, str) and s for s in items):
-            raise self.error("must be a list of names", key)
-        return [s for s in items if s]
-
-
-def _choice(f: _Fields, key: str, value: Any, choices) -> None:
-    if value is not None and value not in choices:
-        raise f.error(f"{value!r} is not one of {', '.join(map(str, choices))}", key)
-
-
-def _path(base: Path, text: str) -> Path:
-    p = Path(os.path.expanduser(text))
-    return Path(os.path.normpath(p if p.is_absolute() else base / p))
-
-
-# --------------------------------------------------------------------------- loading
-
-def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
-                  allow_unset: bool = False) -> Pipeline:
-    """Read, override, expand and validate a pipeline; no model or data is loaded (manifests are read).
-
-    ``allow_unset`` (dry runs) plans with a placeholder for an unset ``${VAR}`` and says so in ``warnings``.
-    """
-    import copy
-
-    file = Path(path)
-    text, raw = read_yaml_mapping(file, "pipeline", PipelineError)
-    overrides = dict(overrides or {})
-    doc = copy.deepcopy(raw)
-    for k, v in overrides.items():
-        apply_override(doc, k, v, file)
-    top = _Fields(doc, file, "", ("name", "description", "vars", "cache", "out", "models", "datasets", "extract",
-                                  "probes", "analyses", "report", "cost", "launcher"))
-    defaults = top.get("vars", dict, {})
-    for k, v in defaults.items():
-        if not isinstance(v, (str, int, float)):
-            raise top.error("must be a string or number", f"vars.{k}")
-    # precedence: the pipeline's defaults < the environment < --set vars.NAME (already in `defaults`)
-    set_vars = {k.split(".", 1)[1] for k in overrides if k.startswith("vars.")}
-    env = {**{k: str(v) for k, v in defaults.items()}, **os.environ,
-           **{k: str(defaults[k]) for k in set_vars if k in defaults}}
-    missing: dict[str, str] = {}
-    doc = expand({k: v for k, v in doc.items() if k != "vars"}, env, "", missing)
-    warnings = []
-    if missing:
-        what = ", ".join(f"${{{k}}} (field {w!r})" for k, w in missing.items())
-        if not allow_unset:
-            raise PipelineError(f"{file}: not set: {what}; export it, or --set vars.NAME=VALUE")
-        warnings.append(f"not set: {what}; planned with the text as it is")
-    top.data = doc
-    # what manifests may need too: every variable the pipeline defines or uses
-    used_vars = {k: env[k] for k in [*defaults, *VAR.findall(text)] if k in env}
-    base = file.absolute().parent  # relative paths read from where the file is seen (a link: the link's folder)
-    with _manifest_env(used_vars):
-        return _build(top, file, base, text, overrides, used_vars, warnings, allow_unset)
-
-
 class _manifest_env:
     """Manifests read ``${VARS}`` from the environment: give them the pipeline's values while loading
     (and running: `extract` reads the manifest again), restored afterwards."""
@@ -315,196 +332,144 @@ def _load_manifest(path: Path, where: str, file: Path, allow_unset: bool, warnin
             m = re.search(r"environment variable \$\{(\w+)\} is not set", str(e))
             if not (allow_unset and m):
                 raise PipelineError(f"{file}: field {where!r}: {e}") from None
-            os.environ[m.group(1)] = f"/unset-{m.group(1)}"  # a placeholder: the digest is of the text anyway
+            os.environ[m.group(1)] = f"/unset-{m.group(1)}"  # a placeholder: the shards are not read
             warnings.append(f"{path}: ${{{m.group(1)}}} is not set; planned without its shards")
     raise PipelineError(f"{file}: field {where!r}: too many unset variables")
 
 
-def _build(top: _Fields, file: Path, base: Path, text: str, overrides: dict, vars_: dict,
-           warnings: list, allow_unset: bool) -> Pipeline:
-    from ..extract import DTYPES, PRECISIONS, default_cache_root
-    from ..models import POS_EMBED
-    from ..probe import SCORERS
-
-    name = top.get("name", str, required=True)
-    checks = (PRECISIONS, DTYPES, POS_EMBED)
-    models = []
-    for i, m in enumerate(top.get("models", list, required=True)):
-        where = f"models[{i}]"
-        if isinstance(m, str):
-            m = {"name": m}
-        f = _Fields(m, file, where, ("name", "label", "checkpoint", "args", "extract"))
-        ckpt = f.get("checkpoint", str)
-        own = _Fields(f.get("extract", dict, {}), file, f.at("extract"), tuple(EXTRACT_FIELDS))
-        models.append(ModelEntry(f.get("name", str, required=True), str(_path(base, ckpt)) if ckpt else None,
-                                 dict(f.get("args", dict, {})), _extract_settings(own, *checks, base=base,
-                                                                                  defaults=False),
-                                 f.get("label", str, "")))
-    if not models:
-        raise top.error("lists no model", "models")
-    if len({m.label for m in models}) < len(models):
-        raise top.error("names a model twice (give each entry of one model its own label)", "models")
-
-    ext = _Fields(top.get("extract", dict, {}), file, "extract", tuple(EXTRACT_FIELDS))
-    extract = _extract_settings(ext, *checks, base=base)
-
-    datasets = []
-    for i, d in enumerate(top.get("datasets", list, required=True)):
-        where = f"datasets[{i}]"
-        if isinstance(d, str):
-            d = {"manifest": d}
-        f = _Fields(d, file, where, ("manifest", "images", "extract"))
-        manifest = _path(base, f.get("manifest", str, required=True))
-        ds = _load_manifest(manifest, f.at("manifest"), file, allow_unset, warnings)
-        own = _Fields(f.get("extract", dict, {}), file, f.at("extract"), tuple(EXTRACT_FIELDS))
-        datasets.append(DatasetEntry(manifest, ds, f.get("images", int),
-                                     _extract_settings(own, *checks, base=base, defaults=False)))
-    names = [d.name for d in datasets]
-    if len(set(names)) < len(names):
-        raise top.error(f"two manifests have the same name ({', '.join(sorted({n for n in names if names.count(n) > 1}))})",
-                        "datasets")
-    model_names = [m.label for m in models]
-    # what some model stores (None: the defaults, which the probe checks itself)
-    stored = None if extract.get("features") is None else \
-        {f for m in models for f in m.extract.get("features", extract["features"])}
-
-    probes = []
-    for i, p in enumerate(top.get("probes", list, [])):
-        f = _Fields(p, file, f"probes[{i}]", ("name", "models", "features", "train", "val", "test", "eval",
-                                              "anomaly", *PROBE_FIELDS))
-        probes.append(_probe_block(f, names, model_names, stored, SCORERS))
-    if len({p.name for p in probes}) < len(probes):
-        raise top.error("two probe blocks have the same name", "probes")
-
-    analyses = []
-    for i, a in enumerate(top.get("analyses", list, [])):
-        f = _Fields(a, file, f"analyses[{i}]", ("name", "kind", "models", "datasets", "keys", "iterations", "seed",
-                                                 "images", "registers", "similarity", "size", "resize", "display"))
-        kind = f.get("kind", str, required=True)
-        _choice(f, "kind", kind, ANALYSES)
-        opts = {k: v for k, v in f.data.items() if k not in ("name", "kind", "models", "datasets")}
-        if kind == "featuremap" and not f.names("keys"):
-            raise f.error("a featuremap needs the sample keys to draw", "keys")
-        if kind == "attention":
-            opts["images"] = [str(_path(base, p)) for p in f.names("images", required=True)]
-        analyses.append(AnalysisSpec(f.get("name", str, f"{kind}{i}"), kind, _known(f, "models", model_names),
-                                     [] if kind == "attention" else _known(f, "datasets", names, required=True),
-                                     opts))
-
-    rep = _Fields(top.get("report", dict, {}), file, "report", ("tables",))
-    tables = rep.names("tables") or [p.name for p in probes]
-    for t in tables:
-        _choice(rep, "tables", t, [p.name for p in probes])
-    cost = _Fields(top.get("cost", dict, {}), file, "cost", ("tflops", "device"))
-    tflops = cost.get("tflops", (int, float), 396.0)
-    if tflops <= 0:
-        raise cost.error("must be positive", "tflops")
-    la = _Fields(top.get("launcher", dict, {}), file, "launcher", ("kind", "parts", "params"))
-    launcher = {"kind": la.get("kind", str, "none"), "parts": la.get("parts", int, 1),
-                "params": dict(la.get("params", dict, {}))}
-    _choice(la, "kind", launcher["kind"], LAUNCHERS)
-    if launcher["parts"] < 1:
-        raise la.error("must be at least 1", "parts")
-    cwd = Path.cwd()
-    return Pipeline(
-        path=file, name=name, text_sha256=hashlib.sha256(text.encode()).hexdigest(), overrides=overrides,
-        vars=vars_, cache=_path(base, top.get("cache", str)) if top.get("cache", str) else default_cache_root(),
-        out=_path(base, top.get("out", str)) if top.get("out", str) else cwd / "runs" / "pipelines" / name,
-        models=models, datasets=datasets, extract=extract, probes=probes, analyses=analyses, tables=tables,
-        cost={"tflops": float(tflops), "device": cost.get("device", str, "H100 bf16 at 40% of 989 TFLOP/s")},
-        launcher=launcher, warnings=warnings)
 
 
-def _known(f: _Fields, key: str, known: list[str], required: bool = False) -> list[str]:
-    """Names from ``known`` (default: all of them)."""
-    got = f.names(key, required)
-    for n in got:
-        _choice(f, key, n, known)
-    return got or list(known)
+# --------------------------------------------------------------------------- loading
+
+def _path(base: Path, text: str) -> str:
+    p = Path(os.path.expanduser(text))
+    return os.path.normpath(p if p.is_absolute() else base / p)
 
 
-def _extract_settings(f: _Fields, precisions, dtypes, pos_embed, base: Path, defaults: bool = True) -> dict:
-    from ..registers import PATCH_MODES, split_spec
-
-    out = {k: f.get(k, t, d if defaults else None) for k, (t, d) in EXTRACT_FIELDS.items()}
-    out = {k: v for k, v in out.items() if defaults or v is not None}
-    _choice(f, "test_time_patches", out.get("test_time_patches"), PATCH_MODES)
-    if out.get("layers") is not None:
-        spec = out["layers"] if isinstance(out["layers"], str) else ",".join(str(x) for x in out["layers"])
-        try:
-            out["layers"] = parse_layers(spec)
-        except FeatureError as e:
-            raise f.error(str(e), "layers") from None
-    if out.get("test_time_registers"):  # FILE[:K] as extract takes it, the file relative to the pipeline
-        file, k = split_spec(out["test_time_registers"])
-        out["test_time_registers"] = f"{_path(base, file)}:{k}"
-    _choice(f, "precision", out.get("precision"), precisions)
-    _choice(f, "dtype", out.get("dtype"), dtypes)
-    _choice(f, "pos_embed", out.get("pos_embed"), pos_embed)
-    _choice(f, "crop_mode", out.get("crop_mode"), ("center", "squash"))
-    _choice(f, "interpolation", out.get("interpolation"), ("bicubic", "bilinear", "nearest"))
-    if out.get("features") is not None:
-        try:
-            out["features"] = parse_features(f.names("features"))
-        except FeatureError as e:
-            raise f.error(str(e), "features") from None
-    for k in ("mean", "std"):
-        if out.get(k) is not None and (len(out[k]) != 3 or not all(isinstance(x, (int, float)) for x in out[k])):
-            raise f.error("must list 3 numbers (R, G, B)", k)
-    for k in ("size", "resize", "views", "batch_size", "unit_rows"):
-        if out.get(k) is not None and out[k] < 1:
-            raise f.error("must be at least 1", k)
+def _paths(values: dict, cls: type[Settings], base: Path) -> dict:
+    """File fields (`Meta.path`) relative to the pipeline's folder; ``FILE[:K]`` keeps its K."""
+    out = dict(values)
+    for name, v in values.items():
+        if name not in cls.model_fields or not meta(cls, name).path or v is None:
+            continue
+        if name == "test_time_registers":
+            file, k = split_spec(str(v))
+            out[name] = f"{_path(base, file)}:{k}"
+        elif isinstance(v, (list, tuple)):
+            out[name] = [_path(base, str(x)) for x in v]
+        else:
+            out[name] = _path(base, str(v))
     return out
 
 
-def _probe_block(f: _Fields, datasets: list[str], models: list[str], stored: set | None, scorers) -> ProbeBlock:
-    from ..ood import make as make_scorer
+def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = None, *,
+                  allow_unset: bool = False) -> Pipeline:
+    """Read, override, expand and validate a pipeline; no model or data is loaded (manifests are read).
 
-    combos = []
-    for j, c in enumerate(f.get("features", list, required=True)):
-        try:
-            combos.append(parse_features(c))
-        except (FeatureError, TypeError, AttributeError) as e:
-            raise f.error(f"{c!r}: {e}", f"features[{j}]") from None
-    if not combos:
-        raise f.error("lists no feature combination", "features")
-    for c in combos:
-        if stored is not None and not set(c) <= set(stored):
-            raise f.error(f"[{','.join(c)}] needs {','.join(sorted(set(c) - set(stored)))}, which no model's extract.features "
-                          "stores", "features")
-    roles = {}
-    for key in ("train", "val", "test"):
-        roles[key] = f.get(key, str, required=key == "train")
-        if roles[key] is not None:
-            _choice(f, key, roles[key], datasets)
-    lists = {k: f.names(k) for k in ("eval", "anomaly")}
-    for k, names in lists.items():
-        for n in names:
-            _choice(f, k, n, datasets)
-    settings = {k: f.get(k, t, d) for k, (t, d) in PROBE_FIELDS.items()}
-    for k in ("lr", "wd"):
-        v = settings[k]
-        settings[k] = [float(x) for x in (v if isinstance(v, list) else [v])]
-        if not settings[k]:
-            raise f.error("must list at least one value", k)
-    _choice(f, "optimizer", settings["optimizer"], ("sgd", "adamw"))
-    for s in settings["scorers"]:
-        _choice(f, "scorers", s, [*scorers, "all"])
-    for name, params in settings["scorer_args"].items():
-        try:
-            if not isinstance(params, dict):
-                raise ValueError(f"{name}: give its hyperparameters as a mapping, e.g. {{percentile: 0.9}}")
-            make_scorer(name, **params)  # names, types and ranges checked as the probe will
-        except ValueError as e:
-            raise f.error(str(e), "scorer_args") from None
-    for k in ("iterations", "batch_size", "knn_k", "stream_window"):
-        if settings[k] < 1:
-            raise f.error("must be at least 1", k)
-    heads = len(settings["lr"]) * len(settings["wd"])
-    if heads > 1 and (not roles["test"] or roles["test"] == roles["val"]):
-        raise f.error(f"{heads} heads per combination (lr × wd) are selected on "
-                      f"{roles['val'] or 'a held-out part of train'}; name another ID set as 'test' for the "
-                      "ID numbers", "test")
-    return ProbeBlock(f.get("name", str, required=True), combos, roles["train"], roles["val"], roles["test"],
-                      lists["eval"], lists["anomaly"], _known(f, "models", models), settings)
+    ``allow_unset`` (dry runs) plans with a placeholder for an unset ``${VAR}`` and says so in ``warnings``.
+    """
+    file = Path(path)
+    text, raw = read_yaml_mapping(file, "pipeline", PipelineError)
+    overrides = dict(overrides or {})
+    doc = copy.deepcopy(raw)
+    for k, v in overrides.items():
+        apply_override(doc, k, v, file)
+    defaults = doc.get("vars") or {}
+    if not isinstance(defaults, dict):
+        raise PipelineError(f"{file}: vars: must be a mapping of NAME: value")
+    # precedence: the pipeline's defaults < the environment < --set vars.NAME (already in `defaults`)
+    set_vars = {k.split(".", 1)[1] for k in overrides if k.startswith("vars.")}
+    env = {**{k: str(v) for k, v in defaults.items()}, **os.environ,
+           **{k: str(defaults[k]) for k in set_vars if k in defaults}}
+    missing: dict[str, str] = {}
+    doc = {**expand({k: v for k, v in doc.items() if k != "vars"}, env, "", missing), "vars": defaults}
+    warnings = []
+    if missing:
+        what = ", ".join(f"${{{k}}} (field {w!r})" for k, w in missing.items())
+        if not allow_unset:
+            raise PipelineError(f"{file}: not set: {what}; export it, or --set vars.NAME=VALUE")
+        warnings.append(f"not set: {what}; planned with the text as it is")
+    try:
+        spec = PipelineFile.model_validate(doc)
+    except ValidationError as e:
+        raise PipelineError(f"{file}: {describe(e)}") from None
+    # what manifests may need too: every variable the pipeline defines or uses
+    used_vars = {k: env[k] for k in [*defaults, *VAR.findall(text)] if k in env}
+    base = file.absolute().parent  # relative paths read from where the file is seen (a link: the link's folder)
+    with _manifest_env(used_vars):
+        pl = _build(spec, file, base, text, overrides, used_vars, warnings, allow_unset)
+    _check_settings(pl)
+    return pl
 
+
+def _build(spec: PipelineFile, file: Path, base: Path, text: str, overrides: dict, vars_: dict,
+           warnings: list, allow_unset: bool) -> Pipeline:
+    models = []
+    for m in spec.models:
+        m = ModelEntry(model=m) if isinstance(m, str) else m
+        source = _paths({"model": m.model, **{k: getattr(m, k) for k in _BACKBONE_SOURCE if k in m.model_fields_set}},
+                        ExtractSettings, base)
+        models.append(Model(m.label or m.model, source, _paths(m.extract.given(), ExtractSettings, base)))
+    datasets = []
+    for i, d in enumerate(spec.datasets):
+        d = DatasetEntry(manifest=d) if isinstance(d, str) else d
+        manifest = Path(_path(base, d.manifest))
+        ds = _load_manifest(manifest, f"datasets[{i}].manifest", file, allow_unset, warnings)
+        datasets.append(Data(manifest, ds, d.images, _paths(d.extract.given(), ExtractSettings, base)))
+    names = [d.name for d in datasets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PipelineError(f"{file}: datasets: two manifests have the same name ({', '.join(twice)})")
+    labels = [m.label for m in models]
+
+    def known(where: str, got: list[str], choices: list[str], what: str) -> list[str]:
+        bad = [n for n in got if n not in choices]
+        if bad:
+            raise PipelineError(f"{file}: {where}: {', '.join(bad)} not among the pipeline's {what} "
+                                f"({', '.join(choices)})")
+        return got or list(choices)
+
+    probes = []
+    for i, p in enumerate(spec.probes):
+        given = p.given()
+        b = Block("probe", given.pop("name"), known(f"probes[{i}].models", given.pop("models", []), labels, "models"),
+                  given)
+        known(f"probes[{i}]", b.datasets, names, "datasets")
+        probes.append(b)
+    analyses = []
+    for i, a in enumerate(spec.analyses):
+        given = _paths(a.given(), ANALYSES[a.kind], base)
+        kind, name = given.pop("kind"), given.pop("name", None) or f"{a.kind}{i}"
+        b = Block(kind, name, known(f"analyses[{i}].models", given.pop("models", []), labels, "models"), given)
+        known(f"analyses[{i}].sets", b.datasets, names, "datasets")
+        analyses.append(b)
+    tables = known("report.tables", spec.report.tables, [p.name for p in probes], "probe blocks")
+    return Pipeline(
+        path=file, name=spec.name, text_sha256=hashlib.sha256(text.encode()).hexdigest(), overrides=overrides,
+        vars=vars_, cache=Path(_path(base, spec.cache)) if spec.cache else default_cache_root(),
+        out=Path(_path(base, spec.out)) if spec.out else Path.cwd() / "runs" / "pipelines" / spec.name,
+        models=models, datasets=datasets, extract=_paths(spec.extract.given(), ExtractSettings, base), probes=probes,
+        analyses=analyses, tables=tables, cost=spec.cost.model_dump(), launcher=spec.launcher.model_dump(),
+        warnings=warnings)
+
+
+def _check_settings(pl: Pipeline) -> None:
+    """Every job's whole settings, checked now (before any work) with what each block merges in, so that a
+    value wrong only in combination (a streamed set without val) fails at load, naming the block."""
+    try:
+        for m in pl.models:
+            for d in pl.datasets:
+                pl.extract_settings(m, d)
+        for b in pl.probes:
+            for label in b.models:
+                pl.probe_settings(b, pl.model(label))
+                s = pl.probe_settings(b, pl.model(label))
+                if s.heads_per_combination > 1 and (not s.test or s.test == s.val):
+                    raise SettingsError(f"{pl.path}: probes[{b.name}]: {s.heads_per_combination} heads per "
+                                        f"combination are selected on {s.val or 'a held-out part of train'}; name "
+                                        "another ID set as test for the ID numbers")
+        for b in pl.analyses:
+            for label in b.models:
+                pl.analysis_settings(b, [pl.model(label)])
+    except SettingsError as e:
+        raise PipelineError(str(e)) from None

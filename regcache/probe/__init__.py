@@ -1,12 +1,16 @@
-"""Stage 2: linear heads on cached features, evaluated for accuracy and OOD detection (DESIGN §5).
+"""Stage 2: linear heads on cached features, evaluated for accuracy and OOD detection (docs/design.md, "Probing").
 
-Never loads a backbone. `data` finds and reads the cached sets, `heads` trains every head of a
-grid in one pass, `run` puts a whole run together (train, select, test, score).
+Never loads a backbone. `data` reads the cached sets, `head` is a trained head, `minibatch` and
+`solvers` train every head of a grid in one pass, `run` puts a whole run together (the `probe` and
+`score` actions), `knn` holds the kNN and few-shot protocols.
 """
 from .data import ProbeError, Split, StreamedSplit, holdout, load_split, map_labels
-from .heads import Head, ProbeConfig, accuracy, fit_heads, load_heads, predict, refit, save_heads, select, train_heads
-from .run import FEATURE_SCORERS, SCORERS, ProbeJob, ProbeResult, Row, evaluate, run_probe, score_run
+from .head import Head, accuracy, load_heads, predict, save_heads, select
+from .knn import fewshot, knn
+from .minibatch import train_heads
+from .run import ProbeResult, Row, RunSets, evaluate, find_sets, probe, run_probe, score
+from .solvers import SOLVERS, fit_heads, refit
 
-__all__ = ["FEATURE_SCORERS", "SCORERS", "Head", "ProbeConfig", "ProbeError", "ProbeJob", "ProbeResult", "Row",
-           "Split", "StreamedSplit", "accuracy", "evaluate", "fit_heads", "holdout", "load_heads",
-           "load_split", "map_labels", "predict", "refit", "run_probe", "save_heads", "score_run", "select", "train_heads"]
+__all__ = ["Head", "ProbeError", "ProbeResult", "Row", "RunSets", "SOLVERS", "Split", "StreamedSplit", "accuracy",
+           "evaluate", "fewshot", "find_sets", "fit_heads", "holdout", "knn", "load_heads", "load_split", "map_labels",
+           "predict", "probe", "refit", "run_probe", "save_heads", "score", "select", "train_heads"]

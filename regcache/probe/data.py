@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..sets import Named
 from ..store import FeatureSet
+from ..store.meta import Description
 
 
 class ProbeError(ValueError):
@@ -16,25 +18,21 @@ class ProbeError(ValueError):
 
 # --------------------------------------------------------------------------- compatible sets
 
-def check_compatible(sets: dict[str, FeatureSet]) -> None:
-    """Every set must come from the same backbone: weights, position embeddings, test-time registers (hooks
-    that leave the weights as they are), random init, preprocessing and precision."""
-    keys = ("model", "model_kwargs", "weights", "pos_embed", "test_time_registers", "random_init", "preprocess",
-            "precision")
-    unset = {"pos_embed": "timm"}  # stores from before the option recorded nothing for its default
-    ref_name, ref = next(iter(sets.items()))
-    for name, fs in sets.items():
-        a, b = ref.meta["identity"], fs.meta["identity"]
-        diff = [k for k in keys if a.get(k, unset.get(k)) != b.get(k, unset.get(k))
-                and not (k == "preprocess" and _same_eval(a[k], b[k]))]
+def check_compatible(sets: Sequence[tuple[str, FeatureSet]]) -> None:
+    """Every set one head reads must come from the same backbone: the backbone part of their identities
+    (`identity.backbone`: weights, model arguments, position embeddings, test-time registers,
+    preprocessing, precision) is equal. Augmented views and stored features may differ."""
+    from ..identity import backbone
+
+    ref_name, ref = sets[0]
+    want = backbone(ref.identity)
+    for name, fs in sets[1:]:
+        got = backbone(fs.identity)
+        diff = [k for k in want if want[k] != got[k]]
         if diff:
-            raise ProbeError(f"{name} ({fs.path}) and {ref_name} ({ref.path}) differ in {', '.join(diff)}")
-
-
-def _same_eval(a: dict, b: dict) -> bool:
-    """Augmented views (train) and a plain eval set share view 0's preprocessing."""
-    return {k: v for k, v in a.items() if k not in ("views", "seed")} == \
-        {k: v for k, v in b.items() if k not in ("views", "seed")}
+            raise ProbeError(f"{name} ({fs.path}) and {ref_name} ({ref.path}) were made with different backbones "
+                             f"or preprocessing (they differ in {', '.join(diff)}); a head reads one backbone's "
+                             "features")
 
 
 # --------------------------------------------------------------------------- data
@@ -167,13 +165,13 @@ def load_split(fs: FeatureSet, features: Sequence[str], name: str, views: Sequen
 
 # --------------------------------------------------------------------------- class names
 
-def class_names(ds: dict) -> tuple[list[str] | None, list[str] | None]:
+def class_names(d: Description) -> tuple[list[str] | None, list[str] | None]:
     """(class names that the set's labels index, its class subset: names, or integer ids in an unnamed set).
 
     Labels index ``classes``; a set with a subset of names but no class list (ImageNet-A/R shards
     labelled 0..199 in their own order) has labels that index its subset.
     """
-    classes, subset = ds.get("classes"), ds.get("subset")
+    classes, subset = d.classes, d.subset
     subset = [str(c) for c in subset] if subset else None
     if classes is None and subset and not all(c.isdigit() for c in subset):
         classes = subset
@@ -185,7 +183,7 @@ def _list(names) -> str:
     return ", ".join(map(str, names[:10])) + (f" (and {len(names) - 10} more)" if len(names) > 10 else "")
 
 
-def map_labels(split: Split, fs: FeatureSet, id_classes: Sequence[str] | None, num_classes: int) -> Split:
+def map_labels(split: Split, named: Named, id_classes: Sequence[str] | None, num_classes: int) -> Split:
     """Put a labelled set's labels (and its class subset) into the training set's classes, by name.
 
     Both sets named: map by name, refusing names the training set lacks. Neither named (pattern sets):
@@ -194,9 +192,9 @@ def map_labels(split: Split, fs: FeatureSet, id_classes: Sequence[str] | None, n
     """
     name = split.name
     if (split.labels < 0).any():
-        raise ProbeError(f"{name} ({fs.path}) has {int((split.labels < 0).sum())} unlabelled rows; "
+        raise ProbeError(f"{name} ({named.fs.path}) has {int((split.labels < 0).sum())} unlabelled rows; "
                          "accuracy needs labels (pass unlabelled sets as --anomaly)")
-    own, subset = class_names(fs.meta["dataset"])
+    own, subset = class_names(named.description)
     if (own is None) != (id_classes is None):
         named, unnamed = (name, "the training set") if id_classes is None else ("the training set", name)
         raise ProbeError(f"{unnamed} has no class names (integer labels) but {named} has: labels cannot be mapped "

@@ -9,12 +9,18 @@ the set sizes; on ``device="cuda"`` the matmuls run on the GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import ProbeError, Split
+from .data import ProbeError, Split, class_names, load_split
+
+if TYPE_CHECKING:
+    from ..settings import CachedSets, FewshotSettings, KnnSettings
 
 
 def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
@@ -72,10 +78,11 @@ def shots(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def few_shot(train: Split, test: Split, features: Sequence[str], num_classes: int, shots_per_class: Sequence[int],
-             seeds: Sequence[int], C: float = 1.0, device: str = "cpu", max_iter: int = 1000) -> list[dict]:
+             seeds: Sequence[int], C: float = 1.0, device: str = "cpu", max_iter: int = 1000,
+             on_fit=lambda n: None) -> list[dict]:
     """k-shot logistic regression (scikit-learn's objective at ``C``, `lbfgs_grid`) on view-0 rows, per k and
     seed: top-1, top-5 and mean-per-class recall on ``test``, one dict per (k, seed)."""
-    from .heads import predict
+    from .head import predict
     from .solvers import lbfgs_grid
 
     view0 = np.flatnonzero(train.views == 0)
@@ -92,63 +99,99 @@ def few_shot(train: Split, test: Split, features: Sequence[str], num_classes: in
                         "top1": float(np.mean(pred == test.labels)),
                         "top5": topk_accuracy(logits, test.labels, 5, test.subset),
                         "mean_per_class_recall": mean_per_class_recall(pred, test.labels)})
+            on_fit(1)
     return out
 
 
-def _sets(job, combos: Sequence[Sequence[str]]):
-    """The training split (view 0) and the labelled ID test and eval splits of a job, labels in the training classes."""
-    from .data import class_names, load_split
-    from .run import _check_apart, _find_sets, _labelled, _num_classes
+def _sets(s: "CachedSets"):
+    """The training split (view 0) and the labelled ID test and eval splits, labels in the training classes."""
+    from .run import RunSets, check_apart, find_sets, labelled, num_classes_of
 
-    if not job.test:
-        raise ProbeError("give the ID set to report on with --test")
-    union = sorted({f for c in combos for f in c})
-    sets = _find_sets(job, union)
-    _check_apart(sets, selected=False)  # a query that is its own neighbour would vote for itself
-    id_classes = class_names(sets["train"].meta["dataset"])[0]
-    train = load_split(sets["train"], union, job.train)
-    k = _num_classes(job.train, train.labels, id_classes)
-    tests = [("id", _labelled(sets["test"], union, job.test, id_classes, k))]
-    tests += [("ood-gen", _labelled(sets[n], union, n, id_classes, k)) for n in job.eval]
+    union = sorted({f for c in s.features for f in c})
+    sets: RunSets = find_sets(s, union)
+    check_apart(sets, selected=False)  # a query that is its own neighbour would vote for itself
+    id_classes = class_names(sets.train.description)[0]
+    train = load_split(sets.train.fs, union, sets.train.name)
+    k = num_classes_of(sets.train.name, train.labels, id_classes)
+    tests = [("id", labelled(sets.test, union, id_classes, k))]
+    tests += [("ood-gen", labelled(n, union, id_classes, k)) for n in sets.eval.values()]
     return train, tests, k
 
 
-def run_knn(job, combos: Sequence[Sequence[str]], ks: Sequence[int] = (10, 20, 100, 200),
-            temperature: float = 0.07, device: str = "cpu"):
-    """kNN top-1 / top-5 of every combination and k on the job's test and eval sets (long DataFrame)."""
+def _top(num_classes: int) -> tuple[tuple[str, int], ...]:
+    """top-1, and top-5 where it says something (more than 5 classes)."""
+    return (("top1", 1), ("top5", 5)) if num_classes > 5 else (("top1", 1),)
+
+
+@dataclass
+class Table:
+    """A protocol's results: the long table, its summary, and where they were written."""
+
+    results: "object"          # pandas DataFrame, long format
+    summary: "object"          # pandas DataFrame, as printed
+    out: Path | None = None
+
+
+def knn(s: "KnnSettings") -> Table:
+    """`regcache knn`: top-1 (and top-5) of every combination and k on the test and eval sets."""
     import pandas as pd
 
-    train, tests, num_classes = _sets(job, combos)
+    train, tests, num_classes = _sets(s)
+    if max(s.k) > len(train):
+        raise ProbeError(f"k={max(s.k)} neighbours, but {s.train} has {len(train)} training rows (view 0): "
+                         f"give k at most {len(train)}")
     rows = []
-    for combo in combos:
+    for combo in s.features:
         bank = train.combo(combo)
-        for role, s in tests:
-            scores = knn_scores(bank, torch.from_numpy(train.labels), s.combo(combo), num_classes, ks, temperature,
-                                device)
+        for role, t in tests:
+            scores = knn_scores(bank, torch.from_numpy(train.labels), t.combo(combo), num_classes, s.k,
+                                s.temperature, s.device)
             for k, sc in scores.items():
-                for metric, kk in (("top1", 1), ("top5", 5)):
-                    rows.append({"model": job.model, "features": ",".join(combo), "set": s.name, "role": role,
-                                 "k": k, "temperature": temperature, "metric": metric,
-                                 "value": topk_accuracy(sc, s.labels, kk, s.subset), "n": len(s),
+                for metric, kk in _top(num_classes):
+                    rows.append({"model": s.model, "features": ",".join(combo), "set": t.name, "role": role,
+                                 "k": k, "temperature": s.temperature, "metric": metric,
+                                 "value": topk_accuracy(sc, t.labels, kk, t.subset), "n": len(t),
                                  "train_rows": len(train)})
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    summary = df.pivot_table(index=["features", "set", "metric"], columns="k", values="value", sort=False) * 100
+    return _write(Table(df, summary.round(2)), s, "knn", f"kNN (T = {s.temperature}), %, by k")
 
 
-def run_few_shot(job, combos: Sequence[Sequence[str]], shots_per_class: Sequence[int] = (1, 2, 5, 10),
-                 seeds: Sequence[int] = (0, 1, 2), C: float = 1.0, device: str = "cpu"):
-    """k-shot logistic regression of every combination, per k and seed, plus mean and std over seeds."""
+def fewshot(s: "FewshotSettings") -> Table:
+    """`regcache fewshot`: k-shot logistic regression of every combination, per k and seed, and the mean and
+    std over seeds."""
     import pandas as pd
 
-    train, tests, num_classes = _sets(job, combos)
+    from ..progress import progress
+
+    train, tests, num_classes = _sets(s)
     rows = []
-    for combo in combos:
-        for role, s in tests:
-            for r in few_shot(train, s, combo, num_classes, shots_per_class, seeds, C, device):
-                for metric in ("top1", "top5", "mean_per_class_recall"):
-                    rows.append({"model": job.model, "features": ",".join(combo), "set": s.name, "role": role,
-                                 "shots": r["shots"], "seed": r["seed"], "C": C, "metric": metric,
-                                 "value": r[metric], "n": len(s), "train_rows": r["train_rows"]})
+    work = [(combo, role, t) for combo in s.features for role, t in tests]
+    bar = progress(total=len(work) * len(s.shots) * len(s.seeds), desc="fewshot", unit="fit", disable=s.quiet)
+    for combo, role, t in work:
+        for r in few_shot(train, t, combo, num_classes, s.shots, s.seeds, s.C, s.device, on_fit=bar.update):
+            for metric in ("top1", "top5", "mean_per_class_recall"):
+                if metric == "top5" and num_classes <= 5:
+                    continue
+                rows.append({"model": s.model, "features": ",".join(combo), "set": t.name, "role": role,
+                             "shots": r["shots"], "seed": r["seed"], "C": s.C, "metric": metric,
+                             "value": r[metric], "n": len(t), "train_rows": r["train_rows"]})
+    bar.close()
     df = pd.DataFrame(rows)
-    keys = ["model", "features", "set", "role", "shots", "C", "metric"]
-    summary = df.groupby(keys, sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
-    return df, summary.rename(columns={"count": "seeds"})
+    keys = ["features", "set", "metric", "shots"]
+    g = df.groupby(keys, sort=False)["value"]
+    summary = pd.DataFrame({"mean": g.mean() * 100, "std": g.std() * 100, "seeds": g.count()}).round(2)
+    return _write(Table(df, summary), s, "fewshot", f"few-shot logistic regression (C = {s.C}), %, mean and std "
+                  "over seeds")
+
+
+def _write(table: Table, s, command: str, title: str) -> Table:
+    """results.parquet (long) and results.md (the summary) in the run directory (``s.out``, or a new one)."""
+    from ..report import frame_markdown
+    from ..rundir import output_dir, stamp
+    from ..store import slug
+
+    table.out = output_dir(s.out, Path("runs") / f"{command}-{slug(s.model)}-{stamp()}")
+    table.results.to_parquet(table.out / "results.parquet", index=False)
+    (table.out / "results.md").write_text(f"### {title}\n\n{frame_markdown(table.summary)}\n")
+    return table

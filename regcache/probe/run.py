@@ -1,10 +1,13 @@
-"""A whole probe run: find the sets, train, select, evaluate on test, eval and anomaly sets; score saved runs."""
+"""A whole probe run: find the sets, train, select, evaluate on test, eval and anomaly sets; score saved runs.
+
+`probe` and `score` are the actions (the CLI and pipelines call them with settings); each writes a
+run directory (`report.write_run`) and returns what it computed.
+"""
 from __future__ import annotations
 
-import functools
 import json
-import os
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,12 +15,16 @@ import numpy as np
 import torch
 
 from .. import ood
-from ..store import FeatureSet, find_feature_set, list_feature_sets
+from ..rundir import output_dir, stamp
+from ..sets import Cache, Named
+from ..settings import CachedSets, ProbeSettings, ScoreSettings
+from ..store import FeatureSet, slug
 from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
                    class_names, holdout, load_split, map_labels)
-from .heads import Head, ProbeConfig, accuracy, fit_heads, load_heads, refit, select
+from .head import Head, accuracy, load_heads, select
+from .solvers import fit_heads, refit
 
-
+log = logging.getLogger("regcache")
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -101,57 +108,81 @@ def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) ->
 OOD_GROUPS = ("near-ood", "far-ood")  # manifest splits whose anomaly sets get their own mean, as OpenOOD reports
 OOD_VALIDATION = "ood-val"            # the manifest split of OOD validation sets: in no mean
 OOD_SPLITS = (*OOD_GROUPS, OOD_VALIDATION)
-SCORERS = tuple(ood.SCORERS)  # every registered scorer (`regcache scorers` lists them)
-FEATURE_SCORERS = tuple(n for n, c in ood.SCORERS.items() if c.needs_bank)  # these fit on the training features
 
 
-# --------------------------------------------------------------------------- a whole run
+# --------------------------------------------------------------------------- the sets of a run
 
 @dataclass
-class ProbeJob:
-    """Which cached sets a run uses (names resolve under ``cache``; paths are taken as they are)."""
+class RunSets:
+    """The sets of a run: three by role, the eval and anomaly sets by name. Roles and names are apart in the
+    structure itself, so a set *named* ``test`` never stands in for the ID test set."""
 
-    model: str
-    train: str
-    cache: Path
-    val: str | None = None    # selects the heads; default: a held-out part of train
-    test: str | None = None   # ID accuracy and the ID side of anomaly scores; default: the val set
-    eval: list[str] = field(default_factory=list)
-    anomaly: list[str] = field(default_factory=list)
-    scorers: tuple[str, ...] = ("msp", "energy", "maxlogit")
-    knn_k: int = 50
-    scorer_args: dict = field(default_factory=dict)  # {scorer: {param: value}}; knn.k here overrides knn_k
-    allow_random_init: bool = False  # use sets of random weights (extract --random-init): smoke tests
-    paths: dict[str, str] = field(default_factory=dict)  # set name -> feature-set path, already resolved (a pipeline's)
+    train: Named
+    val: Named | None = None
+    test: Named | None = None
+    eval: dict[str, Named] = field(default_factory=dict)
+    anomaly: dict[str, Named] = field(default_factory=dict)
 
+    def items(self) -> Iterator[tuple[str, Named]]:
+        """(label, set): ``train``, ``val``, ``test``, then ``eval:NAME`` and ``anomaly:NAME``."""
+        yield "train", self.train
+        for role in ("val", "test"):
+            if getattr(self, role) is not None:
+                yield role, getattr(self, role)
+        yield from ((f"eval:{n}", s) for n, s in self.eval.items())
+        yield from ((f"anomaly:{n}", s) for n, s in self.anomaly.items())
 
-@dataclass
-class ProbeResult:
-    results: "object"                      # pandas DataFrame, long format
-    heads: dict[tuple[str, ...], Head]     # the selected head per feature combination
-    candidates: list[Head]                 # every head trained
-    scores: dict                           # (features, anomaly set, scorer) -> (ID scores, OOD scores)
-    sets: dict[str, str]                   # set name -> feature-set path
-    protocol: dict = field(default_factory=dict)  # selection set, heads per combination, ID set, training views
+    @property
+    def id_role(self) -> str | None:
+        """The role of the set the ID numbers are on: test, else val, else none (a held-out part of train)."""
+        return "test" if self.test is not None else "val" if self.val is not None else None
 
 
-@dataclass
-class _Data:
-    test: Split
-    ood_gen: list[Split]
-    anomalies: list[Split]
-    num_classes: int
-    train: "Split | StreamedSplit | None" = None
-    val: Split | None = None
-    bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
-    groups: dict[str, str] = field(default_factory=dict)  # anomaly set -> its manifest's split, where one of OOD_SPLITS
+def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, str | Path] | None = None) -> RunSets:
+    """The sets ``s`` names (`sets.Cache.find`); ``pins`` (dataset name -> feature-set path) fixes which set a
+    name means, as a pipeline does for the sets it made."""
+    cache = Cache(s.cache)
+
+    def find(ref: str) -> Named:
+        if pins and ref in pins:
+            return Named.of(FeatureSet(pins[ref]), ref)
+        return cache.find(ref, s.model, union)
+
+    val, anomaly = getattr(s, "val", None), getattr(s, "anomaly", [])  # knn and fewshot have neither
+    sets = RunSets(find(s.train), find(val) if val else None, find(s.test) if s.test else None,
+                   {n: find(n) for n in s.eval}, {n: find(n) for n in anomaly})
+    check_compatible([(f"{label} set {n.name}", n.fs) for label, n in sets.items()])
+    for label, n in sets.items():
+        seed = n.fs.identity.get("random_init")
+        if seed is not None and not s.allow_random_init:
+            raise ProbeError(f"{n.name} ({n.fs.path}) holds features of random weights (extract --random-init {seed}): "
+                             "a random-init ViT gives nearly the same embedding for every image, so its numbers say "
+                             "nothing about the model; pass --allow-random-init for a smoke test")
+    return sets
 
 
-def _groups(sets: dict[str, FeatureSet], names: Sequence[str]) -> dict[str, str]:
-    """Anomaly sets whose manifest split is near-ood, far-ood or ood-val (OpenOOD v1.5's benchmark), by name."""
-    return {n: sets[n].meta["dataset"].get("split") for n in names
-            if sets[n].meta["dataset"].get("split") in OOD_SPLITS}
+def check_apart(sets: RunSets, selected: bool) -> None:
+    """The set the ID numbers are on (test, else val) shares no shard bytes with the set that trained the heads,
+    nor with the one that selected them (a copy of a set, or one manifest under two names, is the same data)."""
+    role = sets.id_role
+    if role is None:
+        return
+    reported = getattr(sets, role)
+    digests = set(reported.fs.shard_digests().values())
+    others = ["train", "val"] if selected and role == "test" else ["train"]
+    for other in others:
+        o = getattr(sets, other)
+        if o is None:
+            continue
+        common = digests & set(o.fs.shard_digests().values())
+        if common:
+            raise ProbeError(f"the {role} set {reported.name} ({reported.fs.path}), which the ID numbers are on, was "
+                             f"read from {len(common)} of the same shards as the {other} set {o.name} ({o.fs.path}): "
+                             f"they would be on images that {'trained' if other == 'train' else 'selected'} the "
+                             "heads; name a test set of other images")
 
+
+# --------------------------------------------------------------------------- loading
 
 BankSource = Callable[[Sequence[str], str], "ood.Bank"]  # (feature combination, device) -> bank
 
@@ -185,31 +216,7 @@ def _read(fs: FeatureSet, name: str, feature: str, rows: np.ndarray, keys: np.nd
     return a
 
 
-def _find_sets(job: ProbeJob, union: Sequence[str], known: dict[str, str] | None = None) -> dict[str, FeatureSet]:
-    available = functools.cache(lambda: list_feature_sets(job.cache))  # listed once, if a name needs it
-
-    def find(name: str) -> FeatureSet:
-        if name in job.paths:
-            return FeatureSet(job.paths[name])
-        return find_feature_set(job.cache, name, job.model, union, available())
-
-    known = known or {}
-    sets = {"train": FeatureSet(known["train"]) if "train" in known else find(job.train)}
-    for role in ("val", "test"):
-        if getattr(job, role):
-            sets[role] = FeatureSet(known[role]) if role in known else find(getattr(job, role))
-    sets.update({n: find(n) for n in [*job.eval, *job.anomaly]})
-    check_compatible(sets)
-    for name, fs in sets.items():
-        seed = fs.meta["model"].get("random_init")
-        if seed is not None and not job.allow_random_init:
-            raise ProbeError(f"{name} ({fs.path}) holds features of random weights (extract --random-init {seed}): "
-                             "a random-init ViT gives nearly the same embedding for every image, so its numbers say "
-                             "nothing about the model; pass --allow-random-init for a smoke test")
-    return sets
-
-
-def _num_classes(name: str, labels: np.ndarray, id_classes: Sequence[str] | None) -> int:
+def num_classes_of(name: str, labels: np.ndarray, id_classes: Sequence[str] | None) -> int:
     """Classes of the heads: the training set's class list, else its largest integer label + 1."""
     if (labels < 0).any():
         raise ProbeError(f"{name} has unlabelled rows; a training set needs labels")
@@ -220,47 +227,61 @@ def _num_classes(name: str, labels: np.ndarray, id_classes: Sequence[str] | None
     return len(id_classes) if id_classes else int(present.max()) + 1
 
 
-def _labelled(fs: FeatureSet, union: Sequence[str], name: str, id_classes, num_classes: int) -> Split:
-    return map_labels(load_split(fs, union, name), fs, id_classes, num_classes)
+def labelled(n: Named, union: Sequence[str], id_classes, num_classes: int) -> Split:
+    return map_labels(load_split(n.fs, union, n.name), n, id_classes, num_classes)
 
 
-def _load(job: ProbeJob, sets: dict[str, FeatureSet], union: Sequence[str], seed: int,
-          val_fraction: float, stream: int = 0) -> _Data:
+@dataclass
+class _Data:
+    test: Split
+    ood_gen: list[Split]
+    anomalies: list[Split]
+    num_classes: int
+    train: "Split | StreamedSplit | None" = None
+    val: Split | None = None
+    bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
+    groups: dict[str, str] = field(default_factory=dict)  # anomaly set -> its manifest's split, where one of OOD_SPLITS
+
+
+def _groups(anomaly: Mapping[str, Named]) -> dict[str, str]:
+    """Anomaly sets whose manifest split is near-ood, far-ood or ood-val (OpenOOD v1.5's benchmark), by name."""
+    return {n.name: n.description.split for n in anomaly.values() if n.description.split in OOD_SPLITS}
+
+
+def _load(s: ProbeSettings, sets: RunSets, union: Sequence[str]) -> _Data:
     """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads.
 
-    ``stream`` > 0 streams the training set with that many units per window instead of loading it.
-    Labels of val, test and eval sets are mapped into the training set's classes by name.
+    With ``stream`` the training set is read window by window instead of loaded. Labels of val, test
+    and eval sets are mapped into the training set's classes by name.
     """
-    id_classes = class_names(sets["train"].meta["dataset"])[0]
-    if stream:
-        if not job.val:
-            raise ProbeError("a streamed training set needs --val (no rows are held out of it)")
-        train = StreamedSplit(sets["train"], job.train, union, window=stream)
+    id_classes = class_names(sets.train.description)[0]
+    name = sets.train.name
+    if s.stream:
+        train = StreamedSplit(sets.train.fs, name, union, window=s.stream_window)
     else:
-        train = load_split(sets["train"], union, job.train, views=None)
-    num_classes = _num_classes(job.train, train.labels, id_classes)
-    if job.val:
-        val = _labelled(sets["val"], union, job.val, id_classes, num_classes)
+        train = load_split(sets.train.fs, union, name, views=None)
+    num_classes = num_classes_of(name, train.labels, id_classes)
+    if sets.val is not None:
+        val = labelled(sets.val, union, id_classes, num_classes)
     else:
-        fit_rows, val_rows = holdout(train, val_fraction, seed)
-        val, train = train.take(val_rows, name=f"{job.train}[held-out]"), train.take(fit_rows)
-    test = _labelled(sets["test"], union, job.test, id_classes, num_classes) if job.test else val
-    return _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
-                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, train, val,
-                 _bank(train), _groups(sets, job.anomaly))
+        fit_rows, val_rows = holdout(train, s.val_fraction, s.seed)
+        val, train = train.take(val_rows, name=f"{name}[held-out]"), train.take(fit_rows)
+    test = labelled(sets.test, union, id_classes, num_classes) if sets.test is not None else val
+    return _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
+                 [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, train, val,
+                 _bank(train), _groups(sets.anomaly))
 
 
-def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, rows: list[Row], protocol: dict,
-                  device: str = "cpu"):
+def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: list[Row], protocol: dict):
     import pandas as pd
 
     scores: dict = {}
     for head in heads:
-        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, job.scorers, data.bank,
-                               _scorer_args(job), scores, device, data.groups)
+        rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, s.scorers, data.bank,
+                               s.scorer_args, scores, s.device, data.groups)
     df = pd.DataFrame([asdict(r) for r in rows])
-    df.insert(0, "model", job.model)
-    df["seed"] = seed
+    df.insert(0, "model", s.model)
+    df["seed"] = s.seed
     # the protocol travels with every number, so that `report` can state it for merged runs too
     df["selection_set"] = protocol.get("selection_set") or ""
     df["heads_per_combination"] = protocol.get("heads_per_combination", 0)
@@ -268,124 +289,129 @@ def _evaluate_all(job: ProbeJob, heads: Sequence[Head], data: _Data, seed: int, 
     return df, scores
 
 
-def _scorer_args(job: ProbeJob) -> dict:
-    """The job's scorer arguments, with ``knn_k`` (the older flag) as k-NN's k unless knn.k is given."""
-    return {**job.scorer_args, "knn": {"k": job.knn_k, **job.scorer_args.get("knn", {})}}
+def _need_test(s: ProbeSettings) -> str:
+    sel = f"--val {s.val}" if s.val else f"a held-out part of --train {s.train}"
+    return (f"{s.heads_per_combination} heads per feature combination are selected on {sel}; the set that selects "
+            "them must not also give the ID test numbers: add --test with another ID set (e.g. the official "
+            "validation split)")
 
 
-def _need_test(job: ProbeJob, heads: int) -> str:
-    sel = f"--val {job.val}" if job.val else f"a held-out part of --train {job.train}"
-    return (f"{heads} heads per feature combination are selected on {sel}; the set that selects them must not "
-            f"also give the ID test numbers: add --test with another ID set (e.g. the official validation split)")
+# --------------------------------------------------------------------------- the actions
+
+@dataclass
+class ProbeResult:
+    results: "object"                      # pandas DataFrame, long format
+    heads: dict[tuple[str, ...], Head]     # the selected head per feature combination
+    candidates: list[Head]                 # every head trained
+    scores: dict                           # (features, anomaly set, scorer) -> (ID scores, OOD scores)
+    sets: RunSets
+    protocol: dict = field(default_factory=dict)  # selection set, heads per combination, ID set, training views
+    out: Path | None = None                # the run directory, once written
+    warnings: list[str] = field(default_factory=list)
 
 
-def run_probe(job: ProbeJob, cfg: ProbeConfig, progress: bool = True) -> ProbeResult | None:
+def run_probe(s: ProbeSettings, pins: Mapping[str, str | Path] | None = None) -> ProbeResult | None:
     """Find the cached sets, train all heads together, select per combination on validation, evaluate.
 
-    With several heads per combination (an lr/wd grid), the selection set and the test set must differ.
+    With several heads per combination (an lr/wd or C grid), the selection set and the test set must
+    differ. Returns None on a torchrun rank other than 0 (rank 0 evaluates).
     """
-    job.scorers = tuple(ood.resolve(job.scorers))
-    heads_per = cfg.heads_per_combination
-    if heads_per > 1 and not job.test:
-        raise ProbeError(_need_test(job, heads_per))
-    union = sorted({f for combo in cfg.features for f in combo})
-    sets = _find_sets(job, union)
-    if heads_per > 1 and job.val and sets["val"].path.resolve() == sets["test"].path.resolve():
-        raise ProbeError(_need_test(job, heads_per))
-    if cfg.refit and (not job.test or (job.val and sets["val"].path.resolve() == sets["test"].path.resolve())):
-        raise ProbeError(f"--refit trains the selected heads again on {job.train} + {job.val or 'its held-out part'}, "
+    if s.heads_per_combination > 1 and not s.test:
+        raise ProbeError(_need_test(s))
+    union = sorted({f for combo in s.features for f in combo})
+    sets = find_sets(s, union, pins)
+    same = sets.val is not None and sets.test is not None and \
+        sets.val.fs.path.resolve() == sets.test.fs.path.resolve()
+    if s.heads_per_combination > 1 and same:
+        raise ProbeError(_need_test(s))
+    if s.refit and (sets.test is None or same):
+        raise ProbeError(f"--refit trains the selected heads again on {s.train} + {s.val or 'its held-out part'}, "
                          "so the ID numbers need a set apart from both: name one with --test")
-    _check_apart(sets, selected=heads_per > 1 or cfg.refit)
-    data = _load(job, sets, union, cfg.seed, cfg.val_fraction, stream=cfg.stream_window if cfg.stream else 0)
+    check_apart(sets, selected=s.heads_per_combination > 1 or s.refit)
+    data = _load(s, sets, union)
     views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
-    protocol = {"heads_per_combination": heads_per, "selection_set": data.val.name, "id_set": data.test.name,
-                "id_is_selection_set": data.test is data.val, "train_views": sorted(int(v) for v in np.unique(views))}
-    candidates = fit_heads(data.train, data.num_classes, cfg, progress=progress)
+    protocol = {"heads_per_combination": s.heads_per_combination, "selection_set": data.val.name,
+                "id_set": data.test.name, "id_is_selection_set": data.test is data.val,
+                "train_views": sorted(int(v) for v in np.unique(views))}
+    candidates = fit_heads(data.train, data.num_classes, s, progress=not s.quiet)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None  # rank 0 evaluates and writes
     heads = select(candidates, data.val)
     selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
                  for h in candidates]
-    if cfg.refit:
-        heads = refit(heads, data.train, data.val, data.num_classes, cfg)
+    if s.refit:
+        heads = refit(heads, data.train, data.val, data.num_classes, s)
         protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
-    df, scores = _evaluate_all(job, list(heads.values()), data, cfg.seed, selection, protocol, cfg.device)
-    return ProbeResult(df, heads, candidates, scores, {k: str(v.path) for k, v in sets.items()}, protocol)
+    df, scores = _evaluate_all(s, list(heads.values()), data, selection, protocol)
+    warnings = []
+    if s.augmented and len(protocol["train_views"]) < 2:
+        warnings.append(f"the protocol trains on augmented views, but {s.train} holds the plain crop only "
+                        "(extracted with views 1): its heads saw no augmentation; extract it with --views > 1")
+    return ProbeResult(df, heads, candidates, scores, sets, protocol, warnings=warnings)
 
 
-def _check_apart(sets: dict[str, FeatureSet], selected: bool) -> None:
-    """The set the ID numbers are on (test, else val) shares no shard bytes with the set that trained the heads,
-    nor with the one that selected them (a copy of a set, or one manifest under two names, is the same data)."""
-    id_role = "test" if "test" in sets else "val" if "val" in sets else None
-    if id_role is None:
-        return
+def probe(s: ProbeSettings, pins: Mapping[str, str | Path] | None = None) -> ProbeResult | None:
+    """`regcache probe`: `run_probe`, then its run directory (``s.out``, default ``runs/MODEL-TIME``)."""
+    from ..report import write_run
 
-    def shards(fs: FeatureSet) -> set[str]:
-        return set(fs.shard_digests().values())
-
-    reported = shards(sets[id_role])
-    others = ["train", "val"] if selected and id_role == "test" else ["train"]
-    for role in [r for r in others if r in sets]:
-        common = reported & shards(sets[role])
-        if common:
-            raise ProbeError(f"the {id_role} set {sets[id_role].path}, which the ID numbers are on, was read from "
-                             f"{len(common)} of the same shards as the {role} set {sets[role].path}: they would be "
-                             f"on images that {'trained' if role == 'train' else 'selected'} the heads; name a "
-                             "test set of other images")
+    result = run_probe(s, pins)
+    if result is not None:
+        for w in result.warnings:
+            log.warning("warning: %s", w)
+        result.out = output_dir(s.out, Path("runs") / f"{slug(s.model)}-{stamp()}")
+        write_run(result.out, result, s)
+    return result
 
 
-def _check_unchanged(run: Path, config: dict, sets: dict[str, FeatureSet]) -> None:
-    """A saved run is scored further only against the very sets it was made from (same settings, same bytes)."""
-    for key, recorded in (("fingerprints", lambda fs: fs.fingerprint), ("contents", lambda fs: fs.content_id())):
-        for role, was in config.get(key, {}).items():
-            if role in sets and recorded(sets[role]) != was:
-                raise ProbeError(f"{sets[role].path}, the {role} set of run {run}, has been extracted again from "
-                                 "other shards or settings since the run was made: its numbers would mix two "
-                                 "datasets; probe again to get a run of the current data")
-
-
-def score_run(run: str | os.PathLike, eval: Sequence[str] = (), anomaly: Sequence[str] = (),
-              scorers: Sequence[str] | None = None, cache: str | os.PathLike | None = None,
-              scorer_args: dict | None = None, device: str = "cpu") -> ProbeResult:
-    """Apply a run's saved heads to further cached sets (found as the run found its own).
+def score(ss: ScoreSettings) -> ProbeResult:
+    """`regcache score`: a run's saved heads on further cached sets (found as the run found its own).
 
     Reads the run's ID set, the new sets, and the training set only when a scorer needs its features
-    (`FEATURE_SCORERS`: view 0 only, streamed from the store in chunks) or when the ID set was held out
-    of it. ``scorers``/``scorer_args`` replace the run's own.
+    (view 0 only, streamed from the store in chunks) or when the ID set was held out of it. The run's
+    sets must still hold what they held (settings and shard bytes), else its numbers would mix data.
     """
-    run = Path(run)
-    config = json.loads((run / "config.json").read_text())
-    job = ProbeJob(**{**config["job"], "cache": Path(cache or config["job"]["cache"]),
-                      "eval": list(eval), "anomaly": list(anomaly)})
-    if scorers:
-        job.scorers = tuple(scorers)
-    if scorer_args is not None:
-        job.scorer_args = scorer_args
-    job.scorers = tuple(ood.resolve(job.scorers))
+    from ..report import RunRecord, write_scores
+
+    run = Path(ss.run)
+    record = RunRecord.read(run / "config.json", "run record")
+    update = {"eval": ss.eval, "anomaly": ss.anomaly, "out": None,
+              **{k: getattr(ss, k) for k in ("scorers", "scorer_args", "cache") if getattr(ss, k) is not None}}
+    s = ProbeSettings.make({**record.settings, **update})
     heads = load_heads(run / "heads.safetensors")
     union = sorted({f for h in heads for f in h.features})
-    sets = _find_sets(job, union, known=config["sets"])
-    _check_unchanged(run, config, sets)
-    seed, protocol = config["probe"]["seed"], config.get("protocol", {})
-    id_classes, num_classes = class_names(sets["train"].meta["dataset"])[0], int(heads[0].weight.shape[0])
-    id_role = "test" if job.test else "val" if job.val else None
-    test = _labelled(sets[id_role], union, getattr(job, id_role), id_classes, num_classes) if id_role else None
+    roles = {r.role: r for r in record.sets if r.role in ("train", "val", "test")}
+    gone = [f"{r.role} set {r.path}" for r in roles.values() if not (Path(r.path) / "regcache.json").is_file()]
+    if gone:
+        raise ProbeError(f"the {', '.join(gone)} of run {run} is no longer there (removed, or extracted again from "
+                         "other shards since the run was made); probe again to get a run of the current data")
+    sets = find_sets(s, union, pins={getattr(s, role): r.path for role, r in roles.items()})
+    for role, r in roles.items():
+        fs = getattr(sets, role).fs
+        if (fs.fingerprint, fs.content_id()) != (r.fingerprint, r.content):
+            raise ProbeError(f"{fs.path}, the {role} set of run {run}, has been extracted again from other shards or "
+                             "settings since the run was made: its numbers would mix two datasets; probe again to "
+                             "get a run of the current data")
+    id_classes, num_classes = class_names(sets.train.description)[0], int(heads[0].weight.shape[0])
+    role = sets.id_role
+    test = labelled(getattr(sets, role), union, id_classes, num_classes) if role else None
     bank = None
-    if test is None or any(ood.SCORERS[s].needs_bank for s in job.scorers):
-        fs = sets["train"]
+    if test is None or any(ood.SCORERS[n].needs_bank for n in s.scorers):
+        fs, name = sets.train.fs, sets.train.name
         idx = fs.index
         idx = idx[idx.view == 0]
         rows, labels, keys, views = (idx[c].to_numpy() for c in ("row", "label", "key", "view"))
-        if not job.val:  # the run's held-out rows: the same keys for the same seed
-            fit_rows, held = holdout(Split(job.train, {}, labels, keys, views), config["probe"]["val_fraction"], seed)
+        if sets.val is None:  # the run's held-out rows: the same keys for the same seed
+            fit_rows, held = holdout(Split(name, {}, labels, keys, views), s.val_fraction, s.seed)
             if test is None:
-                test = Split(f"{job.train}[held-out]", {f: _read(fs, job.train, f, rows[held], keys[held]) for f in union},
+                test = Split(f"{name}[held-out]", {f: _read(fs, name, f, rows[held], keys[held]) for f in union},
                              labels[held], keys[held], views[held])
             rows, labels, keys = rows[fit_rows], labels[fit_rows], keys[fit_rows]
-        bank = _store_bank(fs, job.train, rows, labels, keys)
-    data = _Data(test, [_labelled(sets[n], union, n, id_classes, num_classes) for n in job.eval],
-                 [load_split(sets[n], union, n) for n in job.anomaly], num_classes, bank=bank,
-                 groups=_groups(sets, job.anomaly))
-    df, scores = _evaluate_all(job, heads, data, seed, [], protocol, device)
-    return ProbeResult(df, {h.features: h for h in heads}, heads, scores, {k: str(v.path) for k, v in sets.items()},
-                       protocol)
+        bank = _store_bank(fs, name, rows, labels, keys)
+    data = _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
+                 [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, bank=bank,
+                 groups=_groups(sets.anomaly))
+    df, scores = _evaluate_all(s, heads, data, [], record.protocol)
+    result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol)
+    result.out = output_dir(ss.out, run / f"score-{stamp()}")
+    write_scores(result.out, result)
+    return result

@@ -1,4 +1,5 @@
-"""Full-batch L-BFGS for a whole grid of multinomial logistic-regression heads at once.
+"""The solvers that train a grid of heads, by name (`SOLVERS`), and full-batch L-BFGS for a whole grid of
+multinomial logistic-regression heads at once.
 
 Every head minimises scikit-learn's objective ``C·Σ CE + ½‖W‖²`` (intercept unpenalised), i.e.
 ``mean CE + λ/2 ‖W‖²`` with ``λ = 1/(C·n)``, so a head equals ``LogisticRegression(C=C)``.
@@ -15,35 +16,64 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
+from ..settings import Training
 from .data import ProbeError, Split, StreamedSplit
+from .head import Head
+from .minibatch import train_heads
 
 log = logging.getLogger("regcache")
 
 
-def lbfgs_heads(train: "Split | StreamedSplit", num_classes: int, cfg) -> list:
-    """One head per (combination, C) of ``cfg`` (a `ProbeConfig`), each combination's grid in one solve."""
+def lbfgs_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, progress: bool = False) -> list:
+    """One head per (combination, C) of ``s``, each combination's grid in one solve."""
     import torch.distributed as dist
-
-    from .heads import Head
 
     if isinstance(train, StreamedSplit):
         raise ProbeError("lbfgs is full-batch: it needs the training set in memory (drop --stream)")
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise ProbeError("lbfgs runs in one process (on one GPU with --device cuda); run it without torchrun")
-    device = torch.device(cfg.device)
+    device = torch.device(s.device)
     y = torch.from_numpy(train.labels).to(device)
     heads = []
-    for combo in cfg.features:
+    for combo in s.features:
         x = train.combo(combo).to(device)
-        w, b, _ = lbfgs_grid(x, y, num_classes, cfg.Cs, max_iter=cfg.iterations, tol=cfg.tol)
+        w, b, _ = lbfgs_grid(x, y, num_classes, s.C, max_iter=s.max_iter, tol=s.tol)
         heads += [Head(combo, float("nan"), 1.0 / (c * len(y)), w[i].cpu(), b[i].cpu(), C=float(c))
-                  for i, c in enumerate(cfg.Cs)]
+                  for i, c in enumerate(s.C)]
         del x
     return heads
+
+
+#: solver name (`settings.choices.SOLVERS`) -> (training set, classes, settings, progress) -> every head of the grid
+SOLVERS: dict[str, Callable[..., list[Head]]] = {"minibatch": train_heads, "lbfgs": lbfgs_heads}
+
+
+def fit_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, progress: bool = False) -> list[Head]:
+    """Every head of ``s`` with its solver, in combination-major grid order."""
+    return SOLVERS[s.solver](train, num_classes, s, progress)
+
+
+def refit(chosen: dict[tuple[str, ...], Head], train: "Split | StreamedSplit", val: Split, num_classes: int,
+          s: Training) -> dict[tuple[str, ...], Head]:
+    """Train each combination's chosen setting again on train + val (DINOv3): the selection used val,
+    the final head may learn from it too. Each refit head keeps the chosen head's validation accuracy."""
+    if isinstance(train, StreamedSplit):
+        raise ProbeError("refit needs the training set in memory (drop --stream)")
+    both = Split(f"{train.name}+{val.name}", {f: np.concatenate([train.x[f], val.x[f]]) for f in train.x},
+                 np.concatenate([train.labels, val.labels]), np.concatenate([train.keys, val.keys]),
+                 np.concatenate([train.views, val.views]))
+    out = {}
+    for combo, h in chosen.items():
+        setting = {"C": [h.C]} if s.solver == "lbfgs" else {"lr": [h.lr], "wd": [h.wd]}
+        new = fit_heads(both, num_classes, s.model_copy(update={"features": [combo], "refit": False, **setting}))[0]
+        new.val_acc = h.val_acc
+        out[combo] = new
+    return out
 
 
 def lbfgs_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, Cs: Sequence[float], *, max_iter: int = 1000,

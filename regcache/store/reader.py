@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..features import TokenLayout, parse_features
-from .meta import ARRAYS, INDEX_SCHEMA, StoreError, StoreMeta
+from .meta import ARRAYS, INDEX_SCHEMA, NAMES, Description, SetRecord, StoreError
 
 
 @dataclass
@@ -32,39 +32,61 @@ class FeatureReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
-        self.record, self.meta = StoreMeta.read(self.path)
+        self.meta: SetRecord = SetRecord.open(self.path)
 
     def __repr__(self) -> str:
         return f"FeatureSet({str(self.path)!r})"
 
-
     @property
     def fingerprint(self) -> str:
-        return self.record.fingerprint
+        return self.meta.fingerprint
+
+    @property
+    def identity(self) -> dict:
+        return self.meta.identity
 
     @property
     def layout(self) -> TokenLayout:
-        return self.record.layout
+        return self.meta.layout
 
     @property
     def features(self) -> tuple[str, ...]:
-        return self.record.features
+        return self.meta.features
 
     @property
     def dtype(self) -> np.dtype:
-        return self.record.dtype
+        return np.dtype(self.meta.dtype)
 
     @property
     def unit_rows(self) -> int:
-        return self.record.unit_rows
+        return self.meta.unit_rows
 
     @property
     def num_units(self) -> int:
-        return self.record.num_units
+        return self.meta.num_units
 
     @property
     def shards(self) -> tuple[str, ...]:
-        return self.record.shards
+        return tuple(self.meta.dataset.shards)
+
+    def names(self) -> dict[str, Description]:
+        """Every description of this set's rows, by dataset name: its creator's, and one per other manifest
+        whose shards turned out to hold the same rows (`UnitWriter.add_name`)."""
+        d = self.meta.dataset
+        out = {d.name: Description(**{k: getattr(d, k) for k in Description.model_fields})}
+        for f in sorted((self.path / NAMES).glob("*.json")):
+            desc = Description.read(f, "dataset description")
+            out[desc.name] = desc
+        return out
+
+    def description(self, name: str | None = None) -> Description:
+        """What the rows mean under ``name`` (default: the creator's name)."""
+        names = self.names()
+        if name is None:
+            return names[self.meta.dataset.name]
+        if name not in names:
+            raise StoreError(f"{self.path} holds no dataset named {name!r} (it holds {', '.join(names)})")
+        return names[name]
 
     def _record(self, unit: int) -> Path:
         return self.path / "units" / f"{unit:06d}.parquet"
@@ -83,7 +105,7 @@ class FeatureReader:
     def shard_digests(self) -> dict[int, str]:
         """Per committed unit, the digest of the shard bytes it was read from; where the bytes could not be
         digested (a remote shard) or were not recorded (older stores), the shard's URL stands for them."""
-        urls = self.meta["dataset"].get("urls") or self.meta["dataset"]["shards"]
+        urls = self.meta.dataset.urls
         return {u: (self.unit_shard(u) or {}).get("digest") or f"url:{urls[u]}" for u in sorted(self.committed_units())}
 
     def content_id(self) -> str:

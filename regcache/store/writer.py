@@ -22,8 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..features import FEATURES, TokenLayout
-from .meta import ARRAYS, META, RECORD_SCHEMA, SCHEMA_VERSION, StoreError, fingerprint
+from ..features import FEATURES
+from .meta import ARRAYS, META, NAMES, RECORD_SCHEMA, SCHEMA_VERSION, Description, SetRecord, StoreError, fingerprint, slug
 
 _HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 
@@ -150,8 +150,8 @@ class UnitWriter:
     def create(cls, path: str | os.PathLike, identity: dict, meta: dict | Callable[[], dict]) -> "UnitWriter":
         """Create the store, or open it if it exists with the same identity; refuse any other.
 
-        ``meta`` (the layout, sizes and provenance) may be a function: it is called only when the
-        store is new, so that writers joining an existing store skip its costs.
+        ``meta``: the other fields of its `SetRecord` (layout, sizes, model, dataset, provenance); it may be
+        a function, called only when the store is new, so that writers joining an existing store skip its costs.
         """
         path = Path(path)
         identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
@@ -159,36 +159,44 @@ class UnitWriter:
         path.mkdir(parents=True, exist_ok=True)
         with _locked(path):
             if (path / META).is_file():
-                old = json.loads((path / META).read_text())
-                if old["fingerprint"] != fp:
-                    diff = sorted(k for k in set(old["identity"]) | set(identity)
-                                  if old["identity"].get(k) != identity.get(k))
-                    raise StoreError(f"{path} holds a different feature set (fingerprint {old['fingerprint'][:12]}, "
+                old = SetRecord.open(path)
+                if old.fingerprint != fp:
+                    diff = sorted(k for k in set(old.identity) | set(identity)
+                                  if old.identity.get(k) != identity.get(k))
+                    raise StoreError(f"{path} holds a different feature set (fingerprint {old.fingerprint[:12]}, "
                                      f"asked {fp[:12]}; differs in: {', '.join(diff)}); "
                                      "refusing to mix them. Use another cache root or --store path.")
                 return cls(path)
-            meta = {"schema_version": SCHEMA_VERSION, **(meta() if callable(meta) else meta), "fingerprint": fp,
-                    "identity": identity}
-            cls._create_arrays(path, meta)
+            record = SetRecord.model_validate({**(meta() if callable(meta) else meta), "schema_version": SCHEMA_VERSION,
+                                               "fingerprint": fp, "identity": identity})
+            cls._create_arrays(path, record)
             (path / "units").mkdir(exist_ok=True)
-            _atomic_write(path / META, json.dumps(meta, indent=2, sort_keys=True).encode())
+            _atomic_write(path / META, record.to_json())
         return cls(path)
 
     @staticmethod
-    def _create_arrays(path: Path, meta: dict) -> None:
+    def _create_arrays(path: Path, record: SetRecord) -> None:
         """One Zarr shard per unit, of raw (uncompressed) inner chunks: float16 features compress by 9% at
         most, so a codec only costs read speed; inner chunks that are all padding are not stored."""
         import zarr
 
-        layout = TokenLayout.from_dict(meta["layout"])
-        rows, total = meta["unit_rows"], meta["unit_rows"] * meta["num_units"]
+        rows, total = record.unit_rows, record.unit_rows * record.num_units
         group = zarr.open_group(path / ARRAYS, mode="a", zarr_format=3)
-        for name in meta["features"]:
-            shape = layout.shape(name)
-            inner = inner_rows(rows, int(np.prod(shape)) * np.dtype(meta["dtype"]).itemsize)
+        for name in record.features:
+            shape = record.layout.shape(name)
+            inner = inner_rows(rows, int(np.prod(shape)) * np.dtype(record.dtype).itemsize)
             group.create_array(name, shape=(total, *shape), shards=(rows, *shape), chunks=(inner, *shape),
-                               dtype=meta["dtype"], fill_value=0, compressors=None, overwrite=True,
+                               dtype=record.dtype, fill_value=0, compressors=None, overwrite=True,
                                attributes={"description": FEATURES[name]})
+
+    def add_name(self, description: Description) -> None:
+        """Record another description of the same rows (another manifest's name, split or classes for the same
+        shards): the set is then found, and read with that meaning, under that name too."""
+        if self.names().get(description.name) == description:
+            return
+        folder = self.path / NAMES
+        folder.mkdir(exist_ok=True)
+        _atomic_write(folder / f"{slug(description.name)}.json", description.to_json())
 
     def commit_unit(self, unit: int, arrays: dict[str, np.ndarray], records: Sequence[tuple[str, int, int]],
                     errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
@@ -225,6 +233,22 @@ class UnitWriter:
             "error": [None] * n + [reason for _, reason in errors],
         }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
         _atomic_write(self._record(unit), _parquet_bytes(table))
+
+    def adopt_unit(self, source: "UnitWriter", unit: int) -> None:
+        """Commit ``unit`` by copying ``source``'s committed unit (the same rows, as `adopt_units` in extract
+        decides): its chunk files of every feature, then its record, renamed into place last."""
+        import shutil
+
+        for name in self.features:
+            src, dst = source.path / ARRAYS / name / "c" / str(unit), self.path / ARRAYS / name / "c" / str(unit)
+            if dst.exists():
+                shutil.rmtree(dst)
+            if src.exists():
+                shutil.copytree(src, dst)
+        tmp = self._record(unit).with_name(f".{self._record(unit).name}.{_HOST}.{os.getpid()}.tmp")
+        shutil.copyfile(source._record(unit), tmp)
+        os.replace(tmp, self._record(unit))
+        self._failure(unit).unlink(missing_ok=True)
 
     def claims(self, stale_after: float = 600.0) -> Claims:
         return Claims(self.path / "units", stale_after=stale_after)

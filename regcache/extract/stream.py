@@ -6,9 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .dataset import DataError, Dataset, SampleError, ShardId, shard_id
-from .decode import check_resize, decode_image, decode_label
-from .tar import open_shard
+from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard, shard_id
 
 # --------------------------------------------------------------------------- streaming
 

@@ -2,7 +2,8 @@
 
 data (workers decode shard by shard) -> tokens (one forward pass) -> store (a writer thread
 commits whole units). Re-running skips committed units; a feature set that already holds the
-features asked for is reused without any backbone work.
+features asked for is reused without any backbone work. What a run makes is planned first
+(`regcache.identity.plan`), from the settings alone: the data are checked before the model loads.
 """
 from __future__ import annotations
 
@@ -14,73 +15,29 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
-from .data import Dataset, ShardId, UnitStream, check_pipes, count_samples, load_dataset, shard_ids
-from .features import TokenLayout, select_features, with_layers
-from .models import ModelSpec, Preprocess, load_model, preprocess_for, state_dict_digest
-from .store import SCHEMA_VERSION, FeatureSet, StoreError, feature_set_path, find_reusable, fingerprint
-from .tokens import layout_of, token_features
+from .. import __version__
+from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, shard_ids
+from ..features import TokenLayout
+from ..identity import Plan, plan, weights
+from ..models import load_model, resolve_name
+from ..settings import ExtractSettings
+from ..store import FeatureSet, StoreError, feature_set_path, find_reusable, list_feature_sets
+from ..store.meta import Description
+from ..tokens import layout_of, token_features
+from .stream import UnitStream, check_pipes
 
 log = logging.getLogger("regcache")
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPES = ("float16", "float32")
+#: autocast dtype per `settings.choices.PRECISIONS` name
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FALLBACK_UNIT_ROWS = 10_000
-
-
-def default_cache_root() -> Path:
-    return Path(os.environ.get("REGCACHE_CACHE", Path.home() / ".cache" / "regcache"))
-
-
-@dataclass
-class ExtractConfig:
-    """Everything `extract` needs; the CLI fills it from flags."""
-
-    model: str
-    data: str
-    name: str | None = None  # dataset name for a plain shard pattern (default: its folder's name)
-    labels: str | None = None  # a plain pattern's labels: cls, json:FIELD or none (default: detected)
-    role: str | None = None    # a plain pattern's role (anomaly: unlabelled)
-    features: tuple[str, ...] | None = None
-    layers: tuple[int, ...] | None = None  # also store the LAYER_FEATURES of these blocks, as NAME@-k
-    test_time_registers: str | None = None  # FILE[:K] from `regcache registers find` (regcache.registers)
-    test_time_patches: str = "zero"  # registers.PATCH_MODES
-    cache: Path = field(default_factory=default_cache_root)
-    store: Path | None = None
-    checkpoint: str | None = None
-    random_init: int | None = None  # seed of timm's random weights (smoke tests; the probe refuses them)
-    model_kwargs: dict = field(default_factory=dict)
-    preprocess: Preprocess | None = None  # None: the model's own eval transform (models.preprocess_for)
-    pos_embed: str = "timm"  # position-table resampling, models.POS_EMBED
-    precision: str = "fp32"
-    dtype: str = "float16"
-    batch_size: int = 64
-    workers: int | None = None  # DataLoader decode workers; None: default_workers(device)
-    device: str = "auto"
-    part: int = 0
-    num_parts: int = 1
-    unit_rows: int | None = None
-    allow_pipe: bool = False
-    compile: bool = False
-    finalize_only: bool = False
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if not 0 <= self.part < self.num_parts:
-            raise ValueError(f"part {self.part} is not in 0..{self.num_parts - 1}")
-        if self.preprocess is None:
-            self.preprocess = preprocess_for(self.model)
 
 
 @dataclass
@@ -94,6 +51,7 @@ class ExtractResult:
     failed_shards: dict[str, str] = field(default_factory=dict)
     units_done: int = 0
     units_skipped: int = 0
+    units_adopted: int = 0       # committed units copied from another set of the same shards (`adopt_units`)
     seconds: float = 0.0         # the whole call
     stream_seconds: float = 0.0  # streaming: first batch to last commit (images/s = rows / this)
     reused: bool = False
@@ -102,61 +60,41 @@ class ExtractResult:
     error: str | None = None     # why the set is unusable although every unit is committed
 
 
-def identity_of(spec: ModelSpec, digest: str, cfg: ExtractConfig, ds: Dataset, features: tuple[str, ...],
-                registers: dict | None = None) -> dict:
-    """What determines the content of a feature set; its hash names the store.
-
-    The data part is the dataset's description; what each shard held is recorded with its unit
-    and checked (`verify_shards`) before any committed unit is reused or resumed. ``registers``:
-    the test-time registers (`attach_registers`), by content: the neuron file's digest, not its path.
-    """
-    return {"schema": SCHEMA_VERSION, "model": spec.timm_name, "model_kwargs": spec.kwargs, "weights": digest,
-            "pos_embed": spec.pos_embed,
-            "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision, "dtype": cfg.dtype,
-            "features": sorted(features), "dataset": ds.digest,
-            **({"random_init": spec.random_init} if spec.random_init is not None else {}),
-            **({"test_time_registers": {k: registers[k] for k in ("digest", "registers", "patches")}}
-               if registers else {})}
-
-
 def shard_counts(ds: Dataset) -> list[int | None]:
     """Samples per shard: from the manifest, else from local tar headers (None where unknown)."""
     return list(ds.counts) if ds.counts else [count_samples(u) for u in ds.shards]
 
 
-def unit_capacity(cfg: ExtractConfig, counts: list[int | None]) -> int:
+def unit_capacity(s: ExtractSettings, counts: list[int | None]) -> int:
     """Rows per unit: given, else the largest shard's samples times the views, else a fallback."""
-    if cfg.unit_rows:
-        return cfg.unit_rows
+    if s.unit_rows:
+        return s.unit_rows
     known = [c for c in counts if c is not None]
-    return max(1, max(known) if known else FALLBACK_UNIT_ROWS) * cfg.preprocess.views
+    return max(1, max(known) if known else FALLBACK_UNIT_ROWS) * s.views
 
 
-def build_meta(cfg: ExtractConfig, spec: ModelSpec, digest: str, ds: Dataset, layout: TokenLayout,
-               features: tuple[str, ...], registers: dict | None = None) -> dict:
+def build_meta(p: Plan) -> dict:
     """Everything a new store records besides its identity (counting shard sizes may read tar headers)."""
     import timm
     import zarr
 
+    s, ds = p.settings, p.dataset
     counts = shard_counts(ds)  # for sizing and progress; only declared counts are checked against
+    source = s.data if not s.data.endswith((".yaml", ".yml")) else str(Path(s.data).resolve())
     return {
-        "schema_version": SCHEMA_VERSION, "features": list(features), "layout": layout.to_dict(), "dtype": cfg.dtype,
-        "unit_rows": unit_capacity(cfg, counts), "num_units": len(ds.shards),
-        "model": {"name": cfg.model, "timm_name": spec.timm_name, "checkpoint": cfg.checkpoint,
-                  "random_init": spec.random_init,
-                  "weights_digest": digest, "kwargs": spec.kwargs, "pos_embed": spec.pos_embed,
-                  **({"test_time_registers": registers} if registers else {})},
-        "preprocess": cfg.preprocess.to_dict(), "precision": cfg.precision,
-        "dataset": {"name": ds.name, "digest": ds.digest, "shards": [ds.shard_name(u) for u in range(len(ds.shards))],
-                    "urls": list(ds.shards), "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
-                    "labels": ds.label_key and (
-                        f"json:{ds.label_field}" if ds.label_field else ds.label_key),
-                    "role": ds.role, "split": ds.split, "classes": list(ds.classes) if ds.classes else None,
-                    "subset": list(ds.subset) if ds.subset else None},
+        "features": list(p.features), "layout": p.layout, "dtype": s.dtype,
+        "unit_rows": unit_capacity(s, counts), "num_units": len(ds.shards),
+        "model": {"name": s.model, "timm_name": p.timm_name, "checkpoint": str(s.checkpoint) if s.checkpoint else None,
+                  "test_time_registers": p.registers},
+        "dataset": {**ds.description(), "labels": ds.labels, "image": list(ds.image_keys),
+                    "shards": [ds.shard_name(u) for u in range(len(ds.shards))], "urls": list(ds.shards),
+                    "counts": list(ds.counts) if ds.counts else None, "sizes": counts,
+                    "content": p.dataset.content_id(p.shards), "source": source},
         "provenance": {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        "regcache": __version__, "timm": timm.__version__, "torch": torch.__version__,
                        "zarr": zarr.__version__, "python": platform.python_version(),
-                       "host": socket.gethostname(), "command": sys.argv},
+                       "host": socket.gethostname(), "command": sys.argv,
+                       "settings": s.model_dump(mode="json", exclude_defaults=True)},
     }
 
 
@@ -197,16 +135,16 @@ class _UnitBuffer:
                 for n in names}
 
 
-def launcher_part(cfg: ExtractConfig) -> ExtractConfig:
+def launcher_part(s: ExtractSettings) -> ExtractSettings:
     """Under torchrun (or any launcher that sets RANK/WORLD_SIZE), each rank is one part on its own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 or cfg.num_parts != 1:
-        return cfg
-    device = cfg.device
+    if world == 1 or s.num_parts != 1:
+        return s
+    device = s.device
     if device == "auto" and torch.cuda.is_available():
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return replace(cfg, part=int(os.environ["RANK"]), num_parts=world, device=device,
-                   progress=cfg.progress and os.environ.get("RANK") == "0")
+    return s.model_copy(update={"part": int(os.environ["RANK"]), "num_parts": world, "device": device,
+                                "quiet": s.quiet or os.environ.get("RANK") != "0"})
 
 
 class _Forward:
@@ -233,66 +171,112 @@ class _Forward:
                             "(pass --batch-size %d to start there)", self.chunk, self.chunk)
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
+def check_shards_exist(ds: Dataset) -> None:
+    """Local shards that are not there are named before anything is planned or loaded (a set's identity is
+    its shards' bytes, so extracting around a missing one would make a set of other data)."""
+    missing = [u for u in ds.shards if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(f"{ds.name}: {len(missing)} of {len(ds.shards)} shards do not exist: "
+                        f"{', '.join(missing[:5])}{more}; check the path (or the ${{VARS}} of the manifest)")
+
+
+def extract(settings: ExtractSettings) -> ExtractResult:
     """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
     t0 = time.perf_counter()
-    cfg = launcher_part(cfg)
-    ds = load_dataset(cfg.data, cfg.name, cfg.labels, cfg.role)
-    check_pipes(ds, cfg.allow_pipe)
-    if cfg.finalize_only:
-        return _finalize_only(cfg, ds, t0)
+    s = launcher_part(settings)
+    ds = load_dataset(s.data, s.name, s.labels, s.role)
+    check_pipes(ds, s.allow_pipe)
+    if s.finalize:
+        return _finalize_only(s, ds, t0)
+    resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
+    check_shards_exist(ds)
     ids = shard_ids(ds)
-    spec = ModelSpec(cfg.model, cfg.checkpoint, cfg.model_kwargs, cfg.pos_embed, cfg.random_init)
-    model = load_model(spec, cfg.preprocess.size)
-    digest = state_dict_digest(model)
-    registers = attach_registers(cfg, model, spec, digest)
-    layout = layout_of(model)
-    features = select_features(cfg.features, layout)
-    if cfg.layers:
-        features = with_layers(features, cfg.layers, layout.depth)
-    identity = identity_of(spec, digest, cfg, ds, features, registers)
-    fp = fingerprint(identity)
-
-    if cfg.store is None:
-        reuse = find_reusable(cfg.cache, identity)
+    p = plan(s, ds, ids)
+    identity, fp = p.identity, p.fingerprint
+    description = Description(**ds.description())
+    if s.store is None:
+        reuse = find_reusable(s.cache, identity)
         if reuse is not None:
             verify_shards(reuse, ds, ids)
+            reuse.add_name(description)
             log.info("cached: %s already holds %s for %s on %s; no backbone work",
-                     reuse.path, ",".join(reuse.features), cfg.model, ds.name)
+                     reuse.path, ",".join(reuse.features), s.model, ds.name)
             return ExtractResult(path=reuse.path, fingerprint=reuse.fingerprint, ok=len(reuse.index),
                                  failed=len(reuse.errors), reused=True, complete=True,
                                  units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
-    path = Path(cfg.store) if cfg.store else feature_set_path(cfg.cache, ds.name, cfg.model, fp)
-    fs = FeatureSet.create(path, identity, lambda: build_meta(cfg, spec, digest, ds, layout, features, registers))
+    path = Path(s.store) if s.store else feature_set_path(s.cache, ds.name, s.model, fp)
+    fs = FeatureSet.create(path, identity, lambda: build_meta(p))
+    fs.add_name(description)
     verify_shards(fs, ds, ids)
     for tmp in fs.remove_stale_temporaries():
         log.info("removed %s, left by a killed writer", tmp)
-    if cfg.unit_rows and cfg.unit_rows != fs.unit_rows:
+    if s.unit_rows and s.unit_rows != fs.unit_rows:
         log.warning("%s exists with %d rows per unit; --unit-rows %d applies to new stores only (remove it to change)",
-                    fs.path, fs.unit_rows, cfg.unit_rows)
+                    fs.path, fs.unit_rows, s.unit_rows)
 
-    mine = [u for u in range(len(ds.shards)) if u % cfg.num_parts == cfg.part]
+    mine = [u for u in range(len(ds.shards)) if u % s.num_parts == s.part]
     done = fs.committed_units()
     pending = [u for u in mine if u not in done]
     result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending))
+    adopted = adopt_units(fs, pending, ids, s.cache) if pending else []
+    pending = [u for u in pending if u not in adopted]
+    result.units_adopted = len(adopted)
     if pending:
-        log.info("extracting %d of %d shards of %s with %s into %s (%d already committed)",
-                 len(pending), len(ds.shards), ds.name, cfg.model, fs.path, result.units_skipped)
+        log.info("%s", describe_plan(p))
+        log.info("extracting %d of %d shards of %s with %s into %s (%d already committed%s)",
+                 len(pending), len(ds.shards), ds.name, s.model, fs.path, result.units_skipped,
+                 f", {len(adopted)} taken from an earlier set of the same shards" if adopted else "")
+        model = load_model(s, p.preprocess.size)
+        if p.registers:
+            from ..registers import attach
+
+            attach(model, p.registers, weights(identity))
+        if layout_of(model) != p.layout:
+            raise StoreError(f"{s.model}: the loaded model's token layout {layout_of(model)} differs from the planned "
+                             f"{p.layout}; please report this (timm {__import__('timm').__version__})")
         t = time.perf_counter()
-        _run(cfg, model, layout, features, ds, fs, pending, result, ids)
+        _run(s, p, model, fs, pending, result, ids)
         result.stream_seconds = time.perf_counter() - t
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
     return _conclude(fs, result, t0)
 
 
-def attach_registers(cfg: ExtractConfig, model: torch.nn.Module, spec: ModelSpec, digest: str) -> dict | None:
-    """Install ``cfg.test_time_registers`` on ``model``; what identifies them (file digest, K, settings)."""
-    if cfg.test_time_registers is None:
-        return None
-    from .registers import attach
+def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: Path) -> list[int]:
+    """Units of ``fs`` whose rows another set already holds: one whose identity differs only in its data (one
+    shard repaired, replaced or added since) with the same image and label members and unit size, that
+    committed the same unit from the same shard bytes. Their files are copied, so a repaired shard costs
+    that shard's forward pass, not the whole set's."""
+    want = {k: v for k, v in fs.identity.items() if k != "data"}
+    d = fs.meta.dataset
+    siblings = [o for o in list_feature_sets(cache)
+                if o.path != fs.path and {k: v for k, v in o.identity.items() if k != "data"} == want
+                and (o.unit_rows, o.num_units, o.meta.dataset.labels, o.meta.dataset.image)
+                == (fs.unit_rows, fs.num_units, d.labels, d.image)]
+    claims, adopted = fs.claims(), []
+    for u in pending:
+        source = next((o for o in siblings if u in o.committed_units()
+                       and (o.unit_shard(u) or {}).get("digest") == ids[u].digest), None)
+        if source is None or not claims.take(u):
+            continue
+        try:
+            fs.adopt_unit(source, u)
+            adopted.append(u)
+            log.info("shard %s: its rows taken from %s (same shard bytes, same settings)", fs.shards[u], source.path)
+        finally:
+            claims.release(u)
+    return adopted
 
-    return attach(model, spec.timm_name, cfg.test_time_registers, cfg.test_time_patches, digest)
+
+def describe_plan(p: Plan) -> str:
+    """What is about to run, in one line: the model as resolved, the preprocessing, the features."""
+    pre = p.preprocess
+    return (f"{p.settings.model} ({p.timm_name}{', checkpoint ' + str(p.settings.checkpoint) if p.settings.checkpoint else ''}"
+            f"{', random init ' + str(p.settings.random_init) if p.settings.random_init is not None else ''}) on "
+            f"{p.dataset.name}: {pre.size} px crop ({pre.crop_mode}, resize {pre.resize}, {pre.interpolation}), "
+            f"{p.settings.precision}, {pre.views} view{'s' if pre.views > 1 else ''} per image; "
+            f"features {','.join(p.features)}")
 
 
 def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:
@@ -306,20 +290,18 @@ def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult
     return result
 
 
-def _finalize_only(cfg: ExtractConfig, ds: Dataset, t0: float) -> ExtractResult:
+def _finalize_only(s: ExtractSettings, ds: Dataset, t0: float) -> ExtractResult:
     """``--finalize``: find the set of this dataset and model without loading the model, and finalize it."""
-    from .store import list_feature_sets
-
-    if cfg.store is not None:
-        fs = FeatureSet(cfg.store)
+    if s.store is not None:
+        fs = FeatureSet(s.store)
     else:
-        found = [f for f in list_feature_sets(cfg.cache)
-                 if f.meta["dataset"]["name"] == ds.name and f.meta["model"]["name"] == cfg.model]
+        found = [f for f in list_feature_sets(s.cache)
+                 if ds.name in f.names() and f.meta.model.name == s.model]
         pending = [f for f in found if not f.complete] or found
         if len(pending) != 1:
             listing = "".join(f"\n  {f.path}" for f in pending)
-            raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {cfg.model} "
-                             f"under {cfg.cache}; name one with --store{listing}")
+            raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {s.model} "
+                             f"under {s.cache}; name one with --store{listing}")
         fs = pending[0]
     result = _conclude(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint), t0)
     missing = sorted(set(range(fs.num_units)) - fs.committed_units())
@@ -350,32 +332,33 @@ def verify_shards(fs: FeatureSet, ds: Dataset, ids: list[ShardId]) -> None:
                              "extract again")
 
 
-def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ...], ds: Dataset,
-         fs: FeatureSet, pending: list[int], result: ExtractResult, ids: list[ShardId]) -> None:
-    from .progress import progress
+def _run(s: ExtractSettings, p: Plan, model, fs: FeatureSet, pending: list[int], result: ExtractResult,
+         ids: list[ShardId]) -> None:
+    from ..progress import progress
 
-    device = resolve_device(cfg.device)
+    ds, layout, features, pre = p.dataset, p.layout, p.features, p.preprocess
+    device = resolve_device(s.device)
     model = model.to(device)
     claims = fs.claims()
-    stream = UnitStream(ds, pending, cfg.preprocess, views=cfg.preprocess.views, batch_size=cfg.batch_size,
-                        allow_pipe=cfg.allow_pipe, resize=cfg.preprocess.resize, claim=claims.take)
-    workers = min(cfg.workers if cfg.workers is not None else default_workers(device), len(pending))
-    if cfg.workers is None:
+    stream = UnitStream(ds, pending, pre, views=pre.views, batch_size=s.batch_size,
+                        allow_pipe=s.allow_pipe, resize=pre.resize, claim=claims.take)
+    workers = min(s.workers if s.workers is not None else default_workers(device), len(pending))
+    if s.workers is None:
         log.info("%d decode workers (default for %d cores on %s; --workers N to choose)", workers, usable_cores(),
                  device.type)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda",
                                          persistent_workers=False, prefetch_factor=4 if workers else None)
-    autocast = PRECISIONS[cfg.precision]
+    autocast = AUTOCAST[s.precision]
     store_dtype = fs.dtype
-    sizes = fs.meta["dataset"]["sizes"]
+    sizes = fs.meta.dataset.sizes
     known = [sizes[u] for u in pending if sizes[u] is not None]
-    total = sum(known) * cfg.preprocess.views if len(known) == len(pending) else None
-    bar = progress(total=total, unit="img" if cfg.preprocess.views == 1 else "view", disable=not cfg.progress,
-                   desc=f"{cfg.model} {ds.name}")
+    total = sum(known) * pre.views if len(known) == len(pending) else None
+    bar = progress(total=total, unit="img" if pre.views == 1 else "view", disable=s.quiet,
+                   desc=f"{s.model} {ds.name}")
     buffers: dict[int, _UnitBuffer] = {}
     writes: list[tuple[int, Future]] = []
-    forward = _Forward(model, layout, features, cfg.batch_size, compile=cfg.compile)
+    forward = _Forward(model, layout, features, s.batch_size, compile=s.compile)
 
     def settle(keep: int) -> None:  # bounded queue between compute and store writes
         while len(writes) > keep:
@@ -403,7 +386,7 @@ def _run(cfg: ExtractConfig, model, layout: TokenLayout, features: tuple[str, ..
             buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
             buf.rows += len(batch.keys)
             if batch.images is not None and not buf.overflow:  # past the unit's rows, only count
-                images = cfg.preprocess.normalize(batch.images.to(device, non_blocking=True))
+                images = pre.normalize(batch.images.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                     out = forward(images)
                 buf.add({k: v.float().cpu().numpy().astype(store_dtype, copy=False) for k, v in out.items()},

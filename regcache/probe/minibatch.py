@@ -1,0 +1,90 @@
+"""The minibatch solver: SGD or AdamW over a grid of heads in one pass (the paper's and DINOv2's protocol).
+
+Per feature combination the heads' weights are one stacked tensor, so a step is one matmul per
+combination, and each head keeps its own optimiser state; works on streamed sets too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..settings import Training
+from .data import Split, StreamedSplit
+from .head import Head
+
+
+class _Stacked:
+    """SGD (momentum, cosine schedule) or AdamW over a stack of heads, each with its own lr and weight decay."""
+
+    def __init__(self, params: list[torch.Tensor], lr: torch.Tensor, wd: torch.Tensor, s: Training):
+        self.params, self.s, self.t = params, s, 0
+        self.lr, self.wd = lr, wd
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        scale = 0.5 * (1 + math.cos(math.pi * (self.t - 1) / self.s.max_iter))
+        for p, (m, v) in zip(self.params, self.state):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            lr, wd = (self.lr * scale).view(shape), self.wd.view(shape)
+            if self.s.optimizer == "sgd":
+                m.mul_(self.s.momentum).add_(p.grad + wd * p)
+                p.sub_(lr * m)
+            else:
+                b1, b2 = 0.9, 0.999
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                mhat, vhat = m / (1 - b1 ** self.t), v / (1 - b2 ** self.t)
+                p.sub_(lr * (mhat / (vhat.sqrt() + 1e-8) + wd * p))
+            p.grad = None
+
+
+def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
+                progress: bool = False) -> list[Head]:
+    """Train every head of ``s`` in one pass over shared mini-batches; returns them in grid order per combo.
+
+    Under torch.distributed (torchrun), every rank draws the same global batch, computes the loss
+    on its slice, and gradients are summed across ranks: the result equals a single process.
+    """
+    import torch.distributed as dist
+
+    from ..progress import progress as progress_bar
+
+    device = torch.device(s.device)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    gen = torch.Generator().manual_seed(s.seed)
+    grid = s.grid
+    lr = torch.tensor([g[0] for g in grid], device=device)
+    wd = torch.tensor([g[1] for g in grid], device=device)
+    names = sorted({f for combo in s.features for f in combo})
+    width = train.dims(names)
+    weights, biases = {}, {}
+    for combo in s.features:  # zero init, as DINOv2's linear eval heads are near zero
+        dim = sum(width[f] for f in combo)
+        weights[combo] = torch.zeros(len(grid), dim, num_classes, device=device, requires_grad=True)
+        biases[combo] = torch.zeros(len(grid), 1, num_classes, device=device, requires_grad=True)
+    params = [*weights.values(), *biases.values()]
+    opt = _Stacked(params, lr, wd, s)
+    batches = train.batches(min(s.batch_size, len(train)), gen, device)
+    for _ in progress_bar(range(s.max_iter), disable=not progress or rank != 0, desc="heads", unit="it"):
+        xb, yb = next(batches)
+        n = len(yb)
+        xb, yb = {f: v[rank::world].float() for f, v in xb.items()}, yb[rank::world]
+        loss = 0.0
+        for combo in s.features:
+            xc = torch.cat([xb[f] for f in combo], 1)
+            logits = torch.matmul(xc, weights[combo]) + biases[combo]  # [heads, batch, classes]
+            loss = loss + torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), yb.repeat(len(grid)), reduction="sum") / n
+        loss.backward()
+        if world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+        opt.step()
+    return [Head(combo, g[0], g[1], weights[combo][i].detach().T.cpu().contiguous(),
+                 biases[combo][i, 0].detach().cpu().clone())
+            for combo in s.features for i, g in enumerate(grid)]
+
+

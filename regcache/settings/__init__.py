@@ -1,0 +1,22 @@
+"""Typed settings: one place per field (type, default, choices, help, identity) for every action.
+
+The command line is generated from these models (`regcache.cli.options`), pipeline blocks are
+validated by them (`regcache.pipeline.schema`), and a feature set's identity is made of the fields
+they mark (`regcache.identity`). Importing them loads neither torch nor any extraction code.
+"""
+from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NormsSettings,
+                       TokenprobeSettings)
+from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, meta
+from .extract import (Backbone, ExtractSettings, ListSettings, Preprocessing, Registers, RegistersFindSettings,
+                      default_cache_root, split_spec)
+from .presets import PRESETS, Preset
+from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, ScoreSettings, Scoring,
+                    Training)
+from .run import RunSettings
+
+__all__ = ["ANALYSES", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
+           "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NormsSettings", "PRESETS", "Preprocessing",
+           "Preset", "ProbeSettings", "Registers", "RegistersFindSettings", "ReportSettings", "RunSettings",
+           "ScoreSettings", "Scoring", "Settings",
+           "SettingsError", "TokenprobeSettings", "Training", "cli", "default_cache_root", "describe", "fields", "meta",
+           "split_spec"]

@@ -1,0 +1,46 @@
+"""Every fixed list of choices a setting takes, each with what it means (``--help`` shows them).
+
+Plain data, so that settings, the command line and pipeline files validate without importing torch.
+Things users name and extend (models, features, scorers, presets, analyses) have registries of their own.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+#: forward-pass precision (autocast); the stored dtype is separate
+PRECISIONS: dict[str, str] = {"fp32": "no autocast", "bf16": "bfloat16 autocast (GPUs; slow on CPUs without native bf16)",
+                              "fp16": "float16 autocast"}
+DTYPES: dict[str, str] = {"float16": "half the bytes; the probe reads float16 anyway", "float32": "full precision"}
+CROP_MODES: dict[str, str] = {"center": "shorter side to --resize, then the center crop",
+                              "squash": "both sides to --resize (timm's squash mode), then the center crop"}
+INTERPOLATIONS: dict[str, str] = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+#: position-embedding resampling when the input grid differs from the weights' table
+POS_EMBED: dict[str, str] = {
+    "timm": "timm's load-time resample (bicubic, antialiased), as timm.create_model does",
+    "dinov2": "DINOv2 hub's interpolate_pos_encoding (bicubic, no antialias, scale factor (n + 0.1) / N): "
+              "reproduces numbers made with torch.hub facebookresearch/dinov2 models",
+}
+#: what the register neurons do at the patch tokens (test-time registers)
+PATCH_MODES: dict[str, str] = {
+    "zero": "set to zero (the paper's default: the outliers leave the patches)",
+    "keep": "left as they are (the registers get the maximum, the patches keep theirs)",
+}
+ROLES: dict[str, str] = {"id-train": "in-distribution training set", "id-val": "in-distribution validation/test set",
+                         "ood-gen": "OOD generalisation set (labelled, top-1)",
+                         "anomaly": "anomaly set (unlabelled, detection metrics)"}
+SOLVERS: dict[str, str] = {
+    "minibatch": "SGD/AdamW over --lr x --wd, one head each (the paper's; works with --stream)",
+    "lbfgs": "full-batch multinomial logistic regression, one head per --C, fitted together (sets in memory)"}
+OPTIMIZERS: dict[str, str] = {"sgd": "SGD with momentum and a cosine schedule", "adamw": "AdamW, cosine schedule"}
+DEVICE_HELP = "cpu, cuda, cuda:1, …"
+#: stages of a pipeline run, in order
+STAGES: dict[str, str] = {"extract": "extract what is not cached", "probe": "train and evaluate heads",
+                          "analyse": "norms, feature maps, token probes, attention", "report": "one merged table"}
+#: where a pipeline's extraction jobs run
+LAUNCHERS: dict[str, str] = {"none": "here, one after another", "slurm": "SLURM array jobs through submitit",
+                             "local": "submitit's local executor (subprocesses on this machine)"}
+
+
+def literal(choices: dict[str, str]):
+    """The ``Literal`` type of a choice list (pydantic validates it, the JSON Schema lists it)."""
+    return Literal[tuple(choices)]  # type: ignore[valid-type]

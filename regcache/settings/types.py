@@ -1,0 +1,110 @@
+"""Value types that settings share: comma lists, feature combinations, KEY=VALUE pairs, finite numbers.
+
+Each accepts what a person types (``"0.01,0.1"``, a repeated option) and what a YAML file holds (a
+list, a single number), so the command line and a pipeline block go through the same checks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BeforeValidator, Field
+
+from ..features import FeatureError, parse_features, parse_layers
+
+
+def split(value: Any) -> Any:
+    """``"a,b"``, ``("a,b", "c")`` (a repeated option) or a YAML scalar -> a flat list; other values as they are."""
+    if isinstance(value, str):
+        return [s.strip() for s in value.split(",") if s.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value):
+        return [s.strip() for x in value for s in x.split(",") if s.strip()]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [value]
+    return value
+
+
+def _features(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)):
+        try:
+            return parse_features(value)
+        except FeatureError as e:
+            raise ValueError(str(e)) from None
+    return value
+
+
+def _combos(value: Any) -> Any:
+    """Feature combinations: ``["cls", "cls,patch"]``, ``[["cls"], ["cls", "patch"]]`` or one ``"cls,patch"``."""
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+def _layers(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        try:
+            return parse_layers(value)
+        except FeatureError as e:
+            raise ValueError(str(e)) from None
+    return value
+
+
+def parse_pairs(value: Any) -> Any:
+    """``("depth=2", "name=x")`` -> {"depth": 2, "name": "x"}: values read as JSON when they can be."""
+    if not isinstance(value, (list, tuple)):
+        return value
+    out = {}
+    for item in value:
+        key, eq, text = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
+def _expand(value: Any) -> Any:
+    return Path(os.path.expanduser(value)) if isinstance(value, (str, Path)) else value
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=1)]
+Names = Annotated[list[str], BeforeValidator(split)]
+PositiveFloats = Annotated[list[Positive], BeforeValidator(split), Field(min_length=1)]
+NonNegativeFloats = Annotated[list[NonNegative], BeforeValidator(split), Field(min_length=1)]
+Counts = Annotated[list[Count], BeforeValidator(split), Field(min_length=1)]
+Ints = Annotated[list[int], BeforeValidator(split), Field(min_length=1)]
+#: a feature list, checked and normalised (``cls@-1`` is ``cls``; duplicates dropped)
+FeatureList = Annotated[tuple[str, ...], BeforeValidator(_features)]
+Combos = Annotated[list[FeatureList], BeforeValidator(_combos)]
+Layers = Annotated[tuple[int, ...], BeforeValidator(_layers)]
+Pairs = Annotated[dict[str, Any], BeforeValidator(parse_pairs)]
+RGB = Annotated[tuple[FiniteFloat, FiniteFloat, FiniteFloat], BeforeValidator(split)]
+PositiveRGB = Annotated[tuple[Positive, Positive, Positive], BeforeValidator(split)]
+UserPath = Annotated[Path, BeforeValidator(_expand)]
+
+
+def _no_duplicates(names: list[str]) -> list[str]:
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"names {', '.join(twice)} more than once (each set is counted once)")
+    return names
+
+
+#: set names where each may appear once (a set listed twice would count twice in a mean)
+UniqueNames = Annotated[Names, AfterValidator(_no_duplicates)]
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
