@@ -101,7 +101,7 @@ class Moments:
     al.'s update (a rank-one term per class from the difference of means), never as a scatter about one point
     minus the means' outer products: that subtraction loses ~eps x (between / within spread) of the result to
     cancellation (2e-11 relative with classes 100 spreads apart), which on a rank-deficient bank lands above
-    any sound rank cutoff and turns rounding noise into inverted directions."""
+    the rank cutoff of `symmetric_inverse` and turns rounding noise into inverted directions."""
 
     classes: np.ndarray   # class ids present, ascending
     counts: np.ndarray    # rows per class
@@ -161,6 +161,23 @@ class Moments:
         """(1/N) sum (x - origin)(x - origin)^T."""
         d = self.mean - origin
         return self.covariance() + np.outer(d, d)
+
+
+def symmetric_eigh(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(eigenvalues ascending, eigenvectors, support mask) of a symmetric matrix. The support is the eigenvalues
+    whose magnitude exceeds max(a.shape) · eps · the largest magnitude: scipy.linalg.pinvh's default cutoff, and
+    so scikit-learn's EmpiricalCovariance.precision_ and OpenOOD's. numpy's pinv keeps anything above 1e-15
+    relative, and so inverts the rounding noise (~1e-15 to 1e-14) of a rank-deficient covariance."""
+    w, v = np.linalg.eigh(a)
+    return w, v, np.abs(w) > max(a.shape) * np.finfo(a.dtype).eps * np.abs(w).max(initial=0.0)
+
+
+def symmetric_inverse(a: np.ndarray) -> tuple[np.ndarray, int]:
+    """(pseudo-inverse, rank) of a symmetric matrix inverted on its support only (`symmetric_eigh`): a
+    rank-deficient covariance (fewer rows than dimensions) is inverted on the directions the rows span, and a
+    component outside them adds nothing to a Mahalanobis distance."""
+    w, v, keep = symmetric_eigh(a)
+    return (v[:, keep] / w[keep]) @ v[:, keep].T, int(keep.sum())
 
 
 def quantile(bank: Bank, q: float, bins: int = 65536, exact_below: int = 1 << 22) -> float:
