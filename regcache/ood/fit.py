@@ -184,34 +184,104 @@ def quantile(bank: Bank, q: float, bins: int = 65536, exact_below: int = 1 << 22
     """``np.quantile(every value of the bank, q)`` (linear interpolation), exact, without holding the values.
 
     A float16 bank (the default cache dtype) has at most 65,536 distinct values: one pass counts each.
-    Otherwise one pass finds the range, histogram passes narrow it to the two order statistics until
-    it holds at most ``exact_below`` values, and a last pass collects and sorts those.
+    Otherwise one pass finds the range, and histogram passes narrow it, for each of the two order statistics,
+    to the bin that holds it, until it holds at most ``exact_below`` values; a last pass counts those.
+
+    Every pass also counts the values at the two ends of each range, and when the tie at an end covers the
+    order statistic that value is taken at once, as np.quantile takes it: post-ReLU features (~95% exact
+    zeros, the minimum) need one pass. Without this a tie of more than ``exact_below`` values could never be
+    narrowed below the threshold: the range shrank towards it for ~68 passes until np.histogram got
+    decreasing bin edges (and two order statistics on either side of a tie kept one range that never
+    shrank). A range too narrow to split (a few floats apart) is counted value by value.
     """
     if bank.dtype == np.float16:
         return _float16_quantile(bank, q)
-    lo, hi, n = np.inf, -np.inf, 0
-    for x, _ in bank.chunks(np.float64):
-        lo, hi, n = min(lo, x.min()), max(hi, x.max()), n + x.size
-    pos = q * (n - 1)
-    ks = sorted({int(np.floor(pos)), min(int(np.floor(pos)) + 1, n - 1)})
-    below, a, b = 0, lo, hi  # values < a: `below` of them; the order statistics lie in [a, b]
-    while True:
-        inside = 0
-        edges = np.linspace(a, b, bins + 1)
-        counts = np.zeros(bins, np.int64)
+    (whole,) = _Scan.of(bank, [None])
+    pos = q * (whole.inside - 1)
+    ks = sorted({int(np.floor(pos)), min(int(np.floor(pos)) + 1, whole.inside - 1)})
+    # per order statistic: values below its range, the range [a, b], and the last pass's scan of that range
+    open_ = {k: (0, whole.lo, whole.hi, whole) for k in ks}
+    found: dict[int, float] = {}
+    left: dict[int, tuple[int, float, float]] = {}  # to count value by value
+    while open_:
+        narrowed = {}
+        for k, (below, a, b, scan) in open_.items():
+            if (tie := scan.tie(below, k)) is not None:
+                found[k] = tie
+                continue
+            if scan.counts is not None and scan.inside > exact_below:  # the bin that holds rank k
+                i = int(np.searchsorted(below + np.cumsum(scan.counts), k, "right"))
+                below, a, b = below + int(scan.counts[:i].sum()), scan.edges[i], scan.edges[i + 1]
+            edges = np.linspace(a, b, bins + 1)
+            if scan.inside <= exact_below or not (np.diff(edges) > 0).all():
+                left[k] = (below, a, b)
+            else:
+                narrowed[k] = (below, a, b, edges)
+        scans = _Scan.of(bank, [e for *_, e in narrowed.values()]) if narrowed else []
+        open_ = {k: (below, a, b, sc) for (k, (below, a, b, _)), sc in zip(narrowed.items(), scans)}
+    for k, (below, a, b) in left.items():
+        values, cum = _distinct(bank, a, b)
+        found[k] = float(values[np.searchsorted(cum, k - below, "right")])
+    return _lerp(found[ks[0]], found[ks[-1]], pos - np.floor(pos))
+
+
+@dataclass
+class _Scan:
+    """The values of the bank in [edges[0], edges[-1]] (all of them when edges is None): how many, the smallest
+    and largest and how many equal each, and their histogram over ``edges``."""
+
+    edges: np.ndarray | None
+    counts: np.ndarray | None
+    inside: int = 0
+    lo: float = np.inf
+    n_lo: int = 0
+    hi: float = -np.inf
+    n_hi: int = 0
+
+    @classmethod
+    def of(cls, bank: Bank, edges: list[np.ndarray | None]) -> "list[_Scan]":
+        """One pass over the bank scanning every range in ``edges``."""
+        scans = [cls(e, None if e is None else np.zeros(len(e) - 1, np.int64)) for e in edges]
         for x, _ in bank.chunks(np.float64):
-            v = x.ravel()
-            v = v[(v >= a) & (v <= b)]
-            inside += v.size
-            counts += np.histogram(v, edges)[0]
-        if inside <= exact_below or a == b or edges[1] == a:
-            break
-        cum = below + np.cumsum(counts)
-        first, last = np.searchsorted(cum, ks[0], "right"), np.searchsorted(cum, ks[-1], "right")
-        below += int(counts[:first].sum())
-        a, b = edges[first], edges[last + 1]
-    values = np.sort(np.concatenate([v[(v >= a) & (v <= b)] for v in (x.ravel() for x, _ in bank.chunks(np.float64))]))
-    return _lerp(values[ks[0] - below], values[ks[-1] - below], pos - np.floor(pos))
+            for s in scans:
+                s.add(x.ravel())
+        return scans
+
+    def add(self, v: np.ndarray) -> None:
+        if self.edges is not None:
+            v = v[(v >= self.edges[0]) & (v <= self.edges[-1])]
+            self.counts += np.histogram(v, self.edges)[0]
+        if not v.size:
+            return
+        self.inside += v.size
+        lo, hi = v.min(), v.max()
+        if lo < self.lo:
+            self.lo, self.n_lo = lo, 0
+        if hi > self.hi:
+            self.hi, self.n_hi = hi, 0
+        self.n_lo += int((v == self.lo).sum())
+        self.n_hi += int((v == self.hi).sum())
+
+    def tie(self, below: int, k: int) -> float | None:
+        """The value of rank ``k`` when the tie at the smallest or largest value here covers it (the values here
+        hold ranks below .. below + inside - 1), else None."""
+        if k < below + self.n_lo:
+            return float(self.lo)
+        if k >= below + self.inside - self.n_hi:
+            return float(self.hi)
+        return None
+
+
+def _distinct(bank: Bank, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct values in [a, b] ascending, cumulative counts): the last pass, over a range that holds few
+    values, or few distinct ones."""
+    values, counts = np.empty(0), np.empty(0, np.int64)
+    for x, _ in bank.chunks(np.float64):
+        v = x.ravel()
+        u, c = np.unique(v[(v >= a) & (v <= b)], return_counts=True)
+        values, inverse = np.unique(np.r_[values, u], return_inverse=True)
+        counts = np.bincount(inverse, np.r_[counts, c], minlength=len(values)).astype(np.int64)
+    return values, np.cumsum(counts)
 
 
 def _float16_quantile(bank: Bank, q: float) -> float:
