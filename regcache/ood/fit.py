@@ -217,10 +217,12 @@ def quantile(bank: Bank, q: float, bins: int = 65536, exact_below: int = 1 << 22
                 left[k] = (below, a, b)
             else:
                 narrowed[k] = (below, a, b, edges)
-        scans = _Scan.of(bank, [e for *_, e in narrowed.values()]) if narrowed else []
-        open_ = {k: (below, a, b, sc) for (k, (below, a, b, _)), sc in zip(narrowed.items(), scans)}
+        ranges = {(a, b): edges for _, a, b, edges in narrowed.values()}  # both in one bin: one scan of it
+        scans = dict(zip(ranges, _Scan.of(bank, list(ranges.values())))) if ranges else {}
+        open_ = {k: (below, a, b, scans[a, b]) for k, (below, a, b, _) in narrowed.items()}
+    counted = {r: _distinct(bank, *r) for r in dict.fromkeys((a, b) for _, a, b in left.values())}
     for k, (below, a, b) in left.items():
-        values, cum = _distinct(bank, a, b)
+        values, cum = counted[a, b]
         found[k] = float(values[np.searchsorted(cum, k - below, "right")])
     return _lerp(found[ks[0]], found[ks[-1]], pos - np.floor(pos))
 
