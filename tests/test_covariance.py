@@ -14,12 +14,25 @@ import re
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from scipy.special import logsumexp
 from sklearn.covariance import EmpiricalCovariance
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from regcache import ood
 from regcache.ood.fit import Bank
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small eigendecompositions and index_adds on one thread: on a shared 2-core machine the thread pools of
+    BLAS and torch oversubscribe it and these tests ran 16x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(threads)
 
 
 def bank_of(n_per: int, k: int, d: int, offset: float, seed: int):
@@ -34,7 +47,7 @@ def unit(x):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def fit(name, x, y, head=None, chunk=7, **args):
+def fit(name, x, y, head=None, chunk=16, **args):
     head = head or ood.Linear(np.zeros((1, x.shape[1])), np.zeros(1))
     return ood.make(name, **args).fit(Bank.from_array(x, y, chunk=chunk), head)
 
