@@ -11,6 +11,6 @@ from . import from_bank  # noqa: F401
 from .scores import energy, max_logit, msp, softmax
 
 __all__ = ["METRICS", "SCORERS", "Bank", "FitError", "Linear", "Moments", "Scorer", "ap_in", "ap_out",
-           "aupr_in_openood", "aupr_out_openood", "auroc", "average_precision", "energy", "fpr_at_tpr", "fpr_at_tpr_openood", "make",
-           "max_logit", "msp", "parse_args", "quantile", "register", "resolve", "roc_points", "softmax",
-           "topk_similarities", "trapezoid_pr_area"]
+           "aupr_in_openood", "aupr_out_openood", "auroc", "average_precision", "energy", "fpr_at_tpr",
+           "fpr_at_tpr_openood", "make", "max_logit", "msp", "parse_args", "quantile", "register", "resolve",
+           "roc_points", "softmax", "topk_similarities", "trapezoid_pr_area"]

@@ -14,8 +14,8 @@ Aug 7). The two differ and are never to be compared; AUROC is the same under eit
 
 AUPR: ``ap_in``/``ap_out`` are average precision (scikit-learn's average_precision_score, the step area under
 the precision-recall curve); ``aupr_in_openood``/``aupr_out_openood`` are OpenOOD's trapezoid area,
-``auc(recall, precision)`` of ``precision_recall_curve``, which exceeds AP on tied scores (by (1 - prevalence)
-/ 2 on constant ones). OpenOOD's AUPR_IN takes ID as positive on the scores and AUPR_OUT OOD as positive on
+``auc(recall, precision)`` of ``precision_recall_curve``, which draws straight lines between the curve's
+points and so is not AP (constant scores: (1 + prevalence) / 2 against AP's prevalence). OpenOOD's AUPR_IN takes ID as positive on the scores and AUPR_OUT OOD as positive on
 the negated scores (a59cdac4; v1.0 ranked by 1 - conf, the same order), except its ``auc_and_fpr_recall``
 versions before the fix of issue #211 (Dec 2023; 873e8c29), which computed each under the other's label:
 their AUPR_IN is our ``aupr_out_openood`` and the other way round.
@@ -81,8 +81,8 @@ def average_precision(pos_scores, neg_scores) -> float:
 
 
 def ap_in(id_scores, ood_scores) -> float:
-    """Average precision, ID positive, ranked by score (scikit-learn's average_precision_score; the papers' AUPR-In
-    and the step area under the precision-recall curve, not the trapezoid OpenOOD reports: `aupr_in_openood`)."""
+    """Average precision, ID positive, ranked by score: scikit-learn's average_precision_score, the step area under
+    the precision-recall curve (not the trapezoid OpenOOD reports as AUPR_IN: `aupr_in_openood`)."""
     return average_precision(id_scores, ood_scores)
 
 
@@ -96,8 +96,8 @@ def trapezoid_pr_area(pos_scores, neg_scores) -> float:
     (a point per distinct threshold, from the highest, plus recall 0 at precision 1): ``auc(recall, precision)``.
 
     The trapezoid joins the points by straight lines, which the curve is not (precision between two thresholds is
-    not linear in recall), so on tied scores it exceeds average precision by up to half the last step: constant
-    scores give (1 + prevalence) / 2 against AP's prevalence.
+    not linear in recall), so it is not average precision, above or below it: constant scores give
+    (1 + prevalence) / 2 against AP's prevalence, and a tie group interpolates across its whole recall step.
     """
     p, n = _check(pos_scores, neg_scores)
     s = np.concatenate([p, n])
