@@ -10,7 +10,7 @@ shared by all scorers, so a statistic two scorers need, e.g. the class moments, 
 It prints, per scorer, the fit time, the time to score --queries queries, and the peak RSS during that
 scorer (the kernel's high-water mark, reset before each scorer) above the process's RSS before the
 first scorer (interpreter, torch, index, queries: the fixed allowance, printed first), over the bank's
-bytes, as JSON lines.
+bytes, and the scorer's notes (e.g. a rank-deficient covariance inverted on its support), as JSON lines.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def child(store: Path, classes: int, queries: int, scorers: list[str], device: s
         print(json.dumps({"scorer": name, "fit_s": round(t1 - t0, 2), "score_s": round(t2 - t1, 2),
                           "peak_rss_gb": round(_kb("VmHWM") / 2**20, 2),
                           "peak_over_bank": round((_kb("VmHWM") - base) * 1024 / bank_bytes, 2),
-                          "finite": bool(np.isfinite(s).all())}), flush=True)
+                          "finite": bool(np.isfinite(s).all()), "notes": sc.notes}), flush=True)
 
 
 def main() -> None:

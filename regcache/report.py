@@ -15,8 +15,9 @@ from .probe.head import save_heads
 from .store.meta import Record
 
 #: column labels; the two FPR95 conventions (DESIGN §5) never share one
-METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "aupr_in": "AUPR-in↑",
-                 "aupr_out": "AUPR-out↑"}
+METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "ap_in": "AP-in↑",
+                 "ap_out": "AP-out↑", "aupr_in_openood": "AUPR-in-OpenOOD↑",
+                 "aupr_out_openood": "AUPR-out-OpenOOD↑"}
 
 
 def _pct(v: float) -> str:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import logsumexp, softmax
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from regcache import ood
 
@@ -21,14 +21,15 @@ def brute_fpr95(id_s, ood_s, tpr=0.95):
 
 
 def brute_fpr95_openood(id_s, ood_s, tpr=0.95):
-    """OOD positive (OpenOOD v1.5): flag scores at or below t; the smallest t that flags >= tpr of OOD; ID flagged."""
+    """OOD positive (OpenOOD since Aug 2023): flag scores at or below t; the smallest t flagging >= tpr of OOD;
+    the fraction of ID flagged."""
     for t in sorted(set(id_s) | set(ood_s)):
         if np.mean(np.asarray(ood_s) <= t) >= tpr:
             return float(np.mean(np.asarray(id_s) <= t))
 
 
 def sklearn_fpr95_openood(id_s, ood_s, tpr=0.95):
-    """OpenOOD v1.5's own computation (evaluators/metrics.py): roc_curve with OOD as positive on -score.
+    """OpenOOD's own computation (evaluators/metrics.py, auc_and_fpr_recall): roc_curve with OOD as positive on -score.
 
     With every threshold kept: roc_curve's default drops collinear ROC points, and the point at 95% can be
     one of them (ID [1, 2], OOD eighteen 0s and [1, 2]: 0.5 exactly, 1.0 with the point dropped).
@@ -53,8 +54,36 @@ def test_metrics_match_brute_force_and_sklearn(id_s, ood_s):
     y = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))]
     s = np.r_[id_s, ood_s]
     assert ood.auroc(id_s, ood_s) == pytest.approx(roc_auc_score(y, s))
-    assert ood.aupr_in(id_s, ood_s) == pytest.approx(average_precision_score(y, s))
-    assert ood.aupr_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - y, -s))
+    assert ood.ap_in(id_s, ood_s) == pytest.approx(average_precision_score(y, s))
+    assert ood.ap_out(id_s, ood_s) == pytest.approx(average_precision_score(1 - y, -s))
+    assert ood.aupr_in_openood(id_s, ood_s) == pytest.approx(openood_aupr(y, s))
+    assert ood.aupr_out_openood(id_s, ood_s) == pytest.approx(openood_aupr(1 - y, -s))
+
+
+def openood_aupr(positive, score):
+    """OpenOOD's AUPR (evaluators/metrics.py): scikit-learn's auc(recall, precision) on precision_recall_curve, ID
+    positive on the scores for AUPR_IN, OOD positive on the negated scores for AUPR_OUT (labels as fixed for #211)."""
+    precision, recall, _ = precision_recall_curve(positive, score)
+    return auc(recall, precision)
+
+
+def test_ap_and_openood_aupr_on_constant_reversed_and_tied_scores():
+    """Constant scores: AP is the prevalence, OpenOOD's trapezoid (1 + prevalence) / 2, 0.2 apart at 60% ID.
+    Reversed (every OOD above every ID), two tied levels, perfect; each against scikit-learn."""
+    cases = {"constant": ([1.0] * 6, [1.0] * 4), "reversed": ([0.0, 1.0, 2.0], [5.0, 6.0, 7.0, 8.0]),
+             "tied": ([1.0] * 6 + [0.0] * 4, [1.0] * 4 + [0.0] * 6), "perfect": ([3.0, 4.0], [1.0, 2.0, 2.0])}
+    for name, (id_s, ood_s) in cases.items():
+        y, s = np.r_[np.ones(len(id_s)), np.zeros(len(ood_s))], np.r_[id_s, ood_s]
+        got = [m(id_s, ood_s) for m in (ood.ap_in, ood.ap_out, ood.aupr_in_openood, ood.aupr_out_openood)]
+        ref = [average_precision_score(y, s), average_precision_score(1 - y, -s), openood_aupr(y, s),
+               openood_aupr(1 - y, -s)]
+        np.testing.assert_allclose(got, ref, rtol=1e-12, err_msg=name)
+    assert ood.ap_in(*cases["constant"]) == 0.6 and ood.aupr_in_openood(*cases["constant"]) == 0.8
+    assert ood.ap_out(*cases["constant"]) == 0.4 and ood.aupr_out_openood(*cases["constant"]) == 0.7
+    assert ood.aupr_in_openood(*cases["tied"]) - ood.ap_in(*cases["tied"]) == pytest.approx(0.14)
+    assert ood.aupr_in_openood(*cases["perfect"]) == ood.ap_in(*cases["perfect"]) == 1.0
+    assert set(ood.METRICS) == {"fpr95", "fpr95_openood", "auroc", "ap_in", "ap_out", "aupr_in_openood",
+                                "aupr_out_openood"}
 
 
 def test_fpr95_openood_keeps_a_collinear_roc_point():

@@ -196,6 +196,42 @@ def test_streamed_quantile_is_exact():
         assert quantile(Bank.from_array(half, np.zeros(700, int), chunk=64), q) == np.quantile(half.astype(float), q)
 
 
+def tie_heavy_banks(rng):
+    """Values where one value holds most ranks: post-ReLU (95% exact zeros, the minimum), ReLU6-clipped (the
+    maximum), signed with exact zeros in the middle, two adjacent floats splitting the ranks, and a constant."""
+    relu = np.maximum(rng.normal(size=(300, 20)), 0)
+    relu[rng.random(relu.shape) < 0.9] = 0
+    signed = rng.normal(size=(300, 20))
+    signed[rng.random(signed.shape) < 0.8] = 0
+    near = np.where(rng.random((300, 20)) < 0.5, 1.0, np.nextafter(1.0, 2.0))
+    near[:3] = rng.normal(size=(3, 20))
+    return {"relu": relu, "relu6": np.minimum(np.abs(rng.normal(size=(300, 20))) * 8, 6.0), "signed": signed,
+            "adjacent": near, "constant": np.full((300, 20), 0.25)}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_streamed_quantile_with_a_tie_covering_the_rank(dtype):
+    """More values tie at the percentile than the refinement may collect (exact_below, 4M by default, 50 here):
+    np.quantile's value, in one pass over the bank where the tie sits at the bank's minimum or maximum
+    (post-ReLU zeros, ReLU6's 6). The histogram refinement used to narrow towards the tied value for
+    ~68 passes and then hand np.histogram decreasing bin edges (ValueError)."""
+    for name, x in tie_heavy_banks(np.random.default_rng(3)).items():
+        x = x.astype(dtype)
+        reads = []
+        bank = Bank(lambda rows, x=x: reads.append(len(rows)) or x[rows], np.zeros(len(x), int), chunk=64)
+        for q in (0.0, 0.1, 0.5, 0.9, 0.95, 0.97, 0.999, 1.0):
+            reads.clear()
+            got = quantile(bank, q, bins=16, exact_below=50)
+            assert got == np.quantile(x.astype(np.float64), q), (name, q)
+            # np.percentile divides 100q by 100 again, which is not always q to the last bit
+            assert got == pytest.approx(np.percentile(x.astype(np.float64), 100 * q), rel=1e-12), (name, q)
+            passes = (sum(reads) - 1) / x.shape[0]  # less the one row read for the bank's dtype
+            v, pos = np.sort(x.astype(np.float64).ravel()), q * (x.size - 1)
+            ranks = np.flatnonzero(v == got)  # the tie at the answer covers both order statistics, at an end
+            if got in (v[0], v[-1]) and ranks[0] <= np.floor(pos) and min(np.floor(pos) + 1, x.size - 1) <= ranks[-1]:
+                assert passes == 1, (name, q, passes)
+
+
 def test_chunked_top_k_equals_a_full_sort():
     rng = np.random.default_rng(2)
     bank, queries, scale = rng.normal(size=(301, 6)), rng.normal(size=(23, 6)), rng.uniform(0.5, 2, 301)
@@ -239,7 +275,8 @@ def test_all_scorers_through_probe_and_score(caches, tmp_path):
     df = pd.read_parquet(out / "results.parquet")
     ano = df[df.role == "anomaly"]
     assert set(ano.scorer) == set(ood.SCORERS)
-    assert set(ano.metric) == {"fpr95", "fpr95_openood", "auroc", "aupr_in", "aupr_out"}
+    assert set(ano.metric) == set(ood.METRICS) == {"fpr95", "fpr95_openood", "auroc", "ap_in", "ap_out",
+                                                   "aupr_in_openood", "aupr_out_openood"}
     assert json.loads(ano[ano.scorer == "knn"].scorer_args.iloc[0]) == {"k": 3}
     assert json.loads(ano[ano.scorer == "react"].scorer_args.iloc[0]) == {"percentile": 0.8}
     assert np.isfinite(ano.value).all()

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from .fit import add_rows, l2_normalise, topk_similarities
+from .fit import FitError, add_rows, l2_normalise, symmetric_eigh, symmetric_inverse, topk_similarities
 from .scorers import Scorer, register
 from .scores import energy
 
@@ -119,8 +119,18 @@ class Mahalanobis(Scorer):
     def fit(self, bank, head):
         super().fit(bank, head)
         m = bank.moments(self.normalise)
-        self.means, self.precision = m.class_means, np.linalg.pinv(m.within_covariance(), hermitian=True)
+        self.means, self.precision = m.class_means, self._inverse(m.within_covariance(),
+                                                                  f"class-centred covariance of {m.n} rows")
         return self
+
+    def _inverse(self, cov: np.ndarray, what: str) -> np.ndarray:
+        """The precision of ``cov``, inverted on its support (`symmetric_inverse`, pinvh's cutoff); a note
+        when that support is smaller than the feature dimension (fewer rows than dimensions, or a degenerate bank)."""
+        precision, rank = symmetric_inverse(cov)
+        if rank < len(cov):
+            self.note(f"{self.name}: {what} in {len(cov)} dimensions has rank {rank}: inverted on its "
+                      f"{rank}-dimensional support (pinvh cutoff)")
+        return precision
 
     def _prepare(self, x):
         return l2_normalise(x) if self.normalise else x
@@ -149,7 +159,8 @@ class RMDS(Mahalanobis):
     def fit(self, bank, head):
         super().fit(bank, head)
         m = bank.moments()
-        self.mean, self.background = m.mean[None, :], np.linalg.pinv(m.covariance(), hermitian=True)
+        self.mean = m.mean[None, :]
+        self.background = self._inverse(m.covariance(), f"covariance of {m.n} rows about their mean")
         return self
 
     def score(self, features, logits):
@@ -160,11 +171,18 @@ class RMDS(Mahalanobis):
 class _Subspace(Scorer):
     """The norm of the feature's residual outside the principal subspace of the training features, taken
     about the head's origin -pinv(W) b; ``dim`` 0 = the ViM paper's rule (1000 for D ≥ 2048, 512 for
-    D ≥ 768, else D / 2)."""
+    D ≥ 768, else D / 2).
+
+    The subspace is the top ``dim`` eigenvectors of the second moment about the origin. Where the training rows
+    span fewer than ``dim`` directions (rank by pinvh's cutoff; a bank of fewer rows than ``dim``), the rest of
+    it would be an arbitrary basis of rounding noise and the scores with it, so the fit refuses and names the
+    largest ``dim`` that is determined. (The origin uses numpy's pinv of the head's weight as OpenOOD does: a
+    trained head is of full rank, and nothing here is a covariance.)"""
 
     reference = "Wang et al., ViM: out-of-distribution with virtual-logit matching, CVPR 2022"
     params = {"dim": 0}
     needs_bank = True
+    residual_needed: ClassVar[bool] = False  # ViM divides by the training rows' mean residual
 
     def fit(self, bank, head):
         super().fit(bank, head)
@@ -173,7 +191,15 @@ class _Subspace(Scorer):
         if not 0 < dim < d:
             raise ValueError(f"{self.name}.dim={dim} must lie between 1 and the feature dimension - 1 ({d - 1})")
         self.origin = -np.linalg.pinv(head.weight) @ head.bias
-        _, vectors = np.linalg.eigh(bank.moments().second_moment_about(self.origin))  # ascending eigenvalues
+        m = bank.moments()
+        _, vectors, support = symmetric_eigh(m.second_moment_about(self.origin))  # ascending eigenvalues
+        rank, most = int(support.sum()), int(support.sum()) - self.residual_needed
+        if dim > most:
+            why = ("every training row would have a residual of rounding noise, and alpha divides by their mean"
+                   if self.residual_needed and dim == rank else
+                   f"the rest of a {dim}-dimensional principal subspace would be rounding noise")
+            raise FitError(f"{self.name}.dim={dim}: the {m.n} training rows span {rank} dimensions about the "
+                           f"head's origin (pinvh cutoff): {why}; pass {self.name}.dim={most} or less")
         self.null = vectors[:, : d - dim]  # the least-varying directions
         return self
 
@@ -196,6 +222,7 @@ class ViM(_Subspace):
 
     name = "vim"
     inputs = "features + head"
+    residual_needed = True
 
     def fit(self, bank, head):
         super().fit(bank, head)

@@ -1,11 +1,24 @@
 """Detection metrics (DESIGN §5): scores where larger means more in-distribution.
 
-FPR@TPR95 (``fpr95``) follows Hendrycks & Gimpel and Liu et al.: ID is the positive class, the
-threshold keeps 95% of ID samples (ties at the threshold are kept too), and the result is the
-fraction of anomaly samples at or above it. OpenOOD v1.5 and pytorch-ood report the mirror image
-(``fpr95_openood``): OOD is the positive class, the threshold catches 95% of OOD samples, and the
-result is the fraction of ID samples flagged with them (OpenOOD issue #308). The two differ and are
-never to be compared; AUROC is the same under either convention.
+FPR@TPR95 (``fpr95``) follows Hendrycks & Gimpel and Liu et al.: ID is the positive class, the threshold
+keeps 95% of ID samples (ties at the threshold are kept too), and the result is the fraction of anomaly
+samples at or above it. ``fpr95_openood`` is the mirror image: OOD is the positive class, the threshold
+catches 95% of OOD samples, and the result is the fraction of ID samples flagged with them. That is what
+pytorch-ood 0.4 reports (metrics.FPRAtTPR) and what OpenOOD's openood/evaluators/metrics.py computes since
+``auc_and_fpr_recall`` ("following convention in ML we treat OOD as positive": ``roc_curve(ood_indicator,
+-conf)``, the first point with TPR >= 0.95; at commits 873e8c29 and a59cdac4, the latest seen), which its
+maintainers call the v1.5 convention (OpenOOD issue #206, Nov 2023). OpenOOD's code before it took ID as
+positive, as ``fpr95`` does (v1.0's ``fpr_recall``, commit 00611f1a; then the same through ``roc_curve``);
+as far as its issues show, the switch fell in August 2023 (#177, Aug 24: the leaderboard's FPR changed since
+Aug 7). The two differ and are never to be compared; AUROC is the same under either convention.
+
+AUPR: ``ap_in``/``ap_out`` are average precision (scikit-learn's average_precision_score, the step area under
+the precision-recall curve); ``aupr_in_openood``/``aupr_out_openood`` are OpenOOD's trapezoid area,
+``auc(recall, precision)`` of ``precision_recall_curve``, which draws straight lines between the curve's
+points and so is not AP (constant scores: (1 + prevalence) / 2 against AP's prevalence). OpenOOD's AUPR_IN takes ID as positive on the scores and AUPR_OUT OOD as positive on
+the negated scores (a59cdac4; v1.0 ranked by 1 - conf, the same order), except its ``auc_and_fpr_recall``
+versions before the fix of issue #211 (Dec 2023; 873e8c29), which computed each under the other's label:
+their AUPR_IN is our ``aupr_out_openood`` and the other way round.
 """
 from __future__ import annotations
 
@@ -67,18 +80,50 @@ def average_precision(pos_scores, neg_scores) -> float:
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
 
 
-def aupr_in(id_scores, ood_scores) -> float:
-    """ID as positive, ranked by score."""
+def ap_in(id_scores, ood_scores) -> float:
+    """Average precision, ID positive, ranked by score: scikit-learn's average_precision_score, the step area under
+    the precision-recall curve (not the trapezoid OpenOOD reports as AUPR_IN: `aupr_in_openood`)."""
     return average_precision(id_scores, ood_scores)
 
 
-def aupr_out(id_scores, ood_scores) -> float:
-    """OOD as positive, ranked by negated score."""
+def ap_out(id_scores, ood_scores) -> float:
+    """Average precision, OOD positive, ranked by negated score."""
     return average_precision(-np.asarray(ood_scores, dtype=np.float64), -np.asarray(id_scores, dtype=np.float64))
 
 
-METRICS = {"fpr95": fpr_at_tpr, "fpr95_openood": fpr_at_tpr_openood, "auroc": auroc, "aupr_in": aupr_in,
-           "aupr_out": aupr_out}
+def trapezoid_pr_area(pos_scores, neg_scores) -> float:
+    """Trapezoid-rule area under the precision-recall curve, the curve being scikit-learn's precision_recall_curve
+    (a point per distinct threshold, from the highest, plus recall 0 at precision 1): ``auc(recall, precision)``.
+
+    The trapezoid joins the points by straight lines, which the curve is not (precision between two thresholds is
+    not linear in recall), so it is not average precision, above or below it: constant scores give
+    (1 + prevalence) / 2 against AP's prevalence, and a tie group interpolates across its whole recall step.
+    """
+    p, n = _check(pos_scores, neg_scores)
+    s = np.concatenate([p, n])
+    y = np.r_[np.ones(len(p)), np.zeros(len(n))]
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct threshold
+    tp = np.cumsum(y)[last]
+    precision, recall = np.r_[1.0, tp / (last + 1)], np.r_[0.0, tp / len(p)]
+    return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
+
+
+def aupr_in_openood(id_scores, ood_scores) -> float:
+    """OpenOOD's AUPR_IN: ID positive, scores as they are (larger = ID), trapezoid area (`trapezoid_pr_area`); in
+    its evaluators/metrics.py, ``auc(recall, precision)`` of ``precision_recall_curve(1 - ood_indicator, conf)``."""
+    return trapezoid_pr_area(id_scores, ood_scores)
+
+
+def aupr_out_openood(id_scores, ood_scores) -> float:
+    """OpenOOD's AUPR_OUT: OOD positive, negated scores (``precision_recall_curve(ood_indicator, -conf)``),
+    trapezoid area. (OpenOOD versions of Aug-Dec 2023 swapped the two labels: see the module docstring.)"""
+    return trapezoid_pr_area(-np.asarray(ood_scores, dtype=np.float64), -np.asarray(id_scores, dtype=np.float64))
+
+
+METRICS = {"fpr95": fpr_at_tpr, "fpr95_openood": fpr_at_tpr_openood, "auroc": auroc, "ap_in": ap_in, "ap_out": ap_out,
+           "aupr_in_openood": aupr_in_openood, "aupr_out_openood": aupr_out_openood}
 
 
 def roc_points(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:

@@ -13,6 +13,7 @@ on signed values, which the README discusses and measures.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,7 +40,11 @@ class Linear:
 class Scorer:
     """One OOD scorer. Subclasses set ``name``, ``reference``, ``defaults`` (where the defaults come from)
     and ``params`` (hyperparameters with default values), and implement ``score``; those that need
-    training statistics set ``needs_bank`` and implement ``fit``."""
+    training statistics set ``needs_bank`` and implement ``fit``.
+
+    ``notes``: one line each about what the last fit met and how it was handled (a rank-deficient covariance
+    inverted on its support, …), so that a caller can record why a number is what it is; also logged.
+    """
 
     name: ClassVar[str]
     reference: ClassVar[str]
@@ -59,13 +64,19 @@ class Scorer:
             if not lo <= self.args[k] < hi:
                 raise ValueError(f"{self.name}.{k}={self.args[k]}: must lie in [{lo}, {hi})")
         self.head: Linear | None = None
+        self.notes: list[str] = []
 
     def fit(self, bank: Bank | None, head: Linear) -> "Scorer":
-        """Training statistics from ``bank`` (read in chunks); the base class only keeps the head."""
+        """Training statistics from ``bank`` (read in chunks); the base class keeps the head and clears the notes."""
         if self.needs_bank and bank is None:
             raise FitError(f"scorer {self.name} needs the training features")
-        self.head = head
+        self.head, self.notes = head, []
         return self
+
+    def note(self, message: str) -> None:
+        """Record a line in ``notes`` and log it as a warning (the CLI prints warnings even with -q)."""
+        self.notes.append(message)
+        logging.getLogger("regcache").warning(message)
 
     def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Scores of a chunk of queries (float64 features and the head's logits); larger = more in-distribution."""
