@@ -194,7 +194,9 @@ class UnitWriter:
                     errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
         """Write one unit's rows (``records`` = (key, label, view) in row order) and commit it atomically.
 
-        ``shard`` (path, size, digest of the input shard as read) is kept with the unit's record.
+        ``shard`` (path, size, digests of the input shard as read) is kept with the unit's record, and so
+        are the unit's files with their sizes (None: not written, every row the fill value), so that a
+        missing or cut file is found (`FeatureReader._unit_files`) instead of read as zeros.
         """
         rows, n = self.unit_rows, len(records)
         if n > rows:
@@ -205,6 +207,7 @@ class UnitWriter:
         except OSError as e:  # disk full, permissions: say where and for which shard
             raise StoreError(f"cannot write shard {self.shards[unit]} into {self.path}: {e}") from e
         self._failure(unit).unlink(missing_ok=True)
+        self._unit_meta.pop(unit, None)  # read afresh: this writer may read the set it writes
 
     def _write_unit(self, unit, arrays, records, errors, shard) -> None:
         rows, n = self.unit_rows, len(records)
@@ -216,6 +219,11 @@ class UnitWriter:
             block = np.zeros((rows, *a.shape[1:]), dtype=self.dtype)
             block[:n] = a
             self.array(name, "r+")[start:start + rows] = block  # exactly one whole chunk
+        files = {}
+        for name in self.features:
+            for key in self._unit_keys(name, unit):
+                where = self.path / ARRAYS / name / key
+                files[f"{name}/{key}"] = where.stat().st_size if where.is_file() else None
         keys = [r[0] for r in records] + [k for k, _ in errors]
         table = pa.table({
             "key": keys,
@@ -223,7 +231,7 @@ class UnitWriter:
             "view": [r[2] for r in records] + [0] * len(errors),
             "row": list(range(start, start + n)) + [-1] * len(errors),
             "error": [None] * n + [reason for _, reason in errors],
-        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
+        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard), "files": json.dumps(files)}))
         _atomic_write(self._record(unit), _parquet_bytes(table))
 
     def claims(self, stale_after: float = 600.0) -> Claims:

@@ -1,0 +1,182 @@
+"""Damaged sets (issue 19): a missing, cut or changed file is an error that names it, never rows of zeros.
+
+Sets are made by hand (no model) from known arrays, so every read is checked against the arrays
+committed, and the damage is done to the files as a partial copy, a cut or a flipped bit would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from regcache.cli import main
+from regcache.store import FeatureSet, StoreError
+
+from test_store import FEATS, LAYOUT, old_layout, unit_data
+
+UNIT_ROWS = 32  # rows reserved per unit: 8 inner chunks of 4, the last partly padding
+SIZES = (30, 30, 30, 30)  # the issue's cache: 120 rows in 4 units
+
+
+def meta(name: str, sizes=SIZES, unit_rows=UNIT_ROWS, dtype="float16"):
+    ident = {"model": "m", "dataset": name, "features": sorted(FEATS)}
+    return ident, {"features": FEATS, "layout": LAYOUT.to_dict(), "dtype": dtype, "unit_rows": unit_rows,
+                   "num_units": len(sizes), "model": {"name": "m", "timm_name": "m"},
+                   "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(len(sizes))]},
+                   "provenance": {"created": "2025-01-01T00:00:00+00:00"}}
+
+
+def make(root, name="d", sizes=SIZES, finalize=True, unit_rows=UNIT_ROWS, dtype="float16"):
+    """A set of ``sizes`` rows per unit; the arrays committed, by unit, for checking every read."""
+    fs = FeatureSet.create(root / name, *meta(name, sizes, unit_rows, dtype))
+    committed = {}
+    for u, n in enumerate(sizes):
+        if n is None:
+            continue  # not committed
+        arrays, records = unit_data(u, n)
+        fs.commit_unit(u, arrays, records)
+        committed[u] = {f: a.astype(dtype) for f, a in arrays.items()}
+    if finalize:
+        assert fs.finalize()
+    return FeatureSet(root / name), committed
+
+
+def shard_file(fs, name: str, unit: int):
+    return fs.path / "features.zarr" / name / "c" / str(unit) / "/".join(["0"] * (len(LAYOUT.shape(name))))
+
+
+def rows_of(unit: int, n: int = 30) -> np.ndarray:
+    return unit * UNIT_ROWS + np.arange(n)
+
+
+def expected(committed, name):
+    return np.concatenate([committed[u][name] for u in sorted(committed)])
+
+
+@pytest.fixture(params=["raw shards", "zarr (blosc chunks, older stores)"])
+def layout(request, monkeypatch):
+    """The raw reader, and zarr's path that older layouts read through."""
+    import regcache.store.writer as writer
+
+    monkeypatch.setattr(writer, "inner_rows", lambda rows, row_bytes: 4)  # several inner chunks, a partial last one
+    if request.param != "raw shards":
+        monkeypatch.setattr(writer.UnitWriter, "_create_arrays", staticmethod(old_layout))
+    return request.param
+
+
+# --------------------------------------------------------------------------- 1: missing and cut files
+
+def test_a_missing_shard_file_of_a_committed_unit_is_an_error_that_names_it(tmp_path, layout):
+    fs, committed = make(tmp_path)
+    assert (fs._raw_shards("cls") is not None) == (layout == "raw shards")
+    np.testing.assert_array_equal(fs.load("cls", concat=False, dtype=np.float16).x["cls"], expected(committed, "cls"))
+    gone = shard_file(fs, "cls", 2)
+    gone.unlink()  # a partial copy of the cache
+    fs = FeatureSet(fs.path)
+    with pytest.raises(StoreError, match=rf"{gone}: missing.*unit 2"):
+        fs.load("cls")
+    with pytest.raises(StoreError, match=str(gone)):
+        fs.read_rows("cls", rows_of(2)[[1, 2]])
+    # the other units and features read as committed
+    np.testing.assert_array_equal(fs.read_rows("cls", rows_of(1)), committed[1]["cls"])
+    np.testing.assert_array_equal(fs.load("reg_all", concat=False, dtype=np.float16).x["reg_all"],
+                                  expected(committed, "reg_all"))
+
+
+@pytest.mark.parametrize("keep", ["half", "ten bytes", "empty"])
+def test_a_cut_shard_file_is_an_error_that_names_it(tmp_path, layout, keep):
+    fs, committed = make(tmp_path)
+    cut = shard_file(fs, "norms", 1)
+    data = cut.read_bytes()
+    cut.write_bytes(data[:{"half": len(data) // 2, "ten bytes": 10, "empty": 0}[keep]])
+    fs = FeatureSet(fs.path)
+    with pytest.raises(StoreError, match=str(cut)) as e:
+        fs.load()
+    assert "Errno" not in str(e.value)
+    np.testing.assert_array_equal(fs.read_rows("norms", rows_of(0)), committed[0]["norms"])
+
+
+def test_units_that_stored_nothing_read_as_zeros_without_a_file(tmp_path, layout):
+    """No false alarm: a unit whose samples all failed, or whose features are all zero, has no file to miss."""
+    fs = FeatureSet.create(tmp_path / "d", *meta("d", (3, 0, 2)))
+    zeros = {f: np.zeros((2, *LAYOUT.shape(f)), np.float32) for f in FEATS}
+    fs.commit_unit(0, *unit_data(0, 3))
+    fs.commit_unit(1, *unit_data(1, 0), errors=[("bad", "corrupt")])
+    fs.commit_unit(2, zeros, [("z0", 1, 0), ("z1", 2, 0)])
+    assert fs.finalize()
+    fs = FeatureSet(tmp_path / "d")
+    for f in FEATS:
+        assert not shard_file(fs, f, 1).exists() and not shard_file(fs, f, 2).exists()
+        got = fs.load(f, concat=False, dtype=np.float32).x[f]
+        np.testing.assert_array_equal(got, np.concatenate([unit_data(0, 3)[0][f].astype(np.float16), zeros[f]]))
+
+
+def strip_file_records(fs) -> None:
+    """Unit records as stores committed before this change wrote them: no file sizes, no full shard hash."""
+    for p in (fs.path / "units").glob("*.parquet"):
+        t = pq.read_table(p)
+        md = {k: v for k, v in t.schema.metadata.items() if k == b"shard"}
+        pq.write_table(t.replace_schema_metadata(md), p)
+
+
+def test_older_unit_records_still_catch_a_missing_or_empty_file_of_a_unit_with_rows(tmp_path, layout):
+    fs, committed = make(tmp_path, sizes=(30, 0, 30, 30))
+    strip_file_records(fs)
+    fs = FeatureSet(fs.path)
+    np.testing.assert_array_equal(fs.load("cls", concat=False, dtype=np.float16).x["cls"], expected(committed, "cls"))
+    shard_file(fs, "cls", 3).unlink()
+    with pytest.raises(StoreError, match=str(shard_file(fs, "cls", 3))):
+        FeatureSet(fs.path).load("cls")
+    shard_file(fs, "norms", 2).write_bytes(b"")  # zarr reads an empty chunk file as fill value
+    with pytest.raises(StoreError, match=rf"{shard_file(fs, 'norms', 2)}: empty"):
+        FeatureSet(fs.path).load("norms")
+
+
+# --------------------------------------------------------------------------- 5: errors name the file
+
+def test_a_damaged_zarr_json_is_an_error_that_names_it(tmp_path):
+    fs, _ = make(tmp_path)
+    where = fs.path / "features.zarr" / "cls" / "zarr.json"
+    where.write_text('{"shape": [120, ')
+    with pytest.raises(StoreError, match=str(where)):
+        FeatureSet(fs.path).load("cls")
+    with pytest.raises(StoreError, match=str(where)):
+        FeatureSet(fs.path).array("cls")
+
+
+@pytest.mark.parametrize("table", ["index.parquet", "errors.parquet"])
+def test_a_damaged_table_is_an_error_that_names_it(tmp_path, table):
+    fs, _ = make(tmp_path)
+    (fs.path / table).write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match=str(fs.path / table)):
+        FeatureSet(fs.path).load("cls")
+
+
+def test_a_damaged_unit_record_is_an_error_that_names_it(tmp_path):
+    fs, _ = make(tmp_path, sizes=(30, 30, None), finalize=False)
+    rec = fs.path / "units" / "000001.parquet"
+    rec.write_bytes(b"")
+    with pytest.raises(StoreError, match=str(rec)):
+        FeatureSet(fs.path).index
+    with pytest.raises(StoreError, match=str(rec)):
+        FeatureSet(fs.path).unit_shard(1)
+
+
+def test_an_incomplete_set_says_what_command_completes_it(tmp_path):
+    fs, _ = make(tmp_path, sizes=(30, 30, None), finalize=False)
+    with pytest.raises(StoreError, match="1 of 3 shards not committed") as e:
+        fs.load("cls")
+    assert "allow_incomplete" not in str(e.value) and "extract" in str(e.value)
+    fs.commit_unit(2, *unit_data(2, 3))  # every unit in, but no index written (a killed last writer)
+    with pytest.raises(StoreError, match="--finalize") as e:
+        FeatureSet(fs.path).load("cls")
+    assert "allow_incomplete" not in str(e.value)
+
+
