@@ -139,6 +139,73 @@ def test_older_unit_records_still_catch_a_missing_or_empty_file_of_a_unit_with_r
         FeatureSet(fs.path).load("norms")
 
 
+# --------------------------------------------------------------------------- 2: checksums
+
+def flip(path, at: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_new_stores_checksum_their_inner_chunks_and_zarr_alone_reads_them(tmp_path):
+    fs, committed = make(tmp_path, sizes=(30, 7, 0, 30))
+    conf = json.loads((fs.path / "features.zarr" / "cls" / "zarr.json").read_text())["codecs"][0]["configuration"]
+    crc = {"name": "crc32c"}
+    assert conf["codecs"][-1] == crc and conf["index_codecs"][-1] == crc
+    assert fs._raw_shards("cls") is not None  # still the fast path
+    index = pd.read_parquet(fs.path / "index.parquet")
+    for f in FEATS:
+        x = zarr.open_array(fs.path / "features.zarr" / f)[:][index["row"]]  # zarr-python and pandas alone
+        np.testing.assert_array_equal(x, expected(committed, f))
+        np.testing.assert_array_equal(fs.load(f, concat=False, dtype=np.float16).x[f], x)
+
+
+@pytest.mark.parametrize("path", ["raw", "zarr"])
+@pytest.mark.parametrize("where", ["first chunk", "partial last chunk", "shard index"])
+def test_a_flipped_bit_in_a_shard_is_an_error_that_names_it(tmp_path, monkeypatch, path, where):
+    import regcache.store.reader as reader
+    import regcache.store.writer as writer
+
+    monkeypatch.setattr(writer, "inner_rows", lambda rows, row_bytes: 4)
+    fs, committed = make(tmp_path, sizes=(30, 30))
+    hit = shard_file(fs, "reg_all", 1)
+    row_bytes = int(np.prod(LAYOUT.shape("reg_all"))) * 2
+    size = hit.stat().st_size
+    flip(hit, {"first chunk": 5, "partial last chunk": 7 * (4 * row_bytes + 4) + row_bytes + 3,
+               "shard index": size - 20}[where])
+    if path == "zarr":
+        monkeypatch.setattr(reader.FeatureReader, "_raw_shards", lambda self, name: None)
+    fs = FeatureSet(fs.path)
+    with pytest.raises(StoreError, match=rf"{hit}.*(checksum|crc32c)"):
+        fs.load("reg_all")
+    np.testing.assert_array_equal(fs.read_rows("reg_all", rows_of(0)), committed[0]["reg_all"])
+    with pytest.raises(ValueError, match="checksum"):  # zarr-python checks it on its own
+        zarr.open_array(fs.path / "features.zarr" / "reg_all")[rows_of(1)]
+
+
+def test_raw_shards_without_checksums_still_read_directly(tmp_path, monkeypatch):
+    """Stores written before checksums (raw inner chunks, index crc32c only) keep the direct path."""
+    import regcache.store.writer as writer
+
+    def unchecked(path, meta):
+        group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
+        for name in meta["features"]:
+            shape = LAYOUT.shape(name)
+            group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], *shape),
+                               shards=(meta["unit_rows"], *shape), chunks=(4, *shape), dtype=meta["dtype"],
+                               fill_value=0, compressors=None, overwrite=True)
+
+    monkeypatch.setattr(writer.UnitWriter, "_create_arrays", staticmethod(unchecked))
+    fs, committed = make(tmp_path, sizes=(30, 9, 0))
+    assert json.loads((fs.path / "features.zarr" / "cls" / "zarr.json").read_text())["codecs"][0][
+        "configuration"]["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}]
+    assert fs._raw_shards("cls") is not None
+    for f in FEATS:
+        np.testing.assert_array_equal(fs.load(f, concat=False, dtype=np.float16).x[f], expected(committed, f))
+    np.testing.assert_array_equal(fs.read_rows("cls", np.array([UNIT_ROWS + 3, 2, UNIT_ROWS + 1])),
+                                  np.stack([committed[1]["cls"][3], committed[0]["cls"][2], committed[1]["cls"][1]]))
+
+
 # --------------------------------------------------------------------------- 5: errors name the file
 
 def test_a_damaged_zarr_json_is_an_error_that_names_it(tmp_path):

@@ -176,9 +176,12 @@ class UnitWriter:
 
     @staticmethod
     def _create_arrays(path: Path, meta: dict) -> None:
-        """One Zarr shard per unit, of raw (uncompressed) inner chunks: float16 features compress by 9% at
-        most, so a codec only costs read speed; inner chunks that are all padding are not stored."""
+        """One Zarr shard per unit, of uncompressed inner chunks each followed by its crc32c (the shard index
+        has its own): float16 features compress by 9% at most, so a codec only costs read speed, while a
+        checksum makes a flipped bit an error instead of a wrong number. Inner chunks that are all padding
+        are not stored."""
         import zarr
+        from zarr.codecs import Crc32cCodec
 
         layout = TokenLayout.from_dict(meta["layout"])
         rows, total = meta["unit_rows"], meta["unit_rows"] * meta["num_units"]
@@ -187,7 +190,7 @@ class UnitWriter:
             shape = layout.shape(name)
             inner = inner_rows(rows, int(np.prod(shape)) * np.dtype(meta["dtype"]).itemsize)
             group.create_array(name, shape=(total, *shape), shards=(rows, *shape), chunks=(inner, *shape),
-                               dtype=meta["dtype"], fill_value=0, compressors=None, overwrite=True,
+                               dtype=meta["dtype"], fill_value=0, compressors=Crc32cCodec(), overwrite=True,
                                attributes={"description": FEATURES[name]})
 
     def commit_unit(self, unit: int, arrays: dict[str, np.ndarray], records: Sequence[tuple[str, int, int]],
