@@ -206,6 +206,57 @@ def test_raw_shards_without_checksums_still_read_directly(tmp_path, monkeypatch)
                                   np.stack([committed[1]["cls"][3], committed[0]["cls"][2], committed[1]["cls"][1]]))
 
 
+# --------------------------------------------------------------------------- 3: ls lists the healthy sets
+
+def ls(root, *args):
+    return CliRunner().invoke(main, ["ls", "--cache", str(root), *args])
+
+
+def test_ls_marks_a_damaged_index_or_unit_record_and_lists_the_healthy_sets(tmp_path):
+    make(tmp_path, "good")
+    bad, _ = make(tmp_path, "badindex")
+    (bad.path / "index.parquet").write_bytes(b"PAR1 not really")
+    part, _ = make(tmp_path, "badrecord", sizes=(30, 30, None), finalize=False)
+    (part.path / "units" / "000001.parquet").write_bytes(b"garbage")
+    r = ls(tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "good" in r.output
+    assert str(bad.path / "index.parquet") in r.output and str(part.path / "units" / "000001.parquet") in r.output
+    r = ls(tmp_path, "--json")
+    assert r.exit_code == 0, r.output
+    rows = {json.loads(line)["dataset"]: json.loads(line) for line in r.stdout.splitlines()}
+    assert rows["good"]["damaged"] == [] and rows["good"]["rows"] == 120 and rows["good"]["complete"]
+    [d] = rows["badindex"]["damaged"]
+    assert d["file"] == str(bad.path / "index.parquet") and d["reason"]
+    [d] = rows["badrecord"]["damaged"]
+    assert d["file"] == str(part.path / "units" / "000001.parquet")
+
+
+def test_ls_marks_a_set_with_a_missing_shard_file(tmp_path):
+    fs, _ = make(tmp_path, "copy")
+    make(tmp_path, "good")
+    shard_file(fs, "reg_all", 3).unlink()
+    r = ls(tmp_path, "--json")
+    rows = {json.loads(line)["dataset"]: json.loads(line) for line in r.stdout.splitlines()}
+    assert rows["good"]["damaged"] == []
+    [d] = rows["copy"]["damaged"]
+    assert d["file"] == str(shard_file(fs, "reg_all", 3)) and "missing" in d["reason"]
+    r = ls(tmp_path)
+    assert r.exit_code == 0 and str(shard_file(fs, "reg_all", 3)) in r.output
+
+
+def test_ls_lists_an_unreadable_regcache_json_as_damaged(tmp_path):
+    make(tmp_path, "good")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "regcache.json").write_text("{")
+    r = ls(tmp_path, "--json")
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [r["dataset"] for r in rows if not r["damaged"]] == ["good"]
+    [broken] = [r for r in rows if r["damaged"]]
+    assert broken["damaged"][0]["file"] == str(tmp_path / "broken" / "regcache.json")
+
+
 # --------------------------------------------------------------------------- 5: errors name the file
 
 def test_a_damaged_zarr_json_is_an_error_that_names_it(tmp_path):

@@ -168,18 +168,33 @@ def _exec_torchrun(nproc: int) -> None:
 @cache_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per feature set, for other tools.")
 def ls(cache, as_json):
-    """List the feature sets under the cache root."""
+    """List the feature sets under the cache root.
+
+    A damaged set (a table, unit record or array file that does not read, or a file of a committed
+    shard missing or cut short) is listed with each damaged file and why; 'regcache verify SET' also
+    reads every byte and checks it.
+    """
     from ..extract import default_cache_root
-    from ..store import list_feature_sets
+    from ..store import StoreError, list_feature_sets
 
     root = cache or default_cache_root()
-    rows = []
-    for fs in list_feature_sets(root):
+    rows, unreadable = [], []
+    for fs in list_feature_sets(root, damaged=unreadable):
         m = fs.meta
+        damage = fs.damage()
+        try:
+            counts = {"rows": len(fs.index), "failed": len(fs.errors)}
+        except StoreError:  # a table that does not read: named in damage
+            counts = {"rows": None, "failed": None}
         rows.append({"path": str(fs.path), "model": m["model"]["name"], "dataset": m["dataset"]["name"],
-                     "features": ",".join(fs.features), "rows": len(fs.index), "failed": len(fs.errors),
+                     "features": ",".join(fs.features), **counts,
                      "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
-                     "bytes": fs.nbytes(), "created": m["provenance"]["created"], "fingerprint": fs.fingerprint})
+                     "bytes": fs.nbytes(), "created": m["provenance"]["created"], "fingerprint": fs.fingerprint,
+                     "damaged": [{"file": str(d.path), "reason": d.reason} for d in damage]})
+    for path, reason in unreadable:
+        rows.append({"path": str(path), "model": None, "dataset": None, "features": None, "rows": None,
+                     "failed": None, "units": None, "complete": False, "bytes": None, "created": None,
+                     "fingerprint": None, "damaged": [{"file": str(path / "regcache.json"), "reason": reason}]})
     if as_json:
         for r in rows:
             click.echo(json.dumps(r))
@@ -188,12 +203,20 @@ def ls(cache, as_json):
         click.echo(f"no feature sets under {root}")
         return
     head = ("model", "dataset", "features", "rows", "failed", "units", "size", "created", "path")
-    table = [head] + [(r["model"], r["dataset"], r["features"], str(r["rows"]), str(r["failed"]), r["units"],
-                       human_size(r["bytes"]), r["created"], str(Path(r["path"]).relative_to(root)))
-                      for r in rows]
+    table = [head]
+    for r in rows:
+        cells = ["?" if r[k] is None else str(r[k])
+                 for k in ("model", "dataset", "features", "rows", "failed", "units")]
+        where = str(Path(r["path"]).relative_to(root)) + ("  DAMAGED" if r["damaged"] else "")
+        table.append((*cells, "?" if r["bytes"] is None else human_size(r["bytes"]), r["created"] or "?", where))
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]
     for t in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
+    for r in rows:
+        if r["damaged"]:
+            click.echo(f"damaged: {r['path']} ('regcache verify' on it says what to do)")
+            for d in r["damaged"]:
+                click.echo(f"  {d['file']}: {d['reason']}")
 
 
 @main.group(short_help="Test-time registers for a ViT trained without them: find their neurons.")

@@ -294,6 +294,23 @@ class FeatureReader:
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in (self.path / ARRAYS).rglob("*") if f.is_file())
 
+    # ------------------------------------------------------------------ checking
+
+    def damage(self) -> list[DamagedFile]:
+        """What is wrong with the set that shows without reading its features, one entry a file: tables,
+        unit records or array metadata that do not read, and files of committed units missing or of
+        another size than committed. Cheap enough for `regcache ls`; `verify` reads everything."""
+        found: list[DamagedFile] = []
+        _collect(found, lambda: self._tables)
+        units = sorted(self.committed_units())
+        for unit in units:
+            _collect(found, lambda: self._record_meta(unit))
+        for name in self.features:
+            if _collect(found, lambda: self._zarr_json(name)):
+                for unit in units:
+                    _collect(found, lambda: self._unit_files(name, unit))
+        return _unique(found)
+
     # ------------------------------------------------------------------ reading
 
     def _read_records(self, units: Iterable[int]) -> tuple[pa.Table, pa.Table]:
@@ -513,6 +530,24 @@ class _RawShards:
             rows = unit * self.inner * self.chunks + i * self.inner
             raise DamagedFile(path, f"inner chunk {i} (rows {rows}-{rows + self.inner - 1} of the array) fails its "
                                     "crc32c checksum: the file is damaged")
+
+
+def _collect(found: list, check) -> bool:
+    """Run ``check``; a damaged file it meets goes to ``found``. Whether it passed."""
+    try:
+        check()
+    except DamagedFile as e:
+        found.append(e)
+        return False
+    return True
+
+
+def _unique(found: list[DamagedFile]) -> list[DamagedFile]:
+    """One entry a file (the first reason found): a damaged record fails every check that reads it."""
+    seen: dict[Path, DamagedFile] = {}
+    for e in found:
+        seen.setdefault(e.path, e)
+    return list(seen.values())
 
 
 def _crc32c(data) -> int:

@@ -19,14 +19,17 @@ from .meta import META, StoreError
 log = logging.getLogger("regcache")
 
 
-def list_feature_sets(root: str | os.PathLike) -> list[FeatureSet]:
-    """Every readable feature set under a cache root, sorted by path; an unreadable one is named in a warning."""
+def list_feature_sets(root: str | os.PathLike, damaged: list | None = None) -> list[FeatureSet]:
+    """Every readable feature set under a cache root, sorted by path. One that cannot be read is named in a
+    warning, and appended to ``damaged`` as (path, reason) when that list is given."""
     found = []
     for p in sorted(Path(root).expanduser().glob(f"**/{META}")):
         try:
             found.append(FeatureSet(p.parent))
         except StoreError as e:
             log.warning("skipped: %s", e)
+            if damaged is not None:
+                damaged.append((p.parent, str(e)))
     return found
 
 
