@@ -298,3 +298,40 @@ def test_an_incomplete_set_says_what_command_completes_it(tmp_path):
     assert "allow_incomplete" not in str(e.value)
 
 
+# --------------------------------------------------------------------------- 4: the full shard hash, and verify
+
+def test_the_full_shard_hash_is_taken_while_the_shard_is_read(tmp_path):
+    import gzip
+
+    from regcache.data import open_shard
+    from regcache.shards import write_shards
+
+    from conftest import random_images
+
+    [path] = write_shards(random_images(7), str(tmp_path / "s-%03d.tar"), 7)
+    (tmp_path / "s.tar.gz").write_bytes(gzip.compress(open(path, "rb").read()))
+    for p in (path, str(tmp_path / "s.tar.gz")):
+        h = hashlib.sha256()
+        assert sum(1 for _ in open_shard(p, allow_pipe=False, sha256=h)) == 7
+        assert h.hexdigest() == hashlib.sha256(open(p, "rb").read()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def extracted(reg_ckpt, tmp_path_factory):
+    from regcache.extract import extract
+
+    from conftest import REG, config, make_shards
+
+    root = tmp_path_factory.mktemp("x")
+    pattern = make_shards(root / "shards", n_shards=2, per_shard=3)
+    res = extract(config(REG, reg_ckpt, pattern, root / "c"))
+    assert res.complete
+    return res.path, root / "shards"
+
+
+def test_extraction_records_each_shards_full_hash(extracted):
+    src, _ = extracted
+    fs = FeatureSet(src)
+    for u in range(2):
+        rec = fs.unit_shard(u)
+        assert rec["sha256"] == hashlib.sha256(open(rec["path"], "rb").read()).hexdigest()
