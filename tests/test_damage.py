@@ -335,3 +335,55 @@ def test_extraction_records_each_shards_full_hash(extracted):
     for u in range(2):
         rec = fs.unit_shard(u)
         assert rec["sha256"] == hashlib.sha256(open(rec["path"], "rb").read()).hexdigest()
+
+
+def verify(*paths):
+    return CliRunner().invoke(main, ["verify", *map(str, paths)])
+
+
+def test_verify_passes_a_whole_set_and_lists_every_problem_by_file(tmp_path):
+    fs, _ = make(tmp_path)
+    r = verify(fs.path)
+    assert r.exit_code == 0, r.output
+    assert "not recorded" in r.output  # hand-made units record no input shard
+    shard_file(fs, "cls", 0).unlink()
+    flip(shard_file(fs, "norms", 2), 9)
+    (fs.path / "errors.parquet").write_bytes(b"x")
+    r = verify(fs.path, tmp_path / "nothing")
+    assert r.exit_code == 1
+    for named in (shard_file(fs, "cls", 0), shard_file(fs, "norms", 2), fs.path / "errors.parquet",
+                  tmp_path / "nothing" / "regcache.json"):
+        assert str(named) in r.output, r.output
+
+
+def test_verify_finds_an_index_that_is_not_the_unit_records(tmp_path):
+    fs, _ = make(tmp_path)
+    other, _ = make(tmp_path, "other", sizes=(30, 30, 30, 29))
+    shutil.copy(other.path / "index.parquet", fs.path / "index.parquet")
+    r = verify(fs.path)
+    assert r.exit_code == 1 and str(fs.path / "index.parquet") in r.output, r.output
+
+
+def test_verify_recomputes_each_input_shards_full_hash(extracted, tmp_path):
+    src, shards = extracted
+    r = verify(src)
+    assert r.exit_code == 0 and "not recorded" not in r.output, r.output
+    # the input shard changed after extraction: verify names it, whatever the sampled digest saw
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    set_copy = tmp_path / "set"
+    shutil.copytree(src, set_copy)
+    for p in (set_copy / "units").glob("*.parquet"):  # point the copy's records at the copied shards
+        t = pq.read_table(p)
+        md = dict(t.schema.metadata)
+        shard = json.loads(md[b"shard"])
+        shard["path"] = str(copy / shard["path"].rsplit("/", 1)[1])
+        md[b"shard"] = json.dumps(shard).encode()
+        pq.write_table(t.replace_schema_metadata(md), p)
+    assert verify(set_copy).exit_code == 0
+    flip(copy / "part-001.tar", 700)
+    r = verify(set_copy)
+    assert r.exit_code == 1 and str(copy / "part-001.tar") in r.output and "sha256" in r.output, r.output
+    (copy / "part-000.tar").unlink()
+    r = verify(set_copy)
+    assert r.exit_code == 1 and str(copy / "part-000.tar") in r.output, r.output

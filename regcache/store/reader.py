@@ -311,6 +311,95 @@ class FeatureReader:
                     _collect(found, lambda: self._unit_files(name, unit))
         return _unique(found)
 
+    def verify(self) -> tuple[list[DamagedFile], list[str]]:
+        """Everything `damage` checks, then every stored byte: each inner chunk against its crc32c (layouts
+        the direct reader does not know are decoded by zarr, which checks what their codecs check), and
+        the index and errors tables against the unit records they were written from. The problems, one
+        a file, and notes on what could not be checked."""
+        found, notes = self.damage(), [] if self.complete else [self._incomplete()]
+        units = sorted(self.committed_units())
+        tables = {self.path / "index.parquet", self.path / "errors.parquet", *map(self._record, units)}
+        if self.complete and not tables & {p.path for p in found}:
+            found += self._check_tables(units)
+        for name in self.features:
+            try:
+                raw = self._raw_shards(name)
+            except DamagedFile:
+                continue  # named by `damage`
+            if raw is not None and not raw.chunk_crc:
+                notes.append(f"{name}: written before inner chunks had checksums; their shard indexes and sizes "
+                             "were checked, not their bytes")
+            for unit in units:
+                try:
+                    files = self._unit_files(name, unit)
+                    if raw is not None:
+                        for path in files:
+                            raw.check(path, unit)
+                    elif files:
+                        self.read_rows(name, unit * self.unit_rows + np.arange(self.unit_rows))
+                except DamagedFile as e:
+                    found.append(e if e.advice else DamagedFile(e.path, e.reason, self._redo(unit)))
+        return _unique(found), notes
+
+    def _check_tables(self, units: list[int]) -> list[DamagedFile]:
+        """index.parquet and errors.parquet against the unit records they were written from."""
+        advice = ("remove index.parquet and errors.parquet and run the extract command again with --finalize: "
+                  "it writes both again from the unit records")
+        where = self.path / "index.parquet"
+        if len(units) < self.num_units:
+            missing = sorted(set(range(self.num_units)) - set(units))
+            return [DamagedFile(where, f"written, but the records of units {_few(missing)} are gone",
+                                "copy them again from where this set came from, or remove the set and extract again")]
+        ok, bad = self._read_records(range(self.num_units))
+        found = []
+        pairs = ((where, self._tables[0], ok), (self.path / "errors.parquet", self._tables[1], bad))
+        for path, stored, records in pairs:
+            if not stored.equals(records):
+                same = "same count, other content" if len(stored) == len(records) else f"they give {len(records)}"
+                found.append(DamagedFile(path, f"not what the unit records say ({len(stored)} rows; {same})", advice))
+        return found
+
+    def verify_inputs(self) -> tuple[list[DamagedFile], list[str]]:
+        """Each committed unit's input shard against the full sha256 of the bytes it was read from (recorded
+        as the extraction read them): the cached features are still those of the shard's bytes. Units
+        extracted before the hash was recorded, and remote shards, cannot be checked: the notes say so."""
+        found: list[DamagedFile] = []
+        checked, unrecorded, remote = 0, [], []
+        for unit in sorted(self.committed_units()):
+            try:
+                shard = self.unit_shard(unit) or {}
+            except DamagedFile:
+                continue  # named by `damage`
+            if not shard.get("sha256"):
+                unrecorded.append(self.shards[unit])
+                continue
+            if not shard.get("path"):
+                remote.append(shard.get("url") or self.shards[unit])
+                continue
+            path = Path(shard["path"])
+            try:
+                digest = _sha256(path)
+            except FileNotFoundError:
+                found.append(DamagedFile(path, f"missing: the input shard that unit {unit} was extracted from"))
+                continue
+            except OSError as e:
+                found.append(DamagedFile(path, f"unreadable input shard of unit {unit} ({e})"))
+                continue
+            checked += 1
+            if digest != shard["sha256"]:
+                found.append(DamagedFile(
+                    path, f"sha256 {digest[:16]}…, not the {shard['sha256'][:16]}… it had when unit {unit} was "
+                          f"extracted from it ({shard.get('size')} bytes then, {path.stat().st_size} now): the cached "
+                          "features are of other bytes",
+                    f"restore the shard, or {self._reextract(unit)}"))
+        notes = [f"input shards: {checked} of {checked + len(unrecorded) + len(remote)} read again and hashed"]
+        if unrecorded:
+            notes.append(f"input shards: full sha256 not recorded for {len(unrecorded)} (extracted before regcache "
+                         f"recorded it): {_few(unrecorded)}")
+        if remote:
+            notes.append(f"input shards: {len(remote)} remote, not checked: {_few(remote)}")
+        return _unique(found), notes
+
     # ------------------------------------------------------------------ reading
 
     def _read_records(self, units: Iterable[int]) -> tuple[pa.Table, pa.Table]:
@@ -493,6 +582,15 @@ class _RawShards:
                     chunk = self._chunk(fd, path, unit, i, offset)
                     dst[...] = chunk[skip:skip + len(dst)]
 
+    def check(self, path: Path, unit: int) -> None:
+        """Read every stored inner chunk of ``unit``'s shard file and check it (`regcache verify`)."""
+        with open(path, "rb", buffering=0) as f:
+            index = self._index(f.fileno(), path, unit)
+            if self.chunk_crc:
+                for i, offset in enumerate(index[:, 0]):
+                    if offset != _EMPTY:
+                        self._chunk(f.fileno(), path, unit, i, int(offset))
+
     def _chunk(self, fd: int, path: Path, unit: int, i: int, offset: int) -> np.ndarray:
         """Inner chunk ``i`` whole, checked, in the scratch buffer (its rows' bytes, without the checksum)."""
         if self._scratch is None:
@@ -548,6 +646,20 @@ def _unique(found: list[DamagedFile]) -> list[DamagedFile]:
     for e in found:
         seen.setdefault(e.path, e)
     return list(seen.values())
+
+
+def _few(items: Sequence, n: int = 5) -> str:
+    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _crc32c(data) -> int:
