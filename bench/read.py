@@ -4,9 +4,11 @@
 
 Random float16 features (cls and patch of --dim each; real features compress by 9% at most, and
 random ones not at all) are written as:
-- ``raw shards``: what the store writes now: one Zarr shard per unit of raw inner chunks, read
-  straight from the shard files into the caller's array (``--inner`` rows per inner chunk, several);
-- ``blosc-lz4 chunk per unit``: what it wrote before, read through zarr (decode into the array);
+- ``raw shards + crc32c``: what the store writes now: one Zarr shard per unit of uncompressed inner
+  chunks each followed by its crc32c, read straight from the shard files into the caller's array
+  and checked (``--inner`` rows per inner chunk, several);
+- ``raw shards, no checksums``: what it wrote before checksums, read the same way unchecked;
+- ``blosc-lz4 chunk per unit``: what it wrote before that, read through zarr (decode into the array);
 and as one uncompressed ``.npy``. Best of --rounds alternating rounds, all from the page cache.
 """
 from __future__ import annotations
@@ -30,6 +32,8 @@ def write(path: Path, rows: int, dim: int, layout, unit_rows: int = 10_000) -> N
     old = writer.UnitWriter._create_arrays, writer.inner_rows
     if layout == "blosc":
         writer.UnitWriter._create_arrays = staticmethod(_blosc_arrays)
+    elif isinstance(layout, tuple):  # ("unchecked", inner rows)
+        writer.UnitWriter._create_arrays = staticmethod(lambda path, meta: _unchecked_arrays(path, meta, layout[1]))
     else:
         writer.inner_rows = lambda r, b: layout
     try:
@@ -60,6 +64,16 @@ def _blosc_arrays(path: Path, meta: dict) -> None:
                            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"))
 
 
+def _unchecked_arrays(path: Path, meta: dict, inner: int) -> None:
+    import zarr
+
+    group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
+    dim = meta["layout"]["dim"]
+    for name in meta["features"]:
+        group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], dim), shards=(meta["unit_rows"], dim),
+                           chunks=(inner, dim), dtype="float16", fill_value=0, compressors=None, overwrite=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -71,8 +85,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="regcache-read-") as tmp:
         tmp = Path(tmp)
-        layouts = {f"raw shards, {r}-row inner chunks": int(r) for r in args.inner.split(",")}
-        layouts["blosc-lz4 chunk per unit (before)"] = "blosc"
+        layouts = {f"raw shards + crc32c, {r}-row inner chunks": int(r) for r in args.inner.split(",")}
+        last = int(args.inner.split(",")[-1])
+        layouts[f"raw shards, no checksums (before), {last}-row inner chunks"] = ("unchecked", last)
+        layouts["blosc-lz4 chunk per unit (before that)"] = "blosc"
         for i, (name, lay) in enumerate(layouts.items()):
             write(tmp / f"s{i}", args.rows, args.dim, lay)
         sets = {name: FeatureSet(tmp / f"s{i}") for i, name in enumerate(layouts)}

@@ -39,6 +39,19 @@ class _Watched:
         return data
 
 
+class _Hashed:
+    """A read-only byte stream that feeds every byte read through it to a hash (the shard's full digest,
+    taken as the extraction reads it: no second read)."""
+
+    def __init__(self, raw, hasher):
+        self.raw, self.hasher = raw, hasher
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.hasher.update(data)
+        return data
+
+
 def _decompressed(raw):
     """The tar bytes of a plain or gzip/bz2/xz-compressed shard (the decompressors detect truncation)."""
     import bz2
@@ -108,11 +121,13 @@ def _close_quietly(stream) -> None:
         pass
 
 
-def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
+def open_shard(url: str, allow_pipe: bool, sha256=None) -> Iterator[dict]:
     """WebDataset samples of one shard, grouped by key as webdataset groups them.
 
     Raises `ShardError` (after the samples read so far) when the shard is not whole, so that the
     caller commits the shard or nothing: a damaged tar never passes for a shorter one.
+    ``sha256`` (a hashlib object) is fed every byte of the shard as stored (compressed or not), to
+    its end, so that once the samples are all read it is the file's full digest.
     """
     from webdataset.tariterators import group_by_keys
 
@@ -120,8 +135,9 @@ def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     import zlib
 
     raw = _open_url(url, allow_pipe)
+    stored = raw if sha256 is None else _Hashed(raw, sha256)
     try:
-        watched = _Watched(_decompressed(raw))
+        watched = _Watched(_decompressed(stored))
     except OSError as e:  # a 'pipe:' command or download that failed before its first bytes
         _close_quietly(raw)
         raise ShardError(f"could not be read: {e}") from None
@@ -143,6 +159,8 @@ def open_shard(url: str, allow_pipe: bool) -> Iterator[dict]:
     try:
         yield from group_by_keys(members())
         while watched.read(1 << 20):
+            pass
+        while sha256 is not None and stored.read(1 << 20):  # what a decompressor left after its stream
             pass
     except (EOFError, OSError, tarfile.ReadError, zlib.error, lzma.LZMAError) as e:
         _close_quietly(raw)  # member data or a compressed stream cut short, or a source that gave nothing

@@ -1,14 +1,23 @@
 """Shards to batches: the extraction's input stream, one unit (shard) at a time."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard, shard_id
 
 # --------------------------------------------------------------------------- streaming
+
+@dataclass(frozen=True)
+class ShardRead(ShardId):
+    """What a shard held as the extraction read it: the cheap id taken before, and the sha256 of every byte
+    read (hashed on the way, no second read), which `regcache verify` recomputes from the file."""
+
+    sha256: str | None = None
+
 
 @dataclass
 class Batch:
@@ -23,7 +32,7 @@ class Batch:
     samples: int = 0                       # on `end`: samples read from the shard
     errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason)
     shard_error: str | None = None         # on `end`: the shard failed as a whole
-    shard: ShardId | None = None           # on `end`: what the shard held when it was read
+    shard: ShardId | None = None           # on `end`: what the shard held when it was read (a ShardRead if whole)
     skipped: bool = False                  # on `end`: committed or claimed by another writer
 
     def pin_memory(self) -> "Batch":
@@ -66,8 +75,9 @@ class UnitStream(torch.utils.data.IterableDataset):
         seen: set[str] = set()
         n = 0
         sid = shard_id(url)  # what the shard holds as it is read, checked against the set's identity
+        full = hashlib.sha256()
         try:
-            for sample in open_shard(url, self.allow_pipe):
+            for sample in open_shard(url, self.allow_pipe, sha256=full):
                 key = sample["__key__"]
                 n += 1
                 try:
@@ -92,7 +102,8 @@ class UnitStream(torch.utils.data.IterableDataset):
             return
         if rows:
             yield self._batch(unit, rows)
-        yield Batch(unit=unit, end=True, samples=n, errors=errors, shard=sid)
+        yield Batch(unit=unit, end=True, samples=n, errors=errors,
+                    shard=ShardRead(**asdict(sid), sha256=full.hexdigest()))
 
     @staticmethod
     def _batch(unit: int, rows: list) -> Batch:

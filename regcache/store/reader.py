@@ -15,6 +15,20 @@ import pyarrow.parquet as pq
 from ..features import TokenLayout, parse_features
 from .meta import ARRAYS, INDEX_SCHEMA, NAMES, Description, SetRecord, StoreError
 
+_EMPTY = 2 ** 64 - 1  # a shard index entry of an inner chunk never written (all fill value)
+_UNSIZED = -1         # a file a committed unit must have, whose size its record does not give (older records)
+
+
+class DamagedFile(StoreError):
+    """A file of a set (or an input shard) that is missing, cut short, unreadable or fails its checksum.
+
+    ``path`` and ``reason`` apart, so that a check can list every damaged file with its reason.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, advice: str = ""):
+        self.path, self.reason, self.advice = Path(path), reason, advice
+        super().__init__(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
+
 
 @dataclass
 class Features:
@@ -97,10 +111,49 @@ class FeatureReader:
     def committed_units(self) -> set[int]:
         return {int(p.stem) for p in (self.path / "units").glob("*.parquet")}
 
+    @cached_property
+    def _unit_meta(self) -> dict[int, dict]:
+        """The metadata of unit records read so far, by unit (`_record_meta`)."""
+        return {}
+
+    @cached_property
+    def _zarr_meta(self) -> dict[str, dict]:
+        """The zarr.json of features read so far, by name (`_zarr_json`)."""
+        return {}
+
+    def _redo(self, unit: int) -> str:
+        """What to do about a damaged file of a committed unit."""
+        return f"copy it again from where this set came from, or {self._reextract(unit)}"
+
+    def _reextract(self, unit: int) -> str:
+        return (f"re-extract shard {self.shards[unit]}: remove {self._record(unit)}, index.parquet and "
+                f"errors.parquet from {self.path} and run the extract command again")
+
+    def _record_meta(self, unit: int) -> dict:
+        """The metadata of a unit's commit record (shard, files), JSON-decoded; read once."""
+        if unit not in self._unit_meta:
+            where = self._record(unit)
+            try:
+                raw = pq.read_schema(where).metadata or {}
+                self._unit_meta[unit] = {k.decode(): json.loads(v) for k, v in raw.items() if k in (b"shard", b"files")}
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise DamagedFile(where, f"unreadable unit record ({e})", self._redo(unit)) from None
+        return self._unit_meta[unit]
+
+    def _read_table(self, where: Path, advice: str, **kw) -> pa.Table:
+        try:
+            return pq.read_table(where, **kw)
+        except FileNotFoundError:
+            raise DamagedFile(where, "missing", advice) from None
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise DamagedFile(where, f"unreadable ({e})", advice) from None
+
+    def _read_unit(self, unit: int, **kw) -> pa.Table:
+        return self._read_table(self._record(unit), self._redo(unit), **kw)
+
     def unit_shard(self, unit: int) -> dict | None:
-        """What the input shard was when the unit was committed (path, size, digest), if recorded."""
-        meta = pq.read_schema(self._record(unit)).metadata or {}
-        return json.loads(meta[b"shard"]) if b"shard" in meta else None
+        """What the input shard was when the unit was committed (path, size, digest, sha256), if recorded."""
+        return self._record_meta(unit).get("shard")
 
     def shard_digests(self) -> dict[int, str]:
         """Per committed unit, the digest of the shard bytes it was read from; where the bytes could not be
@@ -121,7 +174,7 @@ class FeatureReader:
 
     def unit_samples(self, unit: int) -> int:
         """Input samples a committed unit accounts for: stored (once per key, whatever the views) or failed."""
-        t = pq.read_table(self._record(unit), columns=["key", "error"])
+        t = self._read_unit(unit, columns=["key", "error"])
         ok = t.filter(pa.compute.is_null(t["error"]))["key"]
         return len(pa.compute.unique(ok)) + len(t) - len(ok)
 
@@ -131,6 +184,19 @@ class FeatureReader:
     @property
     def complete(self) -> bool:
         return (self.path / "index.parquet").is_file()
+
+    def _incomplete(self) -> str:
+        """Why a set has no index, and the command that gives it one."""
+        missing = self.num_units - len(self.committed_units())
+        if missing:
+            return (f"{self.path} is incomplete: {missing} of {self.num_units} shards not committed yet (failed, or "
+                    "still being extracted); run the extract command again to extract them (it resumes where it "
+                    "stopped), or with --finalize to list them")
+        why = self.unusable()
+        if why:
+            return f"{self.path} is unusable: {why}"
+        return (f"{self.path} has every shard committed but no index.parquet (its last writer stopped before "
+                "writing it); run the extract command again with --finalize to write it")
 
     def unusable(self) -> str | None:
         """Why a set whose units are all committed has no index: every sample failed (and the first reasons)."""
@@ -149,14 +215,89 @@ class FeatureReader:
 
         if name not in self.features:
             raise StoreError(f"{self.path} has no feature {name!r}; it has {', '.join(self.features)}")
-        return zarr.open_array(self.path / ARRAYS / name, mode=mode)
+        self._zarr_json(name)  # a damaged one is named here; zarr's own error does not name it
+        try:
+            return zarr.open_array(self.path / ARRAYS / name, mode=mode)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise DamagedFile(self.path / ARRAYS / name / "zarr.json", f"zarr cannot open the array ({e})",
+                              f"restore it from a copy, or remove {self.path} and extract again") from None
+
+    def _zarr_json(self, name: str) -> dict:
+        """The zarr.json of one feature, read once; missing or unreadable is an error that names it."""
+        if name not in self._zarr_meta:
+            where = self.path / ARRAYS / name / "zarr.json"
+            advice = f"restore it from a copy, or remove {self.path} and extract again"
+            try:
+                meta = json.loads(where.read_text())
+                grid = [*meta["shape"], *meta["chunk_grid"]["configuration"]["chunk_shape"]]
+                if not all(isinstance(n, int) and n >= 0 for n in grid):
+                    raise ValueError(f"shape and chunk shape {grid} are not sizes")
+            except FileNotFoundError:
+                raise DamagedFile(where, "missing", advice) from None
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DamagedFile(where, f"unreadable array metadata ({type(e).__name__}: {e})", advice) from None
+            self._zarr_meta[name] = meta
+        return self._zarr_meta[name]
+
+    def _unit_keys(self, name: str, unit: int) -> list[str]:
+        """The files (relative to the array's folder) that hold ``unit``'s rows of ``name``, by zarr.json's
+        chunk grid and key encoding: one shard for the layout written now, one chunk for older ones."""
+        import itertools
+
+        meta = self._zarr_json(name)
+        shape, chunk = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        enc = meta.get("chunk_key_encoding") or {"name": "default"}
+        sep = (enc.get("configuration") or {}).get("separator", "/" if enc.get("name") == "default" else ".")
+        rows = range(unit * self.unit_rows // chunk[0], ((unit + 1) * self.unit_rows - 1) // chunk[0] + 1)
+        grid = [rows] + [range(-(-s // c)) for s, c in zip(shape[1:], chunk[1:])]
+        prefix = f"c{sep}" if enc.get("name") == "default" else ""
+        return [prefix + sep.join(map(str, coords)) for coords in itertools.product(*grid)]
+
+    def _stores_rows(self, unit: int) -> bool:
+        """Whether a committed unit wrote rows into the arrays (its record's rows; older records say no more)."""
+        rows = self._read_unit(unit, columns=["row"])["row"]
+        return bool(pa.compute.any(pa.compute.greater_equal(rows, 0)).as_py())
+
+    def _unit_files(self, name: str, unit: int) -> list[Path]:
+        """The files holding ``unit``'s rows of ``name``, each checked against the unit's commit record: there,
+        and of the size committed. A missing or cut file is an error naming it, never rows of fill value.
+
+        A file the record says was not written (every row the fill value: a unit whose samples all
+        failed) is not looked for. Older records give no sizes: a unit that stored rows must have its
+        files. An uncommitted unit has nothing to check against: the files that exist.
+        """
+        root = self.path / ARRAYS / name
+        keys = self._unit_keys(name, unit)
+        if not self._record(unit).is_file():
+            return [root / k for k in keys if (root / k).is_file()]
+        files = self._record_meta(unit).get("files")
+        found = []
+        for key in keys:
+            path = root / key
+            want = files.get(f"{name}/{key}", _UNSIZED) if files is not None else None
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                if want is None and (files is not None or not self._stores_rows(unit)):
+                    continue
+                raise DamagedFile(path, f"missing, but committed unit {unit} (shard {self.shards[unit]}) stored "
+                                        "rows in it (a partial copy of the set?)", self._redo(unit)) from None
+            if size == 0:  # zarr never writes an empty chunk or shard (it deletes one that would be all fill)
+                raise DamagedFile(path, f"empty, but unit {unit} (shard {self.shards[unit]}) was committed with "
+                                        "rows in it: cut short", self._redo(unit))
+            if want not in (None, _UNSIZED) and size != want:
+                raise DamagedFile(path, f"{size} bytes, but {want} when unit {unit} (shard {self.shards[unit]}) was "
+                                        "committed: cut short or overwritten", self._redo(unit))
+            found.append(path)
+        return found
 
     def _raw_shards(self, name: str) -> "_RawShards | None":
-        """The direct reader of ``name`` when its zarr.json is the layout this version writes (one shard per
-        unit of raw little-endian inner chunks, zero fill); None for any other layout (older stores): zarr."""
-        meta = json.loads((self.path / ARRAYS / name / "zarr.json").read_text())
+        """The direct reader of ``name`` when its zarr.json is a layout this version writes or wrote (one shard
+        per unit of little-endian inner chunks, raw or each with its crc32c, zero fill); None for any other
+        layout (older stores): zarr."""
+        meta = self._zarr_json(name)
         shape, codecs = meta.get("shape", []), meta.get("codecs", [])
-        little = {"name": "bytes", "configuration": {"endian": "little"}}
+        little, crc = {"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}
         if (meta.get("chunk_key_encoding") != {"name": "default", "configuration": {"separator": "/"}}
                 or meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") != [self.unit_rows, *shape[1:]]
                 or len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or meta.get("fill_value") != 0
@@ -164,16 +305,122 @@ class FeatureReader:
             return None
         conf = codecs[0]["configuration"]
         inner = conf.get("chunk_shape", [])
-        if (conf.get("codecs") != [little] or conf.get("index_location", "end") != "end"
-                or conf.get("index_codecs") not in ([little], [little, {"name": "crc32c"}])
+        if (conf.get("codecs") not in ([little], [little, crc]) or conf.get("index_location", "end") != "end"
+                or conf.get("index_codecs") not in ([little], [little, crc])
                 or inner[1:] != shape[1:] or self.unit_rows % inner[0]):
             return None
-        return _RawShards(self.path / ARRAYS / name, len(shape), inner[0], self.unit_rows // inner[0],
+        return _RawShards(inner[0], self.unit_rows // inner[0],
                           int(np.prod(shape[1:])) * np.dtype(meta["data_type"]).itemsize,
-                          len(conf["index_codecs"]) == 2)
+                          index_crc=len(conf["index_codecs"]) == 2, chunk_crc=len(conf["codecs"]) == 2)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in (self.path / ARRAYS).rglob("*") if f.is_file())
+
+    # ------------------------------------------------------------------ checking
+
+    def damage(self) -> list[DamagedFile]:
+        """What is wrong with the set that shows without reading its features, one entry a file: tables,
+        unit records or array metadata that do not read, and files of committed units missing or of
+        another size than committed. Cheap enough for `regcache ls`; `verify` reads everything."""
+        found: list[DamagedFile] = []
+        _collect(found, lambda: self._tables)
+        units = sorted(self.committed_units())
+        for unit in units:
+            _collect(found, lambda: self._record_meta(unit))
+        for name in self.features:
+            if _collect(found, lambda: self._zarr_json(name)):
+                for unit in units:
+                    _collect(found, lambda: self._unit_files(name, unit))
+        return _unique(found)
+
+    def verify(self) -> tuple[list[DamagedFile], list[str]]:
+        """Everything `damage` checks, then every stored byte: each inner chunk against its crc32c (layouts
+        the direct reader does not know are decoded by zarr, which checks what their codecs check), and
+        the index and errors tables against the unit records they were written from. The problems, one
+        a file, and notes on what could not be checked."""
+        found, notes = self.damage(), [] if self.complete else [self._incomplete()]
+        units = sorted(self.committed_units())
+        tables = {self.path / "index.parquet", self.path / "errors.parquet", *map(self._record, units)}
+        if self.complete and not tables & {p.path for p in found}:
+            found += self._check_tables(units)
+        for name in self.features:
+            try:
+                raw = self._raw_shards(name)
+            except DamagedFile:
+                continue  # named by `damage`
+            if raw is not None and not raw.chunk_crc:
+                notes.append(f"{name}: written before inner chunks had checksums; their shard indexes and sizes "
+                             "were checked, not their bytes")
+            for unit in units:
+                try:
+                    files = self._unit_files(name, unit)
+                    if raw is not None:
+                        for path in files:
+                            raw.check(path, unit)
+                    elif files:
+                        self.read_rows(name, unit * self.unit_rows + np.arange(self.unit_rows))
+                except DamagedFile as e:
+                    found.append(e if e.advice else DamagedFile(e.path, e.reason, self._redo(unit)))
+        return _unique(found), notes
+
+    def _check_tables(self, units: list[int]) -> list[DamagedFile]:
+        """index.parquet and errors.parquet against the unit records they were written from."""
+        advice = ("remove index.parquet and errors.parquet and run the extract command again with --finalize: "
+                  "it writes both again from the unit records")
+        where = self.path / "index.parquet"
+        if len(units) < self.num_units:
+            missing = sorted(set(range(self.num_units)) - set(units))
+            return [DamagedFile(where, f"written, but the records of units {_few(missing)} are gone",
+                                "copy them again from where this set came from, or remove the set and extract again")]
+        ok, bad = self._read_records(range(self.num_units))
+        found = []
+        pairs = ((where, self._tables[0], ok), (self.path / "errors.parquet", self._tables[1], bad))
+        for path, stored, records in pairs:
+            if not stored.equals(records):
+                same = "same count, other content" if len(stored) == len(records) else f"they give {len(records)}"
+                found.append(DamagedFile(path, f"not what the unit records say ({len(stored)} rows; {same})", advice))
+        return found
+
+    def verify_inputs(self) -> tuple[list[DamagedFile], list[str]]:
+        """Each committed unit's input shard against the full sha256 of the bytes it was read from (recorded
+        as the extraction read them): the cached features are still those of the shard's bytes. Units
+        extracted before the hash was recorded, and remote shards, cannot be checked: the notes say so."""
+        found: list[DamagedFile] = []
+        checked, unrecorded, remote = 0, [], []
+        for unit in sorted(self.committed_units()):
+            try:
+                shard = self.unit_shard(unit) or {}
+            except DamagedFile:
+                continue  # named by `damage`
+            if not shard.get("sha256"):
+                unrecorded.append(self.shards[unit])
+                continue
+            if not shard.get("path"):
+                remote.append(shard.get("url") or self.shards[unit])
+                continue
+            path = Path(shard["path"])
+            try:
+                digest = _sha256(path)
+            except FileNotFoundError:
+                found.append(DamagedFile(path, f"missing: the input shard that unit {unit} was extracted from"))
+                continue
+            except OSError as e:
+                found.append(DamagedFile(path, f"unreadable input shard of unit {unit} ({e})"))
+                continue
+            checked += 1
+            if digest != shard["sha256"]:
+                found.append(DamagedFile(
+                    path, f"sha256 {digest[:16]}…, not the {shard['sha256'][:16]}… it had when unit {unit} was "
+                          f"extracted from it ({shard.get('size')} bytes then, {path.stat().st_size} now): the cached "
+                          "features are of other bytes",
+                    f"restore the shard, or {self._reextract(unit)}"))
+        notes = [f"input shards: {checked} of {checked + len(unrecorded) + len(remote)} read again and hashed"]
+        if unrecorded:
+            notes.append(f"input shards: full sha256 not recorded for {len(unrecorded)} (extracted before regcache "
+                         f"recorded it): {_few(unrecorded)}")
+        if remote:
+            notes.append(f"input shards: {len(remote)} remote, not checked: {_few(remote)}")
+        return _unique(found), notes
 
     # ------------------------------------------------------------------ reading
 
@@ -186,7 +433,7 @@ class FeatureReader:
         ok, bad = [], []
         first: dict[str, str] = {}  # key -> the shard that stored it
         for u in units:
-            t = pq.read_table(self._record(u))
+            t = self._read_unit(u)
             shard = pa.array([self.shards[u]] * len(t), pa.string())
             t = t.append_column("shard", shard)
             good = t.filter(pa.compute.is_null(t["error"]))
@@ -210,7 +457,10 @@ class FeatureReader:
     @cached_property
     def _tables(self) -> tuple[pa.Table, pa.Table]:
         if self.complete:
-            return pq.read_table(self.path / "index.parquet"), pq.read_table(self.path / "errors.parquet")
+            advice = ("remove index.parquet and errors.parquet and run the extract command again with --finalize: "
+                      "it writes both again from the unit records")
+            return (self._read_table(self.path / "index.parquet", advice),
+                    self._read_table(self.path / "errors.parquet", advice))
         return self._read_records(sorted(self.committed_units()))
 
     @property
@@ -229,9 +479,7 @@ class FeatureReader:
         """Features by name (``reg_all`` flattened when concatenated), with labels and keys, in index order."""
         names = parse_features(features) if features is not None else self.features
         if not self.complete and not allow_incomplete:
-            missing = self.num_units - len(self.committed_units())
-            raise StoreError(f"{self.path} is incomplete ({missing} of {self.num_units} units missing); "
-                             "rerun the extract command, or pass allow_incomplete=True")
+            raise StoreError(self._incomplete())
         idx = self._tables[0]
         if views is not None:
             idx = idx.filter(pa.compute.is_in(idx["view"], pa.array(list(views), pa.int16())))
@@ -259,6 +507,8 @@ class FeatureReader:
         """Rows of one feature, unit by unit; a unit's contiguous rows are one slice read, padding never read.
 
         ``out`` ([len(rows), ...], any dtype, may be a column block of a wider array) receives them.
+        Each committed unit's files are checked against its record first (`_unit_files`), and every
+        checksum on the way is verified: a damaged file is an error that names it.
         """
         arr = self.array(name)
         NDBuffer = _ndbuffer()
@@ -271,7 +521,8 @@ class FeatureReader:
         units = rows // self.unit_rows
         bounds = np.flatnonzero(np.diff(units)) + 1
         for start, stop in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
-            r, target = rows[start:stop], out[start:stop]
+            r, target, unit = rows[start:stop], out[start:stop], int(units[start])
+            files = self._unit_files(name, unit)
             if raw is not None:  # read the span of rows straight from the shard file, then pick
                 lo, hi = int(r.min()), int(r.max()) + 1
                 whole = hi - lo == len(r) and np.all(np.diff(r) == 1)
@@ -280,60 +531,165 @@ class FeatureReader:
                     scratch = np.empty((hi - lo) * int(np.prod(arr.shape[1:])), arr.dtype)
                 block = target if direct else scratch[:(hi - lo) * int(np.prod(arr.shape[1:]))].reshape(
                     hi - lo, *arr.shape[1:])
-                raw.read(int(units[start]), lo - int(units[start]) * self.unit_rows, block)
+                try:
+                    raw.read(files[0] if files else None, unit, lo - unit * self.unit_rows, block)
+                except DamagedFile as e:
+                    raise DamagedFile(e.path, e.reason, self._redo(unit)) from None
                 if not direct:
                     target[...] = (block if whole else block[r - lo]).reshape(target.shape)
                 continue
-            if r[-1] - r[0] == len(r) - 1 and np.all(np.diff(r) == 1):
-                if NDBuffer is not None and target.dtype == arr.dtype and target.shape == (len(r), *arr.shape[1:]):
-                    # zarr decodes straight into our array: one copy fewer
-                    arr.get_basic_selection(slice(int(r[0]), int(r[-1]) + 1), out=NDBuffer.from_numpy_array(target))
-                    continue
-                block = arr[int(r[0]):int(r[-1]) + 1]
-            else:
-                lo = int(units[start]) * self.unit_rows
-                block = arr[lo:int(r.max()) + 1][r - lo]
-            target[...] = block.reshape(target.shape)
+            try:
+                self._zarr_rows(arr, r, target, unit, NDBuffer)
+            except StoreError:
+                raise
+            except Exception as e:  # zarr's errors (a checksum, a codec) do not say which file
+                where = files[0] if len(files) == 1 else self.path / ARRAYS / name
+                raise DamagedFile(where, f"zarr cannot read unit {unit}'s rows ({type(e).__name__}: {e})",
+                                  self._redo(unit)) from None
         return out
 
+    def _zarr_rows(self, arr, r: np.ndarray, target: np.ndarray, unit: int, NDBuffer) -> None:
+        """Rows ``r`` (all of one unit) through zarr, for layouts the direct reader does not know."""
+        if r[-1] - r[0] == len(r) - 1 and np.all(np.diff(r) == 1):
+            if NDBuffer is not None and target.dtype == arr.dtype and target.shape == (len(r), *arr.shape[1:]):
+                # zarr decodes straight into our array: one copy fewer
+                arr.get_basic_selection(slice(int(r[0]), int(r[-1]) + 1), out=NDBuffer.from_numpy_array(target))
+                return
+            block = arr[int(r[0]):int(r[-1]) + 1]
+        else:
+            lo = unit * self.unit_rows
+            block = arr[lo:int(r.max()) + 1][r - lo]
+        target[...] = block.reshape(target.shape)
 
-@dataclass(frozen=True)
+
 class _RawShards:
-    """Reads rows of one feature from its shard files as the Zarr v3 sharding spec lays them out: raw
-    inner chunks, and at the end an index of (offset, nbytes) uint64 pairs per inner chunk (all ones:
-    not stored, i.e. fill value 0), then a crc32c. One ``readinto`` per inner chunk, straight into the
-    caller's array: one pass over memory, as ``numpy.load``; zarr's path makes three."""
+    """Reads rows of one feature from its shard files as the Zarr v3 sharding spec lays them out: inner
+    chunks (raw, or followed by their crc32c), and at the end an index of (offset, nbytes) uint64 pairs per
+    inner chunk (all ones: not stored, i.e. fill value 0), then its crc32c. One ``preadv`` per inner chunk,
+    straight into the caller's array: one pass over memory, as ``numpy.load``; zarr's path makes three.
+    The index is checked (its crc32c, and that it points inside the file) and so is every chunk read
+    whole; a chunk read in part is read whole into a scratch buffer to check it (at most the first and
+    last of a span)."""
 
-    root: Path
-    ndim: int
-    inner: int        # rows per inner chunk
-    chunks: int       # inner chunks per shard
-    row_bytes: int
-    crc: bool
+    def __init__(self, inner: int, chunks: int, row_bytes: int, index_crc: bool, chunk_crc: bool):
+        self.inner, self.chunks, self.row_bytes = inner, chunks, row_bytes  # rows per inner chunk, chunks a shard
+        self.index_crc, self.chunk_crc = index_crc, chunk_crc
+        self.chunk_bytes = inner * row_bytes + 4 * chunk_crc  # as stored
+        self._scratch: np.ndarray | None = None
 
-    def read(self, unit: int, first: int, out: np.ndarray) -> None:
-        """Rows [first, first + len(out)) of ``unit``'s shard into ``out`` (C-contiguous, the stored dtype)."""
+    def read(self, path: Path | None, unit: int, first: int, out: np.ndarray) -> None:
+        """Rows [first, first + len(out)) of ``unit``'s shard file ``path`` (None: nothing stored, all fill
+        value) into ``out`` (C-contiguous, the stored dtype)."""
         buf = out.reshape(len(out), -1).view(np.uint8)
-        path = self.root / "c" / str(unit) / "/".join(["0"] * (self.ndim - 1))
-        try:
-            f = open(path, "rb")
-        except FileNotFoundError:  # a shard never written holds the fill value
+        if path is None:
             buf[...] = 0
             return
-        with f:
-            f.seek(-(16 * self.chunks + 4 * self.crc), os.SEEK_END)
-            index = np.frombuffer(f.read(16 * self.chunks), "<u8").reshape(-1, 2)
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            index = self._index(fd, path, unit)
             last = first + len(out)
             for i in range(first // self.inner, (last - 1) // self.inner + 1):
                 a, b = max(first, i * self.inner), min(last, (i + 1) * self.inner)
-                dst = buf[a - first:b - first]
-                offset = int(index[i, 0])
-                if offset == 2 ** 64 - 1:
+                dst = buf[a - first:b - first].reshape(-1)
+                offset, skip = int(index[i, 0]), (a - i * self.inner) * self.row_bytes
+                if offset == _EMPTY:
                     dst[...] = 0
-                    continue
-                f.seek(offset + (a - i * self.inner) * self.row_bytes)
-                if f.readinto(memoryview(dst).cast("B")) != dst.nbytes:
-                    raise StoreError(f"{path}: shard shorter than its index says; re-extract this set")
+                elif not self.chunk_crc:
+                    self._pread(fd, path, [dst], offset + skip)
+                elif b - a == self.inner:  # a whole chunk: into the caller's array, then its checksum
+                    tail = bytearray(4)
+                    self._pread(fd, path, [dst, tail], offset)
+                    self._check(dst, tail, path, unit, i)
+                else:
+                    chunk = self._chunk(fd, path, unit, i, offset)
+                    dst[...] = chunk[skip:skip + len(dst)]
+
+    def check(self, path: Path, unit: int) -> None:
+        """Read every stored inner chunk of ``unit``'s shard file and check it (`regcache verify`)."""
+        with open(path, "rb", buffering=0) as f:
+            index = self._index(f.fileno(), path, unit)
+            if self.chunk_crc:
+                for i, offset in enumerate(index[:, 0]):
+                    if offset != _EMPTY:
+                        self._chunk(f.fileno(), path, unit, i, int(offset))
+
+    def _chunk(self, fd: int, path: Path, unit: int, i: int, offset: int) -> np.ndarray:
+        """Inner chunk ``i`` whole, checked, in the scratch buffer (its rows' bytes, without the checksum)."""
+        if self._scratch is None:
+            self._scratch = np.empty(self.chunk_bytes, np.uint8)
+        self._pread(fd, path, [self._scratch], offset)
+        self._check(self._scratch[:-4], self._scratch[-4:], path, unit, i)
+        return self._scratch[:-4]
+
+    def _index(self, fd: int, path: Path, unit: int) -> np.ndarray:
+        """The shard index, checked: its crc32c, empty entries wholly empty, and every chunk of the stored
+        size and inside the file (a cut file's tail is not an index)."""
+        size, n = os.fstat(fd).st_size, 16 * self.chunks + 4 * self.index_crc
+        if size < n:
+            raise DamagedFile(path, f"{size} bytes, shorter than its shard index ({n} bytes): cut short")
+        raw = os.pread(fd, n, size - n)
+        if self.index_crc and _crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise DamagedFile(path, "its shard index fails its crc32c checksum: the file is damaged or cut short")
+        index = np.frombuffer(raw, "<u8", count=2 * self.chunks).reshape(-1, 2)
+        stored = index[:, 0] != _EMPTY
+        limit = size - n - self.chunk_bytes  # the last offset a chunk can start at
+        if ((index[~stored, 1] != _EMPTY).any() or (index[stored, 1] != self.chunk_bytes).any()
+                or (stored.any() and (limit < 0 or (index[stored, 0] > limit).any()))):
+            raise DamagedFile(path, f"its shard index does not fit the file ({size} bytes) or the array's "
+                                    "inner chunks: the file is damaged or cut short")
+        return index
+
+    @staticmethod
+    def _pread(fd: int, path: Path, bufs: list, offset: int) -> None:
+        want = sum(memoryview(b).nbytes for b in bufs)
+        if os.preadv(fd, bufs, offset) != want:
+            raise DamagedFile(path, "shorter than its shard index says: cut short")
+
+    def _check(self, data: np.ndarray, stored, path: Path, unit: int, i: int) -> None:
+        if _crc32c(data) != int.from_bytes(bytes(stored), "little"):
+            rows = unit * self.inner * self.chunks + i * self.inner
+            raise DamagedFile(path, f"inner chunk {i} (rows {rows}-{rows + self.inner - 1} of the array) fails its "
+                                    "crc32c checksum: the file is damaged")
+
+
+def _collect(found: list, check) -> bool:
+    """Run ``check``; a damaged file it meets goes to ``found``. Whether it passed."""
+    try:
+        check()
+    except DamagedFile as e:
+        found.append(e)
+        return False
+    return True
+
+
+def _unique(found: list[DamagedFile]) -> list[DamagedFile]:
+    """One entry a file (the first reason found): a damaged record fails every check that reads it."""
+    seen: dict[Path, DamagedFile] = {}
+    for e in found:
+        seen.setdefault(e.path, e)
+    return list(seen.values())
+
+
+def _few(items: Sequence, n: int = 5) -> str:
+    return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _crc32c(data) -> int:
+    """crc32c as the Zarr v3 codec computes it (google-crc32c, which zarr requires; bytes or a contiguous
+    numpy array: it takes no writable memoryview)."""
+    from google_crc32c import value
+
+    return value(data)
 
 
 def _ndbuffer():

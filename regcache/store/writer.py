@@ -176,9 +176,12 @@ class UnitWriter:
 
     @staticmethod
     def _create_arrays(path: Path, record: SetRecord) -> None:
-        """One Zarr shard per unit, of raw (uncompressed) inner chunks: float16 features compress by 9% at
-        most, so a codec only costs read speed; inner chunks that are all padding are not stored."""
+        """One Zarr shard per unit, of uncompressed inner chunks each followed by its crc32c (the shard index
+        has its own): float16 features compress by 9% at most, so a codec only costs read speed, while a
+        checksum makes a flipped bit an error instead of a wrong number. Inner chunks that are all padding
+        are not stored."""
         import zarr
+        from zarr.codecs import Crc32cCodec
 
         rows, total = record.unit_rows, record.unit_rows * record.num_units
         group = zarr.open_group(path / ARRAYS, mode="a", zarr_format=3)
@@ -186,7 +189,7 @@ class UnitWriter:
             shape = record.layout.shape(name)
             inner = inner_rows(rows, int(np.prod(shape)) * np.dtype(record.dtype).itemsize)
             group.create_array(name, shape=(total, *shape), shards=(rows, *shape), chunks=(inner, *shape),
-                               dtype=record.dtype, fill_value=0, compressors=None, overwrite=True,
+                               dtype=record.dtype, fill_value=0, compressors=Crc32cCodec(), overwrite=True,
                                attributes={"description": FEATURES[name]})
 
     def add_name(self, description: Description) -> None:
@@ -202,7 +205,9 @@ class UnitWriter:
                     errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
         """Write one unit's rows (``records`` = (key, label, view) in row order) and commit it atomically.
 
-        ``shard`` (path, size, digest of the input shard as read) is kept with the unit's record.
+        ``shard`` (path, size, digests of the input shard as read) is kept with the unit's record, and so
+        are the unit's files with their sizes (None: not written, every row the fill value), so that a
+        missing or cut file is found (`FeatureReader._unit_files`) instead of read as zeros.
         """
         rows, n = self.unit_rows, len(records)
         if n > rows:
@@ -213,6 +218,7 @@ class UnitWriter:
         except OSError as e:  # disk full, permissions: say where and for which shard
             raise StoreError(f"cannot write shard {self.shards[unit]} into {self.path}: {e}") from e
         self._failure(unit).unlink(missing_ok=True)
+        self._unit_meta.pop(unit, None)  # read afresh: this writer may read the set it writes
 
     def _write_unit(self, unit, arrays, records, errors, shard) -> None:
         rows, n = self.unit_rows, len(records)
@@ -224,6 +230,11 @@ class UnitWriter:
             block = np.zeros((rows, *a.shape[1:]), dtype=self.dtype)
             block[:n] = a
             self.array(name, "r+")[start:start + rows] = block  # exactly one whole chunk
+        files = {}
+        for name in self.features:
+            for key in self._unit_keys(name, unit):
+                where = self.path / ARRAYS / name / key
+                files[f"{name}/{key}"] = where.stat().st_size if where.is_file() else None
         keys = [r[0] for r in records] + [k for k, _ in errors]
         table = pa.table({
             "key": keys,
@@ -231,7 +242,7 @@ class UnitWriter:
             "view": [r[2] for r in records] + [0] * len(errors),
             "row": list(range(start, start + n)) + [-1] * len(errors),
             "error": [None] * n + [reason for _, reason in errors],
-        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard)}))
+        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard), "files": json.dumps(files)}))
         _atomic_write(self._record(unit), _parquet_bytes(table))
 
     def adopt_unit(self, source: "UnitWriter", unit: int) -> None:
