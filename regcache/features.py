@@ -189,14 +189,14 @@ def parse_layers(spec: str) -> tuple[int, ...]:
         except ValueError:
             n = 0
         if n < 1:
-            raise FeatureError(f"--layers {spec!r}: lastN needs a positive N, e.g. last4")
+            raise FeatureError(f"{spec!r}: lastN needs a positive N, e.g. last4")
         return tuple(range(-n, 0))
     try:
         layers = tuple(dict.fromkeys(int(p) for p in spec.split(",") if p.strip()))
     except ValueError:
-        raise FeatureError(f"--layers {spec!r}: give block indices such as -4,-3,-2,-1 (or 8,9,10,11), or lastN")
+        raise FeatureError(f"{spec!r}: give block indices such as -4,-3,-2,-1 (or 8,9,10,11), or lastN")
     if not layers:
-        raise FeatureError("--layers names no block")
+        raise FeatureError("no block named")
     return layers
 
 

@@ -17,7 +17,7 @@ from regcache.models import Preprocess
 from regcache.store import FeatureSet, StoreError
 from regcache.tokens import layout_of
 
-from conftest import NOREG, REG, SIZE, config, make_shards
+from conftest import NOREG, REG, SIZE, config, make_shards, record
 
 REG_LAYOUT = TokenLayout(has_cls=True, num_reg=4, grid=(3, 4), dim=8)
 NOREG_LAYOUT = TokenLayout(has_cls=True, num_reg=0, grid=(3, 4), dim=8)
@@ -82,14 +82,15 @@ def test_norms_and_featuremap_commands_match_numpy_on_the_stored_array(reg_ckpt,
     pngs = sorted((tmp_path / "fm").glob("*.png"))
     assert [p.name for p in pngs] == ["featuremap__img00001.png", "featuremap__img00006.png"]
     assert Image.open(pngs[0]).size[0] > Image.open(tmp_path / "fm" / "featuremap__img00006.png").size[1]  # 2 panels
-    r = CliRunner().invoke(main, ["featuremap", str(a), "--keys", "nope", "--out", str(tmp_path / "fm")])
+    r = CliRunner().invoke(main, ["featuremap", str(a), "--keys", "nope", "--out", str(tmp_path / "fm2")])
     assert r.exit_code == 1 and "no rows for keys nope" in r.output
 
 
 def test_attention_rows_sum_to_one_and_maps_have_the_grid_shape(reg_ckpt):
-    from regcache.models import ModelSpec, load_model
+    from regcache.models import load_model
+    from regcache.settings import Backbone
 
-    model = load_model(ModelSpec(REG, str(reg_ckpt)), SIZE)
+    model = load_model(Backbone(model=REG, checkpoint=str(reg_ckpt)), SIZE)
     layout = layout_of(model)
     x = torch.randn(2, 3, SIZE, SIZE)
     probs = analysis.last_block_attention(model, x)
@@ -113,9 +114,10 @@ def test_attention_rows_sum_to_one_and_maps_have_the_grid_shape(reg_ckpt):
 
 
 def test_qkv_norms_equal_projections_of_a_manual_block_loop(reg_ckpt, tmp_path):
-    from regcache.models import ModelSpec, load_model
+    from regcache.models import load_model
+    from regcache.settings import Backbone
 
-    model = load_model(ModelSpec(REG, str(reg_ckpt)), SIZE)
+    model = load_model(Backbone(model=REG, checkpoint=str(reg_ckpt)), SIZE)
     layout = layout_of(model)
     x = torch.randn(2, 3, SIZE, SIZE)
     got = analysis.qkv_norms(model, x, layout, (-2, -1))
@@ -174,8 +176,9 @@ def test_real_cls_attention_on_a_centred_object_is_not_uniform(offline_vits14, t
                                   "-i", str(img), "--similarity", "--display", "224", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert (out / "attention__coffee.png").stat().st_size > 1000 and (out / "neighbour_similarity.png").is_file()
-    from regcache.models import ModelSpec, load_model
-    model = load_model(ModelSpec("vit_small_patch14_dinov2", str(weights)), 224)
+    from regcache.models import load_model
+    from regcache.settings import Backbone
+    model = load_model(Backbone(model="vit_small_patch14_dinov2", checkpoint=str(weights)), 224)
     pre = Preprocess()
     m = analysis.attention_maps(model, pre.normalize(pre(Image.open(img).convert("RGB"))[None]),
                                 layout_of(model))["cls"][0]
@@ -199,20 +202,18 @@ def test_token_probe_reads_positions_from_normal_tokens_but_not_from_outliers(tm
     img, pos = np.divmod(flat, length)
     tokens[img, pos] = rng.normal(size=(40, 16)) * 2
     norms[img, 1 + pos] = 100.0
-    ident = {"model": "m", "features": ["norms", "tokens"], "dataset": "t"}
-    fs = FS.create(tmp_path / "fs", ident, {
-        "features": ["tokens", "norms"], "layout": layout.to_dict(), "dtype": "float32", "unit_rows": n,
-        "num_units": 1, "model": {"name": "m"}, "dataset": {"name": "t", "shards": ["t.tar"]}})
+    ident = {"model": "m", "features": ["norms", "tokens"], "data": "t"}
+    fs = FS.create(tmp_path / "fs", ident, record(["tokens", "norms"], layout, "float32", n, 1, "t"))
     fs.commit_unit(0, {"tokens": tokens.astype(np.float32), "norms": norms.astype(np.float32)},
                    [(f"k{i}", 0, 0) for i in range(n)])
     fs.finalize()
     r = analysis.token_probe(FS(tmp_path / "fs"), iterations=300)
     assert r.chance == pytest.approx(1 / 12) and r.test_images == 40 and r.outliers > 0
     assert r.accuracy_normal > 0.95 and r.accuracy_outliers < 0.4
-    out = tmp_path / "tp.json"
+    out = tmp_path / "tp"
     res = CliRunner().invoke(main, ["tokenprobe", str(tmp_path / "fs"), "--iterations", "300", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert json.loads(out.read_text())[0]["accuracy_normal"] == pytest.approx(r.accuracy_normal)
+    assert json.loads((out / "tokenprobe.json").read_text())[0]["accuracy_normal"] == pytest.approx(r.accuracy_normal)
 
 
 def test_pixel_probe_rebuilds_normal_patches_but_not_outliers(tmp_path):
@@ -230,9 +231,8 @@ def test_pixel_probe_rebuilds_normal_patches_but_not_outliers(tmp_path):
     patches[img, pos] = rng.uniform(0, 1, size=(15, p * p * 3))
     norms[img, 1 + pos] = 100.0
     crops = (patches.reshape(n, 2, 3, p, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * p, 3 * p, 3) * 255)
-    fs = FS.create(tmp_path / "fs", {"model": "m", "features": ["norms", "tokens"], "dataset": "t"}, {
-        "features": ["tokens", "norms"], "layout": layout.to_dict(), "dtype": "float32", "unit_rows": n,
-        "num_units": 1, "model": {"name": "m"}, "dataset": {"name": "t", "shards": ["t.tar"]}})
+    fs = FS.create(tmp_path / "fs", {"model": "m", "features": ["norms", "tokens"], "data": "t"},
+                   record(["tokens", "norms"], layout, "float32", n, 1, "t"))
     fs.commit_unit(0, {"tokens": tokens.astype(np.float32), "norms": norms.astype(np.float32)},
                    [(f"k{i}", 0, 0) for i in range(n)])
     fs.finalize()

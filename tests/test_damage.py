@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from regcache.cli import main
 from regcache.store import FeatureSet, StoreError
 
+from conftest import record
 from test_store import FEATS, LAYOUT, old_layout, unit_data
 
 UNIT_ROWS = 32  # rows reserved per unit: 8 inner chunks of 4, the last partly padding
@@ -26,11 +27,9 @@ SIZES = (30, 30, 30, 30)  # the issue's cache: 120 rows in 4 units
 
 
 def meta(name: str, sizes=SIZES, unit_rows=UNIT_ROWS, dtype="float16"):
-    ident = {"model": "m", "dataset": name, "features": sorted(FEATS)}
-    return ident, {"features": FEATS, "layout": LAYOUT.to_dict(), "dtype": dtype, "unit_rows": unit_rows,
-                   "num_units": len(sizes), "model": {"name": "m", "timm_name": "m"},
-                   "dataset": {"name": name, "shards": [f"{name}-{u}.tar" for u in range(len(sizes))]},
-                   "provenance": {"created": "2025-01-01T00:00:00+00:00"}}
+    ident = {"model": "m", "data": name, "features": sorted(FEATS), "size": 4, "resize": 4, "crop_mode": "center",
+             "precision": "fp32"}
+    return ident, record(FEATS, LAYOUT, dtype, unit_rows, len(sizes), name)
 
 
 def make(root, name="d", sizes=SIZES, finalize=True, unit_rows=UNIT_ROWS, dtype="float16"):
@@ -189,10 +188,10 @@ def test_raw_shards_without_checksums_still_read_directly(tmp_path, monkeypatch)
 
     def unchecked(path, meta):
         group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
-        for name in meta["features"]:
+        for name in meta.features:
             shape = LAYOUT.shape(name)
-            group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], *shape),
-                               shards=(meta["unit_rows"], *shape), chunks=(4, *shape), dtype=meta["dtype"],
+            group.create_array(name, shape=(meta.unit_rows * meta.num_units, *shape),
+                               shards=(meta.unit_rows, *shape), chunks=(4, *shape), dtype=meta.dtype,
                                fill_value=0, compressors=None, overwrite=True)
 
     monkeypatch.setattr(writer.UnitWriter, "_create_arrays", staticmethod(unchecked))

@@ -117,7 +117,7 @@ def test_streamed_training_reads_one_window_at_a_time_and_learns(caches, tmp_pat
     assert acc["s"] >= acc["m"] - 0.03 and acc["s"] > 0.8
     no_val = [a for a in probe_args(caches, tmp_path / "x", "--stream") if a not in ("--val", "val")]
     r = CliRunner().invoke(main, no_val)
-    assert r.exit_code == 1 and "needs --val" in r.output
+    assert r.exit_code == 2 and "needs a val set (--val)" in r.output, r.output
 
 
 @pytest.mark.parametrize("mode", [[], ["--stream", "--stream-window", "3"]])

@@ -14,7 +14,7 @@ from regcache.features import FEATURES, FeatureError, parse_features, parse_laye
 from regcache.models import Preprocess
 from regcache.store import FeatureSet
 
-from conftest import NOREG, REG, SIZE, config, make_shards
+from conftest import NOREG, REG, RESIZE, SIZE, config, make_shards
 
 
 def block_loop(name: str, ckpt, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.nn.Module]:
@@ -47,7 +47,7 @@ def test_block_features_equal_a_manual_block_loop(name, ckpt_fixture, request, t
     assert set(fs.features) == set(bases) | {f"{b}@{k}" for b in bases for k in (-4, -3, -2)}
     assert "DINOv2" in fs.layout.to_dict()["blocks"] and fs.layout.depth == 12
     got = fs.load(concat=False)
-    blocks, norm = block_loop(name, ckpt, stored_images(fs, config(name, ckpt, data, tmp_path).preprocess,
+    blocks, norm = block_loop(name, ckpt, stored_images(fs, Preprocess(size=SIZE, resize=RESIZE),
                                                              [str(tmp_path / "shards" / "part-000.tar")]))
     p, r = fs.layout.patch_slice, fs.layout.reg_slice
     for k in (-4, -3, -2, -1):
@@ -75,8 +75,8 @@ def test_block_feature_names():
                      ("foo@-1", "per block")):
         with pytest.raises(FeatureError, match=msg):
             parse_features(bad)
-    for bad in ("last0", "lastx", "a,b", ","):
-        with pytest.raises(FeatureError, match="--layers"):
+    for bad, msg in (("last0", "positive N"), ("lastx", "positive N"), ("a,b", "block indices"), (",", "no block")):
+        with pytest.raises(FeatureError, match=msg):
             parse_layers(bad)
     with pytest.raises(FeatureError, match="block 12 does not exist in a model of 12 blocks"):
         with_layers(("cls",), (12,), depth=12)
@@ -119,4 +119,4 @@ def test_extract_cli_names_a_bad_layers_value(tmp_path):
 
     res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", str(tmp_path / "x-{000..001}.tar"), "--random-init",
                                     "0", "--layers", "last0", "--cache", str(tmp_path)])
-    assert res.exit_code == 1 and "--layers 'last0': lastN needs a positive N" in res.output
+    assert res.exit_code == 2 and "--layers: 'last0': lastN needs a positive N" in res.output, res.output

@@ -10,7 +10,8 @@ import timm
 import torch
 
 from regcache.extract import extract
-from regcache.models import ALIASES, MODELS, ModelError, ModelSpec, load_model, read_checkpoint, resolve_name
+from regcache.models import ALIASES, MODELS, ModelError, load_model, model_args, read_checkpoint, resolve_name
+from regcache.settings import Backbone, SettingsError
 from regcache.store import FeatureSet
 
 from conftest import NOREG, REG, SHARED, SIZE, config
@@ -32,10 +33,10 @@ def test_aliases_cover_the_dinov2_family_and_name_real_timm_models():
 def test_dinov3_aliases_keep_the_original_cls_semantics():
     """timm's DINOv3 pools by average; the aliases ask for [CLS] pooling as upstream, and the paper's transform."""
     assert {a for a in ALIASES if a.startswith("v3")} == {"v3s", "v3sp", "v3b", "v3l", "v3hp", "v3_7b"}
-    spec = ModelSpec("v3s", kwargs={"depth": 1})
-    assert spec.kwargs == {"global_pool": "token", "depth": 1}
-    model = timm.create_model(spec.timm_name.split(".")[0], pretrained=False, num_classes=0, img_size=64,
-                              **spec.kwargs).eval()
+    spec = Backbone(model="v3s", model_args={"depth": 1})
+    assert model_args(spec) == {"global_pool": "token", "depth": 1}
+    model = timm.create_model(resolve_name(spec.model).split(".")[0], pretrained=False, num_classes=0, img_size=64,
+                              **model_args(spec)).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         X = model.forward_features(x)
@@ -50,13 +51,13 @@ def test_unknown_model_error_lists_aliases():
 
 def test_checkpoint_that_does_not_fit_names_the_keys(noreg_ckpt):
     with pytest.raises(ModelError, match=r"missing: reg_token"):
-        load_model(ModelSpec(REG, str(noreg_ckpt)), SIZE)
+        load_model(Backbone(model=REG, checkpoint=str(noreg_ckpt)), SIZE)
 
 
 def test_torch_checkpoints_load_weights_only(reg_ckpt, tmp_path):
     sd = read_checkpoint(reg_ckpt)
     torch.save({"model": sd}, tmp_path / "w.pth")
-    model = load_model(ModelSpec(REG, str(tmp_path / "w.pth")), SIZE)
+    model = load_model(Backbone(model=REG, checkpoint=str(tmp_path / "w.pth")), SIZE)
     assert torch.equal(model.cls_token, sd["cls_token"])
 
     class Evil:
@@ -65,7 +66,7 @@ def test_torch_checkpoints_load_weights_only(reg_ckpt, tmp_path):
 
     torch.save({"model": sd, "x": Evil()}, tmp_path / "evil.pth")
     with pytest.raises(ModelError, match="weights only"):
-        load_model(ModelSpec(REG, str(tmp_path / "evil.pth")), SIZE)
+        load_model(Backbone(model=REG, checkpoint=str(tmp_path / "evil.pth")), SIZE)
     with pytest.raises(ModelError, match="does not exist"):
         read_checkpoint(tmp_path / "none.safetensors")
 
@@ -103,7 +104,7 @@ def test_real_weights_put_a_flipped_image_nearest_to_its_original(real_vits14, t
     write_shards(samples, str(tmp_path / "photos-%03d.tar"), per_shard=100)
     from regcache.models import Preprocess
     res = extract(config(NOREG, real_vits14, str(tmp_path / "photos-000.tar"), tmp_path / "c",
-                         preprocess=Preprocess(), features=("cls", "patch")))
+                         size=224, resize=256, features=("cls", "patch")))
     got = FeatureSet(res.path).load("cls")
     x = got.x / np.linalg.norm(got.x, axis=1, keepdims=True)
     sim = x @ x.T
@@ -151,8 +152,8 @@ def test_default_preprocessing_is_the_models_own_timm_eval_transform(name):
 
 
 def test_aliases_keep_the_papers_transform_and_explicit_values_win():
-    from regcache.extract import ExtractConfig
-    from regcache.models import IMAGENET_MEAN, Preprocess, preprocess_for
+    from regcache.models import IMAGENET_MEAN, Preprocess, preprocess_for, preprocess_of
+    from regcache.settings import ExtractSettings
 
     for alias in ("vits", "vitl_reg", "v3b"):
         assert preprocess_for(alias) == Preprocess()  # 256 -> 224, bicubic, ImageNet mean/std
@@ -160,9 +161,10 @@ def test_aliases_keep_the_papers_transform_and_explicit_values_win():
     siglip = preprocess_for("vit_base_patch16_siglip_224.v2_webli", size=64, views=2)
     assert (siglip.size, siglip.resize, siglip.mean, siglip.views) == (64, 71, (0.5, 0.5, 0.5), 2)  # floor(64 / 0.9)
     assert preprocess_for("vit_base_patch16_siglip_224", mean=IMAGENET_MEAN).mean == IMAGENET_MEAN
-    # the Python API as the CLI: without a preprocess, the model's own (was ImageNet for every model)
-    assert ExtractConfig(model="vit_base_patch16_siglip_224.v2_webli", data="x").preprocess.mean == (0.5, 0.5, 0.5)
-    assert ExtractConfig(model="vitl_reg", data="x").preprocess == Preprocess()
+    # the Python API as the CLI: without preprocessing settings, the model's own (was ImageNet for every model)
+    siglip = ExtractSettings(model="vit_base_patch16_siglip_224.v2_webli", data="x")
+    assert preprocess_of(siglip).mean == (0.5, 0.5, 0.5)
+    assert preprocess_of(ExtractSettings(model="vitl_reg", data="x")) == Preprocess()
 
 
 # --------------------------------------------------------------------------- position embeddings (item 11)
@@ -231,15 +233,15 @@ def test_dinov2_pos_embed_equals_the_hub_forward(name, ckpt_fixture, request, tm
     p = 1 + (4 if name == REG else 0)
     feats = ("cls", "patch", "tokens")
 
-    def run(spec: ModelSpec) -> dict:
+    def run(spec: Backbone) -> dict:
         model = load_model(spec, 112)
         return token_features(model, x, layout_of(model), feats)
 
-    got = run(ModelSpec(name, str(ckpt), pos_embed="dinov2"))
+    got = run(Backbone(model=name, checkpoint=str(ckpt), pos_embed="dinov2"))
     torch.testing.assert_close(got["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got["tokens"], ref[:, p:], rtol=1e-5, atol=1e-5)
     # the same through the hub-loading path (timm's load_pretrained, here from a local file)
-    hub = run(ModelSpec(name, None, {"pretrained_cfg_overlay": {"file": str(ckpt)}}, pos_embed="dinov2"))
+    hub = run(Backbone(model=name, checkpoint=None, model_args={"pretrained_cfg_overlay": {"file": str(ckpt)}}, pos_embed="dinov2"))
     torch.testing.assert_close(hub["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
     if name == REG:  # and from a checkpoint in the hub's own layout (register_tokens, [CLS] position entry)
         dim = sd["cls_token"].shape[-1]
@@ -247,17 +249,17 @@ def test_dinov2_pos_embed_equals_the_hub_forward(name, ckpt_fixture, request, tm
         raw.update(register_tokens=sd["reg_token"], mask_token=torch.zeros(1, dim),
                    pos_embed=torch.cat([torch.zeros(1, 1, dim), sd["pos_embed"]], dim=1))
         save_file(raw, str(tmp_path / "hub_layout.safetensors"))
-        from_hub_layout = run(ModelSpec(name, str(tmp_path / "hub_layout.safetensors"), pos_embed="dinov2"))
+        from_hub_layout = run(Backbone(model=name, checkpoint=str(tmp_path / "hub_layout.safetensors"), pos_embed="dinov2"))
         torch.testing.assert_close(from_hub_layout["cls"], ref[:, 0], rtol=1e-5, atol=1e-5)
-    timm_mode = run(ModelSpec(name, str(ckpt)))
+    timm_mode = run(Backbone(model=name, checkpoint=str(ckpt)))
     assert (timm_mode["cls"] - ref[:, 0]).abs().max() > 1e-3  # the two resamplings differ
 
 
 def test_dinov2_pos_embed_is_refused_without_a_learned_table():
     with pytest.raises(ModelError, match="learned position table"):
-        load_model(ModelSpec("vit_small_patch16_dinov3", kwargs={"depth": 1}, pos_embed="dinov2"), 64)
-    with pytest.raises(ModelError, match="unknown --pos-embed"):
-        ModelSpec(REG, pos_embed="hub")
+        load_model(Backbone(model="vit_small_patch16_dinov3", model_args={"depth": 1}, pos_embed="dinov2"), 64)
+    with pytest.raises(SettingsError, match="pos_embed: Input should be 'timm' or 'dinov2'"):
+        Backbone.make(model=REG, pos_embed="hub")
 
 
 def test_pos_embed_and_preprocessing_are_in_the_fingerprint(reg_ckpt, tmp_path):
@@ -274,7 +276,7 @@ def test_pos_embed_and_preprocessing_are_in_the_fingerprint(reg_ckpt, tmp_path):
                               "-d", data, "--cache", str(tmp_path / "cache"), "--size", "56", "--pos-embed", mode,
                               "-q", "-j", "0"], env=cli_env(), capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
-        (path,) = [p for p in (tmp_path / "cache").glob("*/*") if p not in stores.values()]
+        (path,) = [p.parent for p in (tmp_path / "cache").glob("*/*/regcache.json") if p.parent not in stores.values()]
         stores[mode] = path
         meta = json.loads((path / "regcache.json").read_text())
         assert meta["identity"]["pos_embed"] == mode

@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from regcache.models import ModelError, ModelSpec, load_model
+from regcache.models import ModelError, load_model
+from regcache.settings import Backbone, SettingsError
 
 DEIT = "deit_tiny_distilled_patch16_224"
 
@@ -30,7 +31,7 @@ def test_checkpoint_with_classifier_loads_as_timm_does(tmp_path, caplog):
     assert {"head.weight", "head_dist.weight"} <= set(full.state_dict())
     path = _save(full.state_dict(), tmp_path / "deit.safetensors")
     with caplog.at_level(logging.INFO, logger="regcache"):
-        model = load_model(ModelSpec(DEIT, path), 32)
+        model = load_model(Backbone(model=DEIT, checkpoint=path), 32)
     dropped = [r.getMessage() for r in caplog.records if "classifier" in r.getMessage()]
     assert len(dropped) == 1 and "head.weight" in dropped[0] and "head_dist.bias" in dropped[0]
     x = torch.randn(2, 3, 32, 32)
@@ -48,7 +49,7 @@ def test_checkpoint_other_mismatches_still_named(tmp_path):
     del sd["blocks.0.attn.qkv.weight"]
     path = _save(sd, tmp_path / "deit.safetensors")
     with pytest.raises(ModelError) as e:
-        load_model(ModelSpec(DEIT, path), 32)
+        load_model(Backbone(model=DEIT, checkpoint=path), 32)
     msg = str(e.value)
     assert "fc_norm.weight" in msg and "blocks.0.attn.qkv.weight" in msg and "head" not in msg
 
@@ -197,15 +198,15 @@ def test_random_init_is_timms_seeded_init():
 
     torch.manual_seed(123)
     before = torch.random.get_rng_state()
-    model = load_model(ModelSpec(REG, random_init=7), SIZE)
+    model = load_model(Backbone(model=REG, random_init=7), SIZE)
     assert torch.equal(torch.random.get_rng_state(), before)
     torch.manual_seed(7)
     ref = timm.create_model(REG, pretrained=False, num_classes=0, img_size=SIZE)
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in model.state_dict().items())
-    other = load_model(ModelSpec(REG, random_init=8), SIZE)
+    other = load_model(Backbone(model=REG, random_init=8), SIZE)
     assert not torch.equal(other.pos_embed, model.pos_embed)
-    with pytest.raises(ModelError, match="either"):
-        ModelSpec(REG, checkpoint="w.safetensors", random_init=0)
+    with pytest.raises(SettingsError, match="either"):
+        Backbone.make(model=REG, checkpoint="w.safetensors", random_init=0)
 
 
 def test_random_init_sets_are_recorded_and_refused_by_the_probe(tmp_path):

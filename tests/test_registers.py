@@ -14,8 +14,9 @@ from safetensors.torch import save_file
 
 from regcache.cli import main
 from regcache.extract import extract
-from regcache.models import ModelSpec, load_model, state_dict_digest
-from regcache.registers import RegisterError, RegisterNeurons, find_neurons, install, parse_spec
+from regcache.models import load_model
+from regcache.settings import Backbone
+from regcache.registers import RegisterError, RegisterNeurons, find_neurons, install
 from regcache.store import FeatureSet
 from regcache.tokens import layout_of, token_features
 
@@ -52,7 +53,7 @@ def images(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 
 def load(ckpt) -> torch.nn.Module:
-    return load_model(ModelSpec(NOREG, str(ckpt)), SIZE)
+    return load_model(Backbone(model=NOREG, checkpoint=str(ckpt)), SIZE)
 
 
 def test_find_neurons_recovers_the_planted_neuron(planted):
@@ -130,27 +131,31 @@ def test_features_do_not_depend_on_batchmates(planted):
 
 
 def test_neuron_files_are_checked_against_the_model(planted, reg_ckpt, tmp_path):
+    from regcache.identity import registers_of, weights_of
+    from regcache.settings import ExtractSettings, SettingsError
+
     model = load(planted)
-    digest = state_dict_digest(model)
+    weights = weights_of(Backbone(model=NOREG, checkpoint=planted), SIZE, None)
     f = tmp_path / "n.json"
-    RegisterNeurons(NOREG, digest, {BLOCK: [NEURON]}).save(f)
+    RegisterNeurons(NOREG, weights, {BLOCK: [NEURON]}).save(f)
     got, file_digest = RegisterNeurons.load(f)
     assert got.neurons == {BLOCK: [NEURON]} and len(file_digest) == 64
-    assert parse_spec(f"{f}:3") == (f, 3) and parse_spec(str(f)) == (f, 1)
-    got.check(model, NOREG, digest, str(f))
-    with pytest.raises(RegisterError, match="found on .* this model is"):
-        got.check(model, NOREG, "0" * 64, str(f))
+    settings = lambda spec: ExtractSettings(model=NOREG, data="x", test_time_registers=spec)  # noqa: E731
+    assert registers_of(settings(f"{f}:3"))["k"] == 3 and registers_of(settings(str(f)))["k"] == 1
+    got.check(model, weights, str(f))
+    with pytest.raises(RegisterError, match=r"found on other weights .*\(they differ in size\)"):
+        got.check(model, {**weights, "size": 112}, str(f))  # the position table resampled to another size
     with pytest.raises(RegisterError, match="block 1 has 1536 hidden neurons, not \\[5000\\]"):
-        RegisterNeurons(NOREG, digest, {1: [5000]}).check(model, NOREG, digest, "x")
+        RegisterNeurons(NOREG, weights, {1: [5000]}).check(model, weights, "x")
     with pytest.raises(RegisterError, match="no file"):
-        parse_spec(str(tmp_path / "missing.json:2"))
-    with pytest.raises(RegisterError, match="K must be at least 1"):
-        parse_spec(f"{f}:0")
+        registers_of(settings(str(tmp_path / "missing.json:2")))
+    with pytest.raises(SettingsError, match="K .* must be at least 1"):
+        ExtractSettings.make(model=NOREG, data="x", test_time_registers=f"{f}:0")
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(RegisterError, match="not a register-neuron file"):
         RegisterNeurons.load(tmp_path / "bad.json")
     with pytest.raises(RegisterError, match="already has 4 trained registers"):
-        install(load_model(ModelSpec(REG, str(reg_ckpt)), SIZE), {BLOCK: [NEURON]}, 1)
+        install(load_model(Backbone(model=REG, checkpoint=str(reg_ckpt)), SIZE), {BLOCK: [NEURON]}, 1)
 
 
 def test_find_then_extract_through_the_cli(planted, tmp_path):
@@ -179,16 +184,19 @@ def test_find_then_extract_through_the_cli(planted, tmp_path):
                                     "--test-time-registers", f"{out}:2", "--out", str(tmp_path / "att")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "att" / "attention__img.png").is_file()
+    res = CliRunner().invoke(main, ["extract", "-m", NOREG, "-d", data, "--random-init", "0", "--size", str(SIZE),
+                                    "--cache", str(tmp_path / "c2"), "-q", "--test-time-registers", str(out)])
+    assert res.exit_code != 0 and "found on other weights" in res.output, res.output
     res = CliRunner().invoke(main, ["extract", "-m", REG, "-d", data, "--random-init", "0", "--size", str(SIZE),
                                     "--cache", str(tmp_path / "c2"), "-q", "--test-time-registers", str(out)])
-    assert res.exit_code != 0 and "found on" in res.output
+    assert res.exit_code != 0 and "4 trained registers" in res.output, res.output
 
 
 def test_real_vits14_registers_are_per_image(offline_vits14):
     """On real weights (fused attention, real activations): find, install, and batch independence."""
     from skimage import data as skdata
 
-    model = load_model(ModelSpec(NOREG, str(offline_vits14)), 112)
+    model = load_model(Backbone(model=NOREG, checkpoint=str(offline_vits14)), 112)
     photos = [skdata.coffee(), skdata.chelsea(), skdata.astronaut(), skdata.rocket()]
     x = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255,
                                                      size=(112, 112), mode="bilinear")[0] for p in photos])

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from regcache.cli import main
-from regcache.data import DataError, UnitStream, expand_shards, load_manifest
+from regcache.data import DataError, expand_shards, load_manifest
+from regcache.extract import UnitStream
 from regcache.shards import from_folder, scan_manifest, set_counts
 
 
@@ -143,12 +144,31 @@ def test_brace_patterns_variables_and_relative_paths(tmp_path, monkeypatch):
                                                          "/abs/s.tar", "pipe:cat x.tar")
 
 
-def test_counts_do_not_change_the_data_identity(tmp_path):
-    (tmp_path / "a.yaml").write_text("name: x\nshards: s-{0..1}.tar\n")
-    (tmp_path / "b.yaml").write_text("# scanned\nname: x\nshards: s-{0..1}.tar\ncounts: [3, 4]\n")
-    (tmp_path / "c.yaml").write_text("name: x\nshards: s-{0..2}.tar\n")
-    a, b, c = (load_manifest(tmp_path / f"{n}.yaml").digest for n in "abc")
-    assert a == b != c
+def test_the_data_identity_is_the_shards_bytes_not_how_they_are_named(tmp_path):
+    """Counts, the dataset's name, the manifest's folder, and a pattern instead of a manifest leave it as it is;
+    other bytes, another shard, or other image or label members change it."""
+    from regcache.data import load_dataset, shard_ids
+    from regcache.shards import write_shards
+
+    from conftest import random_images
+
+    write_shards(random_images(6), str(tmp_path / "s-%d.tar"), 3)
+    (tmp_path / "sub").mkdir()
+    texts = {"a": "name: x\nshards: s-{0..1}.tar\n", "b": "# scanned\nname: y\nshards: s-{0..1}.tar\ncounts: [3, 3]\n",
+             "c": "name: x\nshards: s-0.tar\n", "d": "name: x\nshards: s-{0..1}.tar\nimage: png\n",
+             "e": "name: x\nshards: s-{0..1}.tar\nlabel: json:y\n", "f": "name: x\nshards: ../s-{0..1}.tar\n"}
+    for n, text in texts.items():
+        (tmp_path / ("sub" if n == "f" else ".") / f"{n}.yaml").write_text(text)
+
+    def content(ds):
+        return ds.content_id(shard_ids(ds))
+
+    ids = {n: content(load_manifest(tmp_path / ("sub" if n == "f" else ".") / f"{n}.yaml")) for n in texts}
+    pattern = content(load_dataset(str(tmp_path / "s-{0..1}.tar"), name="z", labels="cls"))
+    assert ids["a"] == ids["b"] == ids["f"] == pattern
+    assert len({ids["a"], ids["c"], ids["d"], ids["e"]}) == 4
+    write_shards(random_images(6, seed=1), str(tmp_path / "s-%d.tar"), 3)  # the same names, other images
+    assert content(load_manifest(tmp_path / "a.yaml")) != ids["a"]
 
 
 def test_paper_manifests_are_valid(monkeypatch):

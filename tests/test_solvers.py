@@ -14,10 +14,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score, top_k_accuracy_score
 
 from regcache.cli import main
-from regcache.probe import ProbeConfig, Split, fit_heads, load_heads
+from regcache.probe import Split, fit_heads, load_heads
 from regcache.probe.knn import few_shot, knn_scores, shots
-from regcache.probe.presets import PRESETS, get_preset
 from regcache.probe.solvers import lbfgs_grid
+from regcache.settings import ProbeSettings, SettingsError, Training
 from regcache.store import FeatureSet
 
 
@@ -57,7 +57,7 @@ def test_float32_grid_with_defaults_predicts_as_sklearn(digits):
     s = Split("s", {"cls": xtr[:, :half].astype(np.float16), "patch": xtr[:, half:].astype(np.float16)}, ytr,
               np.arange(len(ytr)).astype(str), np.zeros(len(ytr), np.int16))
     Cs = (0.01, 0.3, 3.0)
-    heads = fit_heads(s, 10, ProbeConfig(features=[("patch",), ("patch", "cls")], solver="lbfgs", Cs=Cs))
+    heads = fit_heads(s, 10, Training(features=[("patch",), ("patch", "cls")], solver="lbfgs", C=Cs))
     assert [(h.features, h.C) for h in heads] == [(c, C) for c in [("patch",), ("patch", "cls")] for C in Cs]
     x16 = xtr.astype(np.float16).astype(np.float64)
     te16 = xte.astype(np.float16).astype(np.float64)
@@ -71,12 +71,13 @@ def test_float32_grid_with_defaults_predicts_as_sklearn(digits):
 
 
 def test_lbfgs_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="C values"):
-        ProbeConfig(features=["cls"], solver="lbfgs", Cs=(0.0,))
-    with pytest.raises(ValueError, match="in memory"):
-        ProbeConfig(features=["cls"], solver="lbfgs", stream=True)
-    assert ProbeConfig(features=["cls"], solver="lbfgs").iterations == 1000
-    assert ProbeConfig(features=["cls"]).iterations == 10_000
+    base = {"model": "m", "train": "t", "val": "v", "features": ["cls"], "solver": "lbfgs"}
+    with pytest.raises(SettingsError, match=r"C\[0\]: Input should be greater than 0"):
+        ProbeSettings.make(base, C=[0.0])
+    with pytest.raises(SettingsError, match="in memory"):
+        ProbeSettings.make(base, stream=True)
+    assert ProbeSettings.make(base).max_iter == 1000
+    assert ProbeSettings.make(base, solver="minibatch").max_iter == 10_000
 
 
 def brute_force_knn(train, ytr, test, k, T, classes):
@@ -124,20 +125,29 @@ def test_few_shot_metrics_against_sklearn(digits):
     assert res["top5"] > res["top1"]
 
 
+#: the published grids, as their repositories write them (DINOv2 eval/linear.py; DINOv3's logistic regression)
+DINOV2_LRS = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]
+
+
 def test_presets_are_the_published_grids():
-    v3 = get_preset("dinov3-logreg").config({})
-    assert len(v3["Cs"]) == 45 and v3["Cs"][0] == pytest.approx(1e-6) and v3["Cs"][-1] == pytest.approx(1e5)
-    assert v3["solver"] == "lbfgs" and v3["refit"]
-    v2 = get_preset("dinov2-linear").config({})
-    assert len(v2["lrs"]) == 13 and v2["lrs"][0] == pytest.approx(1e-5 * 1024 / 256) and v2["iterations"] == 12_500
-    small = get_preset("dinov2-linear").config({"batch_size": 512})
-    assert small["lrs"][-1] == pytest.approx(0.1 * 512 / 256)  # the lr follows the batch it will train with
-    assert get_preset("dinov2-linear").config({"lrs": (0.5,)})["lrs"] == (0.5,)  # typed options win
-    assert ("cls@-4", "cls@-3", "cls@-2", "cls") in PRESETS["dinov2-linear-last4"].features
-    with pytest.raises(ValueError, match="known"):
-        get_preset("nope")
+    """Settings made from a preset carry the published grid (computed here independently), and what the user
+    gives wins."""
+    base = {"model": "m", "train": "t", "test": "x"}
+    v3 = ProbeSettings.make(base, preset="dinov3-logreg")
+    np.testing.assert_allclose(v3.C, 10.0 ** np.linspace(-6, 5, 45), rtol=1e-12)
+    assert (v3.solver, v3.refit, v3.tol, v3.max_iter, v3.features) == ("lbfgs", True, 1e-12, 1000, [("cls",)])
+    v2 = ProbeSettings.make(base, preset="dinov2-linear")
+    np.testing.assert_allclose(v2.lr, np.array(DINOV2_LRS) * 1024 / 256)
+    assert (v2.max_iter, v2.batch_size, v2.momentum, v2.wd) == (12_500, 1024, 0.9, [0.0])
+    small = ProbeSettings.make(base, preset="dinov2-linear", batch_size=512)
+    np.testing.assert_allclose(small.lr, np.array(DINOV2_LRS) * 512 / 256)  # lr follows the batch it trains with
+    assert ProbeSettings.make(base, preset="dinov2-linear", lr="0.5").lr == [0.5]  # typed options win
+    last4 = ProbeSettings.make(base, preset="dinov2-linear-last4")
+    assert ("cls@-4", "cls@-3", "cls@-2", "cls") in last4.features and ("cls", "patch") in last4.features
+    with pytest.raises(SettingsError, match="preset"):
+        ProbeSettings.make(base, preset="nope")
     help_text = "".join(CliRunner().invoke(main, ["probe", "--help"]).output.split())  # unwrapped
-    assert all(n in help_text for n, p in PRESETS.items() if p.kind == "heads")
+    assert all(n in help_text for n in ("dinov3-logreg", "dinov2-linear", "dinov2-linear-last4"))
 
 
 def test_lbfgs_preset_run_selects_then_refits(caches, tmp_path):
@@ -162,16 +172,16 @@ def test_lbfgs_preset_run_selects_then_refits(caches, tmp_path):
 def test_knn_and_fewshot_commands(caches, tmp_path):
     r = CliRunner().invoke(main, ["knn", "-m", "m", "-f", "cls,reg", "--train", "train", "--test", "test",
                                   "--eval", "shifted", "--cache", str(caches), "--k", "5,20",
-                                  "--out", str(tmp_path / "k.parquet")])
+                                  "--out", str(tmp_path / "k")])
     assert r.exit_code == 0, r.output
-    df = pd.read_parquet(tmp_path / "k.parquet")
-    assert set(df.k) == {5, 20} and set(df.set) == {"test", "shifted"} and set(df.metric) == {"top1", "top5"}
+    df = pd.read_parquet(tmp_path / "k" / "results.parquet")
+    assert set(df.k) == {5, 20} and set(df.set) == {"test", "shifted"} and set(df.metric) == {"top1"}  # 4 classes
     tr, te = (FeatureSet(caches / n).load("cls,reg") for n in ("train", "test"))
     ref = brute_force_knn(tr.x.astype(np.float16).astype(np.float64), tr.labels,
                           te.x.astype(np.float16).astype(np.float64), 20, 0.07, 4)
     got = df.set_index(["set", "k", "metric"]).value
     assert got["test", 20, "top1"] == pytest.approx(np.mean(ref.argmax(1) == te.labels))
     r = CliRunner().invoke(main, ["fewshot", "-m", "m", "-f", "cls", "--train", "train", "--test", "test",
-                                  "--cache", str(caches), "--shots", "1,5", "--seeds", "0,1"])
+                                  "--cache", str(caches), "--shots", "1,5", "--seeds", "0,1", "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
     assert "mean_per_class_recall" in r.output and "seeds" in r.output

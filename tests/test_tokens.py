@@ -104,9 +104,10 @@ def test_checkpoint_is_loaded_with_timm_position_embedding_resize(reg_ckpt):
     from safetensors.torch import load_file
     from timm.layers import resample_abs_pos_embed
 
-    from regcache.models import ModelSpec, load_model
+    from regcache.models import load_model
+    from regcache.settings import Backbone
 
-    ours = load_model(ModelSpec(REG, str(reg_ckpt)), 112)
+    ours = load_model(Backbone(model=REG, checkpoint=str(reg_ckpt)), 112)
     theirs = timm.create_model(REG, pretrained=True, pretrained_cfg_overlay={"file": str(reg_ckpt)}, img_size=112,
                                num_classes=0)
     sd = load_file(str(reg_ckpt))
@@ -220,18 +221,19 @@ def test_distilled_and_dinov3_layouts_are_stored(tmp_path):
     """End to end: regcache.json names every prefix token, ``norms`` has one entry per token."""
     from safetensors.torch import save_file
 
-    from regcache.models import ModelSpec
+    from regcache.models import model_args, resolve_name
+    from regcache.settings import Backbone
 
     data = make_shards(tmp_path / "shards", n_shards=1, per_shard=3)
     for name, prefix, alias_kwargs in [("deit_tiny_distilled_patch16_224", ["cls", "dist"], {}),
                                        ("v3s", ["cls", "reg", "reg", "reg", "reg"], {"global_pool": "token"})]:
-        spec = ModelSpec(name, kwargs={"depth": 1})
-        assert spec.kwargs == {**alias_kwargs, "depth": 1}
-        model = timm.create_model(spec.timm_name.split(".")[0], pretrained=False, num_classes=0, img_size=64,
-                                  **spec.kwargs)
+        spec = Backbone(model=name, model_args={"depth": 1})
+        assert model_args(spec) == {**alias_kwargs, "depth": 1}
+        model = timm.create_model(resolve_name(name).split(".")[0], pretrained=False, num_classes=0, img_size=64,
+                                  **model_args(spec))
         save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-        res = extract(config(name, tmp_path / "w.safetensors", data, tmp_path / "cache", model_kwargs={"depth": 1},
-                             preprocess=Preprocess(size=64, resize=72), features=("cls", "patch", "norms")))
+        res = extract(config(name, tmp_path / "w.safetensors", data, tmp_path / "cache", model_args={"depth": 1},
+                             size=64, resize=72, features=("cls", "patch", "norms")))
         fs = FeatureSet(res.path)
         assert list(fs.layout.prefix) == prefix and fs.layout.norm == "token"
         assert fs.layout.num_tokens == len(prefix) + 16

@@ -31,7 +31,7 @@ def _sets(s: CachedAnalysis, features: tuple[str, ...], pins: Mapping[str, str |
 
 def norms(s: NormsSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache norms`: token norms by type, outliers and where they sit, several sets side by side."""
-    from .norms import norms_report
+    from .norm_stats import norms_report
 
     sets = _sets(s, ("norms",), pins)
     out = output_dir(s.out, Path("runs") / f"norms-{stamp()}")
@@ -40,7 +40,7 @@ def norms(s: NormsSettings, pins: Mapping[str, str | Path] | None = None) -> Ana
 
 def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache featuremap`: the patch-norm grid of each chosen image, beside its crop."""
-    from .norms import feature_maps
+    from .norm_stats import feature_maps
 
     sets = _sets(s, ("norms",), pins)
     out = output_dir(s.out, Path("runs") / f"featuremap-{stamp()}")
@@ -52,7 +52,7 @@ def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = No
 
 def tokenprobe(s: TokenprobeSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache tokenprobe`: position (and pixel) probes of patch tokens, outliers against the rest."""
-    from .tokenprobe import pixel_probe, token_probe
+    from .token_probes import pixel_probe, token_probe
 
     sets = _sets(s, ("tokens", "norms"), pins)
     out = output_dir(s.out, Path("runs") / f"tokenprobe-{stamp()}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..features import TokenLayout
 from ..plots import pyplot, save_figure
-from .norms import _safe, outliers, split_norms
+from .norm_stats import _safe, outliers, split_norms
 
 if TYPE_CHECKING:
     import torch

@@ -122,19 +122,27 @@ class RunJob:
     def label(self) -> str:
         return f"{self.block.name} × {', '.join(m.label for m in self.models)}"
 
+    descriptions: dict[str, Any] = field(default_factory=dict)  # dataset name -> its manifest's Description
+
     @property
-    def pins(self) -> dict[str, str]:
-        """Dataset name -> the set this pipeline made for it (one model's): the job reads exactly those."""
-        return {k.split("/", 1)[1]: p for k, p in self.paths.items() if p}
+    def pins(self) -> dict[str, Any]:
+        """Dataset name -> the set this pipeline made for it (one model's), read with the manifest's meaning."""
+        from ..sets import Named
+        from ..store import FeatureSet
+
+        return {name: Named(FeatureSet(p), self.descriptions[name])
+                for name, p in ((k.split("/", 1)[1], p) for k, p in self.paths.items()) if p}
 
 
 def _inputs(job: RunJob, sets: dict[tuple[str, str], ExtractJob]) -> None:
-    from ..store import FeatureSet
+    from ..store import Description, FeatureSet
 
     for m in job.models:
         for n in job.block.datasets:
             ej = sets.get((m.label, n))
             k = f"{m.label}/{n}"
+            if ej:
+                job.descriptions[n] = Description(**ej.dataset.dataset.description())
             if ej and ej.path:
                 job.inputs[k], job.paths[k] = f"{ej.fingerprint}:{FeatureSet(ej.path).content_id()}", ej.path
             else:

@@ -125,11 +125,14 @@ def _missing(job: RunJob, pl: Pipeline) -> PipelineError:
 
 
 def _verify(job: ExtractJob) -> None:
-    """A cached set's shards must still hold what it read (sampled bytes, no decoding), as extract checks on reuse."""
+    """A cached set's shards must still hold what it read (sampled bytes, no decoding), as extract checks on reuse;
+    the set then carries this dataset's name too, as a reuse by extract records it."""
     from ..extract import verify_shards
-    from ..store import FeatureSet
+    from ..store import Description, FeatureSet
 
-    verify_shards(FeatureSet(job.path), job.dataset.dataset, list(job.plan.shards))
+    fs = FeatureSet(job.path)
+    verify_shards(fs, job.dataset.dataset, list(job.plan.shards))
+    fs.add_name(Description(**job.dataset.dataset.description()))
 
 
 def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]:

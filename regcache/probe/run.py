@@ -138,14 +138,15 @@ class RunSets:
         return "test" if self.test is not None else "val" if self.val is not None else None
 
 
-def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, str | Path] | None = None) -> RunSets:
-    """The sets ``s`` names (`sets.Cache.find`); ``pins`` (dataset name -> feature-set path) fixes which set a
-    name means, as a pipeline does for the sets it made."""
+def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, "Named | str | Path"] | None = None) -> RunSets:
+    """The sets ``s`` names (`sets.Cache.find`); ``pins`` (dataset name -> a set, or a feature-set path read under
+    that name) fixes which set a name means, as a pipeline does for the sets it made."""
     cache = Cache(s.cache)
 
     def find(ref: str) -> Named:
         if pins and ref in pins:
-            return Named.of(FeatureSet(pins[ref]), ref)
+            pin = pins[ref]
+            return pin if isinstance(pin, Named) else Named.of(FeatureSet(pin), ref)
         return cache.find(ref, s.model, union)
 
     val, anomaly = getattr(s, "val", None), getattr(s, "anomaly", [])  # knn and fewshot have neither
@@ -310,7 +311,7 @@ class ProbeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def run_probe(s: ProbeSettings, pins: Mapping[str, str | Path] | None = None) -> ProbeResult | None:
+def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = None) -> ProbeResult | None:
     """Find the cached sets, train all heads together, select per combination on validation, evaluate.
 
     With several heads per combination (an lr/wd or C grid), the selection set and the test set must
@@ -350,7 +351,7 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, str | Path] | None = None) ->
     return ProbeResult(df, heads, candidates, scores, sets, protocol, warnings=warnings)
 
 
-def probe(s: ProbeSettings, pins: Mapping[str, str | Path] | None = None) -> ProbeResult | None:
+def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = None) -> ProbeResult | None:
     """`regcache probe`: `run_probe`, then its run directory (``s.out``, default ``runs/MODEL-TIME``)."""
     from ..report import write_run
 

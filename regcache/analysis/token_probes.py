@@ -7,7 +7,7 @@ from typing import Mapping
 import numpy as np
 
 from ..store import FeatureSet, StoreError
-from .norms import _view0, outliers, set_name, split_norms
+from .norm_stats import _view0, outliers, set_name, split_norms
 
 
 @dataclass
@@ -82,7 +82,7 @@ def pixel_probe(fs: FeatureSet, ridge: float = 1.0, seed: int = 0, test_fraction
     """Ridge regression from each patch token to its patch's pixels, fitted on some images' tokens, scored on
     the others'; outlier tokens against the rest. Needs the ``tokens`` and ``norms`` features; ``crops``
     (key -> the preprocessed uint8 crop [H, W, 3]) are read back from the set's shards when not given."""
-    from .norms import _find_images
+    from .norm_stats import _find_images
 
     missing = [f for f in ("tokens", "norms") if f not in fs.features]
     if missing:
