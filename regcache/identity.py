@@ -125,10 +125,8 @@ def registers_of(s: Registers) -> dict | None:
     """The neuron file of ``test_time_registers`` by its bytes (`RegisterNeurons.load` checks what it holds)."""
     if s.register_file is None:
         return None
-    from .registers import RegisterError
-
     file, k = s.register_file
     if not file.is_file():
-        raise RegisterError(f"--test-time-registers {s.test_time_registers!r}: no file {file}")
+        raise FileNotFoundError(f"--test-time-registers {s.test_time_registers!r}: no file {file}")
     return {"file": str(file), "digest": hashlib.sha256(file.read_bytes()).hexdigest(), "k": k,
             "patches": s.test_time_patches}

@@ -1,17 +1,13 @@
-"""Run directories: results (Parquet, Markdown in the layout of the paper's Table I), heads, config, plots."""
+"""Results as people and other tools read them: Markdown tables (accuracy, OOD detection), the record of a run
+(config.json), and several runs merged into one table."""
 from __future__ import annotations
 
 import os
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-import torch
 
-from . import __version__
-from .probe.head import save_heads
 from .store.meta import Record
 
 #: column labels; the two FPR95 conventions (DESIGN §5) never share one
@@ -160,32 +156,6 @@ class RunRecord(Record):
     torch: str
     created: str
     command: list[str]
-
-
-def run_record(result, s) -> RunRecord:
-    uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path), fingerprint=n.fs.fingerprint,
-                   content=n.fs.content_id()) for label, n in result.sets.items()]
-    return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, regcache=__version__,
-                     torch=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     command=sys.argv)
-
-
-def write_scores(out: Path, result, plots: bool = True) -> None:
-    """A run's numbers: results.parquet (long), results.md (the tables), plots/ (ROC curves, histograms)."""
-    from .plots import plot_scores
-
-    out.mkdir(parents=True, exist_ok=True)
-    result.results.to_parquet(out / "results.parquet", index=False)
-    (out / "results.md").write_text(markdown(result.results))
-    if plots and result.scores:
-        plot_scores(out / "plots", result.scores)
-
-
-def write_run(out: Path, result, s) -> None:
-    """Everything a probe run leaves: its numbers (`write_scores`), heads.safetensors and config.json."""
-    write_scores(out, result, plots=s.plots)
-    (out / "config.json").write_bytes(run_record(result, s).to_json())
-    save_heads(out / "heads.safetensors", result.heads, {"model": s.model, "train": str(result.sets.train.fs.path)})
 
 
 def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:

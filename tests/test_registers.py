@@ -147,7 +147,7 @@ def test_neuron_files_are_checked_against_the_model(planted, reg_ckpt, tmp_path)
         got.check(model, {**weights, "size": 112}, str(f))  # the position table resampled to another size
     with pytest.raises(RegisterError, match="block 1 has 1536 hidden neurons, not \\[5000\\]"):
         RegisterNeurons(NOREG, weights, {1: [5000]}).check(model, weights, "x")
-    with pytest.raises(RegisterError, match="no file"):
+    with pytest.raises(FileNotFoundError, match="no file"):
         registers_of(settings(str(tmp_path / "missing.json:2")))
     with pytest.raises(SettingsError, match="K .* must be at least 1"):
         ExtractSettings.make(model=NOREG, data="x", test_time_registers=f"{f}:0")

@@ -16,7 +16,11 @@ from regcache import ood
 from regcache.cli import main
 from regcache.ood.fit import Bank, quantile, topk_similarities
 
-pood = pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is a test dependency (pip install -e .[test])")
+@pytest.fixture(scope="module")
+def pood():
+    """pytorch-ood's detectors, for the tests that compare with them (the others run without it)."""
+    return pytest.importorskip("pytorch_ood.detector", reason="pytorch-ood is a test dependency (pip install -e .[test])")
+
 
 D, C = 12, 5
 
@@ -70,7 +74,7 @@ def maps(x):
 # --------------------------------------------------------------------------- against pytorch-ood
 # pytorch-ood returns outlier scores (larger = more OOD): ours are their negation, up to the stated scale.
 
-def test_logit_scorers_match_pytorch_ood(data):
+def test_logit_scorers_match_pytorch_ood(pood, data):
     bank, y, head, q = data
     z = t(head(q))
     np.testing.assert_allclose(np.exp(ours("msp", data)), -pood.MaxSoftmax.score(z).numpy(), rtol=1e-5)
@@ -86,7 +90,7 @@ def test_logit_scorers_match_pytorch_ood(data):
     np.testing.assert_allclose(ours("klm", data), -klm.predict_logits(z).numpy(), rtol=1e-5, atol=1e-9)
 
 
-def test_activation_shaping_matches_pytorch_ood(data):
+def test_activation_shaping_matches_pytorch_ood(pood, data):
     bank, y, head, q = data
     lin = linear(head)
     fc = lambda m: lin(m.flatten(1))  # noqa: E731
@@ -105,7 +109,7 @@ def test_activation_shaping_matches_pytorch_ood(data):
                                rtol=1e-5)
 
 
-def test_head_scorers_match_pytorch_ood(data, float64):
+def test_head_scorers_match_pytorch_ood(pood, data, float64):
     bank, y, head, q = data
     lin = linear(head)
     with torch.no_grad():
@@ -125,7 +129,7 @@ def test_head_scorers_match_pytorch_ood(data, float64):
                                rtol=1e-5)
 
 
-def test_training_statistics_scorers_match_pytorch_ood(data, float64):
+def test_training_statistics_scorers_match_pytorch_ood(pood, data, float64):
     bank, y, head, q = data
     n, yt = len(bank), torch.from_numpy(y)
     knn = pood.KNN(None, k=5).fit_features(torch.from_numpy(bank.astype(np.float32)), yt)
@@ -245,7 +249,12 @@ def test_chunked_top_k_equals_a_full_sort():
 # --------------------------------------------------------------------------- the registry
 
 def test_registry_names_and_arguments():
-    assert ood.resolve(["energy", "all"])[:2] == ["energy", "msp"] and len(ood.resolve(["all"])) == len(ood.SCORERS)
+    def subclasses(cls):
+        return [c for sub in cls.__subclasses__() for c in (sub, *subclasses(sub))]
+
+    defined = {c.name for c in subclasses(ood.Scorer) if "name" in vars(c)}  # every scorer class the code defines
+    assert set(ood.resolve(["all"])) == defined and len(defined) == 22
+    assert ood.resolve(["energy", "all"])[:2] == ["energy", "msp"]  # given order first, no name twice
     assert ood.parse_args(["react.percentile=0.95", "knn.k=7"]) == {"react": {"percentile": "0.95"}, "knn": {"k": "7"}}
     assert ood.make("knn", k="7").args == {"k": 7}
     for bad, msg in ((["nope.k=1"], "unknown scorer 'nope'"), (["knn.q=1"], "knn has no hyperparameter 'q'"),

@@ -24,8 +24,9 @@ def extract(launcher, nproc_per_node, **given):
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
     A feature set that already holds these features is reused with no backbone work.
-    Exit status 1 if any shard failed (missing, truncated, damaged), if every sample failed, or if
-    --finalize finds shards that no part has committed yet.
+    Exit status 1 if any shard failed (missing, truncated, damaged), if every sample failed, if the set
+    is left incomplete (another extraction of it still holds shards: it says which, by pid and host), or
+    if --finalize finds shards that no part has committed yet.
     """
     from ..extract import extract as run
 
@@ -37,6 +38,13 @@ def extract(launcher, nproc_per_node, **given):
         res = run(s)
     state = ("complete" if res.complete else "unusable" if res.error
              else f"incomplete ({res.missing_units} of the shards not committed yet)")
+    if not res.complete and res.one_part and not res.failed_shards and not res.error:
+        holders = ", ".join(f"pid {pid} on host {host}" for host, _, pid in
+                            (w.rpartition(":") for w in sorted(set(res.held.values()))))
+        res.error = (f"incomplete: {len(res.held)} of its {res.missing_units} missing shards are held by {holders}; "
+                     "wait for that extraction to finish, or run this command again (it takes over the shards of a "
+                     "writer that died)" if res.held else
+                     f"incomplete: {res.missing_units} shards not committed; run this command again")
     click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
                f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
                f"skipped{f', {res.units_adopted} taken from an earlier set' if res.units_adopted else ''}, "

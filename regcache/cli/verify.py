@@ -6,52 +6,50 @@ from pathlib import Path
 
 import click
 
+from ..settings import VerifySettings
 from .common import main
+from .options import options, settings
 
 
-def check_weights(fs) -> tuple[list, list[str]]:
-    """The model weights against the digest the set records (regcache.json's model.weights_digest).
-
-    The place for the weights check, which comes with the settings work (where a set's weights are
-    found); until then it says that it did not check them. Returns (problems, notes) as the others do.
-    """
-    return [], ["weights: not checked (not yet part of regcache verify)"]
-
-
-def check_set(path: Path) -> tuple[list, list[str]]:
+def check_set(fs) -> tuple[list, list[str]]:
     """Every check of one set, in order: its files and tables, its input shards, its weights."""
-    from ..store import FeatureSet, StoreError
-    from ..store.meta import META
-    from ..store.reader import DamagedFile
-
-    try:
-        fs = FeatureSet(path)
-    except StoreError as e:
-        return [DamagedFile(path / META, str(e))], []
     problems, notes = [], []
-    for check in (FeatureSet.verify, FeatureSet.verify_inputs, check_weights):
-        found, said = check(fs)
+    for check in (fs.verify, fs.verify_inputs, fs.verify_weights):
+        found, said = check()
         problems += found
         notes += said
     return problems, notes
 
 
-@main.command(short_help="Check feature sets whole: every file and checksum, and the input shards' bytes.")
-@click.argument("sets", nargs=-1, required=True, metavar="SET...", type=click.Path(path_type=Path))
-def verify(sets):
-    """Check each feature set SET (its path) whole, reading every byte.
+@main.command(short_help="Check feature sets whole: every file and checksum, the input shards' and weights' bytes.")
+@options(VerifySettings)
+def verify(**given):
+    """Check each feature set SET whole, reading every byte.
 
     Every committed shard's files are there, of the size they were committed with, and pass their
     checksums (crc32c of each inner chunk and shard index); index.parquet and errors.parquet read and
     equal what the unit records say; each input shard still holds the bytes the set was read from
     (the full sha256 recorded at extraction: sets extracted before it was recorded say 'not
-    recorded'). Exit status 1 if anything is wrong, with every problem listed by file.
+    recorded'); the checkpoint still has the sha256 of the set's identity. Exit status 1 if anything
+    is wrong, with every problem listed by file.
     """
-    failed = False
-    for path in sets:
-        problems, notes = check_set(path)
+    from ..sets import Cache
+    from ..store import StoreError
+    from ..store.meta import META
+    from ..store.reader import DamagedFile
+
+    s = settings(VerifySettings, given)
+    cache, failed = Cache(s.cache), False
+    for ref in s.sets:
+        try:
+            fs = cache.find(ref, s.model).fs
+            problems, notes = check_set(fs)
+            where = fs.path
+        except StoreError as e:
+            where = ref
+            problems, notes = [DamagedFile(Path(ref) / META, str(e))], []
         failed |= bool(problems)
-        click.echo(f"{'DAMAGED' if problems else 'ok'}  {path}" +
+        click.echo(f"{'DAMAGED' if problems else 'ok'}  {where}" +
                    (f": {len(problems)} damaged file{'s' if len(problems) > 1 else ''}" if problems else ""))
         for p in problems:
             click.echo(f"  {p}")

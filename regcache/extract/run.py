@@ -57,6 +57,8 @@ class ExtractResult:
     reused: bool = False
     complete: bool = False
     missing_units: int = 0       # units no part has committed yet
+    held: dict[int, str] = field(default_factory=dict)  # of those, the ones another live writer holds: host:pid
+    one_part: bool = True        # this run was to do every shard (not one of --num-parts, nor a torchrun rank)
     error: str | None = None     # why the set is unusable although every unit is committed
 
 
@@ -218,7 +220,8 @@ def extract(settings: ExtractSettings) -> ExtractResult:
     mine = [u for u in range(len(ds.shards)) if u % s.num_parts == s.part]
     done = fs.committed_units()
     pending = [u for u in mine if u not in done]
-    result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending))
+    result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending),
+                           one_part=s.num_parts == 1)
     adopted = adopt_units(fs, pending, ids, s.cache) if pending else []
     pending = [u for u in pending if u not in adopted]
     result.units_adopted = len(adopted)
@@ -285,6 +288,7 @@ def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult
     stored = FeatureSet(fs.path)
     result.ok, result.failed = len(stored.index), len(stored.errors)
     result.missing_units = stored.num_units - len(stored.committed_units())
+    result.held = {u: who for u, who in fs.claims().holders().items() if u not in stored.committed_units()}
     result.error = stored.unusable()
     result.seconds = time.perf_counter() - t0
     return result

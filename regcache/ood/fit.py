@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 class FitError(ValueError):
@@ -84,6 +83,8 @@ class Bank:
 
 def add_rows(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:
     """``target[index[i]] += values[i]`` for every i, in place (numpy's add.at is far slower)."""
+    import torch  # here, so that validating scorer names (settings) loads no torch
+
     torch.from_numpy(target).index_add_(0, torch.from_numpy(np.asarray(index, np.int64)),
                                         torch.from_numpy(np.ascontiguousarray(values, target.dtype)))
 
@@ -313,6 +314,8 @@ def topk_similarities(queries: np.ndarray, bank: np.ndarray, k: int, scale: np.n
     and each query's running top k is merged with the chunk's, ``query_chunk`` queries at a time: the
     similarity block is query_chunk × chunk floats (128 MB by default), never queries × bank.
     """
+    import torch
+
     if k > len(bank):
         raise FitError(f"k={k} exceeds the {len(bank)} rows of the training bank")
     dev = torch.device(device)

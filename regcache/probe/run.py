@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import ood
+from .. import __version__, ood
+from ..report import RunRecord, SetUse, markdown
 from ..rundir import output_dir, stamp
 from ..sets import Cache, Named
 from ..settings import CachedSets, ProbeSettings, ScoreSettings
 from ..store import FeatureSet, slug
 from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
                    class_names, holdout, load_split, map_labels)
-from .head import Head, accuracy, load_heads, select
+from .head import Head, accuracy, load_heads, save_heads, select
 from .solvers import fit_heads, refit
 
 log = logging.getLogger("regcache")
@@ -297,6 +300,35 @@ def _need_test(s: ProbeSettings) -> str:
             "validation split)")
 
 
+# --------------------------------------------------------------------------- the run directory
+
+def run_record(result, s) -> RunRecord:
+    uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path), fingerprint=n.fs.fingerprint,
+                   content=n.fs.content_id()) for label, n in result.sets.items()]
+    return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, regcache=__version__,
+                     torch=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     command=sys.argv)
+
+
+def write_scores(out: Path, result, plots: bool = True) -> None:
+    """A run's numbers: results.parquet (long), results.md (the tables), plots/ (ROC curves, histograms)."""
+    from ..plots import plot_scores
+
+    out.mkdir(parents=True, exist_ok=True)
+    result.results.to_parquet(out / "results.parquet", index=False)
+    (out / "results.md").write_text(markdown(result.results))
+    if plots and result.scores:
+        plot_scores(out / "plots", result.scores)
+
+
+def write_run(out: Path, result, s) -> None:
+    """Everything a probe run leaves: its numbers (`write_scores`), heads.safetensors and config.json."""
+    write_scores(out, result, plots=s.plots)
+    (out / "config.json").write_bytes(run_record(result, s).to_json())
+    save_heads(out / "heads.safetensors", result.heads, {"model": s.model, "train": str(result.sets.train.fs.path)})
+
+
+
 # --------------------------------------------------------------------------- the actions
 
 @dataclass
@@ -353,8 +385,6 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
 
 def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = None) -> ProbeResult | None:
     """`regcache probe`: `run_probe`, then its run directory (``s.out``, default ``runs/MODEL-TIME``)."""
-    from ..report import write_run
-
     result = run_probe(s, pins)
     if result is not None:
         for w in result.warnings:
@@ -371,8 +401,6 @@ def score(ss: ScoreSettings) -> ProbeResult:
     (view 0 only, streamed from the store in chunks) or when the ID set was held out of it. The run's
     sets must still hold what they held (settings and shard bytes), else its numbers would mix data.
     """
-    from ..report import RunRecord, write_scores
-
     run = Path(ss.run)
     record = RunRecord.read(run / "config.json", "run record")
     update = {"eval": ss.eval, "anomaly": ss.anomaly, "out": None,

@@ -4,8 +4,8 @@ The command line is generated from these models (`regcache.cli.options`), pipeli
 validated by them (`regcache.pipeline.schema`), and a feature set's identity is made of the fields
 they mark (`regcache.identity`). Importing them loads neither torch nor any extraction code.
 """
-from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NormsSettings,
-                       TokenprobeSettings)
+from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NamedSets, NormsSettings,
+                       TokenprobeSettings, VerifySettings)
 from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, meta
 from .extract import (Backbone, ExtractSettings, ListSettings, Preprocessing, Registers, RegistersFindSettings,
                       default_cache_root, split_spec)
@@ -15,8 +15,8 @@ from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, Rep
 from .run import RunSettings
 
 __all__ = ["ANALYSES", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
-           "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NormsSettings", "PRESETS", "Preprocessing",
-           "Preset", "ProbeSettings", "Registers", "RegistersFindSettings", "ReportSettings", "RunSettings",
-           "ScoreSettings", "Scoring", "Settings",
-           "SettingsError", "TokenprobeSettings", "Training", "cli", "default_cache_root", "describe", "fields", "meta",
-           "split_spec"]
+           "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NamedSets",
+           "NormsSettings", "PRESETS", "Preprocessing", "Preset", "ProbeSettings", "Registers",
+           "RegistersFindSettings", "ReportSettings", "RunSettings", "ScoreSettings", "Scoring", "Settings",
+           "SettingsError", "TokenprobeSettings", "Training", "VerifySettings", "cli", "default_cache_root",
+           "describe", "fields", "meta", "split_spec"]

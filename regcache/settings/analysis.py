@@ -17,14 +17,23 @@ SETS_HELP = ("a feature-set path, a name as `regcache ls` prints it (DATASET/MOD
              "with --model")
 
 
-class CachedAnalysis(Settings):
-    """An analysis of cached sets."""
+class NamedSets(Settings):
+    """Cached sets named on the command line, as every command names them."""
 
     sets: Annotated[Names, Cli(argument=True, multiple=True, metavar="SET..."), Field(
         min_length=1, description=f"The feature sets: {SETS_HELP}.")]
     model: Annotated[Optional[str], Cli(short="-m"), Meta(scope="job"), Field(
         None, description="The model whose sets SET names (alias, timm name or fingerprint prefix).")]
     cache: Cache
+
+
+class VerifySettings(NamedSets):
+    """`regcache verify`: sets checked whole, every byte of them and of their inputs."""
+
+
+class CachedAnalysis(NamedSets):
+    """An analysis of cached sets."""
+
     out: Annotated[Optional[UserPath], Meta(scope="cli"), Cli(show="runs/COMMAND-TIME"), Field(
         None, description="Output directory (must not exist, or be empty).")]
 

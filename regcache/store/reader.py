@@ -381,6 +381,25 @@ class FeatureReader:
                 found.append(DamagedFile(path, f"not what the unit records say ({len(stored)} rows; {same})", advice))
         return found
 
+    def verify_weights(self) -> tuple[list[DamagedFile], list[str]]:
+        """The checkpoint the set was extracted with, hashed whole again, against the sha256 in its identity (the
+        digest extraction remembers per file version is not trusted here). Hub and random weights are named by
+        the identity itself: nothing to read."""
+        from ..digests import file_digest
+
+        recorded, path = self.identity.get("checkpoint"), self.meta.model.checkpoint
+        if not recorded:
+            seed = self.identity.get("random_init")
+            return [], [f"weights: {'random init, seed ' + str(seed) if seed is not None else 'from the hub, ' + self.identity['model']}: nothing to check"]
+        if not path or not Path(path).is_file():
+            return [DamagedFile(Path(path or "checkpoint"), "the checkpoint this set was extracted with is not there "
+                                "(moved or removed): its weights cannot be checked")], []
+        now = file_digest(path)
+        if now != recorded:
+            return [DamagedFile(Path(path), f"{now[7:23]}…, not the {recorded[7:23]}… this set was extracted with: "
+                                "the cached features are of other weights")], []
+        return [], [f"weights: {path} hashed whole, as recorded"]
+
     def verify_inputs(self) -> tuple[list[DamagedFile], list[str]]:
         """Each committed unit's input shard against the full sha256 of the bytes it was read from (recorded
         as the extraction read them): the cached features are still those of the shard's bytes. Units

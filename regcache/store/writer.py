@@ -113,6 +113,17 @@ class Claims:
             return True
         return age > self.stale_after
 
+    def holders(self) -> dict[int, str]:
+        """Units claimed by live writers (not stale), and who holds each (host:pid)."""
+        out = {}
+        for path in self.units.glob("*.claim"):
+            try:
+                if not self._stale(path):
+                    out[int(path.stem)] = path.read_text()
+            except (FileNotFoundError, ValueError):
+                continue
+        return out
+
     def release(self, unit: int) -> None:
         path = self._path(unit)
         try:
