@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import regcache.extract.run as extract_mod
+import regcache.extract.passes as extract_mod
 from regcache.cli import main
 from regcache.extract import extract
 from regcache.store import FeatureSet

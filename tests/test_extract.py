@@ -12,7 +12,7 @@ import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
-import regcache.extract.run as extract_mod
+import regcache.extract.passes as extract_mod
 from regcache.cli import main
 from regcache.data import DataError
 from regcache.extract import extract

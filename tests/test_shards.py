@@ -68,7 +68,9 @@ def test_folder_to_shards_to_scan_round_trip(tmp_path):
     assert sum(sum(s.labels.values()) for s in scan.shards) == len(made)
     assert set().union(*(s.formats for s in scan.shards)) == {"png", "jpeg"}
     # the same stream extraction uses gives the same keys and labels
-    stream = UnitStream(ds, [0, 1], lambda img, view, key: torch.zeros(1), batch_size=100)
+    from regcache.models import Preprocess
+
+    stream = UnitStream(ds, [0, 1], [Preprocess(size=8, resize=8)], batch_size=100)
     seen = {k: y for b in stream if not b.end for k, y in zip(b.keys, b.labels)}
     assert seen == expected_keys
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import click
 
-from ..settings import ExtractSettings, ListSettings, RegistersFindSettings
+from ..settings import PER_MODEL, ExtractSettings, ListSettings, RegistersFindSettings
 from .common import errors, human_size, main, setup_logging
-from .options import options, settings
+from .options import flag, options, settings
 
 
 @main.command()
-@options(ExtractSettings)
+@options(ExtractSettings, text=PER_MODEL)
 @click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
               help="torchrun: start --nproc-per-node ranks on this node, one part each "
                    "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
@@ -24,18 +24,51 @@ def extract(launcher, nproc_per_node, **given):
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
     A feature set that already holds these features is reused with no backbone work.
-    Exit status 1 if any shard failed (missing, truncated, damaged), if every sample failed, if the set
-    is left incomplete (another extraction of it still holds shards: it says which, by pid and host), or
-    if --finalize finds shards that no part has committed yet.
+
+    Several models in one pass: --model vits,vitb_reg,vitl_reg reads and decodes each shard once for all
+    of them, and each writes its own set (the same bytes as its own extraction). The per-model options
+    (--checkpoint, --random-init, --pos-embed, --test-time-registers, --test-time-patches, and the
+    preprocessing: --size, --resize, --crop-mode, --interpolation; --mean and --std as R,G,B per model,
+    separated by ';') then take one value for all, or one per model in the same order, comma-separated.
+
+    Exit status 1 if any shard failed (missing, truncated, damaged), if every sample failed, if a model
+    failed, if the set is left incomplete (another extraction of it still holds shards: it says which, by
+    pid and host), or if --finalize finds shards that no part has committed yet.
     """
-    from ..extract import extract as run
+    from ..extract import extract_many
 
     if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc_per_node)
-    s = settings(ExtractSettings, given)
-    setup_logging(s.quiet)
+    all_settings = [settings(ExtractSettings, values) for values in _per_model(given)]
+    setup_logging(all_settings[0].quiet)
     with errors():
-        res = run(s)
+        results = extract_many(all_settings)
+    failed = False
+    for s, res in zip(all_settings, results):
+        failed |= _report(res, s.model if len(results) > 1 else "")
+    if failed:
+        sys.exit(1)
+
+
+def _per_model(given: dict) -> list[dict]:
+    """The command's values for each model of ``--model a,b,c``: per-model options split to one value each."""
+    models = [m.strip() for m in (given.get("model") or "").split(",") if m.strip()] or [given.get("model")]
+    out = [dict(given, model=m) for m in models]
+    for name in PER_MODEL:
+        if name == "model" or given.get(name) is None:
+            continue
+        parts = [v.strip() for v in str(given[name]).split(";" if name in ("mean", "std") else ",")]
+        if len(parts) not in (1, len(models)):
+            raise click.UsageError(f"{flag(ExtractSettings, name)} takes one value, or one per model "
+                                   f"({len(models)}, comma-separated); got {len(parts)}")
+        for values, part in zip(out, parts * len(models) if len(parts) == 1 else parts):
+            values[name] = part
+    return out
+
+
+def _report(res, label: str) -> bool:
+    """One model's outcome, as lines; whether it failed."""
+    who = f"{label}: " if label else ""
     state = ("complete" if res.complete else "unusable" if res.error
              else f"incomplete ({res.missing_units} of the shards not committed yet)")
     if not res.complete and res.one_part and not res.failed_shards and not res.error:
@@ -45,7 +78,7 @@ def extract(launcher, nproc_per_node, **given):
                      "wait for that extraction to finish, or run this command again (it takes over the shards of a "
                      "writer that died)" if res.held else
                      f"incomplete: {res.missing_units} shards not committed; run this command again")
-    click.echo(f"{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
+    click.echo(f"{who}{'reused' if res.reused else 'done'}: {res.ok} rows stored, {res.failed} samples failed, "
                f"{len(res.failed_shards)} shards failed, {res.units_done} shards written, {res.units_skipped} "
                f"skipped{f', {res.units_adopted} taken from an earlier set' if res.units_adopted else ''}, "
                f"{res.seconds:.1f} s; {state} store {res.path}")
@@ -55,8 +88,7 @@ def extract(launcher, nproc_per_node, **given):
         click.echo(f"  failed shard {shard}: {reason}", err=True)
     if res.error:
         click.echo(f"  {res.error}", err=True)
-    if res.failed_shards or res.error:
-        sys.exit(1)
+    return bool(res.failed_shards or res.error)
 
 
 def _exec_torchrun(nproc: int) -> None:

@@ -59,9 +59,9 @@ def _default_text(cls: type[Settings], name: str) -> str | None:
     return str(value)
 
 
-def _param(cls: type[Settings], name: str) -> Callable:
+def _param(cls: type[Settings], name: str, text: bool = False) -> Callable:
     info, c = cls.model_fields[name], cli(cls, name)
-    kind = _bare(info.annotation)
+    kind = str if text else _bare(info.annotation)
     required = info.is_required()
     if c.argument:
         return click.argument(name, nargs=-1 if c.multiple else 1, required=required,
@@ -79,6 +79,11 @@ def _param(cls: type[Settings], name: str) -> Callable:
         if info.default is True:
             decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
         opts.update(is_flag=True, default=None, metavar=None)
+    elif text:
+        own = _bare(info.annotation)
+        one = ("|".join(str(v) for v in typing.get_args(own)) if typing.get_origin(own) is Literal
+               else c.metavar or getattr(own, "__name__", "TEXT").upper())
+        opts["metavar"] = f"{one}[{';' if ',' in one else ','}...]"
     elif typing.get_origin(kind) is Literal:
         opts["type"] = click.Choice([str(v) for v in typing.get_args(kind)])
     elif kind in (int, float):
@@ -89,14 +94,15 @@ def _param(cls: type[Settings], name: str) -> Callable:
 
 
 def options(cls: type[Settings], *, scope: tuple[Scope, ...] = ("any", "job", "cli"),
-            exclude: tuple[str, ...] = ()) -> Callable:
-    """Decorate a command with one parameter per field of ``cls`` (those of ``scope``, but ``exclude``)."""
+            exclude: tuple[str, ...] = (), text: tuple[str, ...] = ()) -> Callable:
+    """Decorate a command with one parameter per field of ``cls`` (those of ``scope``, but ``exclude``); those in
+    ``text`` take text that the command splits first (one value per model of a pass), checked by the model."""
     names = [n for n in fields(cls, scope=scope) if n not in exclude]
     names.sort(key=lambda n: (not cls.model_fields[n].is_required(), meta(cls, n).scope != "job"))  # stable
 
     def decorate(f: Callable) -> Callable:
         for name in reversed(names):
-            f = _param(cls, name)(f)
+            f = _param(cls, name, name in text)(f)
         f.__settings__ = (cls, names)
         return f
     return decorate

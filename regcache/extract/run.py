@@ -12,10 +12,9 @@ import os
 import platform
 import socket
 import sys
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,16 +26,15 @@ from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, sha
 from ..features import TokenLayout
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_name
-from ..settings import ExtractSettings
+from ..settings import PER_MODEL, ExtractSettings
 from ..store import FeatureSet, StoreError, feature_set_path, find_reusable, list_feature_sets
 from ..store.meta import Description
-from ..tokens import layout_of, token_features
-from .stream import UnitStream, check_pipes
+from ..tokens import layout_of
+from .passes import Member, run_pass
+from .stream import check_pipes
 
 log = logging.getLogger("regcache")
 
-#: autocast dtype per `settings.choices.PRECISIONS` name
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 FALLBACK_UNIT_ROWS = 10_000
 
 
@@ -118,25 +116,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-class _UnitBuffer:
-    """The rows of one unit as they arrive, until the unit is complete."""
-
-    def __init__(self, limit: int):
-        self.limit, self.parts, self.records, self.rows = limit, [], [], 0  # rows: all that arrived
-
-    @property
-    def overflow(self) -> bool:
-        return self.rows > self.limit
-
-    def add(self, feats: dict[str, np.ndarray], keys, labels, views) -> None:
-        self.parts.append(feats)
-        self.records.extend(zip(keys, labels, views))
-
-    def arrays(self, layout: TokenLayout, names) -> dict[str, np.ndarray]:
-        return {n: np.concatenate([p[n] for p in self.parts]) if self.parts else np.zeros((0, *layout.shape(n)))
-                for n in names}
-
-
 def launcher_part(s: ExtractSettings) -> ExtractSettings:
     """Under torchrun (or any launcher that sets RANK/WORLD_SIZE), each rank is one part on its own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -147,30 +126,6 @@ def launcher_part(s: ExtractSettings) -> ExtractSettings:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return s.model_copy(update={"part": int(os.environ["RANK"]), "num_parts": world, "device": device,
                                 "quiet": s.quiet or os.environ.get("RANK") != "0"})
-
-
-class _Forward:
-    """The model's forward in chunks that halve when the accelerator runs out of memory (and say so)."""
-
-    def __init__(self, model, layout: TokenLayout, features: tuple[str, ...], chunk: int, compile: bool = False):
-        self.model, self.layout, self.features, self.chunk = model, layout, features, chunk
-        if compile:
-            model.forward_intermediates = torch.compile(model.forward_intermediates)
-
-    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        while True:
-            try:
-                outs = [token_features(self.model, part, self.layout, self.features)
-                        for part in images.split(self.chunk)]
-                return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
-            except torch.OutOfMemoryError:
-                if self.chunk == 1:
-                    raise
-                self.chunk = max(1, self.chunk // 2)
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                log.warning("out of accelerator memory: the forward pass now runs in chunks of %d images "
-                            "(pass --batch-size %d to start there)", self.chunk, self.chunk)
 
 
 def check_shards_exist(ds: Dataset) -> None:
@@ -184,31 +139,82 @@ def check_shards_exist(ds: Dataset) -> None:
 
 
 def extract(settings: ExtractSettings) -> ExtractResult:
-    """Run stage 1 (see the module docstring); safe to rerun, and to run as several disjoint parts."""
+    """Run stage 1 for one model (see the module docstring); safe to rerun, and to run as disjoint parts."""
+    return extract_many([settings])[0]
+
+
+def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
+    """Stage 1 for several models of one dataset in one pass over its shards (`passes.run_pass`): each shard is
+    read and decoded once for all of them, and each model writes its own set, the same bytes as its own
+    extraction would write. The settings may differ only in `PER_MODEL` fields. A model whose weights do
+    not load, or whose forward fails, fails alone: the others' sets are made."""
     t0 = time.perf_counter()
-    s = launcher_part(settings)
-    ds = load_dataset(s.data, s.name, s.labels, s.role)
-    check_pipes(ds, s.allow_pipe)
-    if s.finalize:
-        return _finalize_only(s, ds, t0)
-    resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
+    shared = {k: v for k, v in settings[0] if k not in PER_MODEL}
+    for s in settings[1:]:
+        other = {k: v for k, v in s if k not in PER_MODEL}
+        diff = sorted(k for k in shared if shared[k] != other[k])
+        if diff:
+            raise ValueError(f"one pass takes one value of {', '.join(diff)} for every model; only "
+                             f"{', '.join(PER_MODEL)} may differ")
+    if len(settings) > 1 and settings[0].store is not None:
+        raise ValueError("--store names one set's directory: give it to a single-model extraction")
+    settings = [launcher_part(s) for s in settings]
+    s0 = settings[0]
+    ds = load_dataset(s0.data, s0.name, s0.labels, s0.role)
+    check_pipes(ds, s0.allow_pipe)
+    if s0.finalize:
+        return [_finalize_only(s, ds, t0) for s in settings]
+    for s in settings:
+        resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
     check_shards_exist(ds)
     ids = shard_ids(ds)
-    p = plan(s, ds, ids)
-    identity, fp = p.identity, p.fingerprint
     description = Description(**ds.description())
-    if s.store is None:
-        reuse = find_reusable(s.cache, identity)
+    results: list[ExtractResult | None] = [None] * len(settings)
+    members: list[Member] = []
+    for n, s in enumerate(settings):
+        p = plan(s, ds, ids)
+        reuse = find_reusable(s.cache, p.identity) if s.store is None else None
         if reuse is not None:
             verify_shards(reuse, ds, ids)
             reuse.add_name(description)
             log.info("cached: %s already holds %s for %s on %s; no backbone work",
                      reuse.path, ",".join(reuse.features), s.model, ds.name)
-            return ExtractResult(path=reuse.path, fingerprint=reuse.fingerprint, ok=len(reuse.index),
-                                 failed=len(reuse.errors), reused=True, complete=True,
-                                 units_skipped=reuse.num_units, seconds=time.perf_counter() - t0)
-    path = Path(s.store) if s.store else feature_set_path(s.cache, ds.name, s.model, fp)
-    fs = FeatureSet.create(path, identity, lambda: build_meta(p))
+            results[n] = ExtractResult(path=reuse.path, fingerprint=reuse.fingerprint, ok=len(reuse.index),
+                                       failed=len(reuse.errors), reused=True, complete=True,
+                                       units_skipped=reuse.num_units)
+            continue
+        member = _prepare(p, ids, description)
+        results[n] = member.result
+        if member.pending:
+            members.append(member)
+    if members:
+        t = time.perf_counter()
+        _load(members)
+        live = [m for m in members if not m.failed]
+        if live:
+            device = resolve_device(s0.device)
+            workers = s0.workers if s0.workers is not None else default_workers(device)
+            if s0.workers is None:
+                log.info("%d decode workers (default for %d cores on %s; --workers N to choose)", workers,
+                         usable_cores(), device.type)
+            for m in live:
+                m.model = m.model.to(device)
+            run_pass(live, ids, device, s0.batch_size, workers, s0.allow_pipe, s0.compile, progress=not s0.quiet)
+        for m in members:
+            m.result.stream_seconds = time.perf_counter() - t
+    for n, s in enumerate(settings):
+        if not results[n].reused:
+            _conclude(FeatureSet(results[n].path), results[n])
+        results[n].seconds = time.perf_counter() - t0
+    return results
+
+
+def _prepare(p: Plan, ids: list[ShardId], description: Description) -> Member:
+    """A model's store (created, or opened to resume), checked against the shards, with its pending units after
+    taking those an earlier set of the same shards holds (`adopt_units`)."""
+    s, ds = p.settings, p.dataset
+    path = Path(s.store) if s.store else feature_set_path(s.cache, ds.name, s.model, p.fingerprint)
+    fs = FeatureSet.create(path, p.identity, lambda: build_meta(p))
     fs.add_name(description)
     verify_shards(fs, ds, ids)
     for tmp in fs.remove_stale_temporaries():
@@ -216,11 +222,10 @@ def extract(settings: ExtractSettings) -> ExtractResult:
     if s.unit_rows and s.unit_rows != fs.unit_rows:
         log.warning("%s exists with %d rows per unit; --unit-rows %d applies to new stores only (remove it to change)",
                     fs.path, fs.unit_rows, s.unit_rows)
-
     mine = [u for u in range(len(ds.shards)) if u % s.num_parts == s.part]
     done = fs.committed_units()
     pending = [u for u in mine if u not in done]
-    result = ExtractResult(path=fs.path, fingerprint=fp, units_skipped=len(mine) - len(pending),
+    result = ExtractResult(path=fs.path, fingerprint=p.fingerprint, units_skipped=len(mine) - len(pending),
                            one_part=s.num_parts == 1)
     adopted = adopt_units(fs, pending, ids, s.cache) if pending else []
     pending = [u for u in pending if u not in adopted]
@@ -230,20 +235,32 @@ def extract(settings: ExtractSettings) -> ExtractResult:
         log.info("extracting %d of %d shards of %s with %s into %s (%d already committed%s)",
                  len(pending), len(ds.shards), ds.name, s.model, fs.path, result.units_skipped,
                  f", {len(adopted)} taken from an earlier set of the same shards" if adopted else "")
-        model = load_model(s, p.preprocess.size)
-        if p.registers:
-            from ..registers import attach
-
-            attach(model, p.registers, weights(identity))
-        if layout_of(model) != p.layout:
-            raise StoreError(f"{s.model}: the loaded model's token layout {layout_of(model)} differs from the planned "
-                             f"{p.layout}; please report this (timm {__import__('timm').__version__})")
-        t = time.perf_counter()
-        _run(s, p, model, fs, pending, result, ids)
-        result.stream_seconds = time.perf_counter() - t
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
-    return _conclude(fs, result, t0)
+    return Member(p, fs, result, pending)
+
+
+def _load(members: list[Member]) -> None:
+    """Each member's weights (with its test-time registers), checked against its planned layout; a member whose
+    weights do not load is failed alone."""
+    for m in members:
+        p = m.plan
+        try:
+            model = load_model(p.settings, p.preprocess.size)
+            if p.registers:
+                from ..registers import attach
+
+                attach(model, p.registers, weights(p.identity))
+            if layout_of(model) != p.layout:
+                raise StoreError(f"{p.settings.model}: the loaded model's token layout {layout_of(model)} differs from "
+                                 f"the planned {p.layout}; please report this (timm {__import__('timm').__version__})")
+        except (ValueError, RuntimeError, OSError) as e:
+            if len(members) == 1:
+                raise
+            m.failed = m.result.error = f"{type(e).__name__}: {e}"
+            log.error("%s: cannot load it, the other models go on: %s", p.settings.model, e)
+            continue
+        m.model = model
 
 
 def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: Path) -> list[int]:
@@ -282,15 +299,14 @@ def describe_plan(p: Plan) -> str:
             f"features {','.join(p.features)}")
 
 
-def _conclude(fs: FeatureSet, result: ExtractResult, t0: float) -> ExtractResult:
+def _conclude(fs: FeatureSet, result: ExtractResult) -> ExtractResult:
     """Finalize if every unit is in, and count what the store holds now (other parts may have committed)."""
     result.complete = fs.finalize()
     stored = FeatureSet(fs.path)
     result.ok, result.failed = len(stored.index), len(stored.errors)
     result.missing_units = stored.num_units - len(stored.committed_units())
     result.held = {u: who for u, who in fs.claims().holders().items() if u not in stored.committed_units()}
-    result.error = stored.unusable()
-    result.seconds = time.perf_counter() - t0
+    result.error = result.error or stored.unusable()
     return result
 
 
@@ -307,7 +323,8 @@ def _finalize_only(s: ExtractSettings, ds: Dataset, t0: float) -> ExtractResult:
             raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {s.model} "
                              f"under {s.cache}; name one with --store{listing}")
         fs = pending[0]
-    result = _conclude(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint), t0)
+    result = _conclude(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint))
+    result.seconds = time.perf_counter() - t0
     missing = sorted(set(range(fs.num_units)) - fs.committed_units())
     failed = fs.failed_units()
     result.failed_shards = {fs.shards[u]: failed.get(u, "not committed by any part yet") for u in missing}
@@ -336,93 +353,3 @@ def verify_shards(fs: FeatureSet, ds: Dataset, ids: list[ShardId]) -> None:
                              "extract again")
 
 
-def _run(s: ExtractSettings, p: Plan, model, fs: FeatureSet, pending: list[int], result: ExtractResult,
-         ids: list[ShardId]) -> None:
-    from ..progress import progress
-
-    ds, layout, features, pre = p.dataset, p.layout, p.features, p.preprocess
-    device = resolve_device(s.device)
-    model = model.to(device)
-    claims = fs.claims()
-    stream = UnitStream(ds, pending, pre, views=pre.views, batch_size=s.batch_size,
-                        allow_pipe=s.allow_pipe, resize=pre.resize, claim=claims.take)
-    workers = min(s.workers if s.workers is not None else default_workers(device), len(pending))
-    if s.workers is None:
-        log.info("%d decode workers (default for %d cores on %s; --workers N to choose)", workers, usable_cores(),
-                 device.type)
-    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=False, prefetch_factor=4 if workers else None)
-    autocast = AUTOCAST[s.precision]
-    store_dtype = fs.dtype
-    sizes = fs.meta.dataset.sizes
-    known = [sizes[u] for u in pending if sizes[u] is not None]
-    total = sum(known) * pre.views if len(known) == len(pending) else None
-    bar = progress(total=total, unit="img" if pre.views == 1 else "view", disable=s.quiet,
-                   desc=f"{s.model} {ds.name}")
-    buffers: dict[int, _UnitBuffer] = {}
-    writes: list[tuple[int, Future]] = []
-    forward = _Forward(model, layout, features, s.batch_size, compile=s.compile)
-
-    def settle(keep: int) -> None:  # bounded queue between compute and store writes
-        while len(writes) > keep:
-            unit, fut = writes.pop(0)
-            try:
-                fut.result()
-                result.units_done += 1
-            except Exception as e:
-                result.failed_shards[ds.shard_name(unit)] = f"{type(e).__name__}: {e}"
-                fs.fail_unit(unit, str(e))
-            claims.release(unit)
-
-    stop = threading.Event()
-
-    def heartbeat() -> None:
-        while not stop.wait(30):
-            claims.refresh()
-
-    threading.Thread(target=heartbeat, name="regcache-claims", daemon=True).start()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writer") as writer:
-        for batch in loader:
-            if batch.skipped:
-                result.units_skipped += 1
-                continue
-            buf = buffers.setdefault(batch.unit, _UnitBuffer(fs.unit_rows))
-            buf.rows += len(batch.keys)
-            if batch.images is not None and not buf.overflow:  # past the unit's rows, only count
-                images = pre.normalize(batch.images.to(device, non_blocking=True))
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    out = forward(images)
-                buf.add({k: v.float().cpu().numpy().astype(store_dtype, copy=False) for k, v in out.items()},
-                        batch.keys, batch.labels, batch.views)
-                bar.update(len(batch.keys))
-            if not batch.end:
-                continue
-            buffers.pop(batch.unit)
-            name = ds.shard_name(batch.unit)
-            reason = batch.shard_error or _changed(batch.shard, ids[batch.unit]) or (
-                f"the shard gives {buf.rows} rows but a unit of this store holds {fs.unit_rows} (fixed when it was "
-                f"created); remove {fs.path} and run this command again with --unit-rows {buf.rows} (or the "
-                "largest shard's rows)" if buf.overflow else None)
-            if reason:
-                log.error("shard %s failed: %s", name, reason)
-                result.failed_shards[name] = reason
-                fs.fail_unit(batch.unit, reason)
-                claims.release(batch.unit)
-                continue
-            for key, why in batch.errors:
-                log.warning("skipped %s in %s: %s", key, name, why)
-            writes.append((batch.unit, writer.submit(fs.commit_unit, batch.unit, buf.arrays(layout, features),
-                                                     buf.records, batch.errors, asdict(batch.shard))))
-            settle(keep=2)
-        settle(keep=0)
-    stop.set()
-    bar.close()
-
-
-def _changed(read: ShardId | None, expected: ShardId) -> str | None:
-    """The shard read is not the one this set's identity was computed from (rewritten during the run)."""
-    if read is not None and read.digest != expected.digest:
-        return (f"{expected.url} changed while this run was reading it (size {expected.size} -> {read.size}); "
-                "run the command again to extract the new contents into their own set")
-    return None

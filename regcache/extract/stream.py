@@ -21,19 +21,22 @@ class ShardRead(ShardId):
 
 @dataclass
 class Batch:
-    """Up to ``batch_size`` rows of one unit (shard); ``end`` closes the unit with its accounting."""
+    """Up to ``batch_size`` rows of one unit (shard) in one crop ``group``; ``end`` closes the unit for that group
+    with its accounting. ``members`` are the models (by index) whose stores claimed the unit."""
 
     unit: int
+    group: int = 0
+    members: tuple[int, ...] = ()
     images: torch.Tensor | None = None
     keys: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     views: list[int] = field(default_factory=list)
     end: bool = False
     samples: int = 0                       # on `end`: samples read from the shard
-    errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason), in sample order
     shard_error: str | None = None         # on `end`: the shard failed as a whole
     shard: ShardId | None = None           # on `end`: what the shard held when it was read (a ShardRead if whole)
-    skipped: bool = False                  # on `end`: committed or claimed by another writer
+    skipped: bool = False                  # on `end`: committed or claimed by other writers, for every model
 
     def pin_memory(self) -> "Batch":
         return replace(self, images=self.images.pin_memory()) if self.images is not None else self
@@ -49,13 +52,15 @@ def check_pipes(ds: Dataset, allow_pipe: bool) -> None:
 class UnitStream(torch.utils.data.IterableDataset):
     """Streams the given units (shard indices) split across DataLoader workers, shard by shard.
 
-    ``transform(img, view, key)`` makes one view; each sample gives ``views`` rows.
+    Each sample is read and decoded once; every crop group (``transforms``: one per distinct crop among the
+    models of a pass, `Preprocess`) makes its own views of it, batched apart, so that each model sees
+    exactly the rows and batches it would see alone. ``claim(unit)`` returns the members that take the unit.
     """
 
-    def __init__(self, ds: Dataset, units: Sequence[int], transform: Callable[..., torch.Tensor],
-                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False, resize: int | None = None,
-                 claim: Callable[[int], bool] | None = None):
-        self.ds, self.units, self.transform, self.resize, self.claim = ds, list(units), transform, resize, claim
+    def __init__(self, ds: Dataset, units: Sequence[int], transforms: Sequence[Callable[..., torch.Tensor]],
+                 views: int = 1, batch_size: int = 64, allow_pipe: bool = False,
+                 claim: Callable[[int], tuple[int, ...]] | None = None):
+        self.ds, self.units, self.transforms, self.claim = ds, list(units), list(transforms), claim
         self.views, self.batch_size, self.allow_pipe = views, batch_size, allow_pipe
 
     def __iter__(self) -> Iterator[Batch]:
@@ -65,13 +70,14 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield from self.read_unit(unit)
 
     def read_unit(self, unit: int) -> Iterator[Batch]:
-        """The batches of one unit; only an end batch marked ``skipped`` if another writer has it."""
-        if self.claim is not None and not self.claim(unit):
+        """The batches of one unit, per crop group; one end batch marked ``skipped`` if other writers have it."""
+        members = self.claim(unit) if self.claim is not None else (0,)
+        if not members:
             yield Batch(unit=unit, end=True, skipped=True)
             return
-        url, ds = self.ds.shards[unit], self.ds
-        rows: list[tuple[str, int, int, torch.Tensor]] = []
-        errors: list[tuple[str, str]] = []
+        url, ds, groups = self.ds.shards[unit], self.ds, range(len(self.transforms))
+        rows: list[list[tuple]] = [[] for _ in groups]
+        errors: list[list[tuple[str, str]]] = [[] for _ in groups]
         seen: set[str] = set()
         n = 0
         sid = shard_id(url)  # what the shard holds as it is read, checked against the set's identity
@@ -85,27 +91,36 @@ class UnitStream(torch.utils.data.IterableDataset):
                         raise SampleError("duplicate key in shard")
                     seen.add(key)
                     img, label = decode_image(sample, ds.image_keys), decode_label(sample, ds)
-                    check_resize(img, self.resize)
-                    rows.extend((key, label, v, self.transform(img, v, key)) for v in range(self.views))
                 except SampleError as e:
-                    errors.append((key, str(e)))
-                while len(rows) >= self.batch_size:
-                    yield self._batch(unit, rows[: self.batch_size])
-                    rows = rows[self.batch_size:]
+                    for g in groups:
+                        errors[g].append((key, str(e)))
+                    continue
+                for g, transform in enumerate(self.transforms):
+                    try:  # a crop group may refuse what another takes (the resize of an extreme aspect ratio)
+                        check_resize(img, transform.resize)
+                        rows[g].extend((key, label, v, transform(img, v, key)) for v in range(self.views))
+                    except SampleError as e:
+                        errors[g].append((key, str(e)))
+                    while len(rows[g]) >= self.batch_size:
+                        yield self._batch(unit, g, members, rows[g][: self.batch_size])
+                        rows[g] = rows[g][self.batch_size:]
             expected = ds.counts[unit] if ds.counts else None  # known counts catch a cut at a file boundary
             if expected is not None and n != expected:
                 raise DataError(f"expected {expected} samples, read {n} (truncated or changed shard?)")
         except Exception as e:  # the shard as a whole: missing, truncated, unreadable
             # webdataset appends the stream and URL to args; the first is the message
-            yield Batch(unit=unit, end=True, samples=n, shard=sid,
-                        shard_error=f"{type(e).__name__}: {e.args[0] if e.args else e}")
+            why = f"{type(e).__name__}: {e.args[0] if e.args else e}"
+            for g in groups:
+                yield Batch(unit=unit, group=g, members=members, end=True, samples=n, shard=sid, shard_error=why)
             return
-        if rows:
-            yield self._batch(unit, rows)
-        yield Batch(unit=unit, end=True, samples=n, errors=errors,
-                    shard=ShardRead(**asdict(sid), sha256=full.hexdigest()))
+        read = ShardRead(**asdict(sid), sha256=full.hexdigest())
+        for g in groups:
+            if rows[g]:
+                yield self._batch(unit, g, members, rows[g])
+            yield Batch(unit=unit, group=g, members=members, end=True, samples=n, errors=errors[g], shard=read)
 
     @staticmethod
-    def _batch(unit: int, rows: list) -> Batch:
+    def _batch(unit: int, group: int, members: tuple[int, ...], rows: list) -> Batch:
         keys, labels, views, images = zip(*rows)
-        return Batch(unit=unit, images=torch.stack(images), keys=list(keys), labels=list(labels), views=list(views))
+        return Batch(unit=unit, group=group, members=members, images=torch.stack(images), keys=list(keys),
+                     labels=list(labels), views=list(views))

@@ -100,6 +100,18 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
     return jobs
 
 
+def passes(jobs: list[ExtractJob]) -> list[list[ExtractJob]]:
+    """Extraction jobs grouped into passes: one per dataset and shared settings (all but the per-model ones,
+    `settings.PER_MODEL`), so that each shard is read and decoded once for all the models of a pass."""
+    from ..settings import PER_MODEL
+
+    groups: dict[str, list[ExtractJob]] = {}
+    for j in jobs:
+        shared = j.settings.model_dump(mode="json", exclude=set(PER_MODEL))
+        groups.setdefault(digest(shared), []).append(j)
+    return list(groups.values())
+
+
 @dataclass
 class RunJob:
     """A probe or analysis job: its settings, the sets it reads (by dataset name), its key and run directory."""

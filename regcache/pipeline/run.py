@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, probe_jobs
+from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, passes, probe_jobs
 from .schema import STAGES, Pipeline, PipelineError, pipeline_env
 
 
@@ -91,12 +91,12 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
             for job in run.extract:
                 if job.status == "cached":
                     _verify(job)
-            todo = [j for j in run.extract if j.status == "to do"]
+            todo = passes([j for j in run.extract if j.status == "to do"])
             arrays = submit_arrays(todo, pl, echo) if pl.launcher["kind"] != "none" else {}
-            for job in todo:
-                _extract(job, pl, progress, echo, arrays.get(job.key))
+            for group in todo:
+                _extract(group, pl, progress, echo, arrays.get(group[0].key))
                 run.save()
-                hook(job)
+                hook(group)
         run.probes, run.analyses = probe_jobs(pl, run.extract, models), analysis_jobs(pl, run.extract, models)
         if "probe" in stages:
             for job in run.probes:
@@ -135,8 +135,9 @@ def _verify(job: ExtractJob) -> None:
     fs.add_name(Description(**job.dataset.dataset.description()))
 
 
-def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]:
-    """SLURM through submitit: per extraction, one array job whose task I runs part I of its shards.
+def submit_arrays(groups: list[list[ExtractJob]], pl: Pipeline, echo) -> dict[str, list]:
+    """SLURM through submitit: per extraction pass (one dataset, its models), one array job whose task I runs
+    part I of its shards for every model of the pass.
 
     Every array is submitted before any is waited for; `_extract` then waits and finalizes. kind
     ``local`` uses submitit's local executor (subprocesses on this machine), as the tests do.
@@ -146,42 +147,55 @@ def submit_arrays(jobs: list[ExtractJob], pl: Pipeline, echo) -> dict[str, list]
     except ImportError:
         raise PipelineError(f"{pl.path}: field 'launcher.kind' {pl.launcher['kind']} needs submitit: "
                             "pip install 'regcache[slurm]'") from None
-    from ..extract import extract
+    from ..extract import extract_many
 
     parts, arrays = pl.launcher["parts"], {}
-    for job in jobs:
-        ex = submitit.AutoExecutor(folder=pl.out / "submitit" / job.key[:16],
+    for group in groups:
+        key, label = group[0].key, _label(group)
+        ex = submitit.AutoExecutor(folder=pl.out / "submitit" / key[:16],
                                    cluster="local" if pl.launcher["kind"] == "local" else "slurm")
-        ex.update_parameters(name=f"regcache-{job.model.label}-{job.dataset.name}", **pl.launcher["params"])
+        ex.update_parameters(name=f"regcache-{label.replace(' ', '')}", **pl.launcher["params"])
         with ex.batch():
-            arrays[job.key] = [ex.submit(extract, job.settings.model_copy(update={"part": i, "num_parts": parts}))
-                               for i in range(parts)]
-        echo(f"submitted {job.label}: {parts} parts, job {arrays[job.key][0].job_id.split('_')[0]}")
+            arrays[key] = [ex.submit(extract_many, [j.settings.model_copy(update={"part": i, "num_parts": parts})
+                                                    for j in group]) for i in range(parts)]
+        echo(f"submitted {label}: {parts} parts, job {arrays[key][0].job_id.split('_')[0]}")
     return arrays
 
 
-def _extract(job: ExtractJob, pl: Pipeline, progress: bool, echo, array: list | None = None) -> None:
-    from ..extract import extract
+def _label(group: list[ExtractJob]) -> str:
+    return f"{' + '.join(j.model.label for j in group)} × {group[0].dataset.name}"
 
-    echo(f"extract {job.label}")
+
+def _extract(group: list[ExtractJob], pl: Pipeline, progress: bool, echo, array: list | None = None) -> None:
+    """One extraction pass: the group's models over its dataset, each shard decoded once (`extract_many`)."""
+    from ..extract import extract, extract_many
+
+    echo(f"extract {_label(group)}")
     if array is None:
-        res = extract(job.settings.model_copy(update={"quiet": not progress}))
-    else:  # wait for every part, then write the index without loading the model (as --finalize)
+        results = extract_many([j.settings.model_copy(update={"quiet": not progress}) for j in group])
+    else:  # wait for every part, then write each index without loading a model (as --finalize)
         done = [a.result() for a in array]
-        res = extract(job.settings.model_copy(update={"store": done[0].path, "finalize": True}))
-        for d in done:
-            res.failed_shards.update(d.failed_shards)
-        res.reused = all(d.reused for d in done)
-    if not (res.complete or res.failed_shards or res.error) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        job.status = "part done"  # under torchrun: the rank that finishes the set last records it
-        return
-    if res.failed_shards or res.error or not res.complete:
-        why = "; ".join(f"{s}: {r}" for s, r in res.failed_shards.items()) or res.error or \
-            f"{res.missing_units} shards not committed"
-        raise PipelineError(f"{job.label}: extraction incomplete ({why}); the store {res.path} keeps what is done, "
-                            "run the pipeline again to resume")
-    job.path, job.fingerprint = str(res.path), res.fingerprint
-    job.status = "reused" if res.reused else "ran"
+        results = []
+        for k, job in enumerate(group):
+            res = extract(job.settings.model_copy(update={"store": done[0][k].path, "finalize": True}))
+            for d in done:
+                res.failed_shards.update(d[k].failed_shards)
+                res.error = res.error or d[k].error
+            res.reused = all(d[k].reused for d in done)
+            results.append(res)
+    failed = []
+    for job, res in zip(group, results):
+        if not (res.complete or res.failed_shards or res.error) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            job.status = "part done"  # under torchrun: the rank that finishes the set last records it
+        elif res.failed_shards or res.error or not res.complete:
+            why = "; ".join(f"{s}: {r}" for s, r in res.failed_shards.items()) or res.error or \
+                f"{res.missing_units} shards not committed"
+            failed.append(f"{job.label}: extraction incomplete ({why}); the store {res.path} keeps what is done")
+        else:
+            job.path, job.fingerprint = str(res.path), res.fingerprint
+            job.status = "reused" if res.reused else "ran"
+    if failed:  # the pass's other sets are made and recorded: a rerun resumes only these
+        raise PipelineError("; ".join(failed) + "; run the pipeline again to resume")
 
 
 def _fresh(run: Path) -> Path:
@@ -271,6 +285,15 @@ def plan_text(run: PipelineRun) -> str:
     hours = total * 1e9 / (pl.cost["tflops"] * 1e12) / 3600
     lines.append(f"  to do: {total / 1e6:,.1f} PFLOP = {hours:,.2f} device-hours at {pl.cost['tflops']:g} TFLOP/s "
                  f"({pl.cost['device']})" + (f"; {unknown} jobs of unknown cost" if unknown else ""))
+    groups = passes(todo)
+    if groups:
+        images = {id(g): (g[0].dataset.num_images or 0) * g[0].settings.views for g in groups}
+        once, each = sum(images.values()), sum(images[id(g)] * len(g) for g in groups)
+        lines.append(f"extraction passes: {len(groups)} for the {len(todo)} jobs to do, each reading and decoding its "
+                     f"shards once for all its models: {_n(once)} image decodes instead of {_n(each)} "
+                     f"({_n(each - once)} saved{'' if all(images.values()) else '; sets of unknown size left out'})")
+        lines += [f"  pass {k + 1:<3} {g[0].dataset.name:<18} {' + '.join(j.model.label for j in g)}"
+                  for k, g in enumerate(groups)]
     lines.append(f"probe jobs: {len(run.probes)}")
     for j in run.probes:
         s = j.settings

@@ -7,14 +7,14 @@ they mark (`regcache.identity`). Importing them loads neither torch nor any extr
 from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NamedSets, NormsSettings,
                        TokenprobeSettings, VerifySettings)
 from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, meta
-from .extract import (Backbone, ExtractSettings, ListSettings, Preprocessing, Registers, RegistersFindSettings,
-                      default_cache_root, split_spec)
+from .extract import (PER_MODEL, Backbone, ExtractSettings, ListSettings, Preprocessing, Registers,
+                      RegistersFindSettings, default_cache_root, split_spec)
 from .presets import PRESETS, Preset
 from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, ScoreSettings, Scoring,
                     Training)
 from .run import RunSettings
 
-__all__ = ["ANALYSES", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
+__all__ = ["ANALYSES", "PER_MODEL", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
            "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NamedSets",
            "NormsSettings", "PRESETS", "Preprocessing", "Preset", "ProbeSettings", "Registers",
            "RegistersFindSettings", "ReportSettings", "RunSettings", "ScoreSettings", "Scoring", "Settings",

@@ -39,12 +39,14 @@ class Cli:
 
 @dataclass(frozen=True)
 class Meta:
-    """Where a field may be given (`Scope`), whether it is part of a feature set's identity (`Identity`), and
-    whether it names a file (``path``: in a pipeline file, relative to the pipeline's folder)."""
+    """Where a field may be given (`Scope`), whether it is part of a feature set's identity (`Identity`), whether
+    it names a file (``path``: in a pipeline file, relative to the pipeline's folder), and whether each model of
+    a multi-model extraction has its own value (``per_model``)."""
 
     identity: Identity | None = None
     scope: Scope = "any"
     path: bool = False
+    per_model: bool = False
 
 
 class SettingsError(ValueError):

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
-from .base import Cli, Meta, Settings
+from .base import Cli, Meta, Settings, meta
 from .choices import (CROP_MODES, DEVICE_HELP, DTYPES, INTERPOLATIONS, PATCH_MODES, POS_EMBED, PRECISIONS, ROLES,
                       literal)
 from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
@@ -37,19 +37,19 @@ Cache = Annotated[UserPath, Cli(show="$REGCACHE_CACHE or ~/.cache/regcache"), Me
 class Backbone(Settings):
     """Which weights, built how: what every command that runs a backbone takes."""
 
-    model: Annotated[str, Cli(short="-m"), Meta(identity="backbone", scope="job"), Field(
+    model: Annotated[str, Cli(short="-m"), Meta(identity="backbone", scope="job", per_model=True), Field(
         description="Alias (vits, vitb, vitl, vitg, *_reg with registers, v3s … DINOv3) or any timm ViT "
                     "name[.tag]; `regcache models` lists the aliases.")]
-    checkpoint: Annotated[Optional[UserPath], Cli(metavar="FILE"), Meta(identity="backbone", scope="job", path=True),
+    checkpoint: Annotated[Optional[UserPath], Cli(metavar="FILE"), Meta(identity="backbone", scope="job", path=True, per_model=True),
                           Field(
         None, description="Local weights (.safetensors, or a torch file read weights-only) instead of the hub.")]
-    random_init: Annotated[Optional[int], Cli(metavar="SEED"), Meta(identity="backbone", scope="job"), Field(
+    random_init: Annotated[Optional[int], Cli(metavar="SEED"), Meta(identity="backbone", scope="job", per_model=True), Field(
         None, description="timm's random weights under this seed, no hub or checkpoint: smoke tests only "
                           "(recorded in the set; probe refuses it without --allow-random-init).")]
     model_args: Annotated[Pairs, Cli(flag="--model-arg", multiple=True, metavar="KEY=VALUE"),
                           Meta(identity="backbone", scope="job"), Field(
         default_factory=dict, description="Extra timm.create_model argument (repeatable), e.g. depth=2.")]
-    pos_embed: Annotated[literal(POS_EMBED), Meta(identity="backbone"), Field(
+    pos_embed: Annotated[literal(POS_EMBED), Meta(identity="backbone", per_model=True), Field(
         "timm", description="Position-table resampling when the crop differs from the weights' size: "
                             + "; ".join(f"{k}: {v}" for k, v in POS_EMBED.items()) + ".")]
 
@@ -64,17 +64,17 @@ class Preprocessing(Settings):
     """The PIL eval transform (resize the shorter side, center-crop, normalise); None: the model's own."""
 
     size: Annotated[Optional[Count], Cli(show="the model's; 224 for the DINOv2/v3 aliases"),
-                    Meta(identity="backbone"), Field(None, description="Crop size (pixels).")]
+                    Meta(identity="backbone", per_model=True), Field(None, description="Crop size (pixels).")]
     resize: Annotated[Optional[Count], Cli(show="size / the model's crop_pct; 256 for the aliases"),
-                      Meta(identity="backbone"), Field(
+                      Meta(identity="backbone", per_model=True), Field(
         None, description="The shorter side is resized to this before the crop.")]
-    crop_mode: Annotated[Optional[literal(CROP_MODES)], Cli(show="the model's"), Meta(identity="backbone"), Field(
+    crop_mode: Annotated[Optional[literal(CROP_MODES)], Cli(show="the model's"), Meta(identity="backbone", per_model=True), Field(
         None, description="; ".join(f"{k}: {v}" for k, v in CROP_MODES.items()) + ".")]
-    interpolation: Annotated[Optional[literal(INTERPOLATIONS)], Cli(show="the model's"), Meta(identity="backbone"),
+    interpolation: Annotated[Optional[literal(INTERPOLATIONS)], Cli(show="the model's"), Meta(identity="backbone", per_model=True),
                              Field(None, description="Resize interpolation.")]
     mean: Annotated[Optional[RGB], Cli(metavar="R,G,B", show="the model's pretrained_cfg; ImageNet's for the aliases"),
-                    Meta(identity="backbone"), Field(None, description="Normalisation mean, e.g. 0.485,0.456,0.406.")]
-    std: Annotated[Optional[PositiveRGB], Cli(metavar="R,G,B", show="the model's"), Meta(identity="backbone"), Field(
+                    Meta(identity="backbone", per_model=True), Field(None, description="Normalisation mean, e.g. 0.485,0.456,0.406.")]
+    std: Annotated[Optional[PositiveRGB], Cli(metavar="R,G,B", show="the model's"), Meta(identity="backbone", per_model=True), Field(
         None, description="Normalisation std, e.g. 0.229,0.224,0.225 (each > 0).")]
 
     @model_validator(mode="after")
@@ -87,10 +87,10 @@ class Preprocessing(Settings):
 class Registers(Settings):
     """Test-time registers (Jiang et al. 2025) added to a backbone trained without them."""
 
-    test_time_registers: Annotated[Optional[str], Cli(metavar="FILE[:K]"), Meta(identity="backbone", path=True), Field(
+    test_time_registers: Annotated[Optional[str], Cli(metavar="FILE[:K]"), Meta(identity="backbone", path=True, per_model=True), Field(
         None, description="Add K test-time registers (default 1) driven by the neuron file of 'regcache registers "
                           "find': the set then has reg and reg_all (registers at the end of the layout).")]
-    test_time_patches: Annotated[literal(PATCH_MODES), Meta(identity="backbone"), Field(
+    test_time_patches: Annotated[literal(PATCH_MODES), Meta(identity="backbone", per_model=True), Field(
         "zero", description="What the register neurons do at the patch tokens: "
                             + "; ".join(f"{k}: {v}" for k, v in PATCH_MODES.items()) + ".")]
 
@@ -187,6 +187,10 @@ class RegistersFindSettings(Preprocessing, Backbone):
     batch_size: Annotated[Count, Cli(short="-b"), Field(16, description="Images per forward pass.")]
     out: Annotated[UserPath, Cli(short="-o", metavar="FILE"), Field(
         description="The neuron file (JSON) to write, for 'regcache extract --test-time-registers FILE[:K]'.")]
+
+
+#: fields each model of a multi-model extraction has its own value of (`extract.extract_many`); the rest are the pass's
+PER_MODEL: tuple[str, ...] = tuple(n for n in ExtractSettings.model_fields if meta(ExtractSettings, n).per_model)
 
 
 class ListSettings(Settings):
