@@ -81,8 +81,18 @@ def animal_silhouettes() -> np.ndarray:
         return np.asarray(pickle.load(f), dtype=np.uint8)
 
 
+def _skimage():
+    """scikit-image (its textures and its Sobel filter), or an error that says how to install it."""
+    if importlib.util.find_spec("skimage") is None:
+        raise DataError("the demo needs scikit-image (its textures and edge filter): 'pip install scikit-image'")
+    import skimage.data
+    import skimage.filters
+
+    return skimage
+
+
 def texture_crops(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
-    from skimage import data as sk
+    sk = _skimage().data
 
     textures = [sk.brick(), sk.grass(), sk.gravel()]
     rng = np.random.default_rng(seed)
@@ -96,7 +106,7 @@ def texture_crops(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
 
 def sketch(img: np.ndarray) -> np.ndarray:
     """Dark edges on white: a line drawing of the image."""
-    from skimage.filters import sobel
+    sobel = _skimage().filters.sobel
 
     e = sobel(img.astype(np.float32) / 255)
     return (255 * (1 - e / max(e.max(), 1e-6))).astype(np.uint8)
@@ -159,23 +169,40 @@ DEMO_PIPELINE = Path(__file__).resolve().parent / "pipeline" / "demo.yaml"
 
 
 def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, precision: str = "fp32",
-             workers: int = 1, batch_size: int = 64, progress: bool = True, echo=log.info) -> Path:
-    """Build the sets, then run pipelines/demo.yaml on them: extract, probe [CLS], [muP], [CLS;muP] (and the
-    register combinations for a model with registers), report. Returns the probe's run directory.
+             workers: int = 1, batch_size: int = 64, progress: bool = True, echo=log.info,
+             sizes: DemoSizes = DemoSizes(), weights: str | os.PathLike | None = None, **overrides) -> Path:
+    """Build the sets, then run pipelines/demo.yaml on them: extract (into the default cache root, where every
+    command finds the sets afterwards), probe [CLS], [muP], [CLS;muP] (and the register combinations for a
+    model with registers), report. Returns the probe's run directory.
 
-    ``model=None`` uses the offline ViT-S/14 weights (see `regcache.offline`); an alias uses the hub.
+    ``model=None`` uses the offline ViT-S/14 weights (``weights``, else `regcache.offline.fetch_vits14`); an
+    alias uses the hub. ``overrides``: further pipeline fields (``--set`` keys), as tests shrink the demo.
     """
     from .offline import fetch_vits14
     from .pipeline import load_pipeline, run_pipeline
 
     out = Path(out).resolve()
-    build(out / "data")
+    build(out / "data", sizes)
     overrides = {"vars.DEMO": str(out), "extract.size": size, "extract.resize": size * 8 // 7,
-                 "extract.precision": precision, "extract.workers": workers, "extract.batch_size": batch_size}
+                 "extract.precision": precision, "extract.workers": workers, "extract.batch_size": batch_size,
+                 **overrides}
     if model is None:
-        overrides["vars.DEMO_WEIGHTS"] = str(fetch_vits14())
+        overrides["vars.DEMO_WEIGHTS"] = str(weights or fetch_vits14())
     else:
         overrides["models"] = [model]
     run = run_pipeline(load_pipeline(DEMO_PIPELINE, overrides), progress=progress, echo=echo)
     (job,) = [j for j in run.probes if j.run is not None]
     return job.run
+
+
+def next_steps(model: str | None) -> str:
+    """What to type after the demo: the commands find its sets by name in the default cache root."""
+    m = model or "vit_small_patch14_dinov2"
+    return "\n".join([
+        "Next: the demo's sets are in the cache; every command finds them by name:",
+        "  regcache ls",
+        f"  regcache probe -m {m} -f cls -f cls,patch --train fmnist-train --test fmnist-val "
+        "--eval fmnist-sketch,fmnist-invert --anomaly mnist,animals,textures --iterations 300 --batch-size 256",
+        f"  regcache knn -m {m} --train fmnist-train --test fmnist-val --eval fmnist-sketch --k 10,20",
+        f"  regcache norms fmnist-val -m {m}",
+        "  regcache probe --help     (solvers, presets, scorers; docs/probing.md)"])

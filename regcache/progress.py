@@ -45,8 +45,21 @@ class LogProgress:
         done = f"{self.n:g}/{self.total:g}" if self.total else f"{self.n:g}"
         pct = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         rate = f", {self.n / elapsed:.1f} {self.unit}/s" if elapsed > 0 else ""
-        self.stream.write(f"{self.desc}: {done} {self.unit}{pct}{rate}, {elapsed:.0f} s{' (done)' if final else ''}\n")
+        left = (f", about {_duration((self.total - self.n) * elapsed / self.n)} left"
+                if self.total and self.n and not final and elapsed > 0 else "")
+        self.stream.write(f"{self.desc}: {done} {self.unit}{pct}{rate}, {_duration(elapsed)}{left}"
+                          f"{' (done)' if final else ''}\n")
         self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``42 s``, ``3 min 20 s``, ``2 h 05 min``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
 class _Off:

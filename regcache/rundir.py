@@ -6,6 +6,8 @@ plots and tables beside the new ones, so a given directory must not exist or be 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -44,3 +46,15 @@ def output_dir(given: str | os.PathLike | None, default: str | os.PathLike) -> P
                           "--out, or remove it")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextmanager
+def run_dir(given: str | os.PathLike | None, default: str | os.PathLike) -> Iterator[Path]:
+    """`output_dir`, removed again if the work in it fails before writing anything (no empty run folders)."""
+    path = output_dir(given, default)
+    try:
+        yield path
+    except BaseException:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise

@@ -150,10 +150,11 @@ def test_default_workers_rule(monkeypatch, cores, device, expected):
 # --------------------------------------------------------------------------- 4: analysis of an empty set
 
 @pytest.mark.parametrize("command", [["norms"], ["tokenprobe"], ["featuremap", "--keys", "a", "--no-images"]])
-def test_analysis_refuses_an_empty_set_by_name(tmp_path, command):
+def test_analysis_refuses_an_empty_set_by_name(tmp_path, command, monkeypatch):
     import numpy as np
     from click.testing import CliRunner
 
+    monkeypatch.chdir(tmp_path)  # the default output folder (runs/...) would be made here, and removed on failure
     from conftest import PROBE_LAYOUT, make_set
     from regcache.cli import main
 
@@ -162,6 +163,7 @@ def test_analysis_refuses_an_empty_set_by_name(tmp_path, command):
                                         "tokens": np.zeros((0, 4, PROBE_LAYOUT.dim), np.float32)}, np.zeros(0, int))
     r = CliRunner().invoke(main, [command[0], str(fs.path), *command[1:]], catch_exceptions=True)
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.exception  # a message, not a traceback
+    assert not list((tmp_path / "runs").iterdir())  # and no empty run folder left behind
     assert f"m / nothing ({fs.path}) has no rows" in r.output
 
 

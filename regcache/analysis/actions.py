@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..rundir import output_dir, stamp
+from ..rundir import run_dir, stamp
 from ..sets import Cache, Named
 from ..settings import (AttentionSettings, CachedAnalysis, FeaturemapSettings, NormsSettings, TokenprobeSettings,
                         default_cache_root)
@@ -34,8 +34,8 @@ def norms(s: NormsSettings, pins: Mapping[str, str | Path] | None = None) -> Ana
     from .norm_stats import norms_report
 
     sets = _sets(s, ("norms",), pins)
-    out = output_dir(s.out, Path("runs") / f"norms-{stamp()}")
-    return Analysis(out, norms_report([n.fs for n in sets], out))
+    with run_dir(s.out, Path("runs") / f"norms-{stamp()}") as out:
+        return Analysis(out, norms_report([n.fs for n in sets], out))
 
 
 def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
@@ -43,11 +43,11 @@ def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = No
     from .norm_stats import feature_maps
 
     sets = _sets(s, ("norms",), pins)
-    out = output_dir(s.out, Path("runs") / f"featuremap-{stamp()}")
-    found = []
-    for n in sets:
-        found += feature_maps(n.fs, s.keys, out / n.name if len(sets) > 1 else out, with_images=s.images)
-    return Analysis(out, found)
+    with run_dir(s.out, Path("runs") / f"featuremap-{stamp()}") as out:
+        found = []
+        for n in sets:
+            found += feature_maps(n.fs, s.keys, out / n.name if len(sets) > 1 else out, with_images=s.images)
+        return Analysis(out, found)
 
 
 def tokenprobe(s: TokenprobeSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
@@ -55,15 +55,15 @@ def tokenprobe(s: TokenprobeSettings, pins: Mapping[str, str | Path] | None = No
     from .token_probes import pixel_probe, token_probe
 
     sets = _sets(s, ("tokens", "norms"), pins)
-    out = output_dir(s.out, Path("runs") / f"tokenprobe-{stamp()}")
-    found = []
-    for n in sets:
-        r = asdict(token_probe(n.fs, iterations=s.iterations, seed=s.seed))
-        if s.pixels:
-            r["pixels"] = asdict(pixel_probe(n.fs, ridge=s.ridge, seed=s.seed))
-        found.append(r)
-    (out / "tokenprobe.json").write_text(json.dumps(found, indent=2))
-    return Analysis(out, found)
+    with run_dir(s.out, Path("runs") / f"tokenprobe-{stamp()}") as out:
+        found = []
+        for n in sets:
+            r = asdict(token_probe(n.fs, iterations=s.iterations, seed=s.seed))
+            if s.pixels:
+                r["pixels"] = asdict(pixel_probe(n.fs, ridge=s.ridge, seed=s.seed))
+            found.append(r)
+        (out / "tokenprobe.json").write_text(json.dumps(found, indent=2))
+        return Analysis(out, found)
 
 
 def attention(s: AttentionSettings) -> Analysis:
@@ -84,12 +84,12 @@ def attention(s: AttentionSettings) -> Analysis:
     layout = layout_of(net)
     if s.registers and not layout.num_reg:
         raise ModelError(f"{s.model} has no register tokens (give --test-time-registers to add some)")
-    out = output_dir(s.out, Path("runs") / f"attention-{stamp()}")
     images = [Path(i) for i in s.images]
-    found: list[Any] = [{"figures": [str(p) for p in attention_figure(net, layout, pre, images, out, s.registers,
-                                                                      s.display)]}]
-    if s.similarity:
-        found.append({"similarity": similarity_report(net, layout, pre, images, out)})
-    if s.qkv:
-        found.append({"qkv": qkv_report(net, layout, pre, images, out, s.qkv)})
-    return Analysis(out, found)
+    with run_dir(s.out, Path("runs") / f"attention-{stamp()}") as out:
+        found: list[Any] = [{"figures": [str(p) for p in attention_figure(net, layout, pre, images, out, s.registers,
+                                                                          s.display)]}]
+        if s.similarity:
+            found.append({"similarity": similarity_report(net, layout, pre, images, out)})
+        if s.qkv:
+            found.append({"qkv": qkv_report(net, layout, pre, images, out, s.qkv)})
+        return Analysis(out, found)

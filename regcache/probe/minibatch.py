@@ -5,6 +5,7 @@ combination, and each head keeps its own optimiser state; works on streamed sets
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from ..settings import Training
 from .data import Split, StreamedSplit
 from .head import Head
+
+log = logging.getLogger("regcache")
 
 
 class _Stacked:
@@ -67,7 +70,13 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
         biases[combo] = torch.zeros(len(grid), 1, num_classes, device=device, requires_grad=True)
     params = [*weights.values(), *biases.values()]
     opt = _Stacked(params, lr, wd, s)
-    batches = train.batches(min(s.batch_size, len(train)), gen, device)
+    batch = min(s.batch_size, len(train))
+    epochs = s.max_iter * batch / max(len(train), 1)
+    if epochs > 200 and progress and rank == 0:
+        log.warning("%d steps of %d rows go over the %d training rows %.0f times; the heads have long converged "
+                    "before that (--iterations %d is %.0f passes)", s.max_iter, batch, len(train), epochs,
+                    max(1, round(50 * len(train) / batch)), 50)
+    batches = train.batches(batch, gen, device)
     for _ in progress_bar(range(s.max_iter), disable=not progress or rank != 0, desc="heads", unit="it"):
         xb, yb = next(batches)
         n = len(yb)

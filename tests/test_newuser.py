@@ -1,0 +1,99 @@
+"""The researcher's second hour (issue 20): what a new user meets after the demo, each point as they met it."""
+from __future__ import annotations
+
+import io
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from click.testing import CliRunner
+
+from regcache.cli import main
+
+from conftest import NOREG, REG, RESIZE, SIZE, cli_env, make_shards
+
+
+def cli(*args, **kw):
+    return CliRunner().invoke(main, [str(a) for a in args], **kw)
+
+
+def extract(model, ckpt, data, cache, name):
+    r = cli("extract", "-m", model, "--checkpoint", ckpt, "-d", data, "--name", name, "--size", SIZE, "--resize",
+            RESIZE, "-j", 0, "--cache", cache, "-q")
+    assert r.exit_code == 0, r.output
+
+
+def test_a_missing_sets_suggested_command_runs_as_printed_and_then_the_probe_does(tmp_path, reg_ckpt, noreg_ckpt):
+    cache = tmp_path / "c"
+    for name, seed in (("train", 0), ("val", 1)):
+        extract(REG, reg_ckpt, make_shards(tmp_path / name, n_shards=1, per_shard=6, seed=seed), cache, name)
+    extract(NOREG, noreg_ckpt, tmp_path / "train" / "part-000.tar", cache, "train")
+    probe = ["probe", "-m", NOREG, "-f", "cls", "--train", "train", "--val", "val", "--iterations", 5, "--cache",
+             cache, "-q"]
+    r = cli(*probe, "--out", tmp_path / "r1")
+    assert r.exit_code == 1 and "no complete feature set of 'val'" in r.output, r.output
+    suggested = r.output.split("make it with:")[1].splitlines()[1].strip()
+    args = shlex.split(suggested)
+    assert args[:2] == ["regcache", "extract"] and "--checkpoint" in args and str(noreg_ckpt) in args
+    done = subprocess.run([sys.executable, "-m", "regcache", *args[1:], "--cache", str(cache), "-q", "-j", "0"],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    r = cli(*probe, "--out", tmp_path / "r2")
+    assert r.exit_code == 0, r.output
+    # asking a model without registers for them: said at once, no extraction suggested
+    r = cli("probe", "-m", NOREG, "-f", "cls,reg", "--train", "train", "--cache", cache, "--out", tmp_path / "r3")
+    assert r.exit_code == 1 and "has no register tokens" in r.output and "make it with" not in r.output, r.output
+
+
+def test_every_command_names_a_set_the_same_ways(tmp_path, reg_ckpt):
+    """A dataset name with --model, a path, a name as ls prints it: norms takes what probe takes."""
+    cache = tmp_path / "c"
+    extract(REG, reg_ckpt, make_shards(tmp_path / "v", n_shards=1, per_shard=4), cache, "fmnist-val")
+    (path,) = [p.parent for p in cache.glob("*/*/regcache.json")]
+    for ref, extra in (("fmnist-val", ["-m", REG]), (path, []), (path.relative_to(cache), [])):
+        r = cli("norms", ref, *extra, "--cache", cache, "--out", tmp_path / f"n{len(str(ref))}")
+        assert r.exit_code == 0 and "fmnist-val" in r.output, r.output
+    r = cli("norms", "fmnist-val", "--cache", cache, "--out", tmp_path / "nx")
+    assert r.exit_code == 1 and "with --model" in r.output
+
+
+def test_hub_weights_that_cannot_be_fetched_fail_within_seconds_and_say_what_works(tmp_path):
+    data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
+    env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty hub cache, offline
+    t = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "regcache", "extract", "-m", "vitl_reg", "-d", data, "--cache",
+                          str(tmp_path / "c"), "-q"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "timm/vit_large_patch14_reg4_dinov2.lvd142m" in out.stderr and "--checkpoint" in out.stderr
+    assert "--random-init" in out.stderr and "regcache demo" in out.stderr and "Traceback" not in out.stderr
+    assert time.monotonic() - t < 60  # seconds, not timm's minutes of retries (the bound is for a loaded machine)
+    assert "Retrying" not in out.stderr and out.stderr.count("\n") < 5
+
+
+def test_log_progress_gives_an_estimate_of_the_time_left():
+    from regcache.progress import LogProgress
+
+    now = [0.0]
+    buf = io.StringIO()
+    bar = LogProgress(total=1000, desc="heads", unit="it", stream=buf, interval=30, clock=lambda: now[0])
+    now[0] = 60.0
+    bar.update(250)  # 250 it in a minute: 750 left, three minutes
+    bar.close()
+    first, last = buf.getvalue().splitlines()
+    assert "heads: 250/1000 it (25%), 4.2 it/s, 1 min 00 s, about 3 min 00 s left" == first
+    assert last.endswith("(done)") and "left" not in last
+
+
+def test_the_tests_and_the_demo_write_nothing_into_the_checkout():
+    """After a test run, `git status` shows nothing new (outputs default under runs/, gitignored, and tests use
+    their own folders); the demo's folder is gitignored too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "demo/data/x", "runs/x"], cwd=root,
+                             capture_output=True, text=True)
+    assert ignored.stdout.split() == ["demo/data/x", "runs/x"]
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root, capture_output=True,
+                            text=True)
+    stray = [line for line in status.stdout.splitlines() if line.startswith("??") and "/norms/" in f"/{line[3:]}"]
+    assert not stray, stray
