@@ -1,4 +1,4 @@
-"""The token features of DESIGN §2: names, shapes and the token layout that splits them.
+"""The token features of docs/design.md ("Features"): names, shapes and the token layout that splits them.
 
 This is the one place that knows which features exist. It imports nothing heavy, so the probe
 stage can use it without torch models or timm.

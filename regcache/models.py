@@ -24,7 +24,7 @@ class Preprocess:
     """PIL-side eval transform: resize the shorter side, center-crop, normalise (timm's eval transform).
 
     ``views > 1`` adds seeded random-resized-crop + flip views 1..views-1 after the plain view 0,
-    for training heads with augmentation without the backbone (DESIGN §2).
+    for training heads with augmentation without the backbone (docs/design.md, "Preprocessing").
     """
 
     size: int = 224

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .store.meta import Record
 
-#: column labels; the two FPR95 conventions (DESIGN §5) never share one
+#: column labels; the two FPR95 conventions (docs/design.md, "OOD metrics") never share one
 METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "ap_in": "AP-in↑",
                  "ap_out": "AP-out↑", "aupr_in_openood": "AUPR-in-OpenOOD↑",
                  "aupr_out_openood": "AUPR-out-OpenOOD↑"}

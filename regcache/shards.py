@@ -60,7 +60,7 @@ def manifest_text(name: str, shards: str, *, role: str | None = None, split: str
                   counts: Sequence[int] | None = None, classes: Sequence[str] | None = None,
                   classes_file: str | None = None, subset_file: str | None = None, image: str | None = None,
                   label: str | None = "cls", description: str | None = None) -> str:
-    """A manifest in the field order of DESIGN §4 (flow lists keep it short and diff-friendly)."""
+    """A manifest in the field order of docs/design.md ("Datasets") (flow lists keep it short and diff-friendly)."""
     lines = [f"name: {name}"]
     if description:
         lines.append(f"description: {json.dumps(description)}")

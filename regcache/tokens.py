@@ -1,4 +1,4 @@
-"""One forward pass of a timm ViT -> every token feature of DESIGN §2."""
+"""One forward pass of a timm ViT -> every token feature (docs/design.md, "Features")."""
 from __future__ import annotations
 
 from typing import Callable

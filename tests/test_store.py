@@ -1,4 +1,4 @@
-"""The store's guarantees (DESIGN §3), checked on hand-made units without any model."""
+"""The store's guarantees (docs/design.md, "Store"), checked on hand-made units without any model."""
 from __future__ import annotations
 
 import json
@@ -63,7 +63,7 @@ def test_units_in_any_order_give_one_table_in_dataset_order(tmp_path_factory, si
         for f in FEATS:
             np.testing.assert_array_equal(got.x[f][sel.to_numpy()], arrays[f])
         assert list(idx.label[sel]) == [r[1] for r in records]
-    # readable with zarr-python and pandas alone, as DESIGN §3 promises
+    # readable with zarr-python and pandas alone, as docs/design.md ("Store") promises
     index = pd.read_parquet(path / "index.parquet")
     X = zarr.open_array(path / "features.zarr" / "cls")[:][index["row"]]
     np.testing.assert_array_equal(X, got.x["cls"])

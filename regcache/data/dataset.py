@@ -200,7 +200,7 @@ def read_yaml_mapping(path: Path, what: str, error: type[Exception]) -> tuple[st
 
 
 def load_manifest(path: str | os.PathLike) -> Dataset:
-    """Read a manifest (DESIGN §4); every malformed field is an error that names it and the file."""
+    """Read a manifest (docs/design.md, "Datasets"); every malformed field is an error that names it and the file."""
     path = Path(path)
     text, m = read_yaml_mapping(path, "manifest", DataError)
 

@@ -11,7 +11,7 @@ from .scores import energy, max_logit, msp, softmax
 @register
 class MSP(Scorer):
     name = "msp"
-    reference = "Hendrycks & Gimpel, ICLR 2017 (log max softmax, DESIGN §5)"
+    reference = "Hendrycks & Gimpel, ICLR 2017 (log max softmax; docs/design.md, 'OOD metrics')"
 
     def score(self, features, logits):
         return msp(logits)

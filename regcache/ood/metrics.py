@@ -1,4 +1,4 @@
-"""Detection metrics (DESIGN §5): scores where larger means more in-distribution.
+"""Detection metrics (docs/design.md, "OOD metrics"): scores where larger means more in-distribution.
 
 FPR@TPR95 (``fpr95``) follows Hendrycks & Gimpel and Liu et al.: ID is the positive class, the threshold
 keeps 95% of ID samples (ties at the threshold are kept too), and the result is the fraction of anomaly

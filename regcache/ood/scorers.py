@@ -9,7 +9,7 @@ else the paper's; each class says which. The entries live by what they read: `fr
 
 ReAct, ASH, SCALE and DICE were designed for non-negative post-ReLU features. They are implemented
 here as published; on signed LayerNorm features (ViT) clipping, pruning and the sum-based scalings act
-on signed values, which the README discusses and measures.
+on signed values, which docs/ood.md discusses and measures.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Scores from logits (DESIGN §5), in float64 and log space; larger = more in-distribution. The scorers use them."""
+"""Scores from logits (docs/design.md, "OOD metrics"), in float64 and log space; larger = more in-distribution. The scorers use them."""
 from __future__ import annotations
 
 import numpy as np

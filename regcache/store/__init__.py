@@ -1,4 +1,4 @@
-"""The sharded embedding store (DESIGN §3).
+"""The sharded embedding store (docs/design.md, "Store").
 
 Layout of one feature set (a directory whose name ends in its fingerprint)::
 
