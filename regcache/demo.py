@@ -31,7 +31,7 @@ SUBSET = (0, 1, 2, 3, 4)  # the inverted set keeps half the classes, in the ID l
 
 @dataclass(frozen=True)
 class DemoSizes:
-    """Images per set: the demo in under 5 CPU-minutes on 2 cores (README, "The demo"); validation and sketches keep 1000."""
+    """Images per set: the demo in under 5 CPU-minutes on 2 cores (README); validation and sketches keep 1000."""
 
     train_per_class: int = 100
     val_per_class: int = 100

@@ -298,7 +298,7 @@ def _create(b: Backbone, **kw: Any) -> torch.nn.Module:
         raise ModelError(f"{name} cannot be built with the model arguments {kwargs} ({type(e).__name__}: {e})") from None
 
 
-def check_hub(name: str, timeout: float = 5.0) -> None:
+def check_hub(name: str, model_args: dict | None = None, timeout: float = 5.0) -> None:
     """Hub weights that are neither in the local hub cache nor reachable within seconds are refused at once,
     naming the model and the hub file and what works instead (timm would retry for minutes, then say only
     that something went wrong)."""
@@ -306,6 +306,8 @@ def check_hub(name: str, timeout: float = 5.0) -> None:
 
     from timm.models import get_pretrained_cfg
 
+    if {"pretrained_cfg", "pretrained_cfg_overlay"} & set(model_args or {}):
+        return  # the user points timm at other weights (a file, a URL): timm says what went wrong
     cfg = get_pretrained_cfg(name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if not repo:
@@ -339,8 +341,8 @@ def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
     hub = b.checkpoint is None and b.random_init is None
     dinov2 = b.pos_embed == "dinov2"
     name = resolve_name(b.model)
-    if hub:
-        check_hub(name)
+    if hub and not dinov2:
+        check_hub(name, b.model_args)
     with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's generator
         if b.random_init is not None:
             torch.manual_seed(b.random_init)
@@ -353,6 +355,7 @@ def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
     if dinov2 and hub:
         from timm.models import load_pretrained
 
+        check_hub(name, b.model_args)
         load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
     elif b.checkpoint is not None:
         load_checkpoint(model, b.checkpoint, _dinov2_filter(model) if dinov2 else "timm")

@@ -97,3 +97,35 @@ def test_the_tests_and_the_demo_write_nothing_into_the_checkout():
                             text=True)
     stray = [line for line in status.stdout.splitlines() if line.startswith("??") and "/norms/" in f"/{line[3:]}"]
     assert not stray, stray
+
+
+def readme_after_the_demo() -> list[list[str]]:
+    """The commands of the README's "After the demo" section, as a user would type them."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## After the demo", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip().startswith("regcache ")]
+
+
+def test_the_readmes_after_the_demo_commands_run_as_written(offline_vits14, tmp_path, monkeypatch):
+    """A small demo (the real ViT-S/14, the demo's own sets, fewer images) into a fresh default cache, then every
+    command of the README's "After the demo" section, as written: each exits 0, and the demo printed them."""
+    from regcache.demo import DemoSizes, next_steps, run_demo
+
+    monkeypatch.setenv("REGCACHE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    run = run_demo(tmp_path / "demo", size=56, weights=offline_vits14, progress=False, echo=lambda s: None,
+                   sizes=DemoSizes(train_per_class=6, val_per_class=4, shift_per_class=3, anomalies=12),
+                   **{"probes.table.iterations": 50, "probes.table.batch_size": 32, "analyses": [],
+                      "probes.table.scorers": ["msp", "knn"]})  # ViM needs more rows than this small demo has
+    assert (run / "results.md").is_file()
+    commands = readme_after_the_demo()
+    assert len(commands) >= 3 and all(c[0] == "regcache" for c in commands)
+    printed = next_steps(None)
+    for args in commands:
+        assert " ".join(args[:2]) in printed  # what the demo says to type next is what the README says
+        r = cli(*args[1:])
+        assert r.exit_code == 0, (args, r.output)
