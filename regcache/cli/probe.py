@@ -137,12 +137,7 @@ def knn(**given):
     """
     from ..probe import knn as run
 
-    s = settings(KnnSettings, given)
-    setup_logging(s.quiet)
-    with errors():
-        table = run(s)
-    click.echo((table.out / "results.md").read_text())
-    click.echo(f"run directory: {table.out}")
+    _table(run, settings(KnnSettings, given))
 
 
 @main.command()
@@ -155,9 +150,13 @@ def fewshot(**given):
     """
     from ..probe import fewshot as run
 
-    s = settings(FewshotSettings, given)
+    _table(run, settings(FewshotSettings, given))
+
+
+def _table(action, s) -> None:
+    """Run a protocol that writes one table (kNN, few-shot) and print it with where it went."""
     setup_logging(s.quiet)
     with errors():
-        table = run(s)
+        table = action(s)
     click.echo((table.out / "results.md").read_text())
     click.echo(f"run directory: {table.out}")
