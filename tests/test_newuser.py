@@ -129,3 +129,13 @@ def test_the_readmes_after_the_demo_commands_run_as_written(offline_vits14, tmp_
         assert " ".join(args[:2]) in printed  # what the demo says to type next is what the README says
         r = cli(*args[1:])
         assert r.exit_code == 0, (args, r.output)
+
+
+def test_an_editable_install_imports_the_package_from_the_clones_parent_folder(tmp_path):
+    """A clone named regcache, and Python started in its parent folder: the package, not the folder."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "regcache").symlink_to(root)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", "import regcache; print(regcache.open_features.__module__)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "regcache", out.stderr

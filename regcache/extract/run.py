@@ -231,9 +231,12 @@ def _prepare(p: Plan, ids: list[ShardId], description: Description) -> Member:
     pending = [u for u in pending if u not in adopted]
     result.units_adopted = len(adopted)
     if pending:
+        sizes = [fs.meta.dataset.sizes[u] for u in pending]
+        work = (f"{sum(sizes):,} images × {p.preprocess.views} view{'s' if p.preprocess.views > 1 else ''}"
+                if None not in sizes else "images of unknown count")
         log.info("%s", describe_plan(p))
-        log.info("extracting %d of %d shards of %s with %s into %s (%d already committed%s)",
-                 len(pending), len(ds.shards), ds.name, s.model, fs.path, result.units_skipped,
+        log.info("extracting %d of %d shards of %s (%s) with %s into %s (%d already committed%s)",
+                 len(pending), len(ds.shards), ds.name, work, s.model, fs.path, result.units_skipped,
                  f", {len(adopted)} taken from an earlier set of the same shards" if adopted else "")
     else:
         log.info("all %d shards of this part are committed in %s; no backbone work", len(mine), fs.path)
