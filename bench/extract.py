@@ -1,29 +1,32 @@
 """Extraction throughput, and what one pass over the data feeding several models saves (issue 21); one run.
 
     python bench/extract.py [--images 192] [--per-shard 32] [--batch-size 32] [--workers 0] [--precision bf16]
-                            [--rounds 2] [--light-rounds 3] [--light-depth 1] [--rss-images 64]
-                            [--rss-models S,B,L] [--parts light,vits,rss]
+                            [--rounds 2] [--light-rounds 5] [--light-depth 1] [--bare-images 64]
+                            [--rss-images 64] [--rss-models S,B,L] [--parts light,vits,rss]
 
 Writes JPEG shards of photo-sized images (scikit-image's photos, random crops, ~500x375, quality 90).
 Weights are random (`random_init`): speed does not depend on them. Every model runs at 224 px (resize
 256, center crop), with cls, patch, reg and norms, into a fresh cache per call (no set is reused or
 adopted). Two parts compare one pass feeding N models (`regcache.extract.extract_many`) with N
-single-model passes (`extract`), each round running, in turn (the order reversed every other
-round, so that this shared machine's drift hits both alike), the bare model on preloaded tensors
-and five extractions: the three models alone, the first two in one pass, all three in one pass:
+single-model passes (`extract`). Each round runs five extractions, the three models alone, the
+first two in one pass, all three in one pass, in that order and reversed every other round (so that
+this shared machine's drift hits both sides alike), each right after the bare model has run on
+--bare-images preloaded images (so that its rate is paired in time with that call's):
 
 - ``light`` (decode-heavy): three 1-block ViT-S/14 (``--model-arg depth=1``, random-init seeds 0, 1,
   2: three distinct sets), where reading, decoding and resizing the JPEGs cost about as much as the model;
 - ``vits``: three full ViT-S/14 (12 blocks, seeds 0, 1, 2).
 
-Per round and over all rounds (sums) it reports:
+Per round and over all rounds (sums of each call's times) it reports:
 1. one pass ÷ separate passes, N = 2 and 3: wall time of the calls (planning, model loading, the
-   stream, the index; what a user waits for), and of the streams alone (`passes.run_pass`, timed
-   by wrapping it);
-2. per model, the bare ``forward_features`` img/s on preloaded, preprocessed tensors (timed batch by
-   batch against regcache's all-features forward, as before), its forward's img/s inside each pass
-   (`passes._Forward`, timed by wrapping it), and each stream's img/s ÷ the bare rate of its models
-   run back to back (1 / Σ 1/bare_i): pipeline ÷ bare, 1 for a pass that costs only its forwards.
+   stream, the index: what a user waits for), and of the streams alone (`passes.run_pass`, timed by
+   wrapping it: first batch read to last commit); and the stream ratio that sharing everything but
+   the forwards would give, from the single passes' own split (the best this setting allows);
+2. per call: the bare ``forward_features`` img/s on preloaded, preprocessed tensors (timed batch
+   by batch against regcache's all-features forward, as before), each model's forward img/s inside
+   the pass (`passes._Forward`, timed by wrapping it) ÷ bare, the share of the stream outside the
+   forwards, and pipeline ÷ bare: the stream's img/s ÷ the bare rate of its N models run back to back
+   (bare / N); 1 for a pass that costs only its forwards.
 
 ``rss``: peak RSS (VmHWM) of fresh processes that extract --rss-images images with each of
 --rss-models alone, then with all of them in one pass (models of different sizes); the ratio is the
@@ -146,7 +149,7 @@ class Instrument:
 # --------------------------------------------------------------------------- one part: N models, rounds
 
 def _bare_rates(model, layout, batches, device, amp, sync) -> tuple[float, float]:
-    """img/s of forward_features and of regcache's all-features forward, alternating batch by batch."""
+    """Seconds per image of forward_features and of regcache's all-features forward, alternating batch by batch."""
     from regcache.tokens import token_features
 
     def bare(b):
@@ -158,8 +161,6 @@ def _bare_rates(model, layout, batches, device, amp, sync) -> tuple[float, float
             return token_features(model, b, layout, FEATURES)
 
     fns = (bare, ours)
-    for fn in fns:
-        fn(batches[0].to(device))  # warm-up
     spent = [0.0, 0.0]
     n = 0
     for b in batches:
@@ -171,7 +172,7 @@ def _bare_rates(model, layout, batches, device, amp, sync) -> tuple[float, float
             fn(b)
             sync()
             spent[i] += time.perf_counter() - t
-    return n / spent[0], n / spent[1]
+    return spent[0] / n, spent[1] / n
 
 
 def run_part(name: str, specs: list, rounds: int, data: str, images: int, tensors: torch.Tensor, tmp: Path,
@@ -189,12 +190,15 @@ def run_part(name: str, specs: list, rounds: int, data: str, images: int, tensor
     arch = settings(specs[0], data, tmp, args)
     bare_model = load_model(arch, 224).to(device)
     layout = layout_of(bare_model)
-    batches = list(tensors.split(args.batch_size))
+    bare_batches = list(tensors[:args.bare_images].split(args.batch_size))
+    _bare_rates(bare_model, layout, bare_batches[:1], device, amp, inst.sync)  # warm-up
     calls = [(labels[0],), (labels[1],), (labels[2],), tuple(labels[:2]), tuple(labels)]
     by_label = dict(zip(labels, specs))
     out_rounds, extra = [], {}
 
     def call(members: tuple[str, ...], r: int) -> dict:
+        # the bare model right before the call: its rate is paired in time with the call's
+        bare_spi, feat_spi = _bare_rates(bare_model, layout, bare_batches, device, amp, inst.sync)
         cache = tmp / "caches" / name / f"r{r}" / "+".join(members)
         ss = [settings(by_label[m], data, cache, args) for m in members]
         inst.reset()
@@ -211,58 +215,67 @@ def run_part(name: str, specs: list, rounds: int, data: str, images: int, tensor
         shutil.rmtree(cache)
         return {"wall_s": round(wall, 3), "stream_s": round(inst.stream, 3),
                 "stream_seconds_of_result": round(results[0].stream_seconds, 3),
-                "forward_s": {short[k]: round(v, 3) for k, v in inst.forward.items()}}
+                "forward_s": {short[k]: round(v, 3) for k, v in inst.forward.items()},
+                "bare_img_s": round(1 / bare_spi, 2), "all_features_img_s": round(1 / feat_spi, 2),
+                # one model's bare and all-features time for this call's images, at the rates just measured
+                "bare_s": round(images * bare_spi, 3), "all_features_s": round(images * feat_spi, 3)}
 
     for r in range(rounds):
-        bare_ips, feat_ips = _bare_rates(bare_model, layout, batches, device, amp, inst.sync)
         order = calls if r % 2 == 0 else calls[::-1]
         timed = {}
         for members in order:
             timed["+".join(members)] = call(members, r)
-            log(f"{name} round {r}: {'+'.join(members)}: {timed['+'.join(members)]['wall_s']:.1f} s")
-        rnd = {"round": r, "order": ["+".join(m) for m in order], "bare_img_s": round(bare_ips, 2),
-               "all_features_img_s": round(feat_ips, 2), "calls": timed}
-        rnd.update(_ratios(timed, labels, images, bare_ips))
+            c = timed["+".join(members)]
+            log(f"{name} round {r}: {'+'.join(members)}: {c['wall_s']:.1f} s (bare {c['bare_img_s']} img/s)")
+        rnd = {"round": r, "order": ["+".join(m) for m in order], "calls": timed}
+        rnd.update(_ratios(timed, labels, images))
         out_rounds.append(rnd)
-        log(f"{name} round {r}: one pass ÷ separate (wall) {rnd['one_pass_over_separate']}")
+        log(f"{name} round {r}: one pass ÷ separate {rnd['one_pass_over_separate']}")
     del bare_model
 
     # over all rounds: sums of the times of each call, so every round counts
-    total = {k: {"wall_s": sum(r["calls"][k]["wall_s"] for r in out_rounds),
-                 "stream_s": sum(r["calls"][k]["stream_s"] for r in out_rounds),
+    keys = ("wall_s", "stream_s", "bare_s", "all_features_s")
+    total = {k: {**{q: sum(r["calls"][k][q] for r in out_rounds) for q in keys},
                  "forward_s": {m: sum(r["calls"][k]["forward_s"][m] for r in out_rounds) for m in k.split("+")}}
              for k in out_rounds[0]["calls"]}
-    bare_s = sum(images / r["bare_img_s"] for r in out_rounds)  # one model's bare time over all rounds
-    feat_s = sum(images / r["all_features_img_s"] for r in out_rounds)
-    summary = _ratios(total, labels, images * rounds, images * rounds / bare_s)
-    summary["bare_img_s"] = round(images * rounds / bare_s, 2)
-    summary["all_features_img_s"] = round(images * rounds / feat_s, 2)
+    summary = _ratios(total, labels, images * rounds)
+    bare_s = sum(t["bare_s"] for t in total.values())
+    feat_s = sum(t["all_features_s"] for t in total.values())
+    summary["bare_img_s"] = round(images * rounds * len(total) / bare_s, 2)
+    summary["all_features_img_s"] = round(images * rounds * len(total) / feat_s, 2)
     summary["extra_cost_all_features_pct"] = round(100 * (feat_s / bare_s - 1), 2)
     return {"models": {m: label(s) for m, s in zip(labels, specs)}, "architecture": arch.model,
-            "model_args": dict(arch.model_args),
+            "model_args": dict(arch.model_args), "bare_images_per_call": min(args.bare_images, images),
             "rounds": out_rounds, "over_all_rounds": summary,
             "target_one_pass_over_separate_3": TARGETS[name],
             "meets_target": summary["one_pass_over_separate"]["3"]["wall"] <= TARGETS[name], **extra}
 
 
-def _ratios(timed: dict, labels: list[str], images: int, bare_ips: float) -> dict:
-    """One pass ÷ separate passes (N = 2, 3), and pipeline ÷ bare per call and per model in it."""
+def _ratios(timed: dict, labels: list[str], images: int) -> dict:
+    """One pass ÷ separate passes (N = 2, 3), and pipeline ÷ bare per call and per model in it.
+
+    ``if_all_outside_forwards_shared``: the stream ratio if everything but the forwards (reading, decoding,
+    cropping, normalising, copying, writing) were done once for all models, from the single passes' times:
+    what sharing can reach at best in this setting."""
     single = {m: timed[m] for m in labels}
     ratios = {}
     for n in (2, 3):
-        both = timed["+".join(labels[:n])]
+        both, alone = timed["+".join(labels[:n])], [single[m] for m in labels[:n]]
+        outside = [a["stream_s"] - a["forward_s"][m] for a, m in zip(alone, labels)]
         ratios[str(n)] = {
-            "wall": round(both["wall_s"] / sum(single[m]["wall_s"] for m in labels[:n]), 3),
-            "stream": round(both["stream_s"] / sum(single[m]["stream_s"] for m in labels[:n]), 3)}
+            "wall": round(both["wall_s"] / sum(a["wall_s"] for a in alone), 3),
+            "stream": round(both["stream_s"] / sum(a["stream_s"] for a in alone), 3),
+            "if_all_outside_forwards_shared": round(float(
+                (np.mean(outside) + sum(a["forward_s"][m] for a, m in zip(alone, labels)))
+                / sum(a["stream_s"] for a in alone)), 3)}
     pipeline = {}
     for key, t in timed.items():
         n = len(key.split("+"))
-        stream_ips = images / t["stream_s"]
         pipeline[key] = {
-            "stream_img_s": round(stream_ips, 2),
-            "pipeline_over_bare": round(stream_ips / (bare_ips / n), 3),  # bare: its n models back to back
+            "stream_img_s": round(images / t["stream_s"], 2),
+            "pipeline_over_bare": round(n * t["bare_s"] / t["stream_s"], 3),  # bare: its n models back to back
             "forward_in_pass_img_s": {m: round(images / s, 2) for m, s in t["forward_s"].items()},
-            "forward_in_pass_over_bare": {m: round(images / s / bare_ips, 3) for m, s in t["forward_s"].items()},
+            "forward_in_pass_over_bare": {m: round(t["bare_s"] / s, 3) for m, s in t["forward_s"].items()},
             "outside_forwards_pct": round(100 * (1 - sum(t["forward_s"].values()) / t["stream_s"]), 1)}
     return {"one_pass_over_separate": ratios, "per_call": pipeline}
 
@@ -338,7 +351,9 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rounds", type=int, default=2, help="Rounds of the vits part.")
-    ap.add_argument("--light-rounds", type=int, default=3, help="Rounds of the light (decode-heavy) part.")
+    ap.add_argument("--bare-images", type=int, default=64, help="Preloaded images the bare model runs right "
+                    "before each extraction (its rate is paired in time with that call's).")
+    ap.add_argument("--light-rounds", type=int, default=5, help="Rounds of the light (decode-heavy) part.")
     ap.add_argument("--light-depth", type=int, default=1, help="Blocks of the light part's ViT-S/14.")
     ap.add_argument("--rss-images", type=int, default=64, help="Photos each RSS child extracts (the first shards).")
     ap.add_argument("--rss-models", default=RSS_MODELS, help="Comma list of timm names, one pass together.")
@@ -400,7 +415,7 @@ def _measure(args, parts: list[str], tmp: Path) -> None:
            if part in report},
         **{f"{part}: one pass of 2 models ÷ 2 single passes, wall": report[part]["over_all_rounds"][
             "one_pass_over_separate"]["2"]["wall"] for part in ("light", "vits") if part in report},
-        **({"rss: peak of the 3-model pass ÷ the largest single-model peak": [
+        **({"rss: peak of one pass of all --rss-models ÷ the largest single-model peak": [
             report["rss"]["one_pass_over_largest_single"], f"target <= {TARGETS['rss']}"]} if "rss" in report else {})}
     report["load_average_after"] = load_average()
     print(json.dumps(report, indent=2))
