@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -75,8 +74,10 @@ def main() -> None:
     def extra(k: str, ref: str) -> float:
         return round(100 * (sum(best[k]) / sum(best[ref]) - 1), 2)
 
+    from common import command, machine
+
     print(json.dumps({
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(), "command": command(),
         "precision": args.precision, "images": args.images, "batch_size": args.batch_size, "rounds": args.rounds,
         "img_s_best": {k: round(args.images / sum(v), 2) for k, v in best.items()},
         "extra_cost_pct": {"last_block": extra("last_block", "bare_reg"), "last4": extra("last4", "bare_reg"),

@@ -39,16 +39,15 @@ def synthetic(rows: int, dim: int, classes: int, seed: int, signal: float = 0.3)
 
 
 def write_store(path: Path, rows: int, dim: int, classes: int) -> None:
+    from common import set_record
     from regcache.features import TokenLayout
     from regcache.store import FeatureSet
 
     n_units = (rows + CHUNK - 1) // CHUNK
     fs = FeatureSet.create(path, {"model": "synthetic", "weights": "none", "features": ["cls"],
-                                  "dataset": f"bank{rows}x{dim}"}, {
-        "features": ["cls"], "layout": TokenLayout(has_cls=True, num_reg=0, grid=(16, 16), dim=dim).to_dict(),
-        "dtype": "float16", "unit_rows": CHUNK, "num_units": n_units,
-        "model": {"name": "synthetic", "timm_name": "synthetic"},
-        "dataset": {"name": "bank", "shards": [f"s{u}" for u in range(n_units)], "classes": None}})
+                                  "dataset": f"bank{rows}x{dim}"},
+                           set_record(["cls"], TokenLayout(has_cls=True, num_reg=0, grid=(16, 16), dim=dim),
+                                      "float16", CHUNK, n_units, name="bank"))
     for u, (x, y) in enumerate(synthetic(rows, dim, classes, seed=0)):
         fs.commit_unit(u, {"cls": x}, [(f"{u}-{i}", int(l), 0) for i, l in enumerate(y)])
     fs.finalize()
@@ -107,19 +106,26 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=50_000)
     ap.add_argument("--scorers", default="all", help="Comma list of scorer names, or all.")
     ap.add_argument("--device", default="cpu", help="Where k-NN and NNGuide search the bank.")
-    ap.add_argument("--store", type=Path, default=None, help="Where the synthetic bank is kept [default: a temp dir].")
+    ap.add_argument("--store", type=Path, default=None, help="Where the synthetic bank is kept, for reuse [default: a temporary folder, removed afterwards].")
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     scorers = a.scorers.split(",")
     if a.child:
         return child(a.child, a.classes, a.queries, scorers, a.device)
-    store = a.store or Path(tempfile.mkdtemp()) / "bank"
+    if a.store is None:  # a temporary bank is removed afterwards; --store keeps it for the next run
+        with tempfile.TemporaryDirectory(prefix="regcache-bench-") as tmp:
+            return measure(a, Path(tmp) / "bank")
+    return measure(a, a.store)
+
+
+def measure(a, store: Path) -> None:
     if not (store / "index.parquet").is_file():
         t0 = time.perf_counter()
         write_store(store, a.rows, a.dim, a.classes)
         print(json.dumps({"store_written_s": round(time.perf_counter() - t0, 1), "store": str(store)}), flush=True)
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores",
-                      "python": platform.python_version()}), flush=True)
+    from common import command, machine
+
+    print(json.dumps({"machine": machine(), "command": command(), "python": platform.python_version()}), flush=True)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", str(store), "--classes", str(a.classes), "--queries",
                     str(a.queries), "--scorers", a.scorers, "--device", a.device], check=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -42,17 +41,14 @@ def synthetic(rows: int, dim: int, classes: int, seed: int = 0, signal: float = 
 
 
 def write_store(path: Path, rows: int, dim: int, classes: int) -> None:
+    from common import set_record
     from regcache.features import TokenLayout
     from regcache.store import FeatureSet
 
     layout = TokenLayout(has_cls=True, num_reg=4, grid=(16, 16), dim=dim)
     ident = {"model": "synthetic", "weights": "none", "features": ["cls", "patch"], "dataset": f"syn{rows}"}
     n_units = (rows + 9999) // 10_000
-    fs = FeatureSet.create(path, ident, {
-        "features": ["cls", "patch"],
-        "layout": layout.to_dict(), "dtype": "float16", "unit_rows": 10_000, "num_units": n_units,
-        "model": {"name": "synthetic", "timm_name": "synthetic"},
-        "dataset": {"name": "syn", "shards": [f"s{u}" for u in range(n_units)], "classes": None}})
+    fs = FeatureSet.create(path, ident, set_record(["cls", "patch"], layout, "float16", 10_000, n_units, name="syn"))
     for u, (cls, patch, y) in enumerate(synthetic(rows, dim, classes)):
         fs.commit_unit(u, {"cls": cls, "patch": patch}, [(f"{u}-{i}", int(l), 0) for i, l in enumerate(y)])
     fs.finalize()
@@ -68,7 +64,8 @@ def _status_kb(field: str) -> int:
 
 def child_peak(path: Path, classes: int, iterations: int) -> None:
     """Run in a fresh process: load and train all heads, print RSS numbers."""
-    from regcache.probe import ProbeConfig, load_split, train_heads
+    from regcache.probe import load_split, train_heads
+    from regcache.settings import Training
     from regcache.store import FeatureSet
 
     import torch  # noqa: F401  (its import is part of the baseline, not of the probe's cost)
@@ -76,8 +73,8 @@ def child_peak(path: Path, classes: int, iterations: int) -> None:
     base = _status_kb("VmRSS")
     split = load_split(FeatureSet(path), ["cls", "patch"], "syn")
     feat_bytes = sum(a.nbytes for a in split.x.values())
-    train_heads(split, classes, ProbeConfig(features=[("cls",), ("patch",), ("cls", "patch")],
-                                            lrs=(0.001, 0.01, 0.1, 1.0), iterations=iterations))
+    train_heads(split, classes, Training(features=[("cls",), ("patch",), ("cls", "patch")],
+                                         lr=[0.001, 0.01, 0.1, 1.0], iterations=iterations))
     peak = _status_kb("VmHWM")
     print(json.dumps({"baseline_kb": base, "peak_kb": peak, "feature_bytes": feat_bytes}))
 
@@ -99,22 +96,23 @@ def grid(args) -> None:
     """regcache's lbfgs grid vs scikit-learn fitting the same 39 heads one after another."""
     import warnings
 
-    import torch
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from regcache.probe import ProbeConfig, Split, accuracy, fit_heads
+    from common import command, machine
+    from regcache.probe import Split, accuracy, fit_heads
+    from regcache.settings import Training
 
     Cs = tuple(float(c) for c in np.logspace(-4, 4, 13))
     combos = [("cls",), ("patch",), ("cls", "patch")]
-    report = {"machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads",
+    report = {"machine": machine(), "command": command(),
               "C": [round(c, 6) for c in Cs], "problems": []}
     for rows, dim, classes in args.problems:
         cls, patch, y = anisotropic(rows + args.test_rows, dim, classes)
         mk = lambda sl: Split("syn", {"cls": cls[sl], "patch": patch[sl]}, y[sl],  # noqa: E731
                               np.arange(len(y))[sl].astype(str), np.zeros(len(y[sl]), np.int16))
         train, test = mk(slice(0, rows)), mk(slice(rows, None))
-        cfg = ProbeConfig(features=combos, solver="lbfgs", Cs=Cs, iterations=100)
+        cfg = Training(features=combos, solver="lbfgs", C=list(Cs), iterations=100)
         t = time.perf_counter()
         heads = fit_heads(train, classes, cfg)
         ours_s = [time.perf_counter() - t]
@@ -169,9 +167,9 @@ def main() -> None:
 
 
 def _measure(args, tmp: Path) -> None:
-    import torch
-
-    from regcache.probe import ProbeConfig, accuracy, load_split, train_heads
+    from common import command, machine
+    from regcache.probe import accuracy, load_split, train_heads
+    from regcache.settings import Training
     from regcache.store import FeatureSet
 
     t = time.perf_counter()
@@ -181,15 +179,15 @@ def _measure(args, tmp: Path) -> None:
     split = load_split(FeatureSet(tmp / "fs"), ["cls", "patch"], "syn")
     load_s = time.perf_counter() - t
 
-    def per_iteration(cfg: ProbeConfig) -> float:
-        train_heads(split, args.classes, ProbeConfig(**{**cfg.__dict__, "iterations": 2}))  # warm-up
+    def per_iteration(cfg: Training) -> float:
+        train_heads(split, args.classes, cfg.model_copy(update={"iterations": 2}))  # warm-up
         t = time.perf_counter()
         train_heads(split, args.classes, cfg)
         return (time.perf_counter() - t) / cfg.iterations
 
-    all_cfg = ProbeConfig(features=[("cls",), ("patch",), ("cls", "patch")], lrs=(0.001, 0.01, 0.1, 1.0),
-                          iterations=args.iterations)
-    one_cfg = ProbeConfig(features=[("cls", "patch")], lrs=(0.01,), iterations=args.iterations)
+    all_cfg = Training(features=[("cls",), ("patch",), ("cls", "patch")], lr=[0.001, 0.01, 0.1, 1.0],
+                       iterations=args.iterations)
+    one_cfg = Training(features=[("cls", "patch")], lr=[0.01], iterations=args.iterations)
     one, all_ = per_iteration(one_cfg), per_iteration(all_cfg)
     flops_one = 3 * 2 * all_cfg.batch_size * 2 * args.dim * args.classes  # forward + 2 backward matmuls
 
@@ -207,7 +205,7 @@ def _measure(args, tmp: Path) -> None:
     sk = LogisticRegression().fit(xtr, split.labels[tr])  # lbfgs, its default 100 iterations
     sk_s, sk_acc = time.perf_counter() - t, sk.score(xte, split.labels[te])
     sub = split.take(tr)
-    cfg = ProbeConfig(features=[("cls", "patch")], lrs=(0.1,), wds=(1 / len(tr),), iterations=400, batch_size=1024)
+    cfg = Training(features=[("cls", "patch")], lr=[0.1], wd=[1 / len(tr)], iterations=400, batch_size=1024)
     t = time.perf_counter()
     head = train_heads(sub, args.sk_classes, cfg)[0]
     ours_s = time.perf_counter() - t
@@ -217,7 +215,7 @@ def _measure(args, tmp: Path) -> None:
                             "--iterations", "5"], capture_output=True, text=True, check=True)
     mem = json.loads(child.stdout.strip().splitlines()[-1])
     print(json.dumps({
-        "machine": f"{platform.node()} {platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": machine(), "command": command(),
         "rows": args.rows, "dim_per_feature": args.dim, "classes": args.classes, "batch": all_cfg.batch_size,
         "store_write_s": round(write_s, 1), "store_load_s": round(load_s, 1),
         "one_head_s_per_it": round(one, 3), "all_12_heads_s_per_it": round(all_, 3),

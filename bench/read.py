@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +24,7 @@ import numpy as np
 
 def write(path: Path, rows: int, dim: int, layout, unit_rows: int = 10_000) -> None:
     import regcache.store.writer as writer
+    from common import set_record
     from regcache.features import TokenLayout
     from regcache.store import FeatureSet
 
@@ -33,15 +32,14 @@ def write(path: Path, rows: int, dim: int, layout, unit_rows: int = 10_000) -> N
     if layout == "blosc":
         writer.UnitWriter._create_arrays = staticmethod(_blosc_arrays)
     elif isinstance(layout, tuple):  # ("unchecked", inner rows)
-        writer.UnitWriter._create_arrays = staticmethod(lambda path, meta: _unchecked_arrays(path, meta, layout[1]))
+        writer.UnitWriter._create_arrays = staticmethod(lambda path, record: _unchecked_arrays(path, record, layout[1]))
     else:
         writer.inner_rows = lambda r, b: layout
     try:
         n_units = (rows + unit_rows - 1) // unit_rows
-        fs = FeatureSet.create(path, {"model": "bench", "features": ["cls", "patch"]}, {
-            "features": ["cls", "patch"], "layout": TokenLayout(has_cls=True, num_reg=0, grid=(16, 16), dim=dim).to_dict(),
-            "dtype": "float16", "unit_rows": unit_rows, "num_units": n_units, "model": {"name": "bench"},
-            "dataset": {"name": "bench", "shards": [f"s{u}" for u in range(n_units)]}})
+        fs = FeatureSet.create(path, {"model": "bench", "features": ["cls", "patch"], "layout": str(layout)}, set_record(
+            ["cls", "patch"], TokenLayout(has_cls=True, num_reg=0, grid=(16, 16), dim=dim), "float16", unit_rows, n_units,
+            model="bench"))
         rng = np.random.default_rng(0)
         for u in range(n_units):
             n = min(unit_rows, rows - u * unit_rows)
@@ -52,25 +50,25 @@ def write(path: Path, rows: int, dim: int, layout, unit_rows: int = 10_000) -> N
         writer.UnitWriter._create_arrays, writer.inner_rows = old
 
 
-def _blosc_arrays(path: Path, meta: dict) -> None:
+def _blosc_arrays(path: Path, record) -> None:
     import zarr
     from zarr.codecs import BloscCodec
 
     group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
-    dim = meta["layout"]["dim"]
-    for name in meta["features"]:
-        group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], dim), chunks=(meta["unit_rows"], dim),
+    dim = record.layout.dim
+    for name in record.features:
+        group.create_array(name, shape=(record.unit_rows * record.num_units, dim), chunks=(record.unit_rows, dim),
                            dtype="float16", fill_value=0, overwrite=True,
                            compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"))
 
 
-def _unchecked_arrays(path: Path, meta: dict, inner: int) -> None:
+def _unchecked_arrays(path: Path, record, inner: int) -> None:
     import zarr
 
     group = zarr.open_group(path / "features.zarr", mode="a", zarr_format=3)
-    dim = meta["layout"]["dim"]
-    for name in meta["features"]:
-        group.create_array(name, shape=(meta["unit_rows"] * meta["num_units"], dim), shards=(meta["unit_rows"], dim),
+    dim = record.layout.dim
+    for name in record.features:
+        group.create_array(name, shape=(record.unit_rows * record.num_units, dim), shards=(record.unit_rows, dim),
                            chunks=(inner, dim), dtype="float16", fill_value=0, compressors=None, overwrite=True)
 
 
@@ -81,6 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--inner", default="250,1000", help="Rows per inner chunk of the raw layouts (comma list; divisors of the 10,000-row units).")
     args = ap.parse_args()
+    from common import command, machine
     from regcache.store import FeatureSet
 
     with tempfile.TemporaryDirectory(prefix="regcache-read-") as tmp:
@@ -116,7 +115,7 @@ def main() -> None:
                 best[name] = max(best[name], nbytes / (time.perf_counter() - t) / 1e9)
         npy = best["numpy.load of .npy (fresh arrays)"]
         print(json.dumps({
-            "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} cores",
+            "machine": machine(), "command": command(),
             "rows": args.rows, "bytes": nbytes, "on_disk": {n: fs.nbytes() for n, fs in sets.items()},
             "gb_s": {n: round(v, 2) for n, v in best.items()},
             "over_npy": {n: round(v / npy, 2) for n, v in best.items()}}, indent=1))

@@ -3,13 +3,13 @@ and peak RSS of extraction at 1x, 2x and 4x the data.
 
     python bench/scale.py [--images 96] [--workers 0,1,2] [--read-rows 200000]
 
-Uses the same photo-sized JPEG shards and random-init ViT-S/14 as bench/extract.py.
+Uses the same photo-sized JPEG shards as bench/extract.py and a random-weights ViT-S/14 checkpoint, at 224 px
+(resize 256; a timm name alone would get timm's 518 px), bf16, batch 32.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,14 +33,27 @@ def make_data(tmp: Path, images: int, per_shard: int = 32) -> str:
 
 def extract_child(args) -> None:
     """In a fresh process: extract and print peak RSS (KB, VmHWM: getrusage would include the parent's) and img/s."""
-    from regcache.extract import ExtractConfig, extract
+    import regcache.extract.run as run
+    from regcache.extract import extract
+    from regcache.settings import ExtractSettings
 
-    res = extract(ExtractConfig(model="vit_small_patch14_reg4_dinov2", checkpoint=args.child_ckpt, data=args.child,
-                                cache=Path(args.child_cache), precision="bf16", batch_size=32,
-                                workers=args.child_workers, progress=False))
+    # the stream alone (first batch read to last commit): ExtractResult.stream_seconds now includes model loading
+    stream, spent = run.run_pass, []
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return stream(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    run.run_pass = timed
+    res = extract(ExtractSettings(model="vit_small_patch14_reg4_dinov2", checkpoint=args.child_ckpt, data=args.child,
+                                  cache=Path(args.child_cache), size=224, resize=256, precision="bf16", batch_size=32,
+                                  workers=args.child_workers, quiet=True))
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"peak_kb": hwm,
-                      "img_s": res.ok / res.stream_seconds, "rows": res.ok}))
+                      "img_s": res.ok / sum(spent), "rows": res.ok}))
 
 
 def run_child(data: str, ckpt: Path, cache: Path, workers: int) -> dict:
@@ -50,7 +63,8 @@ def run_child(data: str, ckpt: Path, cache: Path, workers: int) -> dict:
 
 
 def read_throughput(tmp: Path, rows: int, dim: int = 1024) -> dict:
-    """GB/s of FeatureSet.load (float16, blosc-zstd) vs numpy reading the same bytes from an uncompressed .npy."""
+    """GB/s of FeatureSet.load (float16, the store's layout now) vs numpy reading the same bytes from an
+    uncompressed .npy."""
     sys.path.insert(0, str(HERE))
     from probe import write_store
 
@@ -103,8 +117,10 @@ def _measure(args, tmp: Path) -> None:
     workers = {w: round(run_child(data[1], ckpt, tmp / f"cw{w}", w)["img_s"], 2)
                for w in (int(x) for x in args.workers.split(","))}
     memory = {f"{k}x": run_child(data[k], ckpt, tmp / f"cm{k}", 0) for k in (1, 2, 4)}
+    from common import command, machine
+
     print(json.dumps({
-        "machine": f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": machine(), "command": command(),
         "img_s_by_workers": workers,
         "peak_rss_mb_by_data": {k: round(v["peak_kb"] / 1024) for k, v in memory.items()},
         "rows_by_data": {k: v["rows"] for k, v in memory.items()},
