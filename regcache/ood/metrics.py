@@ -68,6 +68,12 @@ def _average_ranks(x: np.ndarray) -> np.ndarray:
 
 def average_precision(pos_scores, neg_scores) -> float:
     """Area under the step precision-recall curve (as scikit-learn's average_precision_score)."""
+    precision, recall = _pr_points(pos_scores, neg_scores)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def _pr_points(pos_scores, neg_scores) -> tuple[np.ndarray, np.ndarray]:
+    """Precision and recall at each distinct threshold, from the highest score down."""
     p, n = _check(pos_scores, neg_scores)
     s = np.concatenate([p, n])
     y = np.r_[np.ones(len(p)), np.zeros(len(n))]
@@ -75,9 +81,7 @@ def average_precision(pos_scores, neg_scores) -> float:
     s, y = s[order], y[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct threshold
     tp = np.cumsum(y)[last]
-    fp = (last + 1) - tp
-    precision, recall = tp / (tp + fp), tp / len(p)
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return tp / (last + 1), tp / len(p)
 
 
 def ap_in(id_scores, ood_scores) -> float:
@@ -99,14 +103,8 @@ def trapezoid_pr_area(pos_scores, neg_scores) -> float:
     not linear in recall), so it is not average precision, above or below it: constant scores give
     (1 + prevalence) / 2 against AP's prevalence, and a tie group interpolates across its whole recall step.
     """
-    p, n = _check(pos_scores, neg_scores)
-    s = np.concatenate([p, n])
-    y = np.r_[np.ones(len(p)), np.zeros(len(n))]
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last index of each distinct threshold
-    tp = np.cumsum(y)[last]
-    precision, recall = np.r_[1.0, tp / (last + 1)], np.r_[0.0, tp / len(p)]
+    precision, recall = _pr_points(pos_scores, neg_scores)
+    precision, recall = np.r_[1.0, precision], np.r_[0.0, recall]
     return float(np.sum(np.diff(recall) * (precision[1:] + precision[:-1]) / 2))
 
 
