@@ -202,7 +202,7 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
             if batch.end:
                 for i in fed:
                     _close(batch, i, members[i], ids, claims[i], writer, writes)
-                settle(keep=2)
+                settle(keep=2 * len(members))  # two units per model in flight, as for one model
         settle(keep=0)
     stop.set()
     bar.close()
