@@ -189,7 +189,7 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
             members.append(member)
     if members:
         _load(members)
-        t = time.perf_counter()  # the stream: first batch read to last unit committed (images/s = rows / this)
+        t = time.perf_counter()
         live = [m for m in members if not m.failed]
         if live:
             device = resolve_device(s0.device)
@@ -199,6 +199,7 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
                          usable_cores(), device.type)
             for m in live:
                 m.model = m.model.to(device)
+            t = time.perf_counter()  # the stream: first batch read to last unit committed (images/s = rows / this)
             run_pass(live, ids, device, s0.batch_size, workers, s0.allow_pipe, s0.compile, progress=not s0.quiet)
         for m in members:
             m.result.stream_seconds = time.perf_counter() - t
