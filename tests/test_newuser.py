@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from click.testing import CliRunner
 
 from regcache.cli import main
@@ -139,3 +140,101 @@ def test_an_editable_install_imports_the_package_from_the_clones_parent_folder(t
     out = subprocess.run([sys.executable, "-c", "import regcache; print(regcache.open_features.__module__)"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "regcache", out.stderr
+
+
+def test_the_demos_images_are_the_packages_own(demo_sources):
+    """Read out of the downloaded wheels: scikit-image's photographs as skimage.data loads them, MNIST with its
+    published mean intensity, and sketches as scikit-image's Sobel filter draws them (to a grey level)."""
+    import numpy as np
+    import skimage.data
+    import skimage.filters
+
+    from regcache import demo
+
+    crops = demo.texture_crops(30, demo_sources, size=64)
+    rng = np.random.default_rng(0)  # the same draws as texture_crops: crop i of photograph i % 3
+    photos = [skimage.data.brick(), skimage.data.grass(), skimage.data.gravel()]
+    for i, crop in enumerate(crops):
+        y, x = rng.integers(0, 512 - 64), rng.integers(0, 512 - 64)
+        assert np.array_equal(crop, photos[i % 3][y:y + 64, x:x + 64])
+    digits = demo.mnist_digits(demo_sources)
+    assert digits.shape == (50000, 28, 28) and abs(digits.mean() / 255 - 0.1307) < 0.002  # MNIST's normalisation
+    assert demo.animal_silhouettes(demo_sources).shape[0] == 10000
+    x, _ = demo.fashion_mnist("test", demo_sources)
+    for img in x[:50]:
+        e = skimage.filters.sobel(img.astype(np.float32) / 255)
+        reference = (255 * (1 - e / max(e.max(), 1e-6))).astype(np.uint8)
+        assert np.abs(reference.astype(int) - demo.sketch(img)).max() <= 1
+
+
+def test_fashion_mnist_comes_from_the_folder_named_or_debian_or_a_download(tmp_path, monkeypatch):
+    import shutil
+
+    import torchvision
+
+    from regcache import demo
+    from regcache.data import DataError
+
+    debian = demo.FASHION_MNIST_DEBIAN
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="FASHION_MNIST_DIR=.*empty has no t10k-images-idx3-ubyte.gz"):
+        demo.fashion_mnist("test", tmp_path / "sources")
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    monkeypatch.setattr(demo, "FASHION_MNIST_DEBIAN", tmp_path / "no-debian")
+
+    def offline(*a, **kw):
+        raise RuntimeError("Error downloading t10k-images-idx3-ubyte.gz")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DataError, match="dataset-fashion-mnist.*FASHION_MNIST_DIR"):
+        demo.fashion_mnist("test", tmp_path / "sources")
+
+    def download(root, train, download):  # what torchvision's download leaves: root/FashionMNIST/raw/*.gz
+        raw = os.path.join(root, "FashionMNIST", "raw")
+        os.makedirs(raw)
+        for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+            shutil.copy(debian / f, raw)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", download)
+    x, y = demo.fashion_mnist("test", tmp_path / "sources")
+    assert x.shape == (10000, 28, 28) and sorted(set(y.tolist())) == list(range(10))
+
+
+@pytest.mark.slow
+def test_the_demo_runs_from_a_wheel_in_a_fresh_venv_without_the_test_extra(offline_vits14, tmp_path):
+    """`pip install regcache` (a wheel built from the tracked files), a fresh venv, a folder that is not a
+    checkout: `regcache demo` runs to its tables, with none of the test extra's packages installed."""
+    import shutil
+    import zipfile
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # the tracked files only, so that the build writes nothing into the checkout
+    for f in subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split():
+        if (root / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / f, src / f, follow_symlinks=False)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("regcache-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        shipped = yaml.safe_load(z.read("regcache/pipeline/demo.yaml"))
+    assert shipped == yaml.safe_load((root / "pipelines" / "demo.yaml").read_text())
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    subprocess.run([py, "-m", "pip", "install", "-q", str(wheel)], check=True, capture_output=True, timeout=600)
+    missing = subprocess.run([py, "-c", "import importlib.util as u; "
+                              "print([m for m in ('skimage', 'mnist', 'animal_mnist', 'pytest') if u.find_spec(m)])"],
+                             capture_output=True, text=True, check=True)
+    assert missing.stdout.strip() == "[]"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(REGCACHE_CACHE=str(tmp_path / "cache"), REGCACHE_WEIGHTS=str(offline_vits14.parent))
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run([venv / "bin" / "regcache", "demo", "--per-class", "60", "--size", "56", "-q"], cwd=home,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "### OOD detection" in done.stdout and "regcache ls" in done.stdout
+    assert sorted(p.name for p in (home / "demo" / "sources").glob("*.whl"))[0].startswith("animal_mnist-")

@@ -235,22 +235,3 @@ def test_random_init_sets_are_recorded_and_refused_by_the_probe(tmp_path):
     assert r.exit_code == 1 and "random" in r.output and "--allow-random-init" in r.output, r.output
     r = CliRunner().invoke(main, [*probe, "--out", str(tmp_path / "run1"), "--allow-random-init"])
     assert r.exit_code == 0, r.output
-
-
-def test_an_installed_wheel_carries_the_demo_pipeline(tmp_path):
-    """`regcache demo` runs the demo pipeline from the package, so a pip-installed regcache (no checkout) has it."""
-    import subprocess
-    import sys
-    import zipfile
-    from pathlib import Path
-
-    import yaml
-
-    root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("regcache-*.whl")
-    with zipfile.ZipFile(wheel) as z:
-        shipped = yaml.safe_load(z.read("regcache/pipeline/demo.yaml"))
-    assert shipped == yaml.safe_load((root / "pipelines" / "demo.yaml").read_text())
-    assert shipped["probes"][0]["train"] == "fmnist-train"

