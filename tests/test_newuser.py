@@ -238,3 +238,22 @@ def test_the_demo_runs_from_a_wheel_in_a_fresh_venv_without_the_test_extra(offli
     assert done.returncode == 0, done.stderr[-3000:]
     assert "### OOD detection" in done.stdout and "regcache ls" in done.stdout
     assert sorted(p.name for p in (home / "demo" / "sources").glob("*.whl"))[0].startswith("animal_mnist-")
+
+
+def test_the_root_helps_first_steps_name_files_that_a_wheel_user_has(tmp_path, monkeypatch):
+    """The shards command of `regcache --help`, run as printed on a folder of images, writes the manifest that
+    its extract line names (no manifests/ of a checkout)."""
+    import numpy as np
+    from PIL import Image
+
+    from regcache.cli.common import EPILOG
+
+    steps = [shlex.split(line.strip().split("  ")[0]) for line in EPILOG.splitlines() if "  regcache " in line]
+    (shards,) = [s for s in steps if s[1:3] == ["shards", "from-folder"]]
+    (extract_,) = [s for s in steps if s[1] == "extract"]
+    monkeypatch.chdir(tmp_path)
+    for c in ("cat", "dog"):
+        os.makedirs(os.path.join(shards[3], c))
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(shards[3], c, "0.png"))
+    assert cli(*shards[1:]).exit_code == 0
+    assert os.path.isfile(extract_[extract_.index("-d") + 1])

@@ -93,10 +93,11 @@ def _args(fs) -> tuple[str, ...]:
 
 EPILOG = """\b
 First steps:
-  regcache demo                              offline demo: build sets, extract, probe, print the tables
-  regcache extract -m vits_reg -d manifests/imagenet1k-val.yaml   (a manifest of the checkout, or your own)
-  regcache ls                                what is cached
-  regcache probe -m vits_reg -f cls,reg --train imagenet1k-train --test imagenet1k-val
+  regcache demo                                            offline demo: sets, extract, probe, tables
+  regcache shards from-folder photos/train shards/train    your images (a folder per class) as shards
+  regcache extract -m vits_reg -d shards/train/train.yaml  cache the features (and the same for val)
+  regcache ls                                              what is cached
+  regcache probe -m vits_reg -f cls,reg --train train --test val
 Every command has --help; docs/ in the repository has one page per stage."""
 
 
