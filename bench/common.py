@@ -59,3 +59,23 @@ def command() -> str:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def photo_samples(n: int, seed: int = 0):
+    """``(key, JPEG bytes, label)``: random ~500x375 crops of scikit-image's photos, quality 90 (photo-sized
+    JPEGs, the decode cost of ImageNet's)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from skimage import data as skdata
+
+    photos = [np.asarray(getattr(skdata, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "retina")]
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        p = photos[i % len(photos)]
+        h, w = min(375, p.shape[0]), min(500, p.shape[1])
+        y, x = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
+        buf = io.BytesIO()
+        Image.fromarray(p[y:y + h, x:x + w]).save(buf, format="JPEG", quality=90)
+        yield f"{i:06d}", buf.getvalue(), i % 10

@@ -4,7 +4,7 @@
                             [--rounds 2] [--light-rounds 5] [--light-depth 1] [--bare-images 64]
                             [--rss-images 64] [--rss-models S,B,L] [--parts light,vits,rss]
 
-Writes JPEG shards of photo-sized images (scikit-image's photos, random crops, ~500x375, quality 90).
+Writes JPEG shards of photo-sized images (`common.photo_samples`: ~500x375 photos, quality 90).
 Weights are random (`random_init`): speed does not depend on them. Every model runs at 224 px (resize
 256, center crop), with cls, patch, reg and norms, into a fresh cache per call (no set is reused or
 adopted). Two parts compare one pass feeding N models (`regcache.extract.extract_many`) with N
@@ -36,7 +36,6 @@ includes the parent's RSS at exec.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import subprocess
@@ -53,21 +52,6 @@ FEATURES = ("cls", "patch", "reg", "norms")
 VITS = "vit_small_patch14_reg4_dinov2"
 RSS_MODELS = "vit_small_patch14_reg4_dinov2,vit_base_patch14_reg4_dinov2,vit_large_patch14_reg4_dinov2"
 TARGETS = {"light": 0.75, "vits": 1.0, "rss": 1.5}  # issue 21: one pass ÷ separate passes (3 models); RSS ratio
-
-
-def photo_samples(n: int, seed: int = 0):
-    from PIL import Image
-    from skimage import data as skdata
-
-    photos = [np.asarray(getattr(skdata, k)()) for k in ("astronaut", "coffee", "chelsea", "rocket", "retina")]
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        p = photos[i % len(photos)]
-        h, w = min(375, p.shape[0]), min(500, p.shape[1])
-        y, x = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
-        buf = io.BytesIO()
-        Image.fromarray(p[y:y + h, x:x + w]).save(buf, format="JPEG", quality=90)
-        yield f"{i:06d}", buf.getvalue(), i % 10
 
 
 def pattern(folder: Path, shards: int) -> str:
@@ -372,7 +356,7 @@ def main() -> None:
 def _measure(args, parts: list[str], tmp: Path) -> None:
     from PIL import Image
 
-    from common import command, load_average, machine
+    from common import command, load_average, machine, photo_samples
     from regcache.extract import extract, resolve_device
     from regcache.models import preprocess_of
     from regcache.shards import write_shards

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 
 def make_data(tmp: Path, images: int, per_shard: int = 32) -> str:
     sys.path.insert(0, str(HERE))
-    from extract import photo_samples
+    from common import photo_samples
 
     from regcache.shards import write_shards
 

@@ -52,7 +52,8 @@ class Plan:
         return fingerprint(self.identity)
 
 
-#: an identity field whose effect another entry already carries (``layers`` is in ``features``)
+#: an identity field left out: another entry carries its effect (``layers`` is in ``features``), or it has the
+#: value every set had before the field existed (``decode`` pil), so that those sets keep their fingerprints
 FOLDED = object()
 
 #: identity field -> its value in the identity, where the setting's text is not what determines the content
@@ -69,6 +70,7 @@ NORMALISE: dict[str, Callable[[Plan, str], Any]] = {
     "features": lambda p, n: sorted(p.features),
     "layers": lambda p, n: FOLDED,     # in features
     "seed": lambda p, n: p.settings.seed if p.settings.views > 1 else None,  # only augmented views use it
+    "decode": lambda p, n: FOLDED if p.preprocess.decode == "pil" else p.preprocess.decode,  # sets before it: PIL
 }
 
 
@@ -111,7 +113,7 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
     s = settings
     ds = dataset or load_dataset(s.data, s.name, s.labels, s.role)
     ids = tuple(shards if shards is not None else shard_ids(ds))
-    pre = preprocess_of(s, views=s.views, seed=s.seed)
+    pre = preprocess_of(s, views=s.views, seed=s.seed, decode=s.decode)
     registers = registers_of(s)
     layout = layout_without_weights(s, pre.size, registers["k"] if registers else 0)
     features = select_features(s.features, layout)

@@ -35,14 +35,15 @@ class Preprocess:
     views: int = 1
     seed: int = 0
     crop_mode: str = "center"  # center: shorter side to `resize`; squash: both sides to `resize` (timm's modes)
+    decode: str = "pil"        # pil: decoded and cropped here, in the workers; device: `crop` runs on the device
 
     def __post_init__(self) -> None:
         if self.crop_mode not in ("center", "squash"):
             raise ValueError(f"crop mode {self.crop_mode!r} is not supported (center or squash)")
         if self.resize < self.size:
             raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
-        if self.views < 1:
-            raise ValueError("views must be >= 1")
+        if self.views < 1 or (self.decode == "device" and self.views > 1):
+            raise ValueError("views must be >= 1, and 1 when decoding on the device")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need one value per RGB channel, got {self.mean} and {self.std}")
         if min(self.std) <= 0:
@@ -52,12 +53,19 @@ class Preprocess:
         return asdict(self)
 
     @cached_property
-    def _plain(self) -> Callable[[Any], torch.Tensor]:
+    def crop(self) -> Callable[[Any], Any]:
+        """Resize and center-crop a PIL image, or a uint8 [3, H, W] tensor on any device (antialiased, as PIL)."""
         from torchvision import transforms as T
 
         interp = T.InterpolationMode(self.interpolation)
         resize = self.resize if self.crop_mode == "center" else (self.resize, self.resize)
-        return T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(self.size), T.PILToTensor()])
+        return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(self.size)])
+
+    @cached_property
+    def _plain(self) -> Callable[[Any], torch.Tensor]:
+        from torchvision import transforms as T
+
+        return T.Compose([self.crop, T.PILToTensor()])
 
     @cached_property
     def _augment(self) -> Callable[[Any], torch.Tensor]:
@@ -91,15 +99,15 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
-def preprocess_of(s: Preprocessing, views: int = 1, seed: int = 0) -> Preprocess:
+def preprocess_of(s: Preprocessing, views: int = 1, seed: int = 0, decode: str = "pil") -> Preprocess:
     """The eval transform that settings with a model and preprocessing fields ask for (None: the model's own)."""
     return preprocess_for(s.model, size=s.size, resize=s.resize, interpolation=s.interpolation, mean=s.mean,
-                          std=s.std, crop_mode=s.crop_mode, views=views, seed=seed)
+                          std=s.std, crop_mode=s.crop_mode, views=views, seed=seed, decode=decode)
 
 
 def preprocess_for(model: str, *, size: int | None = None, resize: int | None = None,
                    interpolation: str | None = None, mean: tuple | None = None, std: tuple | None = None,
-                   crop_mode: str | None = None, views: int = 1, seed: int = 0) -> Preprocess:
+                   crop_mode: str | None = None, views: int = 1, seed: int = 0, decode: str = "pil") -> Preprocess:
     """The eval transform for ``model``: what is given, else the alias's (the papers' 256/224 for DINOv2/v3),
     else the model's timm ``pretrained_cfg`` (``resolve_data_config``), so CLIP/SigLIP get their own mean/std.
 
@@ -110,7 +118,8 @@ def preprocess_for(model: str, *, size: int | None = None, resize: int | None = 
     size = size or cfg["size"]
     return Preprocess(size=size, resize=resize or math.floor(size / cfg["crop_pct"]),
                       interpolation=interpolation or cfg["interpolation"], mean=tuple(mean or cfg["mean"]),
-                      std=tuple(std or cfg["std"]), crop_mode=crop_mode or cfg["crop_mode"], views=views, seed=seed)
+                      std=tuple(std or cfg["std"]), crop_mode=crop_mode or cfg["crop_mode"], views=views, seed=seed,
+                      decode=decode)
 
 
 def _timm_eval(model: str) -> dict[str, Any]:

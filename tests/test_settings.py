@@ -81,8 +81,9 @@ def test_the_identity_has_every_identity_field_and_nothing_else(tmp_path):
     s = ExtractSettings.make(model=REG, data=data, random_init=0, size=56, cache=tmp_path / "c")
     ident = plan(s).identity
     marked = set(fields(ExtractSettings, identity=("backbone", "rows")))
-    folded = {"labels", "layers"}  # in the dataset's content id and in the features (docs/design.md, "Identity")
-    assert set(ident) - {"schema"} == marked - folded
+    folded = {"labels", "layers", "decode"}  # in the data's content id, in the features, PIL's decode is what sets
+    assert set(ident) - {"schema"} == marked - folded  # had before the field (docs/design.md, "Identity")
+    assert plan(s.model_copy(update={"decode": "device"})).identity == {**ident, "decode": "device"}
     assert set(backbone(ident)) == set(fields(ExtractSettings, identity=("backbone",)))
     # settings that do not change a row change nothing in the identity
     other = s.model_copy(update={"batch_size": 3, "workers": 1, "device": "cpu", "unit_rows": 7, "compile": True,

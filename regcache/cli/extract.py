@@ -127,12 +127,14 @@ def ls(**given):
         rows.append({"path": str(fs.path), "model": fs.meta.model.name, "dataset": ",".join(fs.names()),
                      "features": ",".join(fs.features), **counts,
                      "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
-                     "size": i["size"], "resize": i["resize"], "crop": i["crop_mode"], "precision": i["precision"],
+                     "size": i["size"], "resize": i["resize"], "crop": i["crop_mode"], "decode": i.get("decode", "pil"),
+                     "precision": i["precision"],
                      "bytes": fs.nbytes(), "created": fs.meta.provenance.created, "fingerprint": fs.fingerprint,
                      "damaged": [{"file": str(d.path), "reason": d.reason} for d in damage]})
     for path, reason in unreadable:
         rows.append({"path": str(path), "model": None, "dataset": None, "features": None, "rows": None,
                      "failed": None, "units": None, "complete": False, "size": None, "resize": None, "crop": None,
+                     "decode": None,
                      "precision": None, "bytes": None, "created": None, "fingerprint": None,
                      "damaged": [{"file": str(path / "regcache.json"), "reason": reason}]})
     if s.as_json:
@@ -147,7 +149,8 @@ def ls(**given):
     for r in rows:
         cells = ["?" if r[k] is None else str(r[k])
                  for k in ("model", "dataset", "features", "rows", "failed", "units")]
-        crop = "?" if r["size"] is None else f"{r['size']} of {r['resize']} ({r['crop']})"
+        crop = "?" if r["size"] is None else (f"{r['size']} of {r['resize']} ({r['crop']}"
+                                              f"{', device decode' if r['decode'] == 'device' else ''})")
         where = str(Path(r["path"]).relative_to(root)) + ("  DAMAGED" if r["damaged"] else "")
         table.append((*cells, crop, "?" if r["bytes"] is None else human_size(r["bytes"]), r["created"] or "?", where))
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]

@@ -21,8 +21,10 @@ import torch
 from ..data import ShardId
 from ..features import TokenLayout
 from ..identity import Plan
+from ..models import Preprocess
 from ..store import Claims, FeatureSet
 from ..tokens import token_features
+from .device import decode_batch
 from .stream import Batch, UnitStream
 
 log = logging.getLogger("regcache")
@@ -52,7 +54,7 @@ class Member:
 def crop_key(p: Plan) -> tuple:
     """What the uint8 crop depends on (not the normalisation, done per model on the device)."""
     pre = p.preprocess
-    return pre.size, pre.resize, pre.interpolation, pre.crop_mode, pre.views, pre.seed
+    return pre.size, pre.resize, pre.interpolation, pre.crop_mode, pre.views, pre.seed, pre.decode
 
 
 class _UnitBuffer:
@@ -60,6 +62,7 @@ class _UnitBuffer:
 
     def __init__(self, limit: int):
         self.limit, self.parts, self.records, self.rows = limit, [], [], 0  # rows: all that arrived
+        self.errors: list[tuple[str, str]] = []  # (key, reason) of samples the device could not decode
 
     @property
     def overflow(self) -> bool:
@@ -193,11 +196,12 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
                     m.result.units_skipped += batch.unit in m.pending
                 continue
             fed = [i for i in batch.members if members[i].group == batch.group and not members[i].failed]
-            if batch.images is not None and fed:
-                _feed(batch, [(i, members[i], forwards[i]) for i in fed], device, stop_member)
+            if batch.has_rows and fed:
+                _feed(batch, transforms[batch.group], [(i, members[i], forwards[i]) for i in fed], device,
+                      stop_member)
                 if batch.group == min(members[i].group for i in batch.members):
                     bar.update(len(batch.keys))
-            elif batch.images is not None:
+            elif batch.has_rows:
                 continue
             if batch.end:
                 for i in fed:
@@ -212,13 +216,24 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
                 claims[i].release(unit)
 
 
-def _feed(batch: Batch, fed: list[tuple[int, Member, _Forward]], device: torch.device,
+def _feed(batch: Batch, pre: Preprocess, fed: list[tuple[int, Member, _Forward]], device: torch.device,
           stop_member: Callable[[int, Exception], None]) -> None:
-    """One batch of one crop group through every model of that group: the uint8 crops go to the device once."""
-    images = batch.images.to(device, non_blocking=True)
+    """One batch of one crop group through every model of that group: the uint8 crops go to the device once
+    (or are decoded and cropped there, once)."""
+    keys, labels, views = batch.keys, batch.labels, batch.views
+    failed: list[tuple[str, str]] = []
+    if batch.encoded is None:
+        images = batch.images.to(device, non_blocking=True)
+    else:
+        images, kept, bad = decode_batch(batch.encoded, pre.crop, device)
+        failed = [(keys[j], why) for j, why in bad]
+        keys, labels, views = ([x[j] for j in kept] for x in (keys, labels, views))
     for i, m, forward in fed:
         buf = m.buffers.setdefault(batch.unit, _UnitBuffer(m.fs.unit_rows))
-        buf.rows += len(batch.keys)
+        buf.errors.extend(failed)
+        if images is None:
+            continue
+        buf.rows += len(keys)
         if buf.overflow:  # past the unit's rows, only count
             continue
         autocast = AUTOCAST[m.plan.settings.precision]
@@ -228,7 +243,7 @@ def _feed(batch: Batch, fed: list[tuple[int, Member, _Forward]], device: torch.d
         except Exception as e:  # this model alone: out of memory at a chunk of 1, a broken model, ...
             stop_member(i, e)
             continue
-        buf.add(to_host(out, m.fs.dtype), batch.keys, batch.labels, batch.views)
+        buf.add(to_host(out, m.fs.dtype), keys, labels, views)
 
 
 def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Claims, writer: ThreadPoolExecutor,
@@ -247,10 +262,11 @@ def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Clai
         fs.fail_unit(batch.unit, reason)
         claims.release(batch.unit)
         return
-    for key, why in batch.errors:
+    errors = batch.errors + buf.errors
+    for key, why in errors:
         log.warning("skipped %s in %s: %s", key, name, why)
     arrays = buf.arrays(m.plan.layout, m.plan.features)
-    writes.append((i, batch.unit, writer.submit(fs.commit_unit, batch.unit, arrays, buf.records, batch.errors,
+    writes.append((i, batch.unit, writer.submit(fs.commit_unit, batch.unit, arrays, buf.records, errors,
                                                 asdict(batch.shard))))
 
 

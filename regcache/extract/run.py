@@ -298,7 +298,8 @@ def describe_plan(p: Plan) -> str:
     pre = p.preprocess
     return (f"{p.settings.model} ({p.timm_name}{', checkpoint ' + str(p.settings.checkpoint) if p.settings.checkpoint else ''}"
             f"{', random init ' + str(p.settings.random_init) if p.settings.random_init is not None else ''}) on "
-            f"{p.dataset.name}: {pre.size} px crop ({pre.crop_mode}, resize {pre.resize}, {pre.interpolation}), "
+            f"{p.dataset.name}: {pre.size} px crop ({pre.crop_mode}, resize {pre.resize}, {pre.interpolation}"
+            f"{', decoded on the device' if pre.decode == 'device' else ''}), "
             f"{p.settings.precision}, {pre.views} view{'s' if pre.views > 1 else ''} per image; "
             f"features {','.join(p.features)}")
 

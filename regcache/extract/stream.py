@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard, shard_id
+from .device import device_item
 
 # --------------------------------------------------------------------------- streaming
 
@@ -28,6 +29,7 @@ class Batch:
     group: int = 0
     members: tuple[int, ...] = ()
     images: torch.Tensor | None = None
+    encoded: list[torch.Tensor] | None = None  # instead of images, for a crop group that decodes on the device
     keys: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     views: list[int] = field(default_factory=list)
@@ -37,6 +39,10 @@ class Batch:
     shard_error: str | None = None         # on `end`: the shard failed as a whole
     shard: ShardId | None = None           # on `end`: what the shard held when it was read (a ShardRead if whole)
     skipped: bool = False                  # on `end`: committed or claimed by other writers, for every model
+
+    @property
+    def has_rows(self) -> bool:
+        return self.images is not None or self.encoded is not None
 
     def pin_memory(self) -> "Batch":
         return replace(self, images=self.images.pin_memory()) if self.images is not None else self
@@ -76,6 +82,7 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield Batch(unit=unit, end=True, skipped=True)
             return
         url, ds, groups = self.ds.shards[unit], self.ds, range(len(self.transforms))
+        on_device = [t.decode == "device" for t in self.transforms]
         rows: list[list[tuple]] = [[] for _ in groups]
         errors: list[list[tuple[str, str]]] = [[] for _ in groups]
         seen: set[str] = set()
@@ -90,19 +97,23 @@ class UnitStream(torch.utils.data.IterableDataset):
                     if key in seen:
                         raise SampleError("duplicate key in shard")
                     seen.add(key)
-                    img, label = decode_image(sample, ds.image_keys), decode_label(sample, ds)
+                    img = None if all(on_device) else decode_image(sample, ds.image_keys)
+                    label = decode_label(sample, ds)
                 except SampleError as e:
                     for g in groups:
                         errors[g].append((key, str(e)))
                     continue
                 for g, transform in enumerate(self.transforms):
                     try:  # a crop group may refuse what another takes (the resize of an extreme aspect ratio)
-                        check_resize(img, transform.resize)
-                        rows[g].extend((key, label, v, transform(img, v, key)) for v in range(self.views))
+                        if on_device[g]:
+                            rows[g].append((key, label, 0, device_item(sample, ds.image_keys, transform.resize)))
+                        else:
+                            check_resize(img, transform.resize)
+                            rows[g].extend((key, label, v, transform(img, v, key)) for v in range(self.views))
                     except SampleError as e:
                         errors[g].append((key, str(e)))
                     while len(rows[g]) >= self.batch_size:
-                        yield self._batch(unit, g, members, rows[g][: self.batch_size])
+                        yield self._batch(unit, g, members, rows[g][: self.batch_size], on_device[g])
                         rows[g] = rows[g][self.batch_size:]
             expected = ds.counts[unit] if ds.counts else None  # known counts catch a cut at a file boundary
             if expected is not None and n != expected:
@@ -116,11 +127,12 @@ class UnitStream(torch.utils.data.IterableDataset):
         read = ShardRead(**asdict(sid), sha256=full.hexdigest())
         for g in groups:
             if rows[g]:
-                yield self._batch(unit, g, members, rows[g])
+                yield self._batch(unit, g, members, rows[g], on_device[g])
             yield Batch(unit=unit, group=g, members=members, end=True, samples=n, errors=errors[g], shard=read)
 
     @staticmethod
-    def _batch(unit: int, group: int, members: tuple[int, ...], rows: list) -> Batch:
+    def _batch(unit: int, group: int, members: tuple[int, ...], rows: list, encoded: bool) -> Batch:
         keys, labels, views, images = zip(*rows)
-        return Batch(unit=unit, group=group, members=members, images=torch.stack(images), keys=list(keys),
-                     labels=list(labels), views=list(views))
+        pixels = {"encoded": list(images)} if encoded else {"images": torch.stack(images)}
+        return Batch(unit=unit, group=group, members=members, keys=list(keys), labels=list(labels),
+                     views=list(views), **pixels)

@@ -14,6 +14,11 @@ DTYPES: dict[str, str] = {"float16": "half the bytes; the probe reads float16 an
 CROP_MODES: dict[str, str] = {"center": "shorter side to --resize, then the center crop",
                               "squash": "both sides to --resize (timm's squash mode), then the center crop"}
 INTERPOLATIONS: dict[str, str] = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+#: where the images are decoded and resized (docs/features.md, "Decoding on the device")
+DECODERS: dict[str, str] = {
+    "pil": "PIL in the decode workers (the reference)",
+    "device": "JPEGs decoded by torchvision on the model's device (nvJPEG on a GPU), batched, and resized there "
+              "(antialiased); not PIL's pixels (the features differ slightly, see the docs), one view only"}
 #: position-embedding resampling when the input grid differs from the weights' table
 POS_EMBED: dict[str, str] = {
     "timm": "timm's load-time resample (bicubic, antialiased), as timm.create_model does",

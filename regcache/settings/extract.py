@@ -14,8 +14,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
 from .base import Cli, Meta, Settings, meta
-from .choices import (CROP_MODES, DEVICE_HELP, DTYPES, INTERPOLATIONS, PATCH_MODES, POS_EMBED, PRECISIONS, ROLES,
-                      literal)
+from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, PATCH_MODES, POS_EMBED, PRECISIONS,
+                      ROLES, literal)
 from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
 
 
@@ -132,6 +132,9 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
         None, description=f"Also store {', '.join(LAYER_FEATURES)} (those in --features) of these blocks, named "
                           "NAME@-k, from the same forward pass: e.g. -4,-3,-2,-1 or last4 (DINOv2's linear "
                           "protocol), or block numbers from 0. Earlier blocks' tokens go through the final norm.")]
+    decode: Annotated[literal(DECODERS), Meta(identity="backbone", per_model=True), Field(
+        "pil", description="Where images are decoded and resized: "
+                           + "; ".join(f"{k}: {v}" for k, v in DECODERS.items()) + ".")]
     views: Annotated[Count, Meta(identity="rows"), Field(
         1, description="Rows per image: view 0 is the plain crop, views 1.. are seeded random-resized crops.")]
     seed: Annotated[int, Meta(identity="rows"), Field(0, description="Seed of the augmented views.")]
@@ -166,6 +169,13 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
     def _part_in_range(self):
         if not self.part < self.num_parts:
             raise ValueError(f"part {self.part} is not in 0..{self.num_parts - 1} (num_parts {self.num_parts})")
+        return self
+
+    @model_validator(mode="after")
+    def _device_decode_makes_one_view(self):
+        if self.decode == "device" and self.views > 1:
+            raise ValueError("decode 'device' makes the plain crop only: use views 1, or decode 'pil' for "
+                             "augmented views")
         return self
 
 

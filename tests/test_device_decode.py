@@ -1,0 +1,129 @@
+"""`--decode device` (issue 21): JPEGs decoded and cropped on the model's device (here the CPU), batched.
+
+Its rows are timm's forward of torchvision's decode and antialiased resize (a reference loop with no
+regcache code), its samples and failures are those of the PIL path, and its features stay close to PIL's.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from regcache.extract import extract, extract_many
+from regcache.models import IMAGENET_MEAN, IMAGENET_STD
+from regcache.settings import ExtractSettings
+from regcache.store import FeatureSet
+
+from conftest import REG, RESIZE, SIZE, config
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/features.md)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def photo_shards(root) -> tuple[str, dict[str, bytes]]:
+    """Two JPEG shards of photo crops, with the odd ones a user's data has: a grey JPEG, a CMYK JPEG and a PNG
+    (decoded by PIL in the workers), a JPEG cut short and one whose data is garbage (both refused)."""
+    import skimage.data as sk
+
+    rng = np.random.default_rng(0)
+    photos = [sk.astronaut(), sk.chelsea(), sk.coffee(), sk.rocket()]
+    members: dict[str, tuple[str, bytes]] = {}
+    for i in range(10):
+        p = photos[i % 4]
+        h, w = rng.integers(120, 300, size=2)
+        y, x = rng.integers(0, p.shape[0] - h + 1), rng.integers(0, p.shape[1] - w + 1)
+        members[f"photo{i:02d}"] = ("jpg", _jpeg(Image.fromarray(p[y:y + h, x:x + w])))
+    base = Image.fromarray(photos[1])
+    members["grey"] = ("jpg", _jpeg(base.convert("L")))
+    members["cmyk"] = ("jpg", _jpeg(base.convert("CMYK")))
+    buf = io.BytesIO()
+    base.save(buf, "PNG")
+    members["png"] = ("png", buf.getvalue())
+    good = _jpeg(base)
+    members["cut"] = ("jpg", good[: len(good) // 2])
+    sos = good.index(b"\xff\xda") + 14  # a whole header, then noise where the scan's data should be
+    members["garbage"] = ("jpg", good[:sos] + bytes(rng.integers(0, 256, 4000, dtype=np.uint8)) + b"\xff\xd9")
+    keys = list(members)
+    for s, part in enumerate((keys[:8], keys[8:])):
+        with tarfile.open(root / f"part-{s:03d}.tar", "w") as tar:
+            for k in part:
+                ext, data = members[k]
+                for name, blob in ((f"{k}.{ext}", data), (f"{k}.cls", str(len(k) % 3).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(blob)
+                    tar.addfile(info, io.BytesIO(blob))
+    return str(root / "part-{000..001}.tar"), {k: v for k, (_, v) in members.items()}
+
+
+def reference_cls(ckpt, images: dict[str, bytes], keys) -> np.ndarray:
+    """torchvision's decode (PIL's for what is not a plain JPEG), torch's antialiased bicubic interpolation of
+    the shorter side to RESIZE (rounded to uint8 as torchvision does), the center crop, then timm's
+    forward_features: [CLS] of each key."""
+    from safetensors.torch import load_file
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    model = timm.create_model(REG, pretrained=False, img_size=SIZE, num_classes=0).eval()
+    model.load_state_dict(load_file(str(ckpt)))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    crops = []
+    for k in keys:
+        pil = Image.open(io.BytesIO(images[k]))
+        if pil.format == "JPEG" and pil.mode in ("RGB", "L"):
+            x = decode_jpeg(torch.frombuffer(bytearray(images[k]), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            x = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+        h, w = x.shape[1:]
+        size = (RESIZE, int(RESIZE * w / h)) if h <= w else (int(RESIZE * h / w), RESIZE)
+        x = torch.nn.functional.interpolate(x[None].float(), size=size, mode="bicubic", antialias=True,
+                                            align_corners=False)[0].round().clamp(0, 255)
+        top, left = round((size[0] - SIZE) / 2), round((size[1] - SIZE) / 2)
+        crops.append((x[:, top:top + SIZE, left:left + SIZE] / 255 - mean) / std)
+    with torch.no_grad():
+        return model.forward_features(torch.stack(crops))[:, 0].numpy()
+
+
+def test_decoding_on_the_device_gives_the_reference_rows_and_pils_samples(reg_ckpt, tmp_path):
+    data, images = photo_shards(tmp_path)
+    pil = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32")).path)
+    dev = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32", decode="device")).path)
+    assert dev.fingerprint != pil.fingerprint and dev.identity["decode"] == "device" and "decode" not in pil.identity
+    # the same rows in the same order, the same refusals
+    assert list(dev.index.key) == list(pil.index.key) == [f"photo{i:02d}" for i in range(10)] + ["grey", "cmyk", "png"]
+    assert sorted(dev.errors.key) == sorted(pil.errors.key) == ["cut", "garbage"]
+    why = dict(zip(dev.errors.key, dev.errors.reason))
+    assert "truncated" in why["cut"] and "JPEG" in why["garbage"]
+    got = dev.load("cls").x
+    np.testing.assert_allclose(got, reference_cls(reg_ckpt, images, dev.index.key), rtol=1e-4, atol=1e-4)
+    # close to PIL's features, yet not PIL's (the resize differs): cosine similarity per row
+    ref = pil.load("cls").x
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(got, ref)
+
+
+def test_one_pass_feeds_a_pil_model_and_a_device_model_each_its_own_set(reg_ckpt, tmp_path):
+    from test_extract import assert_same_content
+
+    data, _ = photo_shards(tmp_path)
+    both = [config(REG, reg_ckpt, data, tmp_path / "together"),
+            config(REG, reg_ckpt, data, tmp_path / "together", decode="device")]
+    together = extract_many(both)
+    for s, t in zip(both, together):
+        alone = extract(s.model_copy(update={"cache": tmp_path / "alone"}))
+        assert t.complete and alone.fingerprint == t.fingerprint
+        assert_same_content(alone.path, t.path)
+
+
+def test_device_decode_takes_one_view():
+    with pytest.raises(ValueError, match="views 1"):
+        ExtractSettings.make(model=REG, data="x.tar", decode="device", views=2)
