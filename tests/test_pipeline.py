@@ -191,6 +191,13 @@ def test_paper_table1_dry_run_lists_88_extractions(monkeypatch):
     assert "probe jobs: 8" in res.output
     assert next(s for s in lines if "table1 × vitl_reg" in s).count("[") == 4  # [CLS;muR] for registers only
     assert next(s for s in lines if "table1 × vitl " in s).count("[") == 2
+    # one decode per image and pass, however many views it makes: the manifests' counts, summed by hand
+    import re
+
+    images = {m.group(1): int(m.group(2).replace(",", "")) for m in re.finditer(r" (\S+) +([\d,]+) img × ", res.output)}
+    assert images["imagenet1k-train"] == 1_281_167 and len(images) == 11
+    once = sum(images.values())
+    assert f"{once:,} image decodes instead of {8 * once:,}" in res.output
 
 
 def test_registers_study_plans():

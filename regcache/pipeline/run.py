@@ -287,7 +287,7 @@ def plan_text(run: PipelineRun) -> str:
                  f"({pl.cost['device']})" + (f"; {unknown} jobs of unknown cost" if unknown else ""))
     groups = passes(todo)
     if groups:
-        images = {id(g): (g[0].dataset.num_images or 0) * g[0].settings.views for g in groups}
+        images = {id(g): g[0].dataset.num_images or 0 for g in groups}  # an image is decoded once, whatever its views
         once, each = sum(images.values()), sum(images[id(g)] * len(g) for g in groups)
         lines.append(f"extraction passes: {len(groups)} for the {len(todo)} jobs to do, each reading and decoding its "
                      f"shards once for all its models: {_n(once)} image decodes instead of {_n(each)} "
