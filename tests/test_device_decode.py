@@ -32,8 +32,9 @@ def _jpeg(img: Image.Image, **kw) -> bytes:
 
 
 def photo_shards(root) -> tuple[str, dict[str, bytes]]:
-    """Two JPEG shards of photo crops, with the odd ones a user's data has: a grey JPEG, a CMYK JPEG and a PNG
-    (decoded by PIL in the workers), a JPEG cut short and one whose data is garbage (both refused)."""
+    """Two JPEG shards of photo crops, with the odd ones a user's data has: a grey JPEG, a CMYK JPEG, a PNG and a
+    JPEG with bytes after its end (decoded by PIL in the workers), a JPEG cut short and one whose data is
+    garbage (both refused)."""
     import skimage.data as sk
 
     rng = np.random.default_rng(0)
@@ -51,11 +52,12 @@ def photo_shards(root) -> tuple[str, dict[str, bytes]]:
     base.save(buf, "PNG")
     members["png"] = ("png", buf.getvalue())
     good = _jpeg(base)
+    members["trailer"] = ("jpg", good + b"appended by a camera")
     members["cut"] = ("jpg", good[: len(good) // 2])
     sos = good.index(b"\xff\xda") + 14  # a whole header, then noise where the scan's data should be
     members["garbage"] = ("jpg", good[:sos] + bytes(rng.integers(0, 256, 4000, dtype=np.uint8)) + b"\xff\xd9")
     keys = list(members)
-    for s, part in enumerate((keys[:8], keys[8:])):
+    for s, part in enumerate((keys[:8], keys[8:])):  # the second: two photos, then the odd ones
         with tarfile.open(root / f"part-{s:03d}.tar", "w") as tar:
             for k in part:
                 ext, data = members[k]
@@ -97,12 +99,14 @@ def test_decoding_on_the_device_gives_the_reference_rows_and_pils_samples(reg_ck
     data, images = photo_shards(tmp_path)
     pil = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32")).path)
     dev = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32", decode="device")).path)
-    assert dev.fingerprint != pil.fingerprint and dev.identity["decode"] == "device" and "decode" not in pil.identity
+    assert dev.fingerprint != pil.fingerprint and "decode" not in pil.identity
+    assert dev.identity["decode"] == "device:libjpeg-turbo"  # what decodes on this device: nvjpeg on a GPU
     # the same rows in the same order, the same refusals
-    assert list(dev.index.key) == list(pil.index.key) == [f"photo{i:02d}" for i in range(10)] + ["grey", "cmyk", "png"]
+    keys = [f"photo{i:02d}" for i in range(10)] + ["grey", "cmyk", "png", "trailer"]
+    assert list(dev.index.key) == list(pil.index.key) == keys
     assert sorted(dev.errors.key) == sorted(pil.errors.key) == ["cut", "garbage"]
     why = dict(zip(dev.errors.key, dev.errors.reason))
-    assert "truncated" in why["cut"] and "JPEG" in why["garbage"]
+    assert "truncated" in why["cut"] and "cannot decode the JPEG" in why["garbage"]
     got = dev.load("cls").x
     np.testing.assert_allclose(got, reference_cls(reg_ckpt, images, dev.index.key), rtol=1e-4, atol=1e-4)
     # close to PIL's features, yet not PIL's (the resize differs): cosine similarity per row
@@ -122,6 +126,28 @@ def test_one_pass_feeds_a_pil_model_and_a_device_model_each_its_own_set(reg_ckpt
         alone = extract(s.model_copy(update={"cache": tmp_path / "alone"}))
         assert t.complete and alone.fingerprint == t.fingerprint
         assert_same_content(alone.path, t.path)
+        a, b = FeatureSet(alone.path).errors, FeatureSet(t.path).errors  # each decoder's own verdicts
+        assert list(zip(a.key, a.reason)) == list(zip(b.key, b.reason)) and sorted(a.key) == ["cut", "garbage"]
+
+
+def test_a_device_that_fails_on_good_jpegs_stops_instead_of_recording_them_as_bad(reg_ckpt, tmp_path, monkeypatch):
+    """No nvJPEG, out of memory, an unsupported subsampling: the device's fault, not the images'. Alone, the
+    extraction fails and commits nothing; in a pass with a PIL model, the PIL model's set is still made."""
+    import regcache.extract.device as device
+    from regcache.extract.device import DeviceDecodeError
+
+    def broken(*a, **kw):
+        raise RuntimeError("nvJPEG is not available")
+    monkeypatch.setattr(device, "decode_jpeg", broken)
+    data, _ = photo_shards(tmp_path)
+    s = config(REG, reg_ckpt, data, tmp_path / "c", decode="device")
+    with pytest.raises(DeviceDecodeError, match="could not decode a JPEG that PIL decodes"):
+        extract(s)
+    (store,) = [p.parent for p in (tmp_path / "c").glob("*/*/regcache.json")]
+    assert not FeatureSet(store).committed_units() and not FeatureSet(store).complete
+    pil, dev = extract_many([config(REG, reg_ckpt, data, tmp_path / "d"), s.model_copy(update={"cache": tmp_path / "d"})])
+    assert pil.complete and len(FeatureSet(pil.path).index) == 14
+    assert not dev.complete and "DeviceDecodeError" in dev.error
 
 
 def test_device_decode_takes_one_view():

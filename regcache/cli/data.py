@@ -111,9 +111,10 @@ def shards_from_folder(src, out, name, classes, per_shard, flat, role, split):
               help="Crop size (shorter side resized to 8/7 of it); 224 is the paper's, about 4x slower.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
               help="bf16 pays off on GPUs; on CPUs without native bf16 (AVX2) it is about 6x slower.")
-@click.option("--per-class", default=100, show_default=True, type=click.IntRange(min=60),
-              help="Images of each class in every Fashion-MNIST set, twice as many in each anomaly set (60 at "
-                   "least: ViM's 512-dimensional subspace of [CLS;muP] needs more training rows than that).")
+@click.option("--per-class", default=100, show_default=True, type=click.IntRange(60, 333),
+              help="Images of each class in every Fashion-MNIST set, twice as many in each anomaly set: 60 at "
+                   "least (ViM's 512-dimensional subspace of [CLS;muP] needs more training rows), 333 at most "
+                   "(the validation, sketch and inverted sets share Fashion-MNIST's 1,000 test images a class).")
 @click.option("--workers", "-j", default=1, show_default=True)
 @click.option("--quiet", "-q", is_flag=True)
 def demo(out, model, size, precision, per_class, workers, quiet):

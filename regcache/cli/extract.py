@@ -150,7 +150,7 @@ def ls(**given):
         cells = ["?" if r[k] is None else str(r[k])
                  for k in ("model", "dataset", "features", "rows", "failed", "units")]
         crop = "?" if r["size"] is None else (f"{r['size']} of {r['resize']} ({r['crop']}"
-                                              f"{', device decode' if r['decode'] == 'device' else ''})")
+                                              f"{', ' + r['decode'] if r['decode'] != 'pil' else ''})")
         where = str(Path(r["path"]).relative_to(root)) + ("  DAMAGED" if r["damaged"] else "")
         table.append((*cells, crop, "?" if r["bytes"] is None else human_size(r["bytes"]), r["created"] or "?", where))
     widths = [max(len(t[i]) for t in table) for i in range(len(head))]

@@ -24,7 +24,7 @@ from ..identity import Plan
 from ..models import Preprocess
 from ..store import Claims, FeatureSet
 from ..tokens import token_features
-from .device import decode_batch
+from .device import DeviceDecodeError, decode_batch
 from .stream import Batch, UnitStream
 
 log = logging.getLogger("regcache")
@@ -225,7 +225,12 @@ def _feed(batch: Batch, pre: Preprocess, fed: list[tuple[int, Member, _Forward]]
     if batch.encoded is None:
         images = batch.images.to(device, non_blocking=True)
     else:
-        images, kept, bad = decode_batch(batch.encoded, pre.crop, device)
+        try:
+            images, kept, bad = decode_batch(batch.encoded, pre.crop, device)
+        except DeviceDecodeError as e:  # the device, not the data: every model of the group stops
+            for i, _, _ in fed:
+                stop_member(i, e)
+            return
         failed = [(keys[j], why) for j, why in bad]
         keys, labels, views = ([x[j] for j in kept] for x in (keys, labels, views))
     for i, m, forward in fed:
@@ -262,7 +267,7 @@ def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Clai
         fs.fail_unit(batch.unit, reason)
         claims.release(batch.unit)
         return
-    errors = batch.errors + buf.errors
+    errors = batch.errors + buf.errors  # the workers' verdicts, then the device decoder's
     for key, why in errors:
         log.warning("skipped %s in %s: %s", key, name, why)
     arrays = buf.arrays(m.plan.layout, m.plan.features)

@@ -25,7 +25,7 @@ from .. import __version__
 from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, shard_ids
 from ..features import TokenLayout
 from ..identity import Plan, plan, weights
-from ..models import load_model, resolve_name
+from ..models import load_model, resolve_device, resolve_name
 from ..settings import PER_MODEL, ExtractSettings
 from ..store import FeatureSet, StoreError, feature_set_path, find_reusable, list_feature_sets
 from ..store.meta import Description
@@ -108,12 +108,6 @@ def default_workers(device: torch.device) -> int:
 def usable_cores() -> int:
     """The cores this process may run on (its affinity, as torch's DataLoader check counts them)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def launcher_part(s: ExtractSettings) -> ExtractSettings:
@@ -299,7 +293,7 @@ def describe_plan(p: Plan) -> str:
     return (f"{p.settings.model} ({p.timm_name}{', checkpoint ' + str(p.settings.checkpoint) if p.settings.checkpoint else ''}"
             f"{', random init ' + str(p.settings.random_init) if p.settings.random_init is not None else ''}) on "
             f"{p.dataset.name}: {pre.size} px crop ({pre.crop_mode}, resize {pre.resize}, {pre.interpolation}"
-            f"{', decoded on the device' if pre.decode == 'device' else ''}), "
+            f"{', decoded on the device: ' + pre.decode.split(':')[1] if pre.decode != 'pil' else ''}), "
             f"{p.settings.precision}, {pre.views} view{'s' if pre.views > 1 else ''} per image; "
             f"features {','.join(p.features)}")
 

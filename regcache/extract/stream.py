@@ -82,7 +82,7 @@ class UnitStream(torch.utils.data.IterableDataset):
             yield Batch(unit=unit, end=True, skipped=True)
             return
         url, ds, groups = self.ds.shards[unit], self.ds, range(len(self.transforms))
-        on_device = [t.decode == "device" for t in self.transforms]
+        on_device = [t.decode != "pil" for t in self.transforms]
         rows: list[list[tuple]] = [[] for _ in groups]
         errors: list[list[tuple[str, str]]] = [[] for _ in groups]
         seen: set[str] = set()
@@ -93,23 +93,24 @@ class UnitStream(torch.utils.data.IterableDataset):
             for sample in open_shard(url, self.allow_pipe, sha256=full):
                 key = sample["__key__"]
                 n += 1
-                try:
-                    if key in seen:
-                        raise SampleError("duplicate key in shard")
-                    seen.add(key)
-                    img = None if all(on_device) else decode_image(sample, ds.image_keys)
-                    label = decode_label(sample, ds)
-                except SampleError as e:
+                if key in seen:
                     for g in groups:
-                        errors[g].append((key, str(e)))
+                        errors[g].append((key, "duplicate key in shard"))
                     continue
+                seen.add(key)
+                img = label = None
+                if not all(on_device):  # PIL decodes once for the groups that crop with it
+                    img = _attempt(decode_image, sample, ds.image_keys)
+                label = _attempt(decode_label, sample, ds)
                 for g, transform in enumerate(self.transforms):
-                    try:  # a crop group may refuse what another takes (the resize of an extreme aspect ratio)
-                        if on_device[g]:
-                            rows[g].append((key, label, 0, device_item(sample, ds.image_keys, transform.resize)))
+                    try:  # a crop group may refuse what another takes (a decoder's verdict, a resize limit)
+                        if on_device[g]:  # the image's verdict first, then the label's, as for PIL
+                            item = device_item(sample, ds.image_keys, transform.resize)
+                            rows[g].append((key, _result(label), 0, item))
                         else:
-                            check_resize(img, transform.resize)
-                            rows[g].extend((key, label, v, transform(img, v, key)) for v in range(self.views))
+                            pixels, y = _result(img), _result(label)
+                            check_resize(pixels, transform.resize)
+                            rows[g].extend((key, y, v, transform(pixels, v, key)) for v in range(self.views))
                     except SampleError as e:
                         errors[g].append((key, str(e)))
                     while len(rows[g]) >= self.batch_size:
@@ -136,3 +137,17 @@ class UnitStream(torch.utils.data.IterableDataset):
         pixels = {"encoded": list(images)} if encoded else {"images": torch.stack(images)}
         return Batch(unit=unit, group=group, members=members, keys=list(keys), labels=list(labels),
                      views=list(views), **pixels)
+
+
+def _attempt(f, *args):
+    """``f(*args)``, or the SampleError it raised, to be raised later where it applies (`_result`)."""
+    try:
+        return f(*args)
+    except SampleError as e:
+        return e
+
+
+def _result(value):
+    if isinstance(value, SampleError):
+        raise value
+    return value
