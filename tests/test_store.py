@@ -104,6 +104,23 @@ def test_failed_unit_is_recorded_then_cleared_by_a_commit(tmp_path):
     assert fs.failed_units() == {} and fs.finalize()
 
 
+def test_stray_files_in_units_are_not_units_and_a_damaged_failure_record_still_says_failed(tmp_path):
+    """A copy, a note or a unit number past the set's end in units/ is not one of its units; a cut .failed file
+    still marks its unit failed (and says why it cannot say more), rather than stopping every command."""
+    fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=2))
+    fs.commit_unit(0, *unit_data(0, 2))
+    units = tmp_path / "units"
+    for stray in ("000000 (copy).parquet", "notes.parquet", "000007.parquet", "00001.parquet"):
+        (units / stray).write_bytes((units / "000000.parquet").read_bytes())
+    assert fs.committed_units() == {0} and not fs.finalize()
+    fs.fail_unit(1, "truncated")
+    (units / "000001.failed").write_text('{"reason": "trunc')
+    (reason,) = fs.failed_units().values()
+    assert list(fs.failed_units()) == [1] and "does not read" in reason and "000001.failed" in reason
+    fs.commit_unit(1, *unit_data(1, 1))
+    assert fs.failed_units() == {} and fs.finalize() and len(fs.index) == 3
+
+
 def test_float16_padding_is_not_stored(tmp_path):
     fs = FeatureSet.create(tmp_path, *make_meta(2, unit_rows=50_000, dtype="float16"))
     fs.commit_unit(0, *unit_data(0, 10))

@@ -109,7 +109,15 @@ class FeatureReader:
         return self.path / "units" / f"{unit:06d}.failed"
 
     def committed_units(self) -> set[int]:
-        return {int(p.stem) for p in (self.path / "units").glob("*.parquet")}
+        return set(self._units("parquet"))
+
+    def _units(self, suffix: str) -> dict[int, Path]:
+        """The store's unit files (``units/NNNNNN.suffix`` of a unit it has); other files there are not its own."""
+        found = {}
+        for p in (self.path / "units").glob(f"*.{suffix}"):
+            if len(p.stem) == 6 and p.stem.isdigit() and int(p.stem) < self.num_units:
+                found[int(p.stem)] = p
+        return found
 
     @cached_property
     def _unit_meta(self) -> dict[int, dict]:
@@ -179,7 +187,13 @@ class FeatureReader:
         return len(pa.compute.unique(ok)) + len(t) - len(ok)
 
     def failed_units(self) -> dict[int, str]:
-        return {int(p.stem): json.loads(p.read_text())["reason"] for p in (self.path / "units").glob("*.failed")}
+        out = {}
+        for unit, p in self._units("failed").items():
+            try:
+                out[unit] = json.loads(p.read_text())["reason"]
+            except (OSError, ValueError, KeyError, TypeError) as e:  # cut or overwritten: the unit failed all the same
+                out[unit] = f"(the failure record {p} does not read: {type(e).__name__}: {e})"
+        return out
 
     @property
     def complete(self) -> bool:
