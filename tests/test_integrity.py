@@ -20,7 +20,7 @@ from regcache.extract import extract
 from regcache.shards import scan_manifest, write_shards
 from regcache.store import FeatureSet, StoreError, list_feature_sets
 
-from conftest import REG, cli_args, cli_env, config, make_shards, random_images
+from conftest import REG, RESIZE, SIZE, cli_args, cli_env, config, make_shards, random_images
 from test_extract import png, write_raw
 
 
@@ -239,21 +239,26 @@ def test_a_store_of_an_unknown_schema_is_refused(reg_ckpt, tmp_path):
         FeatureSet(res.path)
 
 
-def test_finalize_lists_missing_shards_exits_1_and_loads_no_model(reg_ckpt, tmp_path):
+def test_finalize_lists_missing_shards_exits_1_and_loads_no_model(reg_ckpt, tmp_path, monkeypatch):
+    """--finalize with the parts' options: their set by its identity, never another set of the same data and
+    model (here one decoded on the device), and no model loaded."""
     pattern = make_shards(tmp_path / "shards", n_shards=3, per_shard=2)
     cache = tmp_path / "c"
     r = subprocess.run(cli_args(reg_ckpt, pattern, cache, "--num-parts", "2", "--part", "0"), env=cli_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    # no checkpoint: a model load would fail (no hub here), so this proves --finalize needs none
-    args = [sys.executable, "-m", "regcache", "extract", "-m", REG, "-d", pattern, "--cache", str(cache),
-            "--finalize", "-q"]
-    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
-    assert r.returncode == 1, r.stdout + r.stderr
-    assert "failed shard part-001.tar: not committed by any part yet" in r.stderr
+    done = extract(config(REG, reg_ckpt, pattern, cache, decode="device"))  # a complete set beside it
+    monkeypatch.setattr("regcache.extract.run.load_model", lambda *a, **k: pytest.fail("--finalize loaded a model"))
+    args = ["extract", "-m", REG, "--checkpoint", str(reg_ckpt), "-d", pattern, "--cache", str(cache), "--size",
+            str(SIZE), "--resize", str(RESIZE), "--finalize", "-q"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert "failed shard part-001.tar: not committed by any part yet" in r.output
     subprocess.run(cli_args(reg_ckpt, pattern, cache, "--num-parts", "2", "--part", "1"), env=cli_env(), check=True)
-    r = subprocess.run(args, env=cli_env(), capture_output=True, text=True)
-    assert r.returncode == 0 and "complete store" in r.stdout
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "complete store" in r.output and str(done.path) not in r.output, r.output
+    r = CliRunner().invoke(main, [*args, "--precision", "bf16"])  # options no part ran with: no set, said so
+    assert r.exit_code == 1 and "no feature set" in r.output and "--store" in r.output, r.output
 
 
 def test_temporaries_of_a_killed_writer_are_removed_on_resume(reg_ckpt, tmp_path):

@@ -310,18 +310,18 @@ def _conclude(fs: FeatureSet, result: ExtractResult) -> ExtractResult:
 
 
 def _finalize_only(s: ExtractSettings, ds: Dataset, t0: float) -> ExtractResult:
-    """``--finalize``: find the set of this dataset and model without loading the model, and finalize it."""
+    """``--finalize``: find the set these settings make, by its identity (`plan` loads no weights), and
+    finalize it."""
     if s.store is not None:
         fs = FeatureSet(s.store)
     else:
-        found = [f for f in list_feature_sets(s.cache)
-                 if ds.name in f.names() and f.meta.model.name == s.model]
-        pending = [f for f in found if not f.complete] or found
-        if len(pending) != 1:
-            listing = "".join(f"\n  {f.path}" for f in pending)
-            raise StoreError(f"{'no' if not pending else 'several'} feature sets of {ds.name} for {s.model} "
-                             f"under {s.cache}; name one with --store{listing}")
-        fs = pending[0]
+        fingerprint = plan(s, ds).fingerprint
+        found = [f for f in list_feature_sets(s.cache) if f.fingerprint == fingerprint]
+        if not found:
+            raise StoreError(f"no feature set of {ds.name} for {s.model} with these settings (fingerprint "
+                             f"{fingerprint[:12]}) under {s.cache}: give --finalize the options the parts ran "
+                             "with, or name the set with --store")
+        fs = found[0]
     result = _conclude(fs, ExtractResult(path=fs.path, fingerprint=fs.fingerprint))
     result.seconds = time.perf_counter() - t0
     missing = sorted(set(range(fs.num_units)) - fs.committed_units())

@@ -160,8 +160,9 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
     allow_pipe: Annotated[bool, Field(False, description="Permit 'pipe:' shard URLs, which run shell commands.")]
     compile: Annotated[bool, Field(False, description="torch.compile the model (pays off on long GPU runs).")]
     finalize: Annotated[bool, Meta(scope="cli"), Field(
-        False, description="Extract nothing and load no model: write the index if every part is committed, else "
-                           "list the missing shards and exit 1.")]
+        False, description="Extract nothing and load no model: find the set the other options make (give the "
+                           "parts' options) and write its index if every part is committed, else list the missing "
+                           "shards and exit 1.")]
     quiet: Annotated[bool, Meta(scope="cli"), Cli(short="-q"), Field(
         False, description="No progress bar, warnings only.")]
 
