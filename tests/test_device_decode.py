@@ -6,6 +6,7 @@ regcache code), its samples and failures are those of the PIL path, and its feat
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -153,3 +154,56 @@ def test_a_device_that_fails_on_good_jpegs_stops_instead_of_recording_them_as_ba
 def test_device_decode_takes_one_view():
     with pytest.raises(ValueError, match="views 1"):
         ExtractSettings.make(model=REG, data="x.tar", decode="device", views=2)
+
+
+def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_set(reg_ckpt, tmp_path):
+    """SIGKILL mid-run with two decode workers: the workers exit too (they once hung writing a batch's bytes
+    into a pipe nobody read), and the rerun completes to the uninterrupted run's set."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import cli_args, cli_env
+    from regcache.shards import write_shards
+    from test_extract import assert_same_content
+
+    import skimage.data as sk
+
+    photo = sk.astronaut()  # photo-sized JPEGs (~100 KB): a batch's bytes are more than a pipe holds
+    big = ((f"p{i:03d}", np.roll(photo, 7 * i, axis=1), i % 3) for i in range(96))
+    write_shards(big, str(tmp_path / "s" / "p-%03d.tar"), 8, ext="jpg")
+    data = str(tmp_path / "s" / "p-{000..011}.tar")
+    ref = extract(config(REG, reg_ckpt, data, tmp_path / "ref", decode="device"))
+    cache = tmp_path / "c"
+    proc = subprocess.Popen(cli_args(reg_ckpt, data, cache, "--decode", "device", "-j", "2", "-b", "8"), env=cli_env())
+
+    def children() -> set[int]:
+        out = set()
+        for stat in os.listdir("/proc"):
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if stat.isdigit() and int(fields[1]) == proc.pid:
+                out.add(int(stat))
+        return out
+    workers, deadline = set(), time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*/*/units/*.parquet"))) < 2:
+        workers |= children()
+        time.sleep(0.02)
+    workers |= children()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workers, "the run had decode workers"
+    deadline = time.time() + 30  # DataLoader workers check on their parent every 5 s
+    while time.time() < deadline and any(os.path.exists(f"/proc/{w}") and "Z" not in open(f"/proc/{w}/stat").read()
+                                         for w in workers if os.path.exists(f"/proc/{w}")):
+        time.sleep(0.5)
+    alive = [w for w in workers if os.path.exists(f"/proc/{w}")
+             and open(f"/proc/{w}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"decode workers {alive} outlived their killed parent"
+    res = extract(config(REG, reg_ckpt, data, cache, decode="device"))
+    assert res.complete and res.units_skipped >= 2 and res.path.name == ref.path.name
+    assert_same_content(res.path, ref.path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,10 +34,35 @@ def decoder_name(device: torch.device) -> str:
     return {"cuda": "device:nvjpeg", "cpu": "device:libjpeg-turbo"}.get(device.type, f"device:{device.type}")
 
 
+@dataclass
+class Encoded:
+    """A batch's images as the workers send them: one uint8 buffer (one shared-memory block for the batch, not
+    one per image, and not pickled through the workers' pipe), and per image its (start, stop, shape):
+    shape None for a JPEG's bytes, [H, W, 3] for pixels PIL decoded."""
+
+    blob: torch.Tensor
+    spans: list[tuple[int, int, tuple[int, ...] | None]]
+
+    @classmethod
+    def pack(cls, items: Sequence[bytes | np.ndarray]) -> "Encoded":
+        parts = [np.frombuffer(t, np.uint8) if isinstance(t, bytes) else t.reshape(-1) for t in items]
+        stops = np.cumsum([len(x) for x in parts]).tolist()
+        spans = [(stop - len(x), stop, None if isinstance(t, bytes) else t.shape)
+                 for x, t, stop in zip(parts, items, stops)]
+        return cls(torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)), spans)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def item(self, i: int) -> torch.Tensor:
+        """A JPEG's bytes (1-D), or pixels [H, W, 3]: views into the buffer."""
+        start, stop, shape = self.spans[i]
+        return self.blob[start:stop] if shape is None else self.blob[start:stop].view(shape)
+
+
 def device_item(sample: dict, image_keys: Sequence[str], resize: int) -> bytes | np.ndarray:
-    """What a worker sends for one sample: a JPEG's bytes, else the PIL-decoded image as uint8 [H, W, 3]
-    (plain Python objects, pickled to the main process, not one shared-memory tensor each).
-    Raises SampleError as `decode_image` does."""
+    """What a worker sends for one sample (batched by `Encoded.pack`): a JPEG's bytes, else the PIL-decoded
+    image as uint8 [H, W, 3]. Raises SampleError as `decode_image` does."""
     ext = next((k for k in image_keys if k in sample), None)
     data = sample.get(ext) if ext else None
     if data and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
@@ -56,43 +82,52 @@ def device_item(sample: dict, image_keys: Sequence[str], resize: int) -> bytes |
     return np.array(img)
 
 
-def _decode(data: bytes, device: torch.device) -> torch.Tensor:
-    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB, device=device)
+def _decode(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def _pil_decodes(data: bytes) -> bool:
+def _pil_decodes(data: torch.Tensor) -> bool:
     try:
-        Image.open(io.BytesIO(data)).load()
+        Image.open(io.BytesIO(data.numpy().tobytes())).load()
         return True
     except Exception:
         return False
 
 
-def decode_batch(items: Sequence[bytes | np.ndarray], crop, device: torch.device
+def decode_batch(encoded: Encoded, crop, device: torch.device
                  ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
-    """``items`` (from `device_item`) as one uint8 [B, 3, size, size] batch on ``device``, through ``crop``
-    (`Preprocess.crop`); returns it, the indices it holds, and (index, reason) for those it could not decode."""
+    """The images of ``encoded`` as one uint8 [B, 3, size, size] batch on ``device``, through ``crop``
+    (`Preprocess.crop`); returns it, the indices it holds, and (index, reason) for those it could not decode
+    or resize there."""
     images: dict[int, torch.Tensor] = {}
     failed: list[tuple[int, str]] = []
-    jpegs = [i for i, t in enumerate(items) if isinstance(t, bytes)]
+    jpegs = [i for i, span in enumerate(encoded.spans) if span[2] is None]
     if device.type == "cuda":  # nvJPEG writes on its own stream: the memory it is given must be free by then
         torch.cuda.current_stream(device).synchronize()
     if jpegs:
-        data = [torch.frombuffer(bytearray(items[i]), dtype=torch.uint8) for i in jpegs]
         try:
-            images.update(zip(jpegs, decode_jpeg(data, mode=ImageReadMode.RGB, device=device), strict=True))
+            decoded = decode_jpeg([encoded.item(i) for i in jpegs], mode=ImageReadMode.RGB, device=device)
+            images.update(zip(jpegs, decoded, strict=True))
         except RuntimeError:  # one bad image fails the batched call: decode one by one to find it
             for i in jpegs:
                 try:
-                    images[i] = _decode(items[i], device)
+                    images[i] = _decode(encoded.item(i), device)
                 except RuntimeError as e:
-                    if _pil_decodes(items[i]):
+                    if _pil_decodes(encoded.item(i)):
                         raise DeviceDecodeError(f"{device} could not decode a JPEG that PIL decodes ({e}); "
                                                 "extract with --decode pil") from e
                     failed.append((i, f"cannot decode the JPEG: {e}"))
-    for i, t in enumerate(items):
-        if not isinstance(t, bytes):
-            images[i] = torch.from_numpy(t).permute(2, 0, 1)
-    kept = sorted(images)
-    crops = [crop(images[i].to(device, non_blocking=True)) for i in kept]
-    return (torch.stack(crops) if crops else None), kept, failed
+    for i, (_, _, shape) in enumerate(encoded.spans):
+        if shape is not None:
+            images[i] = encoded.item(i).permute(2, 0, 1)
+    crops = {}
+    for i in sorted(images):
+        try:
+            crops[i] = crop(images[i].to(device, non_blocking=True))
+        except (torch.OutOfMemoryError, RuntimeError) as e:  # one huge image: its error, not the run's
+            if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
+                raise
+            h, w = images[i].shape[1:]
+            failed.append((i, f"{w}x{h} image: out of memory resizing it on {device} ({type(e).__name__})"))
+    kept = sorted(crops)
+    return (torch.stack([crops[i] for i in kept]) if kept else None), kept, failed

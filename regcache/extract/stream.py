@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard, shard_id
-from .device import device_item
+from .device import Encoded, device_item
 
 # --------------------------------------------------------------------------- streaming
 
@@ -29,7 +29,7 @@ class Batch:
     group: int = 0
     members: tuple[int, ...] = ()
     images: torch.Tensor | None = None
-    encoded: list[torch.Tensor] | None = None  # instead of images, for a crop group that decodes on the device
+    encoded: Encoded | None = None         # instead of images, for a crop group that decodes on the device
     keys: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     views: list[int] = field(default_factory=list)
@@ -134,7 +134,7 @@ class UnitStream(torch.utils.data.IterableDataset):
     @staticmethod
     def _batch(unit: int, group: int, members: tuple[int, ...], rows: list, encoded: bool) -> Batch:
         keys, labels, views, images = zip(*rows)
-        pixels = {"encoded": list(images)} if encoded else {"images": torch.stack(images)}
+        pixels = {"encoded": Encoded.pack(images)} if encoded else {"images": torch.stack(images)}
         return Batch(unit=unit, group=group, members=members, keys=list(keys), labels=list(labels),
                      views=list(views), **pixels)
 
