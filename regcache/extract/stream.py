@@ -104,7 +104,8 @@ class UnitStream(torch.utils.data.IterableDataset):
                 label = _attempt(decode_label, sample, ds)
                 for g, transform in enumerate(self.transforms):
                     try:  # a crop group may refuse what another takes (a decoder's verdict, a resize limit)
-                        if on_device[g]:  # the image's verdict first, then the label's, as for PIL
+                        if on_device[g]:  # the worker's verdict on the image, then the label's (the device's
+                            # on a JPEG only it finds broken comes later, so a bad label is named first then)
                             item = device_item(sample, ds.image_keys, transform.resize)
                             rows[g].append((key, _result(label), 0, item))
                         else:
