@@ -5,8 +5,9 @@ The workers check what they cheaply can (the header's size against the resize li
 decode with PIL what the device decoder does not take: other formats, CMYK, and JPEGs that do not end
 with their end-of-image marker (cut short, or with bytes appended), so that those get PIL's verdict.
 A JPEG the device cannot decode is that sample's error only if PIL fails on it too; otherwise the
-device is at fault (no nvJPEG, out of memory, an unsupported subsampling) and the
-pass stops with `DeviceDecodeError` rather than record good images as bad.
+device is at fault (no nvJPEG, out of memory, an unsupported subsampling) and its models stop with
+`DeviceDecodeError` rather than record good images as bad. The decoder is in the set's identity
+(`models.decoder`).
 """
 from __future__ import annotations
 
@@ -26,12 +27,7 @@ DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder turns into R
 
 
 class DeviceDecodeError(RuntimeError):
-    """The device failed on a JPEG that the CPU decodes: a fault of the device or its decoder, not the data."""
-
-
-def decoder_name(device: torch.device) -> str:
-    """What `decode: device` means on ``device``, for the identity: the decoders give different pixels."""
-    return {"cuda": "device:nvjpeg", "cpu": "device:libjpeg-turbo"}.get(device.type, f"device:{device.type}")
+    """The device failed on a JPEG that PIL decodes: a fault of the device or its decoder, not the data."""
 
 
 @dataclass
@@ -50,9 +46,6 @@ class Encoded:
         spans = [(stop - len(x), stop, None if isinstance(t, bytes) else t.shape)
                  for x, t, stop in zip(parts, items, stops)]
         return cls(torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, np.uint8)), spans)
-
-    def __len__(self) -> int:
-        return len(self.spans)
 
     def item(self, i: int) -> torch.Tensor:
         """A JPEG's bytes (1-D), or pixels [H, W, 3]: views into the buffer."""
