@@ -38,10 +38,10 @@ def crop_difference(shards: list[Path], size: int = 224, resize: int = 256) -> d
     import torch
     from PIL import Image
 
-    from regcache.extract.device import decode_batch
+    from regcache.extract.device import Encoded, decode_batch
     from regcache.models import Preprocess
 
-    pil, dev = Preprocess(size=size, resize=resize), Preprocess(size=size, resize=resize, decode="device")
+    pil, dev = Preprocess(size=size, resize=resize), Preprocess(size=size, resize=resize, decode="device:cpu")
     diffs = []
     for shard in shards:
         with tarfile.open(shard) as tar:
@@ -49,8 +49,7 @@ def crop_difference(shards: list[Path], size: int = 224, resize: int = 256) -> d
                 if m.name.endswith(".jpg"):
                     data = tar.extractfile(m).read()
                     ref = pil(Image.open(io.BytesIO(data)).convert("RGB")).int()
-                    got, _, _ = decode_batch([torch.frombuffer(bytearray(data), dtype=torch.uint8)], dev.crop,
-                                             torch.device("cpu"))
+                    got, _, _ = decode_batch(Encoded.pack([data]), dev.crop, torch.device("cpu"))
                     diffs.append((got[0].int() - ref).abs())
     d = torch.stack(diffs).float()
     return {"mean_abs_grey_levels": round(d.mean().item(), 4), "max_abs_grey_levels": int(d.max().item()),
