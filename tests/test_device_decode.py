@@ -99,7 +99,7 @@ def reference_cls(ckpt, images: dict[str, bytes], keys) -> np.ndarray:
 def test_decoding_on_the_device_gives_the_reference_rows_and_pils_samples(reg_ckpt, tmp_path):
     data, images = photo_shards(tmp_path)
     pil = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32")).path)
-    dev = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32", decode="device")).path)
+    dev = FeatureSet(extract(config(REG, reg_ckpt, data, tmp_path / "c", dtype="float32", decode="device", device="cpu")).path)
     assert dev.fingerprint != pil.fingerprint and "decode" not in pil.identity
     assert dev.identity["decode"] == "device:libjpeg-turbo"  # what decodes on this device: nvjpeg on a GPU
     # the same rows in the same order, the same refusals
@@ -120,8 +120,8 @@ def test_one_pass_feeds_a_pil_model_and_a_device_model_each_its_own_set(reg_ckpt
     from test_extract import assert_same_content
 
     data, _ = photo_shards(tmp_path)
-    both = [config(REG, reg_ckpt, data, tmp_path / "together"),
-            config(REG, reg_ckpt, data, tmp_path / "together", decode="device")]
+    both = [config(REG, reg_ckpt, data, tmp_path / "together", device="cpu"),
+            config(REG, reg_ckpt, data, tmp_path / "together", decode="device", device="cpu")]
     together = extract_many(both)
     for s, t in zip(both, together):
         alone = extract(s.model_copy(update={"cache": tmp_path / "alone"}))
@@ -141,19 +141,24 @@ def test_a_device_that_fails_on_good_jpegs_stops_instead_of_recording_them_as_ba
         raise RuntimeError("nvJPEG is not available")
     monkeypatch.setattr(device, "decode_jpeg", broken)
     data, _ = photo_shards(tmp_path)
-    s = config(REG, reg_ckpt, data, tmp_path / "c", decode="device")
-    with pytest.raises(DeviceDecodeError, match="could not decode a JPEG that PIL decodes"):
+    s = config(REG, reg_ckpt, data, tmp_path / "c", decode="device", device="cpu")
+    with pytest.raises(DeviceDecodeError, match="photo00 in part-000.tar: cpu could not decode a JPEG that PIL"):
         extract(s)
     (store,) = [p.parent for p in (tmp_path / "c").glob("*/*/regcache.json")]
     assert not FeatureSet(store).committed_units() and not FeatureSet(store).complete
-    pil, dev = extract_many([config(REG, reg_ckpt, data, tmp_path / "d"), s.model_copy(update={"cache": tmp_path / "d"})])
+    pil, dev = extract_many([config(REG, reg_ckpt, data, tmp_path / "d", device="cpu"),
+                             s.model_copy(update={"cache": tmp_path / "d"})])
     assert pil.complete and len(FeatureSet(pil.path).index) == 14
     assert not dev.complete and "DeviceDecodeError" in dev.error
 
 
-def test_device_decode_takes_one_view():
+def test_device_decode_takes_one_view_and_a_named_device():
+    """The decoder is in the identity, so the device is named: a dry run on a login node plans what the GPU
+    node makes."""
     with pytest.raises(ValueError, match="views 1"):
-        ExtractSettings.make(model=REG, data="x.tar", decode="device", views=2)
+        ExtractSettings.make(model=REG, data="x.tar", decode="device", views=2, device="cpu")
+    with pytest.raises(ValueError, match="--device cuda for nvJPEG, or --device cpu"):
+        ExtractSettings.make(model=REG, data="x.tar", decode="device")
 
 
 def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_set(reg_ckpt, tmp_path):
@@ -173,9 +178,10 @@ def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_se
     big = ((f"p{i:03d}", np.roll(photo, 7 * i, axis=1), i % 3) for i in range(96))
     write_shards(big, str(tmp_path / "s" / "p-%03d.tar"), 8, ext="jpg")
     data = str(tmp_path / "s" / "p-{000..011}.tar")
-    ref = extract(config(REG, reg_ckpt, data, tmp_path / "ref", decode="device"))
+    ref = extract(config(REG, reg_ckpt, data, tmp_path / "ref", decode="device", device="cpu"))
     cache = tmp_path / "c"
-    proc = subprocess.Popen(cli_args(reg_ckpt, data, cache, "--decode", "device", "-j", "2", "-b", "8"), env=cli_env())
+    proc = subprocess.Popen(cli_args(reg_ckpt, data, cache, "--decode", "device", "--device", "cpu", "-j", "2",
+                                     "-b", "8"), env=cli_env())
 
     def children() -> set[int]:
         out = set()
@@ -204,26 +210,37 @@ def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_se
     for w in alive:
         os.kill(w, signal.SIGKILL)
     assert not alive, f"decode workers {alive} outlived their killed parent"
-    res = extract(config(REG, reg_ckpt, data, cache, decode="device"))
+    res = extract(config(REG, reg_ckpt, data, cache, decode="device", device="cpu"))
     assert res.complete and res.units_skipped >= 2 and res.path.name == ref.path.name
     assert_same_content(res.path, ref.path)
 
 
-def test_an_image_too_large_to_resize_on_the_device_is_its_own_error():
-    """Out of memory in one image's resize: that sample fails with its size named; any other fault is raised."""
-    from regcache.extract.device import Encoded, decode_batch
+def test_out_of_memory_resizing_on_the_device_is_retried_once_then_stops_the_device():
+    """Out of memory once: the cache is freed and the image resized again. Twice: the device's limit, not the
+    image's fault, so DeviceDecodeError (its models stop) rather than a sample recorded as bad; any other fault
+    is raised as it is."""
+    from regcache.extract.device import DeviceDecodeError, Encoded, decode_batch
     from regcache.models import Preprocess
 
     small, large = (_jpeg(Image.new("RGB", (w, 40), "red")) for w in (40, 400))
     pre = Preprocess(size=32, resize=36, decode="device:libjpeg-turbo")
+    calls = []
 
-    def crop(x):
-        if x.shape[2] > 100:
+    def flaky(x):
+        calls.append(x.shape)
+        if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return pre.crop(x)
-    images, kept, failed = decode_batch(Encoded.pack([large, small]), crop, torch.device("cpu"))
-    assert kept == [1] and images.shape == (1, 3, 32, 32)
-    assert failed == [(0, "400x40 image: out of memory resizing it on cpu (OutOfMemoryError)")]
+    images, kept, failed = decode_batch(Encoded.pack([small, large]), flaky, torch.device("cpu"))
+    assert images.shape == (2, 3, 32, 32) and kept == [0, 1] and not failed and len(calls) == 3
+
+    def too_large(x):
+        if x.shape[2] > 100:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return pre.crop(x)
+    with pytest.raises(DeviceDecodeError, match="ran out of memory resizing a 400x40 image") as e:
+        decode_batch(Encoded.pack([small, large]), too_large, torch.device("cpu"))
+    assert e.value.index == 1
 
     def broken(x):
         raise RuntimeError("device-side assert triggered")

@@ -247,7 +247,7 @@ def test_finalize_lists_missing_shards_exits_1_and_loads_no_model(reg_ckpt, tmp_
     r = subprocess.run(cli_args(reg_ckpt, pattern, cache, "--num-parts", "2", "--part", "0"), env=cli_env(),
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    done = extract(config(REG, reg_ckpt, pattern, cache, decode="device"))  # a complete set beside it
+    done = extract(config(REG, reg_ckpt, pattern, cache, decode="device", device="cpu"))  # a complete set beside it
     monkeypatch.setattr("regcache.extract.run.load_model", lambda *a, **k: pytest.fail("--finalize loaded a model"))
     args = ["extract", "-m", REG, "--checkpoint", str(reg_ckpt), "-d", pattern, "--cache", str(cache), "--size",
             str(SIZE), "--resize", str(RESIZE), "--finalize", "-q"]

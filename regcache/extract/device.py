@@ -27,7 +27,12 @@ DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder turns into R
 
 
 class DeviceDecodeError(RuntimeError):
-    """The device failed on a JPEG that PIL decodes: a fault of the device or its decoder, not the data."""
+    """The device failed on an image that PIL decodes and resizes: a fault of the device or its decoder, not the
+    data. ``index``: the image's place in its batch."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 @dataclass
@@ -90,8 +95,7 @@ def _pil_decodes(data: torch.Tensor) -> bool:
 def decode_batch(encoded: Encoded, crop, device: torch.device
                  ) -> tuple[torch.Tensor | None, list[int], list[tuple[int, str]]]:
     """The images of ``encoded`` as one uint8 [B, 3, size, size] batch on ``device``, through ``crop``
-    (`Preprocess.crop`); returns it, the indices it holds, and (index, reason) for those it could not decode
-    or resize there."""
+    (`Preprocess.crop`); returns it, the indices it holds, and (index, reason) for those it could not decode."""
     images: dict[int, torch.Tensor] = {}
     failed: list[tuple[int, str]] = []
     jpegs = [i for i, span in enumerate(encoded.spans) if span[2] is None]
@@ -108,19 +112,30 @@ def decode_batch(encoded: Encoded, crop, device: torch.device
                 except RuntimeError as e:
                     if _pil_decodes(encoded.item(i)):
                         raise DeviceDecodeError(f"{device} could not decode a JPEG that PIL decodes ({e}); "
-                                                "extract with --decode pil") from e
+                                                "extract with --decode pil", i) from e
                     failed.append((i, f"cannot decode the JPEG: {e}"))
     for i, (_, _, shape) in enumerate(encoded.spans):
         if shape is not None:
             images[i] = encoded.item(i).permute(2, 0, 1)
-    crops = {}
-    for i in sorted(images):
+    kept = sorted(images)
+    crops = [_crop(crop, images[i], i, device) for i in kept]
+    return (torch.stack(crops) if crops else None), kept, failed
+
+
+def _crop(crop, image: torch.Tensor, i: int, device: torch.device) -> torch.Tensor:
+    """``crop`` on the device; out of memory twice (after freeing the cache) is the device's limit, not the
+    image's fault (`check_resize` bounds the output): the device's models stop, nothing is recorded as bad."""
+    for attempt in (0, 1):
         try:
-            crops[i] = crop(images[i].to(device, non_blocking=True))
-        except (torch.OutOfMemoryError, RuntimeError) as e:  # one huge image: its error, not the run's
+            return crop(image.to(device, non_blocking=True))
+        except (torch.OutOfMemoryError, RuntimeError) as e:
             if not isinstance(e, torch.OutOfMemoryError) and "alloc" not in str(e):
                 raise
-            h, w = images[i].shape[1:]
-            failed.append((i, f"{w}x{h} image: out of memory resizing it on {device} ({type(e).__name__})"))
-    kept = sorted(crops)
-    return (torch.stack([crops[i] for i in kept]) if kept else None), kept, failed
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if attempt:
+                h, w = image.shape[1:]
+                raise DeviceDecodeError(f"{device} ran out of memory resizing a {w}x{h} image ({type(e).__name__}); "
+                                        "extract with --decode pil, or with fewer models or a smaller batch per "
+                                        "pass", i) from e
+    raise AssertionError("unreachable")

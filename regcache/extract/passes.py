@@ -189,27 +189,29 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
                 c.refresh()
 
     threading.Thread(target=heartbeat, name="regcache-claims", daemon=True).start()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writer") as writer:
-        for batch in loader:
-            if batch.skipped:
-                for m in members:
-                    m.result.units_skipped += batch.unit in m.pending
-                continue
-            fed = [i for i in batch.members if members[i].group == batch.group and not members[i].failed]
-            if batch.has_rows and fed:
-                _feed(batch, transforms[batch.group], [(i, members[i], forwards[i]) for i in fed], device,
-                      stop_member)
-                if batch.group == min(members[i].group for i in batch.members):
-                    bar.update(len(batch.keys))
-            elif batch.has_rows:
-                continue
-            if batch.end:
-                for i in fed:
-                    _close(batch, i, members[i], ids, claims[i], writer, writes)
-                settle(keep=2 * len(members))  # two units per model in flight, as for one model
-        settle(keep=0)
-    stop.set()
-    bar.close()
+    try:  # the heartbeat stops however the pass ends, so that its claims can go stale
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="regcache-writer") as writer:
+            for batch in loader:
+                if batch.skipped:
+                    for m in members:
+                        m.result.units_skipped += batch.unit in m.pending
+                    continue
+                fed = [i for i in batch.members if members[i].group == batch.group and not members[i].failed]
+                if batch.has_rows and fed:
+                    _feed(batch, transforms[batch.group], [(i, members[i], forwards[i]) for i in fed], device,
+                          stop_member)
+                    if batch.group == min(members[i].group for i in batch.members):
+                        bar.update(len(batch.keys))
+                elif batch.has_rows:
+                    continue
+                if batch.end:
+                    for i in fed:
+                        _close(batch, i, members[i], ids, claims[i], writer, writes)
+                    settle(keep=2 * len(members))  # two units per model in flight, as for one model
+            settle(keep=0)
+    finally:
+        stop.set()
+        bar.close()
     for i, m in enumerate(members):  # a stopped member's claims, taken as the stream went on, go back
         if m.failed:
             for unit in m.pending:
@@ -228,8 +230,10 @@ def _feed(batch: Batch, pre: Preprocess, fed: list[tuple[int, Member, _Forward]]
         try:
             images, kept, bad = decode_batch(batch.encoded, pre.crop, device)
         except DeviceDecodeError as e:  # the device, not the data: every model of the group stops
+            named = DeviceDecodeError(f"{keys[e.index]} in {fed[0][1].plan.dataset.shard_name(batch.unit)}: {e}",
+                                      e.index)
             for i, _, _ in fed:
-                stop_member(i, e)
+                stop_member(i, named)
             return
         failed = [(keys[j], why) for j, why in bad]
         keys, labels, views = ([x[j] for j in kept] for x in (keys, labels, views))

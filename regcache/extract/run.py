@@ -116,7 +116,7 @@ def launcher_part(s: ExtractSettings) -> ExtractSettings:
     if world == 1 or s.num_parts != 1:
         return s
     device = s.device
-    if device == "auto" and torch.cuda.is_available():
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return s.model_copy(update={"part": int(os.environ["RANK"]), "num_parts": world, "device": device,
                                 "quiet": s.quiet or os.environ.get("RANK") != "0"})

@@ -18,7 +18,8 @@ INTERPOLATIONS: dict[str, str] = {"bicubic": "bicubic", "bilinear": "bilinear", 
 DECODERS: dict[str, str] = {
     "pil": "PIL in the decode workers (the reference)",
     "device": "JPEGs decoded by torchvision on the model's device (nvJPEG on a GPU), batched, and resized there "
-              "(antialiased); not PIL's pixels (the features differ slightly, see the docs), one view only"}
+              "(antialiased); not PIL's pixels (the features differ slightly, see the docs), one view only, "
+              "--device named (cuda or cpu: the decoder is in the set's identity)"}
 #: position-embedding resampling when the input grid differs from the weights' table
 POS_EMBED: dict[str, str] = {
     "timm": "timm's load-time resample (bicubic, antialiased), as timm.create_model does",

@@ -173,10 +173,13 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
         return self
 
     @model_validator(mode="after")
-    def _device_decode_makes_one_view(self):
+    def _device_decode(self):
         if self.decode == "device" and self.views > 1:
             raise ValueError("decode 'device' makes the plain crop only: use views 1, or decode 'pil' for "
                              "augmented views")
+        if self.decode == "device" and self.device == "auto":  # planned on a login node, run on a GPU node
+            raise ValueError("decode 'device' names its decoder in the set's identity: say which device decodes "
+                             "(--device cuda for nvJPEG, or --device cpu), not auto")
         return self
 
 

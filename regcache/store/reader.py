@@ -115,7 +115,7 @@ class FeatureReader:
         """The store's unit files (``units/NNNNNN.suffix`` of a unit it has); other files there are not its own."""
         found = {}
         for p in (self.path / "units").glob(f"*.{suffix}"):
-            if len(p.stem) == 6 and p.stem.isdigit() and int(p.stem) < self.num_units:
+            if p.stem.isdigit() and p.name == f"{int(p.stem):06d}.{suffix}" and int(p.stem) < self.num_units:
                 found[int(p.stem)] = p
         return found
 
