@@ -306,7 +306,10 @@ def test_damaged_demo_sources_are_named_with_what_is_wrong(tmp_path, monkeypatch
     folder.mkdir()
     images, labels = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
     monkeypatch.setenv("FASHION_MNIST_DIR", str(folder))
+    flipped = bytearray((debian / labels).read_bytes())
+    flipped[40:60] = bytes(x ^ 0xFF for x in flipped[40:60])  # damaged mid-stream: zlib's own error
     cases = {"cut": ((debian / images).read_bytes()[:30000], (debian / labels).read_bytes(), "not a whole gzip"),
+             "flipped": ((debian / images).read_bytes(), bytes(flipped), "labels-idx1.*not a whole gzip.*error"),
              "tiny": (gzip.compress(b"abc"), (debian / labels).read_bytes(), "not an IDX file"),
              "swapped": ((debian / images).read_bytes(), (debian / images).read_bytes(), "labels-idx1.*not an IDX"),
              "short": (gzip.compress(gzip.decompress((debian / images).read_bytes())[:-5]),
