@@ -299,12 +299,18 @@ def describe_plan(p: Plan) -> str:
 
 
 def _conclude(fs: FeatureSet, result: ExtractResult) -> ExtractResult:
-    """Finalize if every unit is in, and count what the store holds now (other parts may have committed)."""
+    """Finalize if every unit is in, and count what the store holds now (other parts may have committed).
+
+    The claims are read before the committed units, as a writer commits a unit before it releases its
+    claim: every unit missing then was held by a live writer, or by none (never "missing, held by none"
+    for a unit that landed in between)."""
+    held = fs.claims().holders()
+    committed = FeatureSet(fs.path).committed_units()
     result.complete = fs.finalize()
     stored = FeatureSet(fs.path)
     result.ok, result.failed = len(stored.index), len(stored.errors)
-    result.missing_units = stored.num_units - len(stored.committed_units())
-    result.held = {u: who for u, who in fs.claims().holders().items() if u not in stored.committed_units()}
+    result.missing_units = 0 if result.complete else stored.num_units - len(committed)
+    result.held = {} if result.complete else {u: who for u, who in held.items() if u not in committed}
     result.error = result.error or stored.unusable()
     return result
 
