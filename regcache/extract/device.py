@@ -125,7 +125,7 @@ def decode_batch(encoded: Encoded, crop, device: torch.device
 def _crop(crop, image: torch.Tensor, i: int, device: torch.device) -> torch.Tensor:
     """``crop`` on the device; out of memory twice (after freeing the cache) is the device's limit, not the
     image's fault (`check_resize` bounds the output): the device's models stop, nothing is recorded as bad."""
-    for attempt in (0, 1):
+    for _ in range(2):
         try:
             return crop(image.to(device, non_blocking=True))
         except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -133,9 +133,7 @@ def _crop(crop, image: torch.Tensor, i: int, device: torch.device) -> torch.Tens
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if attempt:
-                h, w = image.shape[1:]
-                raise DeviceDecodeError(f"{device} ran out of memory resizing a {w}x{h} image ({type(e).__name__}); "
-                                        "extract with --decode pil, or with fewer models or a smaller batch per "
-                                        "pass", i) from e
-    raise AssertionError("unreachable")
+            error = e
+    h, w = image.shape[1:]
+    raise DeviceDecodeError(f"{device} ran out of memory resizing a {w}x{h} image ({type(error).__name__}); "
+                            "extract with --decode pil, or with fewer models or a smaller batch per pass", i) from error

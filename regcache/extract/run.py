@@ -157,7 +157,8 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
     ds = load_dataset(s0.data, s0.name, s0.labels, s0.role)
     check_pipes(ds, s0.allow_pipe)
     if s0.finalize:
-        return [_finalize_only(s, ds, t0) for s in settings]
+        found = None if s0.store else (shard_ids(ds), list_feature_sets(s0.cache))  # once for every model
+        return [_finalize_only(s, ds, t0, found) for s in settings]
     for s in settings:
         resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
     check_shards_exist(ds)
@@ -315,14 +316,16 @@ def _conclude(fs: FeatureSet, result: ExtractResult) -> ExtractResult:
     return result
 
 
-def _finalize_only(s: ExtractSettings, ds: Dataset, t0: float) -> ExtractResult:
-    """``--finalize``: find the set these settings make, by its identity (`plan` loads no weights), and
-    finalize it."""
+def _finalize_only(s: ExtractSettings, ds: Dataset, t0: float,
+                   cached: tuple[list[ShardId], list[FeatureSet]] | None) -> ExtractResult:
+    """``--finalize``: find the set these settings make, by its identity (`plan` loads no weights), among
+    ``cached`` (the shards' ids and the sets under the cache), and finalize it; or the set ``--store`` names."""
     if s.store is not None:
         fs = FeatureSet(s.store)
     else:
-        fingerprint = plan(s, ds).fingerprint
-        found = [f for f in list_feature_sets(s.cache) if f.fingerprint == fingerprint]
+        ids, sets = cached
+        fingerprint = plan(s, ds, ids).fingerprint
+        found = [f for f in sets if f.fingerprint == fingerprint]
         if not found:
             raise StoreError(f"no feature set of {ds.name} for {s.model} with these settings (fingerprint "
                              f"{fingerprint[:12]}) under {s.cache}: give --finalize the options the parts ran "
