@@ -354,8 +354,6 @@ def main() -> None:
 
 
 def _measure(args, parts: list[str], tmp: Path) -> None:
-    from PIL import Image
-
     from common import command, load_average, machine, photo_samples
     from regcache.extract import extract, resolve_device
     from regcache.models import preprocess_of

@@ -4,14 +4,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .registry import ALIASES, IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, Alias, ModelError, resolve_name
+from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, ModelError, resolve_name
 from .settings import Backbone, Preprocessing
 
 if TYPE_CHECKING:
@@ -183,8 +183,6 @@ def hub_name(name: str) -> str:
 def layout_without_weights(b: Backbone, img_size: int, registers: int = 0) -> "TokenLayout":
     """The token layout a backbone will have (``registers``: test-time ones), from an empty model on the meta
     device: no weights are read or allocated, so a pipeline plans any model in milliseconds."""
-    import timm
-
     from .tokens import layout_of
 
     with torch.device("meta"):
@@ -364,8 +362,6 @@ def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
     ``b.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
     (`regcache.settings.choices.POS_EMBED`); it needs a learned absolute table and a fixed input size.
     """
-    import timm
-
     hub = b.checkpoint is None and b.random_init is None
     dinov2 = b.pos_embed == "dinov2"
     name = resolve_name(b.model)

@@ -218,7 +218,6 @@ def test_unknown_model_lists_the_aliases(tmp_path):
 
 
 def test_augmented_views_are_rows_of_their_own_and_view_0_is_the_plain_crop(reg_ckpt, tmp_path):
-    from regcache.models import Preprocess
     from regcache.probe import holdout, load_split
 
     data = make_shards(tmp_path / "shards", n_shards=2, per_shard=3)

@@ -10,7 +10,8 @@ import timm
 import torch
 
 from regcache.extract import extract
-from regcache.models import ALIASES, MODELS, ModelError, load_model, model_args, read_checkpoint, resolve_name
+from regcache.models import MODELS, ModelError, load_model, model_args, read_checkpoint, resolve_name
+from regcache.registry import ALIASES
 from regcache.settings import Backbone, SettingsError
 from regcache.store import FeatureSet
 
@@ -102,7 +103,6 @@ def test_real_weights_put_a_flipped_image_nearest_to_its_original(real_vits14, t
     samples = [(n, im, 0) for n, im in zip(names, images)] + [(f"{n}_flip", im[:, ::-1].copy(), 0)
                                                               for n, im in zip(names, images)]
     write_shards(samples, str(tmp_path / "photos-%03d.tar"), per_shard=100)
-    from regcache.models import Preprocess
     res = extract(config(NOREG, real_vits14, str(tmp_path / "photos-000.tar"), tmp_path / "c",
                          size=224, resize=256, features=("cls", "patch")))
     got = FeatureSet(res.path).load("cls")

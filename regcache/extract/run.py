@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
 from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, shard_ids
-from ..features import TokenLayout
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_device, resolve_name
 from ..settings import PER_MODEL, ExtractSettings

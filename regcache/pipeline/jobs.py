@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..settings import ExtractSettings, ProbeSettings, Settings
+from ..settings import ExtractSettings, Settings
 from .schema import Block, Data, Model, Pipeline
 
 #: GFLOP per image at 224 px by model size (BENCHMARKS.md: DINOv2 ViT-S/B/L/g-14); scaled by (size/224)²
