@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from regcache.cli import main
 from regcache.store import FeatureSet, StoreError
+from regcache.store.tables import parquet_bytes
 
 from conftest import record
 from test_store import FEATS, LAYOUT, old_layout, unit_data
@@ -118,11 +119,19 @@ def test_units_that_stored_nothing_read_as_zeros_without_a_file(tmp_path, layout
 
 
 def strip_file_records(fs) -> None:
-    """Unit records as stores committed before this change wrote them: no file sizes, no full shard hash."""
+    """Unit records as stores committed before this change wrote them (schema 3, before records were bound to
+    their set): no file sizes, no full shard hash, no digests."""
     for p in (fs.path / "units").glob("*.parquet"):
         t = pq.read_table(p)
         md = {k: v for k, v in t.schema.metadata.items() if k == b"shard"}
         pq.write_table(t.replace_schema_metadata(md), p)
+    as_schema_3(fs)
+
+
+def as_schema_3(fs) -> None:
+    """The set's record as schema 3 wrote it (its tables and records are then read without their binding)."""
+    meta = json.loads((fs.path / "regcache.json").read_text())
+    (fs.path / "regcache.json").write_text(json.dumps({**meta, "schema_version": 3}))
 
 
 def test_older_unit_records_still_catch_a_missing_or_empty_file_of_a_unit_with_rows(tmp_path, layout):
@@ -223,7 +232,7 @@ def test_ls_marks_a_damaged_index_or_unit_record_and_lists_the_healthy_sets(tmp_
     assert str(bad.path / "index.parquet") in r.output and str(part.path / "units" / "000001.parquet") in r.output
     r = ls(tmp_path, "--json")
     assert r.exit_code == 0, r.output
-    rows = {json.loads(line)["dataset"]: json.loads(line) for line in r.stdout.splitlines()}
+    rows = {",".join(json.loads(line)["dataset"] or ["?"]): json.loads(line) for line in r.stdout.splitlines()}
     assert rows["good"]["damaged"] == [] and rows["good"]["rows"] == 120 and rows["good"]["complete"]
     [d] = rows["badindex"]["damaged"]
     assert d["file"] == str(bad.path / "index.parquet") and d["reason"]
@@ -236,7 +245,7 @@ def test_ls_marks_a_set_with_a_missing_shard_file(tmp_path):
     make(tmp_path, "good")
     shard_file(fs, "reg_all", 3).unlink()
     r = ls(tmp_path, "--json")
-    rows = {json.loads(line)["dataset"]: json.loads(line) for line in r.stdout.splitlines()}
+    rows = {",".join(json.loads(line)["dataset"] or ["?"]): json.loads(line) for line in r.stdout.splitlines()}
     assert rows["good"]["damaged"] == []
     [d] = rows["copy"]["damaged"]
     assert d["file"] == str(shard_file(fs, "reg_all", 3)) and "missing" in d["reason"]
@@ -251,7 +260,7 @@ def test_ls_lists_an_unreadable_regcache_json_as_damaged(tmp_path):
     r = ls(tmp_path, "--json")
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [r["dataset"] for r in rows if not r["damaged"]] == ["good"]
+    assert [r["dataset"] for r in rows if not r["damaged"]] == [["good"]]
     [broken] = [r for r in rows if r["damaged"]]
     assert broken["damaged"][0]["file"] == str(tmp_path / "broken" / "regcache.json")
 
@@ -378,7 +387,7 @@ def test_verify_recomputes_each_input_shards_full_hash(extracted, tmp_path):
         shard = json.loads(md[b"shard"])
         shard["path"] = str(copy / shard["path"].rsplit("/", 1)[1])
         md[b"shard"] = json.dumps(shard).encode()
-        pq.write_table(t.replace_schema_metadata(md), p)
+        p.write_bytes(parquet_bytes(t.replace_schema_metadata(md)))  # a record as written, digest included
     assert verify(set_copy).exit_code == 0
     flip(copy / "part-001.tar", 700)
     r = verify(set_copy)

@@ -329,11 +329,14 @@ def test_results_state_the_views_the_heads_trained_on(caches, tmp_path):
     sets = make_set(caches, "train-2v", x, np.r_[got.labels, got.labels], classes=fs.meta.dataset.classes)
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     idx = pq.read_table(sets.path / "index.parquet").to_pandas()
     idx["key"] = np.r_[got.keys, got.keys]
     idx["view"] = np.r_[np.zeros(400), np.ones(400)].astype(np.int16)
-    pq.write_table(pa.Table.from_pandas(idx, preserve_index=False, schema=pq.read_schema(sets.path / "index.parquet")),
-                   sets.path / "index.parquet")
+    from regcache.store import INDEX_SCHEMA
+    from regcache.store.tables import parquet_bytes
+    (sets.path / "index.parquet").write_bytes(parquet_bytes(pa.Table.from_pandas(idx, preserve_index=False,
+                                                                                 schema=INDEX_SCHEMA)))
     r = probe(caches, tmp_path / "v", "--train", "train-2v", "--val", "val", "--test", "test")
     assert r.exit_code == 0, r.output
     assert "trained on 2 views per image" in (tmp_path / "v" / "results.md").read_text()

@@ -20,7 +20,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..features import FEATURES, TokenLayout
 
-SCHEMA_VERSION = 3  # 3: typed record; identity from the settings and the shards' bytes; dataset names
+#: 4: unit records bound to their set and unit, files with their chunks' crc32c, tables with page checksums and a
+#: content digest, the identity from each shard's full sha256; 3: typed record, sampled shard digests (read only)
+SCHEMA_VERSION = 4
+READABLE = (3, 4)
 META = "regcache.json"
 ARRAYS = "features.zarr"
 NAMES = "names"
@@ -32,6 +35,17 @@ RECORD_SCHEMA = pa.schema([("key", pa.string()), ("label", pa.int64()), ("view",
 
 class StoreError(RuntimeError):
     """A store that cannot be written or read as asked (fingerprint mismatch, unit overflow, …)."""
+
+
+class DamagedFile(StoreError):
+    """A file of a set (or an input shard) that is missing, cut short, unreadable or fails its checksum.
+
+    ``path`` and ``reason`` apart, so that a check can list every damaged file with its reason.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, advice: str = ""):
+        self.path, self.reason, self.advice = Path(path), reason, advice
+        super().__init__(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
 
 
 def fingerprint(identity: dict) -> str:
@@ -164,11 +178,11 @@ class SetRecord(Record):
             version = json.loads(where.read_bytes()).get("schema_version")
         except (OSError, ValueError, AttributeError) as e:
             raise StoreError(f"{where} is unreadable ({e}); remove the set and extract it again") from None
-        if version != SCHEMA_VERSION:
-            raise StoreError(f"{path} has store schema {version}, written by an older regcache; this regcache reads "
-                             f"schema {SCHEMA_VERSION} (its identity is derived differently, so the set cannot be "
-                             "upgraded in place). Remove it and run the extract command again, or use the regcache "
-                             "version that wrote it.")
+        if version not in READABLE:
+            raise StoreError(f"{path} has store schema {version}, which this regcache does not read (it reads "
+                             f"schemas {', '.join(map(str, READABLE))}; the identity is derived differently, so the "
+                             "set cannot be upgraded in place). Remove it and run the extract command again, or use "
+                             "the regcache version that wrote it.")
         record = cls.read(where, "feature-set record")
         if record.unit_rows < 1 or len(record.dataset.shards) != record.num_units:
             raise StoreError(f"{where}: inconsistent record ({record.unit_rows} rows per unit, "

@@ -10,24 +10,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..features import TokenLayout, parse_features
-from .meta import ARRAYS, INDEX_SCHEMA, NAMES, Description, SetRecord, StoreError
+from .meta import ARRAYS, INDEX_SCHEMA, NAMES, DamagedFile, Description, SetRecord, StoreError
+from .tables import read_table
 
 _EMPTY = 2 ** 64 - 1  # a shard index entry of an inner chunk never written (all fill value)
 _UNSIZED = -1         # a file a committed unit must have, whose size its record does not give (older records)
-
-
-class DamagedFile(StoreError):
-    """A file of a set (or an input shard) that is missing, cut short, unreadable or fails its checksum.
-
-    ``path`` and ``reason`` apart, so that a check can list every damaged file with its reason.
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str, advice: str = ""):
-        self.path, self.reason, self.advice = Path(path), reason, advice
-        super().__init__(f"{path}: {reason}" + (f"; {advice}" if advice else ""))
 
 
 @dataclass
@@ -120,9 +109,19 @@ class FeatureReader:
         return found
 
     @cached_property
-    def _unit_meta(self) -> dict[int, dict]:
-        """The metadata of unit records read so far, by unit (`_record_meta`)."""
+    def _unit_tables(self) -> dict[int, pa.Table]:
+        """The unit records read so far, by unit (`_read_unit`)."""
         return {}
+
+    def _forget(self, unit: int) -> None:
+        """Read ``unit``'s record afresh next time (this writer committed it)."""
+        self._unit_tables.pop(unit, None)
+
+    @property
+    def bound(self) -> bool:
+        """Whether this set's records are bound to it (schema 4): each unit record names its set and unit and
+        its files' chunk checksums, and every table carries its content digest."""
+        return self.meta.schema_version >= 4
 
     @cached_property
     def _zarr_meta(self) -> dict[str, dict]:
@@ -138,26 +137,31 @@ class FeatureReader:
                 f"errors.parquet from {self.path} and run the extract command again")
 
     def _record_meta(self, unit: int) -> dict:
-        """The metadata of a unit's commit record (shard, files), JSON-decoded; read once."""
-        if unit not in self._unit_meta:
-            where = self._record(unit)
-            try:
-                raw = pq.read_schema(where).metadata or {}
-                self._unit_meta[unit] = {k.decode(): json.loads(v) for k, v in raw.items() if k in (b"shard", b"files")}
-            except (OSError, ValueError, pa.ArrowException) as e:
-                raise DamagedFile(where, f"unreadable unit record ({e})", self._redo(unit)) from None
-        return self._unit_meta[unit]
-
-    def _read_table(self, where: Path, advice: str, **kw) -> pa.Table:
+        """The metadata of a unit's commit record (shard, files), JSON-decoded."""
+        where = self._record(unit)
+        raw = self._read_unit(unit).schema.metadata or {}
         try:
-            return pq.read_table(where, **kw)
-        except FileNotFoundError:
-            raise DamagedFile(where, "missing", advice) from None
-        except (OSError, ValueError, pa.ArrowException) as e:
-            raise DamagedFile(where, f"unreadable ({e})", advice) from None
+            return {k.decode(): json.loads(v) for k, v in raw.items() if k in (b"shard", b"files")}
+        except ValueError as e:
+            raise DamagedFile(where, f"unreadable unit record ({e})", self._redo(unit)) from None
 
-    def _read_unit(self, unit: int, **kw) -> pa.Table:
-        return self._read_table(self._record(unit), self._redo(unit), **kw)
+    def _read_table(self, where: Path, advice: str) -> pa.Table:
+        return read_table(where, advice=advice, require_digest=self.bound)
+
+    def _read_unit(self, unit: int, columns: list[str] | None = None) -> pa.Table:
+        """A unit's commit record, checked (its digest; in a bound set, that it is this set's record of this
+        unit: a record copied in from another set or unit is an error that names it); read once."""
+        if unit not in self._unit_tables:
+            where = self._record(unit)
+            table = self._read_table(where, self._redo(unit))
+            meta = table.schema.metadata or {}
+            if self.bound and (meta.get(b"set"), meta.get(b"unit")) != (self.fingerprint.encode(), str(unit).encode()):
+                theirs = f"unit {meta.get(b'unit', b'?').decode()} of set {meta.get(b'set', b'?')[:12].decode()}"
+                raise DamagedFile(where, f"is the record of {theirs}, not of unit {unit} of this set "
+                                         f"({self.fingerprint[:12]}): copied in from elsewhere?", self._redo(unit))
+            self._unit_tables[unit] = table
+        table = self._unit_tables[unit]
+        return table.select(columns) if columns is not None else table
 
     def unit_shard(self, unit: int) -> dict | None:
         """What the input shard was when the unit was committed (path, size, digest, sha256), if recorded."""
@@ -288,7 +292,8 @@ class FeatureReader:
         found = []
         for key in keys:
             path = root / key
-            want = files.get(f"{name}/{key}", _UNSIZED) if files is not None else None
+            entry = files.get(f"{name}/{key}", _UNSIZED) if files is not None else None
+            want = entry["size"] if isinstance(entry, dict) else entry
             try:
                 size = path.stat().st_size
             except FileNotFoundError:
@@ -302,8 +307,19 @@ class FeatureReader:
             if want not in (None, _UNSIZED) and size != want:
                 raise DamagedFile(path, f"{size} bytes, but {want} when unit {unit} (shard {self.shards[unit]}) was "
                                         "committed: cut short or overwritten", self._redo(unit))
+            if want is None and files is not None:
+                raise DamagedFile(path, f"there, but unit {unit} (shard {self.shards[unit]}) was committed without "
+                                        "it: copied in from elsewhere?", self._redo(unit))
             found.append(path)
         return found
+
+    def _unit_crcs(self, name: str, unit: int, path: Path) -> list[int | None] | None:
+        """The crc32c of each inner chunk of ``path`` (one of ``unit``'s files) as committed (None: not recorded,
+        an older record or an uncommitted unit), so that a file of another set or unit is found as it is read."""
+        if not self._record(unit).is_file():
+            return None
+        entry = (self._record_meta(unit).get("files") or {}).get(f"{name}/{path.relative_to(self.path / ARRAYS / name)}")
+        return entry.get("crc32c") if isinstance(entry, dict) else None
 
     def _raw_shards(self, name: str) -> "_RawShards | None":
         """The direct reader of ``name`` when its zarr.json is a layout this version writes or wrote (one shard
@@ -370,7 +386,7 @@ class FeatureReader:
                     files = self._unit_files(name, unit)
                     if raw is not None:
                         for path in files:
-                            raw.check(path, unit)
+                            raw.check(path, unit, self._unit_crcs(name, unit, path))
                     elif files:
                         self.read_rows(name, unit * self.unit_rows + np.arange(self.unit_rows))
                 except DamagedFile as e:
@@ -565,7 +581,8 @@ class FeatureReader:
                 block = target if direct else scratch[:(hi - lo) * int(np.prod(arr.shape[1:]))].reshape(
                     hi - lo, *arr.shape[1:])
                 try:
-                    raw.read(files[0] if files else None, unit, lo - unit * self.unit_rows, block)
+                    raw.read(files[0] if files else None, unit, lo - unit * self.unit_rows, block,
+                             self._unit_crcs(name, unit, files[0]) if files else None)
                 except DamagedFile as e:
                     raise DamagedFile(e.path, e.reason, self._redo(unit)) from None
                 if not direct:
@@ -610,16 +627,18 @@ class _RawShards:
         self.chunk_bytes = inner * row_bytes + 4 * chunk_crc  # as stored
         self._scratch: np.ndarray | None = None
 
-    def read(self, path: Path | None, unit: int, first: int, out: np.ndarray) -> None:
+    def read(self, path: Path | None, unit: int, first: int, out: np.ndarray,
+             crcs: list[int | None] | None = None) -> None:
         """Rows [first, first + len(out)) of ``unit``'s shard file ``path`` (None: nothing stored, all fill
-        value) into ``out`` (C-contiguous, the stored dtype)."""
+        value) into ``out`` (C-contiguous, the stored dtype). ``crcs``: each inner chunk's crc32c as committed
+        (None for a chunk not stored), checked against every chunk read."""
         buf = out.reshape(len(out), -1).view(np.uint8)
         if path is None:
             buf[...] = 0
             return
         with open(path, "rb", buffering=0) as f:
             fd = f.fileno()
-            index = self._index(fd, path, unit)
+            index = self._index(fd, path, unit, crcs)
             last = first + len(out)
             for i in range(first // self.inner, (last - 1) // self.inner + 1):
                 a, b = max(first, i * self.inner), min(last, (i + 1) * self.inner)
@@ -632,31 +651,44 @@ class _RawShards:
                 elif b - a == self.inner:  # a whole chunk: into the caller's array, then its checksum
                     tail = bytearray(4)
                     self._pread(fd, path, [dst, tail], offset)
-                    self._check(dst, tail, path, unit, i)
+                    self._check(dst, tail, path, unit, i, crcs)
                 else:
-                    chunk = self._chunk(fd, path, unit, i, offset)
+                    chunk = self._chunk(fd, path, unit, i, offset, crcs)
                     dst[...] = chunk[skip:skip + len(dst)]
 
-    def check(self, path: Path, unit: int) -> None:
+    def check(self, path: Path, unit: int, crcs: list[int | None] | None = None) -> None:
         """Read every stored inner chunk of ``unit``'s shard file and check it (`regcache verify`)."""
         with open(path, "rb", buffering=0) as f:
-            index = self._index(f.fileno(), path, unit)
+            index = self._index(f.fileno(), path, unit, crcs)
             if self.chunk_crc:
                 for i, offset in enumerate(index[:, 0]):
                     if offset != _EMPTY:
-                        self._chunk(f.fileno(), path, unit, i, int(offset))
+                        self._chunk(f.fileno(), path, unit, i, int(offset), crcs)
 
-    def _chunk(self, fd: int, path: Path, unit: int, i: int, offset: int) -> np.ndarray:
+    def crcs(self, path: Path, unit: int) -> list[int | None] | None:
+        """The stored crc32c of each inner chunk of a shard file (None for a chunk not stored), as the unit's
+        record keeps them; None for a layout without chunk checksums."""
+        if not self.chunk_crc:
+            return None
+        with open(path, "rb", buffering=0) as f:
+            index = self._index(f.fileno(), path, unit)
+            return [None if offset == _EMPTY else
+                    int.from_bytes(os.pread(f.fileno(), 4, int(offset) + self.chunk_bytes - 4), "little")
+                    for offset in index[:, 0]]
+
+    def _chunk(self, fd: int, path: Path, unit: int, i: int, offset: int,
+               crcs: list[int | None] | None = None) -> np.ndarray:
         """Inner chunk ``i`` whole, checked, in the scratch buffer (its rows' bytes, without the checksum)."""
         if self._scratch is None:
             self._scratch = np.empty(self.chunk_bytes, np.uint8)
         self._pread(fd, path, [self._scratch], offset)
-        self._check(self._scratch[:-4], self._scratch[-4:], path, unit, i)
+        self._check(self._scratch[:-4], self._scratch[-4:], path, unit, i, crcs)
         return self._scratch[:-4]
 
-    def _index(self, fd: int, path: Path, unit: int) -> np.ndarray:
+    def _index(self, fd: int, path: Path, unit: int, crcs: list[int | None] | None = None) -> np.ndarray:
         """The shard index, checked: its crc32c, empty entries wholly empty, and every chunk of the stored
-        size and inside the file (a cut file's tail is not an index)."""
+        size and inside the file (a cut file's tail is not an index); with ``crcs``, the chunks stored are
+        those the unit committed."""
         size, n = os.fstat(fd).st_size, 16 * self.chunks + 4 * self.index_crc
         if size < n:
             raise DamagedFile(path, f"{size} bytes, shorter than its shard index ({n} bytes): cut short")
@@ -670,6 +702,9 @@ class _RawShards:
                 or (stored.any() and (limit < 0 or (index[stored, 0] > limit).any()))):
             raise DamagedFile(path, f"its shard index does not fit the file ({size} bytes) or the array's "
                                     "inner chunks: the file is damaged or cut short")
+        if crcs is not None and (len(crcs) != self.chunks or list(stored) != [c is not None for c in crcs]):
+            raise DamagedFile(path, f"its inner chunks are not those unit {unit} committed: a file of another unit "
+                                    "or set (copied in?)")
         return index
 
     @staticmethod
@@ -678,11 +713,17 @@ class _RawShards:
         if os.preadv(fd, bufs, offset) != want:
             raise DamagedFile(path, "shorter than its shard index says: cut short")
 
-    def _check(self, data: np.ndarray, stored, path: Path, unit: int, i: int) -> None:
-        if _crc32c(data) != int.from_bytes(bytes(stored), "little"):
-            rows = unit * self.inner * self.chunks + i * self.inner
+    def _check(self, data: np.ndarray, stored, path: Path, unit: int, i: int,
+               crcs: list[int | None] | None = None) -> None:
+        rows = unit * self.inner * self.chunks + i * self.inner
+        value = int.from_bytes(bytes(stored), "little")
+        if _crc32c(data) != value:
             raise DamagedFile(path, f"inner chunk {i} (rows {rows}-{rows + self.inner - 1} of the array) fails its "
                                     "crc32c checksum: the file is damaged")
+        if crcs is not None and crcs[i] != value:
+            raise DamagedFile(path, f"inner chunk {i} (rows {rows}-{rows + self.inner - 1} of the array) is not the "
+                                    f"chunk unit {unit} committed (another crc32c): a file of another unit or set "
+                                    "(copied in?)")
 
 
 def _collect(found: list, check) -> bool:

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from contextlib import contextmanager
@@ -20,27 +21,27 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..features import FEATURES
 from .meta import ARRAYS, META, NAMES, RECORD_SCHEMA, SCHEMA_VERSION, Description, SetRecord, StoreError, fingerprint, slug
+from .tables import parquet_bytes
 
 _HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """``data`` as ``path``, whole or not at all: written aside, synced, renamed. A failure (a full disk) removes
+    what was written aside and names the file."""
     tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def inner_rows(unit_rows: int, row_bytes: int, max_rows: int = 1024, max_bytes: int = 4 << 20) -> int:
@@ -180,9 +181,17 @@ class UnitWriter:
                 return cls(path)
             record = SetRecord.model_validate({**(meta() if callable(meta) else meta), "schema_version": SCHEMA_VERSION,
                                                "fingerprint": fp, "identity": identity})
-            cls._create_arrays(path, record)
-            (path / "units").mkdir(exist_ok=True)
-            _atomic_write(path / META, record.to_json())
+            try:
+                cls._create_arrays(path, record)
+                (path / "units").mkdir(exist_ok=True)
+                _atomic_write(path / META, record.to_json())
+            except (OSError, StoreError):  # a full disk: no half-made set is left (only its folder and lock file)
+                for p in path.iterdir():
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    elif p.name != ".lock":
+                        p.unlink(missing_ok=True)
+                raise
         return cls(path)
 
     @staticmethod
@@ -229,7 +238,7 @@ class UnitWriter:
         except OSError as e:  # disk full, permissions: say where and for which shard
             raise StoreError(f"cannot write shard {self.shards[unit]} into {self.path}: {e}") from e
         self._failure(unit).unlink(missing_ok=True)
-        self._unit_meta.pop(unit, None)  # read afresh: this writer may read the set it writes
+        self._forget(unit)  # read afresh: this writer may read the set it writes
 
     def _write_unit(self, unit, arrays, records, errors, shard) -> None:
         rows, n = self.unit_rows, len(records)
@@ -241,11 +250,6 @@ class UnitWriter:
             block = np.zeros((rows, *a.shape[1:]), dtype=self.dtype)
             block[:n] = a
             self.array(name, "r+")[start:start + rows] = block  # exactly one whole chunk
-        files = {}
-        for name in self.features:
-            for key in self._unit_keys(name, unit):
-                where = self.path / ARRAYS / name / key
-                files[f"{name}/{key}"] = where.stat().st_size if where.is_file() else None
         keys = [r[0] for r in records] + [k for k, _ in errors]
         table = pa.table({
             "key": keys,
@@ -253,24 +257,35 @@ class UnitWriter:
             "view": [r[2] for r in records] + [0] * len(errors),
             "row": list(range(start, start + n)) + [-1] * len(errors),
             "error": [None] * n + [reason for _, reason in errors],
-        }, schema=RECORD_SCHEMA.with_metadata({"shard": json.dumps(shard), "files": json.dumps(files)}))
-        _atomic_write(self._record(unit), _parquet_bytes(table))
+        }, schema=RECORD_SCHEMA)
+        self._write_record(unit, table, shard)
+
+    def _write_record(self, unit: int, table: pa.Table, shard: dict | None) -> None:
+        """Commit ``unit``: its record, bound to this set and this unit, naming each of its files with its size and
+        its inner chunks' crc32c as written (so that a file copied in from another set or unit is found)."""
+        files = {}
+        for name in self.features:
+            raw = self._raw_shards(name)
+            for key in self._unit_keys(name, unit):
+                where = self.path / ARRAYS / name / key
+                files[f"{name}/{key}"] = ({"size": where.stat().st_size,
+                                           "crc32c": raw.crcs(where, unit) if raw is not None else None}
+                                          if where.is_file() else None)
+        meta = {"shard": json.dumps(shard), "files": json.dumps(files), "set": self.fingerprint, "unit": str(unit)}
+        _atomic_write(self._record(unit), parquet_bytes(table.replace_schema_metadata(meta)))
 
     def adopt_unit(self, source: "UnitWriter", unit: int) -> None:
         """Commit ``unit`` by copying ``source``'s committed unit (the same rows, as `adopt_units` in extract
-        decides): its chunk files of every feature, then its record, renamed into place last."""
-        import shutil
-
+        decides): its chunk files of every feature, then its record (bound to this set), renamed into place last."""
         for name in self.features:
             src, dst = source.path / ARRAYS / name / "c" / str(unit), self.path / ARRAYS / name / "c" / str(unit)
             if dst.exists():
                 shutil.rmtree(dst)
             if src.exists():
                 shutil.copytree(src, dst)
-        tmp = self._record(unit).with_name(f".{self._record(unit).name}.{_HOST}.{os.getpid()}.tmp")
-        shutil.copyfile(source._record(unit), tmp)
-        os.replace(tmp, self._record(unit))
+        self._write_record(unit, source._read_unit(unit), source.unit_shard(unit))
         self._failure(unit).unlink(missing_ok=True)
+        self._forget(unit)
 
     def claims(self, stale_after: float = 600.0) -> Claims:
         return Claims(self.path / "units", stale_after=stale_after)
@@ -284,6 +299,19 @@ class UnitWriter:
                 tmp.unlink(missing_ok=True)
                 gone.append(tmp)
         return gone
+
+    def discard_if_empty(self) -> bool:
+        """Remove the set if nothing was written into it (its model failed before its first shard), so that no
+        empty set is listed, or offered as one of the model's sets; whether it was removed."""
+        with _locked(self.path):
+            if self.complete or any(p.name != ".lock" for p in (self.path / "units").iterdir()):
+                return False
+            shutil.rmtree(self.path)
+        try:
+            self.path.parent.rmdir()  # the dataset's folder, if no other set is in it
+        except OSError:
+            pass
+        return True
 
     def fail_unit(self, unit: int, reason: str) -> None:
         """Record why a whole shard failed; the unit stays uncommitted and the next run retries it."""
@@ -299,6 +327,6 @@ class UnitWriter:
             ok, errors = self._read_records(range(self.num_units))
             if len(ok) == 0 and len(errors) > 0:
                 return False  # nothing usable: never a complete (reusable) set; see `unusable`
-            _atomic_write(self.path / "errors.parquet", _parquet_bytes(errors))
-            _atomic_write(self.path / "index.parquet", _parquet_bytes(ok))
+            _atomic_write(self.path / "errors.parquet", parquet_bytes(errors))
+            _atomic_write(self.path / "index.parquet", parquet_bytes(ok))
             return True
