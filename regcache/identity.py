@@ -19,7 +19,7 @@ from .data import Dataset, ShardId, load_dataset, shard_ids
 from .features import TokenLayout, select_features, with_layers
 from .settings import Backbone, ExtractSettings, Registers, fields
 
-SCHEMA = 3  # 3: identity from the settings' identity fields and the shards' bytes
+SCHEMA = 4  # 4: the shards' full sha256 (3: a sampled digest of each shard)
 
 
 @dataclass(frozen=True)
@@ -112,14 +112,15 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
 
     s = settings
     ds = dataset or load_dataset(s.data, s.name, s.labels, s.role)
-    ids = tuple(shards if shards is not None else shard_ids(ds))
+    memo = memo if memo is not None else Path(s.cache) / ".digests"
+    ids = tuple(shards if shards is not None else shard_ids(ds, memo))
     pre = preprocess_of(s, views=s.views, seed=s.seed, decode=decoder(s.decode, s.device))
     registers = registers_of(s)
     layout = layout_without_weights(s, pre.size, registers["k"] if registers else 0)
     features = select_features(s.features, layout)
     if s.layers:
         features = with_layers(features, s.layers, layout.depth)
-    w = weights_of(s, pre.size, memo if memo is not None else Path(s.cache) / ".digests")
+    w = weights_of(s, pre.size, memo)
     return Plan(s, ds, ids, w["model"], w["model_args"], w["checkpoint"], pre, layout, features, registers)
 
 

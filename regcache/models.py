@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -201,28 +202,32 @@ def state_dict_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """Safetensors, or a torch file loaded with ``weights_only=True`` (never an unpickled object)."""
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights of a safetensors file, or of a torch file loaded with ``weights_only=True`` (never an unpickled
+    object), and ``sha256:HEX`` of the very bytes they were read from: the file is read once, so the digest a
+    set's identity holds is that of the weights loaded, even if the file is replaced meanwhile."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
         try:
-            return load_file(str(path))
+            return load(data), digest
         except (SafetensorError, OSError, ValueError) as e:
             raise ModelError(f"checkpoint {path} is not a readable safetensors file ({e}); a torch checkpoint "
                              "needs a .pt/.pth name") from None
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with objects, or not a torch file
+        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle with objects, or not a torch file: torch raises many types
         raise ModelError(f"checkpoint {path} cannot be read as weights only: {e}") from e
     for k in ("model", "state_dict", "teacher"):
         if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
             sd = sd[k]
-    return sd
+    return sd, digest
 
 
 def _timm_filter(model: torch.nn.Module) -> Callable | None:
@@ -247,9 +252,10 @@ def drop_classifier(sd: dict[str, torch.Tensor], model: torch.nn.Module, path: s
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | Path,
-                    filter_fn: Callable | None | str = "timm") -> None:
-    """Load a checkpoint strictly, adapting it as timm does (position-embedding resize); name every mismatch."""
-    sd = read_checkpoint(path)
+                    filter_fn: Callable | None | str = "timm") -> str:
+    """Load a checkpoint strictly, adapting it as timm does (position-embedding resize); name every mismatch.
+    Returns the digest of the bytes loaded (`read_checkpoint`)."""
+    sd, digest = read_checkpoint(path)
     filter_fn = _timm_filter(model) if filter_fn == "timm" else filter_fn
     if filter_fn is not None:
         try:
@@ -267,6 +273,7 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path,
                  for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)) if items]
         raise ModelError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(parts))
     model.load_state_dict(sd, strict=True)
+    return digest
 
 
 def dinov2_interpolate(grid_pos: torch.Tensor, new_grid: tuple[int, int]) -> torch.Tensor:
@@ -356,11 +363,13 @@ def check_hub(name: str, model_args: dict | None = None, timeout: float = 5.0) -
                      "without any weights, --random-init SEED")
 
 
-def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
+def load_model(b: Backbone, img_size: int, checkpoint_digest: str | None = None) -> torch.nn.Module:
     """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``b.checkpoint``, or seeded random ones.
 
     ``b.pos_embed == "dinov2"`` resamples the weights' position table as DINOv2's hub code does
     (`regcache.settings.choices.POS_EMBED`); it needs a learned absolute table and a fixed input size.
+    ``checkpoint_digest``: the digest the caller recorded for ``b.checkpoint`` (a set's identity); weights whose
+    bytes have another are refused, so that a file replaced since never runs under the old file's name.
     """
     hub = b.checkpoint is None and b.random_init is None
     dinov2 = b.pos_embed == "dinov2"
@@ -382,5 +391,9 @@ def load_model(b: Backbone, img_size: int) -> torch.nn.Module:
         check_hub(name, b.model_args)
         load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
     elif b.checkpoint is not None:
-        load_checkpoint(model, b.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
+        loaded = load_checkpoint(model, b.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
+        if checkpoint_digest is not None and loaded != checkpoint_digest:
+            raise ModelError(f"checkpoint {b.checkpoint} changed after this run was planned: its bytes are "
+                             f"{loaded[:19]}…, the run was planned for {checkpoint_digest[:19]}…; run the command "
+                             "again (it plans for the file as it is then)")
     return model.eval().requires_grad_(False)

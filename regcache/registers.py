@@ -307,7 +307,8 @@ def find(s: "RegistersFindSettings") -> Found:
     from .settings import default_cache_root
 
     pre = preprocess_of(s)
-    net = load_model(s, pre.size)
+    weights = weights_of(s, pre.size, default_cache_root() / ".digests")
+    net = load_model(s, pre.size, weights["checkpoint"])  # the weights recorded are the weights loaded
     found = find_neurons(net, dataset_batches(s.data, pre, s.images, s.batch_size), detect_layer=s.detect_layer,
                          max_layer=s.max_layer, top_k=s.top_k, threshold=s.threshold, percentile=s.percentile)
     settings = {"data": s.data, "images": found.images, "size": pre.size, "detect_layer": found.detect_layer,
@@ -317,6 +318,5 @@ def find(s: "RegistersFindSettings") -> Found:
     summary = {"outliers": found.outliers, "patch_tokens": found.tokens,
                "scores": [[b, n, round(x, 4)] for b, n, x in found.scores],
                "block_norms": {str(b): {k: round(v, 3) for k, v in st.items()} for b, st in found.block_norms.items()}}
-    weights = weights_of(s, pre.size, default_cache_root() / ".digests")
     RegisterNeurons(resolve_name(s.model), weights, found.neurons, settings, summary).save(s.out)
     return found

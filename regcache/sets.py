@@ -76,7 +76,7 @@ class Cache:
             from .data import load_manifest, shard_ids
 
             ds = load_manifest(path)
-            fs = self._by_name(ds.name, model, features, content=ds.content_id(shard_ids(ds))).fs
+            fs = self._by_name(ds.name, model, features, content=ds.content_id(shard_ids(ds, self.root / ".digests"))).fs
             return Named(fs, Description(**ds.description()))  # the rows, with the manifest's meaning
         if model is None:
             raise StoreError(f"{ref}: not a feature-set path, nor a name under the cache root {self.root}; name a "

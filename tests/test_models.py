@@ -56,7 +56,7 @@ def test_checkpoint_that_does_not_fit_names_the_keys(noreg_ckpt):
 
 
 def test_torch_checkpoints_load_weights_only(reg_ckpt, tmp_path):
-    sd = read_checkpoint(reg_ckpt)
+    sd, _ = read_checkpoint(reg_ckpt)
     torch.save({"model": sd}, tmp_path / "w.pth")
     model = load_model(Backbone(model=REG, checkpoint=str(tmp_path / "w.pth")), SIZE)
     assert torch.equal(model.cls_token, sd["cls_token"])

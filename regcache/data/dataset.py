@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from braceexpand import braceexpand
 
+from .. import yamlio
 from ..settings.choices import ROLES
 from .errors import DataError
 from .tar import open_shard
@@ -55,6 +57,8 @@ class Dataset:
         """Identifies the rows a set of this data holds: the bytes of every shard (their `shard_id` digests, or
         the URL of a remote shard), which members are the image and the label. Not the name, nor where
         ``${VARS}`` point on this machine, nor how the shards were spelled."""
+        if any(s.digest == UNHASHED for s in shards):
+            raise ValueError("a content id needs every local shard's digest; some were not hashed")
         ids = [s.digest if s.digest not in (None, "missing") else f"url:{s.url}" for s in shards]
         return hashlib.sha256(json.dumps({"shards": ids, "image": list(self.image_keys), "labels": self.labels},
                                          sort_keys=True).encode()).hexdigest()
@@ -67,11 +71,12 @@ class Dataset:
 
 @dataclass(frozen=True)
 class ShardId:
-    """What one shard holds, cheaply: resolved path, size, and a digest of sampled bytes.
+    """What one shard holds: resolved path, size, and the sha256 of every byte (`regcache.digests`).
 
-    The same manifest text can point at other images (another folder, regenerated shards), so a
-    feature set's identity covers this, not only the text. ``digest`` is None for remote URLs
-    (only their URL identifies them) and "missing" for a local file that is not there.
+    The same manifest text can point at other images (another folder, regenerated shards, a label
+    fixed in place), so a feature set's identity covers the bytes, not only the text. ``digest`` is
+    ``sha256:HEX``; None for remote URLs (only their URL identifies them), "missing" for a local file
+    that is not there, and "unhashed" where a dry run found no remembered digest and read nothing.
     """
 
     url: str
@@ -80,34 +85,36 @@ class ShardId:
     digest: str | None = None
 
 
-DIGEST_WINDOWS, DIGEST_WINDOW = 8, 1 << 16
+UNHASHED = "unhashed"
 
 
-def shard_id(url: str) -> ShardId:
-    """Size and sha256 of 8 evenly spaced 64 KiB windows (first and last included; the whole file when small)."""
+def shard_id(url: str, memo: str | os.PathLike | None = None, read: bool = True) -> ShardId:
+    """Size and full sha256 of a local shard, remembered in ``memo`` (`digests.file_digest`); with ``read``
+    False only a remembered digest is used (nothing is read: "unhashed" when there is none)."""
+    from ..digests import file_digest, remembered
+
     if "://" in url or url.startswith("pipe:"):
         return ShardId(url)
     path = os.path.realpath(url)
     try:
         size = os.path.getsize(path)
-        h = hashlib.sha256(str(size).encode())
-        with open(path, "rb") as f:
-            if size <= DIGEST_WINDOWS * DIGEST_WINDOW:
-                h.update(f.read())
-            else:
-                for i in range(DIGEST_WINDOWS):
-                    f.seek((size - DIGEST_WINDOW) * i // (DIGEST_WINDOWS - 1))
-                    h.update(f.read(DIGEST_WINDOW))
+        if read:
+            digest = file_digest(path, memo)
+        else:
+            digest = (remembered(path, memo) if memo is not None else None) or UNHASHED
     except FileNotFoundError:
         return ShardId(url, path, None, "missing")
-    return ShardId(url, path, size, h.hexdigest())
+    return ShardId(url, path, size, digest)
 
 
-def shard_ids(ds: "Dataset", threads: int = 8) -> list[ShardId]:
+def shard_ids(ds: "Dataset", memo: str | os.PathLike | None = None, read: bool = True,
+              threads: int | None = None) -> list[ShardId]:
+    """`shard_id` of every shard, in order; those not remembered are hashed in parallel threads."""
     from concurrent.futures import ThreadPoolExecutor
 
+    threads = threads or min(16, max(4, os.cpu_count() or 1))
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(shard_id, ds.shards))
+        return list(pool.map(lambda u: shard_id(u, memo, read), ds.shards))
 
 
 def expand_vars(text: str, where: str) -> str:
@@ -185,13 +192,13 @@ def detect_labels(url: str) -> str:
 
 def read_yaml_mapping(path: Path, what: str, error: type[Exception]) -> tuple[str, dict]:
     """The text of a YAML file of fields (a manifest, a pipeline) and its mapping; ``error`` names the file."""
-    import yaml
-
     if not path.is_file():
         raise error(f"{what} {path} does not exist")
     text = path.read_text()
     try:
-        doc = yaml.safe_load(text)
+        doc = yamlio.load(text)
+    except yamlio.DuplicateKey as e:
+        raise error(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise error(f"{path}: not valid YAML: {e}") from e
     if not isinstance(doc, dict):

@@ -22,7 +22,7 @@ from ..data import ShardId
 from ..features import TokenLayout
 from ..identity import Plan
 from ..models import Preprocess
-from ..store import Claims, FeatureSet
+from ..store import Claims, FeatureSet, StoreError
 from ..tokens import token_features
 from .device import DeviceDecodeError, decode_batch
 from .stream import Batch, UnitStream
@@ -166,10 +166,15 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
             try:
                 fut.result()
                 m.result.units_done += 1
-            except Exception as e:
+            except (StoreError, OSError) as e:  # the disk, not the data; regcache's own bugs propagate
                 m.result.failed_shards[ds.shard_name(unit)] = f"{type(e).__name__}: {e}"
-                m.fs.fail_unit(unit, str(e))
-            claims[i].release(unit)
+                try:
+                    m.fs.fail_unit(unit, str(e))
+                except StoreError as again:
+                    raise StoreError(f"shard {ds.shard_name(unit)} could not be committed ({e}), nor its failure "
+                                     f"recorded: {again}") from again
+            finally:
+                claims[i].release(unit)
 
     def stop_member(i: int, error: Exception) -> None:
         if len(members) == 1:
@@ -280,8 +285,9 @@ def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Clai
 
 
 def _changed(read: ShardId | None, expected: ShardId) -> str | None:
-    """The shard read is not the one this set's identity was computed from (rewritten during the run)."""
-    if read is not None and read.digest != expected.digest:
-        return (f"{expected.url} changed while this run was reading it (size {expected.size} -> {read.size}); "
-                "run the command again to extract the new contents into their own set")
+    """The bytes read are not those this set's identity was planned from (the shard was changed since)."""
+    if read is not None and expected.digest not in (None, "missing") and read.digest != expected.digest:
+        return (f"{expected.url} changed after this run planned it ({expected.size} bytes, {expected.digest[:19]}…; "
+                f"read {read.size} bytes, {str(read.digest)[:19]}…): run the command again to extract the new "
+                "contents into their own set")
     return None

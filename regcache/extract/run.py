@@ -155,17 +155,25 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
     ds = load_dataset(s0.data, s0.name, s0.labels, s0.role)
     check_pipes(ds, s0.allow_pipe)
     if s0.finalize:
-        found = None if s0.store else (shard_ids(ds), list_feature_sets(s0.cache))  # once for every model
+        found = None if s0.store else (shard_ids(ds, Path(s0.cache) / ".digests"), list_feature_sets(s0.cache))
         return [_finalize_only(s, ds, t0, found) for s in settings]
     for s in settings:
         resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
     check_shards_exist(ds)
-    ids = shard_ids(ds)
+    ids = shard_ids(ds, Path(s0.cache) / ".digests")
     description = Description(**ds.description())
     results: list[ExtractResult | None] = [None] * len(settings)
     members: list[Member] = []
+    first: dict[str, int] = {}  # fingerprint -> the model of this pass that makes it
+    same: dict[int, int] = {}
     for n, s in enumerate(settings):
         p = plan(s, ds, ids)
+        if p.fingerprint in first:  # another name of one backbone (an alias and its timm name): one forward
+            same[n] = first[p.fingerprint]
+            log.info("%s makes the same set as %s (the same identity): extracted once", s.model,
+                     settings[same[n]].model)
+            continue
+        first[p.fingerprint] = n
         reuse = find_reusable(s.cache, p.identity) if s.store is None else None
         if reuse is not None:
             verify_shards(reuse, ds, ids)
@@ -196,11 +204,21 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
             run_pass(live, ids, device, s0.batch_size, workers, s0.allow_pipe, s0.compile, progress=not s0.quiet)
         for m in members:
             m.result.stream_seconds = time.perf_counter() - t
-    for n, s in enumerate(settings):
-        if not results[n].reused:
+    for n in first.values():
+        if not results[n].reused and not _discarded(results[n]):
             _conclude(FeatureSet(results[n].path), results[n])
         results[n].seconds = time.perf_counter() - t0
+    for n, m in same.items():
+        results[n] = results[m]
     return results
+
+
+def _discarded(result: ExtractResult) -> bool:
+    """A set whose model failed before anything was written into it is removed (`discard_if_empty`), so that no
+    empty set is listed, or offered as one of the model's sets."""
+    if result.error is None or result.units_done or not result.path.is_dir():
+        return False
+    return FeatureSet(result.path).discard_if_empty()
 
 
 def _prepare(p: Plan, ids: list[ShardId], description: Description) -> Member:
@@ -243,7 +261,7 @@ def _load(members: list[Member]) -> None:
     for m in members:
         p = m.plan
         try:
-            model = load_model(p.settings, p.preprocess.size)
+            model = load_model(p.settings, p.preprocess.size, p.checkpoint)
             if p.registers:
                 from ..registers import attach
 
@@ -253,6 +271,7 @@ def _load(members: list[Member]) -> None:
                                  f"the planned {p.layout}; please report this (timm {__import__('timm').__version__})")
         except (ValueError, RuntimeError, OSError) as e:
             if len(members) == 1:
+                m.fs.discard_if_empty()
                 raise
             m.failed = m.result.error = f"{type(e).__name__}: {e}"
             log.error("%s: cannot load it, the other models go on: %s", p.settings.model, e)
@@ -265,16 +284,18 @@ def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: P
     shard repaired, replaced or added since) with the same image and label members and unit size, that
     committed the same unit from the same shard bytes. Their files are copied, so a repaired shard costs
     that shard's forward pass, not the whole set's."""
-    want = {k: v for k, v in fs.identity.items() if k != "data"}
+    def rest(identity: dict) -> dict:  # all but the data, and the schema it was derived under
+        return {k: v for k, v in identity.items() if k not in ("data", "schema")}
+
     d = fs.meta.dataset
     siblings = [o for o in list_feature_sets(cache)
-                if o.path != fs.path and {k: v for k, v in o.identity.items() if k != "data"} == want
+                if o.path != fs.path and rest(o.identity) == rest(fs.identity)
                 and (o.unit_rows, o.num_units, o.meta.dataset.labels, o.meta.dataset.image)
-                == (fs.unit_rows, fs.num_units, d.labels, d.image)]
+                == (fs.unit_rows, fs.num_units, d.labels, d.image)
+                and all(_layout(o, f) == _layout(fs, f) for f in fs.features)]
     claims, adopted = fs.claims(), []
     for u in pending:
-        source = next((o for o in siblings if u in o.committed_units()
-                       and (o.unit_shard(u) or {}).get("digest") == ids[u].digest), None)
+        source = next((o for o in siblings if u in o.committed_units() and _read_from(o, u) == ids[u].digest), None)
         if source is None or not claims.take(u):
             continue
         try:
@@ -284,6 +305,20 @@ def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: P
         finally:
             claims.release(u)
     return adopted
+
+
+def _layout(fs: FeatureSet, feature: str) -> dict:
+    """How a feature's chunk files are laid out (its zarr.json but the description): files copy between equal ones."""
+    return {k: v for k, v in fs._zarr_json(feature).items() if k != "attributes"}
+
+
+def _read_from(fs: FeatureSet, unit: int) -> str | None:
+    """``sha256:HEX`` of the shard bytes a committed unit was read from (older units recorded it as ``sha256``)."""
+    shard = fs.unit_shard(unit) or {}
+    digest = shard.get("digest")
+    if digest and str(digest).startswith("sha256:"):
+        return digest
+    return f"sha256:{shard['sha256']}" if shard.get("sha256") else None
 
 
 def describe_plan(p: Plan) -> str:

@@ -2,22 +2,41 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard, shard_id
+from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard
 from .device import Encoded, device_item
 
 # --------------------------------------------------------------------------- streaming
 
 @dataclass(frozen=True)
 class ShardRead(ShardId):
-    """What a shard held as the extraction read it: the cheap id taken before, and the sha256 of every byte
-    read (hashed on the way, no second read), which `regcache verify` recomputes from the file."""
+    """What a shard held as the extraction read it: the sha256 of every byte read (hashed on the way, no second
+    read), as ``digest`` (``sha256:HEX``, compared with the digest the set's identity was planned from) and as
+    ``sha256`` (HEX, which `regcache verify` recomputes from the file); remote shards have no ``digest``."""
 
     sha256: str | None = None
+
+
+class _Counted:
+    """A sha256 that also counts the bytes it was fed (the shard's size as read)."""
+
+    def __init__(self):
+        self.hash, self.size = hashlib.sha256(), 0
+
+    def update(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.size += len(data)
+
+    def read(self, url: str) -> "ShardRead":
+        hexdigest = self.hash.hexdigest()
+        if "://" in url or url.startswith("pipe:"):
+            return ShardRead(url, None, self.size, None, hexdigest)
+        return ShardRead(url, os.path.realpath(url), self.size, "sha256:" + hexdigest, hexdigest)
 
 
 @dataclass
@@ -37,7 +56,7 @@ class Batch:
     samples: int = 0                       # on `end`: samples read from the shard
     errors: list[tuple[str, str]] = field(default_factory=list)  # on `end`: (key, reason), in sample order
     shard_error: str | None = None         # on `end`: the shard failed as a whole
-    shard: ShardId | None = None           # on `end`: what the shard held when it was read (a ShardRead if whole)
+    shard: ShardRead | None = None         # on `end`: what the shard held as it was read (when read whole)
     skipped: bool = False                  # on `end`: committed or claimed by other writers, for every model
 
     @property
@@ -87,8 +106,7 @@ class UnitStream(torch.utils.data.IterableDataset):
         errors: list[list[tuple[str, str]]] = [[] for _ in groups]
         seen: set[str] = set()
         n = 0
-        sid = shard_id(url)  # what the shard holds as it is read, checked against the set's identity
-        full = hashlib.sha256()
+        full = _Counted()  # what the shard holds as it is read, checked against the set's identity
         try:
             for sample in open_shard(url, self.allow_pipe, sha256=full):
                 key = sample["__key__"]
@@ -124,9 +142,9 @@ class UnitStream(torch.utils.data.IterableDataset):
             # webdataset appends the stream and URL to args; the first is the message
             why = f"{type(e).__name__}: {e.args[0] if e.args else e}"
             for g in groups:
-                yield Batch(unit=unit, group=g, members=members, end=True, samples=n, shard=sid, shard_error=why)
+                yield Batch(unit=unit, group=g, members=members, end=True, samples=n, shard_error=why)
             return
-        read = ShardRead(**asdict(sid), sha256=full.hexdigest())
+        read = full.read(url)
         for g in groups:
             if rows[g]:
                 yield self._batch(unit, g, members, rows[g], on_device[g])
