@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 import pandas as pd
 
-from .store.meta import Record
+from .rundir import check_out, publish, writing
+from .store.meta import Description, Record
 
 #: column labels; the two FPR95 conventions (docs/design.md, "OOD metrics") never share one
 METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "ap_in": "AP-in↑",
@@ -132,18 +133,27 @@ def markdown(results: pd.DataFrame) -> str:
            "OOD accepted (Hendrycks & Gimpel; Liu et al.). Means are unweighted over sets; near-ood/far-ood group the "
            "sets by their manifest's split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and "
            "the scorers' hyperparameters are in results.parquet."]
-    out += [*_protocol_notes(res), *filter(None, [_merge_note(res)])]
+    out += [*_protocol_notes(res), *filter(None, [_merge_note(res)]), *_skipped(res)]
     return "\n\n".join(out) + "\n"
 
 
+def _skipped(res: pd.DataFrame) -> list[str]:
+    """Why a cell of the OOD table is empty: each scorer that could not score, by combination and set."""
+    if "note" not in res:
+        return []
+    why = [n for n in dict.fromkeys(res.note.dropna()) if n.startswith("skipped: ") and " could not score " not in n]
+    return [f"Not scored (empty cells): {'; '.join(n.removeprefix('skipped: ') for n in why)}."] if why else []
+
+
 class SetUse(Record):
-    """One set a run read: its role, the name it was read under, and what it held."""
+    """One set a run read: its role, the name it was read under, what it held and what its rows meant."""
 
     role: str          # train, val, test, eval or anomaly
     name: str
     path: str
     fingerprint: str   # its settings and dataset
     content: str       # the shard bytes its rows were read from (`FeatureSet.content_id`)
+    description: Optional[Description] = None  # name, role, split, classes, subset as read (older runs: None)
 
 
 class RunRecord(Record):
@@ -152,10 +162,30 @@ class RunRecord(Record):
     settings: dict[str, Any]   # `ProbeSettings`, as JSON
     sets: list[SetUse]
     protocol: dict[str, Any]
+    classes: Optional[list[str]] = None  # the class each head output stands for (None: integer labels, or older runs)
     regcache: str
     torch: str
     created: str
     command: list[str]
+
+
+def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = None) -> tuple[str, Path | None]:
+    """`regcache report`: several runs in one table (Markdown), and with ``out`` (a new or empty directory)
+    report.md, results.parquet and results.csv, written whole or not at all. Returns the text and ``out``."""
+    check_out(out)
+    df = merge(runs)
+    text = markdown(df)
+    if out is None:
+        return text, None
+
+    def write(d: Path) -> None:
+        with writing(d / "report.md") as f:
+            f.write_text(text)
+        with writing(d / "results.parquet") as f:
+            df.to_parquet(f, index=False)
+        with writing(d / "results.csv") as f:
+            df.to_csv(f, index=False)
+    return text, publish(out, out, write)
 
 
 def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:

@@ -63,7 +63,7 @@ def score(**given):
     from ..probe import score as run
 
     s = settings(ScoreSettings, given)
-    setup_logging(False)
+    setup_logging(s.quiet)
     with errors():
         result = run(s)
     click.echo((result.out / "results.md").read_text())
@@ -88,20 +88,14 @@ def scorers_cmd():
 @options(ReportSettings)
 def report(**given):
     """Merge the results of several runs (directories or results.parquet files) into one report."""
-    from ..report import markdown, merge
-    from ..rundir import output_dir
+    from ..report import report as run
 
     s = settings(ReportSettings, given)
     with errors():
-        df = merge(s.runs)
-        text = markdown(df)
-        click.echo(text)
-        if s.out is not None:
-            out = output_dir(s.out, s.out)
-            (out / "report.md").write_text(text)
-            df.to_parquet(out / "results.parquet", index=False)
-            df.to_csv(out / "results.csv", index=False)
-            click.echo(f"written to {out}")
+        text, out = run(s.runs, s.out)
+    click.echo(text)
+    if out is not None:
+        click.echo(f"written to {out}")
 
 
 @main.command("run")

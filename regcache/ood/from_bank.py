@@ -189,7 +189,7 @@ class _Subspace(Scorer):
         d = head.weight.shape[1]
         dim = self.args["dim"] or (1000 if d >= 2048 else 512 if d >= 768 else d // 2)
         if not 0 < dim < d:
-            raise ValueError(f"{self.name}.dim={dim} must lie between 1 and the feature dimension - 1 ({d - 1})")
+            raise FitError(f"{self.name}.dim={dim} must lie between 1 and the feature dimension - 1 ({d - 1})")
         self.origin = -np.linalg.pinv(head.weight) @ head.bias
         m = bank.moments()
         _, vectors, support = symmetric_eigh(m.second_moment_about(self.origin))  # ascending eigenvalues
@@ -198,8 +198,11 @@ class _Subspace(Scorer):
             why = ("every training row would have a residual of rounding noise, and alpha divides by their mean"
                    if self.residual_needed and dim == rank else
                    f"the rest of a {dim}-dimensional principal subspace would be rounding noise")
+            fix = (f"pass {self.name}.dim={most} or less" if most >= 1 else
+                   "no dimension is determined (constant or nearly constant training features): the scorer cannot "
+                   "fit on this training set")
             raise FitError(f"{self.name}.dim={dim}: the {m.n} training rows span {rank} dimensions about the "
-                           f"head's origin (pinvh cutoff): {why}; pass {self.name}.dim={most} or less")
+                           f"head's origin (pinvh cutoff): {why}; {fix}")
         self.null = vectors[:, : d - dim]  # the least-varying directions
         return self
 

@@ -76,7 +76,7 @@ class ExtractJob:
 
 def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[ExtractJob]:
     """One job per model × dataset, planned, and marked cached where the cache already holds its set."""
-    from ..data import shard_ids
+    from ..data import UNHASHED, shard_ids
     from ..identity import plan
     from ..store import find_reusable, list_feature_sets
 
@@ -87,10 +87,14 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
             continue
         for d in pl.datasets:
             job = ExtractJob(m, d, pl.extract_settings(m, d))
-            ids = shard_ids(d.dataset)
+            ids = shard_ids(d.dataset, pl.cache / ".digests", read=not dry_run)  # a dry run reads no shard
             missing = [s.url for s in ids if s.digest == "missing"]
+            unhashed = [s.url for s in ids if s.digest == UNHASHED]
             if missing and dry_run:
                 job.why = f"{len(missing)} of its {len(ids)} shards are not there (e.g. {missing[0]})"
+            elif unhashed:
+                job.why = (f"{len(unhashed)} of its {len(ids)} shards not hashed yet (a dry run reads no shard; the "
+                           "extraction hashes each once and remembers it)")
             else:
                 job.plan = plan(job.settings, d.dataset, ids)
                 found = find_reusable(pl.cache, job.plan.identity, sets)
@@ -164,8 +168,11 @@ def _inputs(job: RunJob, sets: dict[tuple[str, str], ExtractJob]) -> None:
 def _key_and_run(job: RunJob, pl: Pipeline, group: str) -> None:
     if all(job.inputs.values()) and job.settings is not None:
         names = "+".join(m.label for m in job.models)
+        # what each input's rows mean (classes, subset, role, split) is part of the key: correcting a manifest
+        # reruns exactly the jobs that read it
+        meanings = {n: d.model_dump(mode="json") for n, d in sorted(job.descriptions.items())}
         job.key = digest({"kind": job.block.kind, "settings": job.settings.model_dump(mode="json", exclude={"out"}),
-                          "models": names, "inputs": job.inputs})
+                          "models": names, "inputs": job.inputs, "descriptions": meanings})
         job.run = pl.out / group / _slug(job.block.name) / f"{_slug(names)}-{job.key[:12]}"
         f = job.run / "job.json"
         if f.is_file() and json.loads(f.read_text()).get("key") == job.key:

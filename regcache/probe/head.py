@@ -37,13 +37,20 @@ class Head:
 
 
 def save_heads(path: Path, heads: dict, meta: dict) -> None:
-    from safetensors.torch import save_file
+    """The heads with their settings, and ``meta`` (model, training set, the classes the outputs stand for), each
+    as JSON in the file's metadata. A failure to write (a full disk) is an OSError."""
+    import safetensors.torch
+    from safetensors import SafetensorError
 
     tensors, info = {}, []
     for h in heads.values():
         tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
         info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc, "C": h.C})
-    save_file(tensors, str(path), metadata={"heads": json.dumps(info), **{k: json.dumps(v) for k, v in meta.items()}})
+    try:
+        safetensors.torch.save_file(tensors, str(path), metadata={"heads": json.dumps(info),
+                                                                  **{k: json.dumps(v) for k, v in meta.items()}})
+    except SafetensorError as e:
+        raise OSError(str(e)) from e
 
 
 def load_heads(path: Path) -> list:

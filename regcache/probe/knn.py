@@ -17,6 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..report import frame_markdown
+from ..rundir import check_out, publish, stamp, writing
+from ..store import slug
 from .data import ProbeError, Split, class_names, load_split
 
 if TYPE_CHECKING:
@@ -136,6 +139,7 @@ def knn(s: "KnnSettings") -> Table:
     """`regcache knn`: top-1 (and top-5) of every combination and k on the test and eval sets."""
     import pandas as pd
 
+    check_out(s.out)
     train, tests, num_classes = _sets(s)
     if max(s.k) > len(train):
         raise ProbeError(f"k={max(s.k)} neighbours, but {s.train} has {len(train)} training rows (view 0): "
@@ -164,6 +168,7 @@ def fewshot(s: "FewshotSettings") -> Table:
 
     from ..progress import progress
 
+    check_out(s.out)
     train, tests, num_classes = _sets(s)
     rows = []
     work = [(combo, role, t) for combo in s.features for role, t in tests]
@@ -186,12 +191,15 @@ def fewshot(s: "FewshotSettings") -> Table:
 
 
 def _write(table: Table, s, command: str, title: str) -> Table:
-    """results.parquet (long) and results.md (the summary) in the run directory (``s.out``, or a new one)."""
-    from ..report import frame_markdown
-    from ..rundir import output_dir, stamp
-    from ..store import slug
+    """results.parquet and results.csv (long) and results.md (the summary) in the run directory (``s.out``, or a
+    new one), written whole or not at all."""
+    def write(out: Path) -> None:
+        with writing(out / "results.parquet") as f:
+            table.results.to_parquet(f, index=False)
+        with writing(out / "results.csv") as f:
+            table.results.to_csv(f, index=False)
+        with writing(out / "results.md") as f:
+            f.write_text(f"### {title}\n\n{frame_markdown(table.summary)}\n")
 
-    table.out = output_dir(s.out, Path("runs") / f"{command}-{slug(s.model)}-{stamp()}")
-    table.results.to_parquet(table.out / "results.parquet", index=False)
-    (table.out / "results.md").write_text(f"### {title}\n\n{frame_markdown(table.summary)}\n")
+    table.out = publish(s.out, Path("runs") / f"{command}-{slug(s.model)}-{stamp()}", write)
     return table

@@ -18,7 +18,7 @@ import torch
 
 from .. import __version__, ood
 from ..report import RunRecord, SetUse, markdown
-from ..rundir import output_dir, stamp
+from ..rundir import check_out, publish, stamp, writing
 from ..sets import Cache, Named
 from ..settings import CachedSets, ProbeSettings, ScoreSettings
 from ..store import FeatureSet, slug
@@ -46,6 +46,7 @@ class Row:
     lr: float = float("nan")
     wd: float = float("nan")
     scorer_args: str = ""  # the scorer's hyperparameters (JSON), defaults included
+    note: str = ""         # how the number was made (a scorer's notes), or why there is none ("skipped: ...")
 
 
 def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[Split],
@@ -57,6 +58,8 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
 
     ``scorer_args``: hyperparameters by scorer name (``{"react": {"percentile": 0.9}}``); each row records
     the scorer's full set. Feature scorers fit on ``bank(head.features, device)``, streamed in chunks.
+    A scorer that cannot fit on this head's training features, or gives non-finite scores, is skipped alone:
+    its rows hold NaN and say why (``note``), and so do the means over the sets it could not score.
     """
     f, hp = head.name, dict(lr=head.lr, wd=head.wd)
     rows = [Row(f, id_split.name, "id", "top1", accuracy(head.logits(id_split), id_split.labels, id_split.subset),
@@ -65,46 +68,70 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
         rows.append(Row(f, s.name, "ood-gen", "top1", accuracy(head.logits(s), s.labels, s.subset), len(s), **hp))
     if not anomalies:
         return rows
-    fitted = _scorers(head, scorers, bank, scorer_args or {}, device)
+    fitted, skipped = _scorers(head, scorers, bank, scorer_args or {}, device)
     args = {name: json.dumps(sc.args, sort_keys=True) for name, sc in fitted.items()}
-    id_scores = {name: _score(sc, head, id_split) for name, sc in fitted.items()}
+    id_scores = {}
+    for name, sc in fitted.items():
+        id_scores[name] = _score(sc, head, id_split)
+        if not np.isfinite(id_scores[name]).all():
+            skipped[name] = f"{_non_finite(id_scores[name])} on the ID set {id_split.name}"
     per: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
     for s in anomalies:
         group = (groups or {}).get(s.name)
         means = [] if group == OOD_VALIDATION else ["mean"] + ([f"mean {group}"] if group else [])
-        for name, sc in fitted.items():
-            o = _score(sc, head, s)
-            if scores_out is not None:
+        for name in ood.resolve(scorers):
+            o = _score(fitted[name], head, s) if name not in skipped else None
+            why = skipped.get(name) or (f"{_non_finite(o)} on {s.name}" if not np.isfinite(o).all() else None)
+            note = (f"skipped: {name} on [{f}]: {why}" if why else "; ".join(fitted[name].notes))
+            if why:
+                log.warning("warning: %s", note)
+            elif scores_out is not None:
                 scores_out[(f, s.name, name)] = (id_scores[name], o)
             for metric, m in ood.METRICS.items():
-                v = m(id_scores[name], o)
-                rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args[name]))
+                v = float("nan") if why else m(id_scores[name], o)
+                rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args.get(name, ""),
+                                note=note))
                 for mean in means:
                     per.setdefault((mean, name, metric), []).append((v, len(s)))
     for (mean, name, metric), got in per.items():
+        gaps = sum(np.isnan(v) for v, _ in got)
         rows.append(Row(f, mean, "anomaly", metric, float(np.mean([v for v, _ in got])), sum(n for _, n in got),
-                        name, **hp, scorer_args=args[name]))
+                        name, **hp, scorer_args=args.get(name, ""),
+                        note=f"skipped: {name} on [{f}] could not score {gaps} of the {len(got)} sets" if gaps else ""))
     return rows
 
 
-def _scorers(head: Head, names: Sequence[str], bank: "BankSource | None", args: dict, device: str) -> dict:
-    """Each scorer made with its arguments and fitted once for this head (the bank read only if one needs it)."""
+def _non_finite(scores: np.ndarray) -> str:
+    return f"{int((~np.isfinite(scores)).sum())} of its {len(scores)} scores are NaN or inf"
+
+
+def _scorers(head: Head, names: Sequence[str], bank: "BankSource | None", args: dict,
+             device: str) -> tuple[dict, dict[str, str]]:
+    """Each scorer made with its arguments and fitted once for this head (the bank read only if one needs it), and
+    the reason of each that cannot fit on this head's training features (it is skipped, the others go on)."""
     lin = ood.Linear(head.weight.numpy(), head.bias.numpy())
     made = {name: ood.make(name, **args.get(name, {})) for name in ood.resolve(names)}
     need = [n for n, sc in made.items() if sc.needs_bank]
     if need and bank is None:
         raise ProbeError(f"scorers {', '.join(need)} need the training features")
     b = bank(head.features, device) if need else None
-    return {name: sc.fit(b, lin) for name, sc in made.items()}
+    fitted, skipped = {}, {}
+    for name, sc in made.items():
+        try:
+            fitted[name] = sc.fit(b, lin)
+        except (ood.FitError, np.linalg.LinAlgError) as e:  # degenerate training features, not a bug
+            skipped[name] = f"cannot fit on the training features of {b.name if b is not None else 'the head'}: {e}"
+    return fitted, skipped
 
 
 def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) -> np.ndarray:
     """A fitted scorer's scores of a split, a chunk of rows at a time in float64 (features, and the head's
     logits over all its classes: anomaly sets have no class subset)."""
     out = []
-    for i in range(0, len(split), chunk):
-        x = split.combo(head.features, np.arange(i, min(i + chunk, len(split)))).numpy().astype(np.float64)
-        out.append(scorer.score(x, scorer.head(x)))
+    with np.errstate(divide="ignore", invalid="ignore"):  # non-finite scores are reported by name (`evaluate`)
+        for i in range(0, len(split), chunk):
+            x = split.combo(head.features, np.arange(i, min(i + chunk, len(split)))).numpy().astype(np.float64)
+            out.append(scorer.score(x, scorer.head(x)))
     return np.concatenate(out)
 
 
@@ -241,6 +268,7 @@ class _Data:
     ood_gen: list[Split]
     anomalies: list[Split]
     num_classes: int
+    classes: list[str] | None = None  # what each head output stands for (None: integer labels)
     train: "Split | StreamedSplit | None" = None
     val: Split | None = None
     bank: "BankSource | None" = None  # view-0 training rows, for feature scorers
@@ -272,8 +300,8 @@ def _load(s: ProbeSettings, sets: RunSets, union: Sequence[str]) -> _Data:
         val, train = train.take(val_rows, name=f"{name}[held-out]"), train.take(fit_rows)
     test = labelled(sets.test, union, id_classes, num_classes) if sets.test is not None else val
     return _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
-                 [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, train, val,
-                 _bank(train), _groups(sets.anomaly))
+                 [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, id_classes, train,
+                 val, _bank(train), _groups(sets.anomaly))
 
 
 def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: list[Row], protocol: dict):
@@ -303,29 +331,39 @@ def _need_test(s: ProbeSettings) -> str:
 # --------------------------------------------------------------------------- the run directory
 
 def run_record(result, s) -> RunRecord:
+    """config.json: the settings, each set with what it held and what its rows meant, and the heads' classes."""
     uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path), fingerprint=n.fs.fingerprint,
-                   content=n.fs.content_id()) for label, n in result.sets.items()]
-    return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, regcache=__version__,
-                     torch=torch.__version__, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                     command=sys.argv)
+                   content=n.fs.content_id(), description=n.description) for label, n in result.sets.items()]
+    return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, classes=result.classes,
+                     regcache=__version__, torch=torch.__version__,
+                     created=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=sys.argv)
 
 
 def write_scores(out: Path, result, plots: bool = True) -> None:
-    """A run's numbers: results.parquet (long), results.md (the tables), plots/ (ROC curves, histograms)."""
+    """A run's numbers: results.parquet (long), results.csv (the same, for any tool), results.md (the tables),
+    plots/ (ROC curves, histograms)."""
     from ..plots import plot_scores
 
     out.mkdir(parents=True, exist_ok=True)
-    result.results.to_parquet(out / "results.parquet", index=False)
-    (out / "results.md").write_text(markdown(result.results))
+    with writing(out / "results.parquet") as f:
+        result.results.to_parquet(f, index=False)
+    with writing(out / "results.csv") as f:
+        result.results.to_csv(f, index=False)
+    with writing(out / "results.md") as f:
+        f.write_text(markdown(result.results))
     if plots and result.scores:
-        plot_scores(out / "plots", result.scores)
+        with writing(out / "plots"):
+            plot_scores(out / "plots", result.scores)
 
 
 def write_run(out: Path, result, s) -> None:
     """Everything a probe run leaves: its numbers (`write_scores`), heads.safetensors and config.json."""
     write_scores(out, result, plots=s.plots)
-    (out / "config.json").write_bytes(run_record(result, s).to_json())
-    save_heads(out / "heads.safetensors", result.heads, {"model": s.model, "train": str(result.sets.train.fs.path)})
+    with writing(out / "config.json") as f:
+        f.write_bytes(run_record(result, s).to_json())
+    with writing(out / "heads.safetensors") as f:
+        save_heads(f, result.heads, {"model": s.model, "train": str(result.sets.train.fs.path),
+                                     "classes": result.classes})
 
 
 
@@ -339,6 +377,7 @@ class ProbeResult:
     scores: dict                           # (features, anomaly set, scorer) -> (ID scores, OOD scores)
     sets: RunSets
     protocol: dict = field(default_factory=dict)  # selection set, heads per combination, ID set, training views
+    classes: list[str] | None = None       # the class each head output stands for (None: integer labels)
     out: Path | None = None                # the run directory, once written
     warnings: list[str] = field(default_factory=list)
 
@@ -380,17 +419,18 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
     if s.augmented and len(protocol["train_views"]) < 2:
         warnings.append(f"the protocol trains on augmented views, but {s.train} holds the plain crop only "
                         "(extracted with views 1): its heads saw no augmentation; extract it with --views > 1")
-    return ProbeResult(df, heads, candidates, scores, sets, protocol, warnings=warnings)
+    return ProbeResult(df, heads, candidates, scores, sets, protocol, data.classes, warnings=warnings)
 
 
 def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = None) -> ProbeResult | None:
-    """`regcache probe`: `run_probe`, then its run directory (``s.out``, default ``runs/MODEL-TIME``)."""
+    """`regcache probe`: `run_probe`, then its run directory (``s.out``, default ``runs/MODEL-TIME``), written whole
+    or not at all; a ``s.out`` that holds files is refused before any head trains."""
+    check_out(s.out)
     result = run_probe(s, pins)
     if result is not None:
         for w in result.warnings:
             log.warning("warning: %s", w)
-        result.out = output_dir(s.out, Path("runs") / f"{slug(s.model)}-{stamp()}")
-        write_run(result.out, result, s)
+        result.out = publish(s.out, Path("runs") / f"{slug(s.model)}-{stamp()}", lambda d: write_run(d, result, s))
     return result
 
 
@@ -402,6 +442,7 @@ def score(ss: ScoreSettings) -> ProbeResult:
     sets must still hold what they held (settings and shard bytes), else its numbers would mix data.
     """
     run = Path(ss.run)
+    check_out(ss.out)
     record = RunRecord.read(run / "config.json", "run record")
     update = {"eval": ss.eval, "anomaly": ss.anomaly, "out": None,
               **{k: getattr(ss, k) for k in ("scorers", "scorer_args", "cache") if getattr(ss, k) is not None}}
@@ -413,7 +454,9 @@ def score(ss: ScoreSettings) -> ProbeResult:
     if gone:
         raise ProbeError(f"the {', '.join(gone)} of run {run} is no longer there (removed, or extracted again from "
                          "other shards since the run was made); probe again to get a run of the current data")
-    sets = find_sets(s, union, pins={getattr(s, role): r.path for role, r in roles.items()})
+    # the run's own sets, read with the meaning they had when the heads were made (however they were named)
+    pins = {getattr(s, role): _recorded(r) for role, r in roles.items()}
+    sets = find_sets(s, union, pins=pins)
     for role, r in roles.items():
         fs = getattr(sets, role).fs
         if (fs.fingerprint, fs.content_id()) != (r.fingerprint, r.content):
@@ -421,6 +464,9 @@ def score(ss: ScoreSettings) -> ProbeResult:
                              "settings since the run was made: its numbers would mix two datasets; probe again to "
                              "get a run of the current data")
     id_classes, num_classes = class_names(sets.train.description)[0], int(heads[0].weight.shape[0])
+    if roles["train"].description is None:
+        log.warning("warning: run %s (made by an older regcache) did not record its training classes: labels are "
+                    "mapped through %s's class list as it is now", run, sets.train.name)
     role = sets.id_role
     test = labelled(getattr(sets, role), union, id_classes, num_classes) if role else None
     bank = None
@@ -440,7 +486,12 @@ def score(ss: ScoreSettings) -> ProbeResult:
                  [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, bank=bank,
                  groups=_groups(sets.anomaly))
     df, scores = _evaluate_all(s, heads, data, [], record.protocol)
-    result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol)
-    result.out = output_dir(ss.out, run / f"score-{stamp()}")
-    write_scores(result.out, result)
+    result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol, id_classes)
+    result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scores(d, result))
     return result
+
+
+def _recorded(use: SetUse) -> Named:
+    """A set a run read, with the description its rows had then (older runs: the one it holds under that name)."""
+    fs = FeatureSet(use.path)
+    return Named(fs, use.description) if use.description is not None else Named.of(fs, use.name)
