@@ -96,8 +96,8 @@ def test_a_same_size_checkpoint_with_other_weights_is_another_set_and_verify_fin
 # --------------------------------------------------------------------------- 5-9: values accepted before
 
 @pytest.mark.parametrize("extra, says", [
-    (["--anomaly", "far,far"], "--anomaly: names far more than once"),                        # 5
-    (["--anomaly", "far", "--anomaly", "far"], "--anomaly: names far more than once"),
+    (["--anomaly", "far,far"], "--anomaly: far given more than once"),                        # 5
+    (["--anomaly", "far", "--anomaly", "far"], "--anomaly: far given more than once"),
     (["--lr", "inf"], "--lr[0]: Input should be a finite number"),                              # 7
     (["--wd", "inf"], "--wd[0]: Input should be a finite number"),
     (["--solver", "lbfgs", "--C", "nan"], "--C[0]: Input should be a finite number"),
@@ -170,5 +170,5 @@ def test_json_of_an_anomaly_listed_in_a_pipeline_twice_is_refused(tmp_path):
     (tmp_path / "p.yaml").write_text(json.dumps({
         "name": "p", "models": ["vits"], "datasets": ["t.yaml", "a.yaml"],
         "probes": [{"name": "x", "features": ["cls"], "train": "t", "anomaly": ["a", "a"]}]}))
-    with pytest.raises(PipelineError, match=r"probes\[0\]\.anomaly: names a more than once"):
+    with pytest.raises(PipelineError, match=r"probes\[0\]\.anomaly: a given more than once"):
         load_pipeline(tmp_path / "p.yaml")

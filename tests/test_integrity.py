@@ -235,7 +235,7 @@ def test_a_store_of_an_unknown_schema_is_refused(reg_ckpt, tmp_path):
     meta = json.loads((res.path / "regcache.json").read_text())
     meta["schema_version"] = 99
     (res.path / "regcache.json").write_text(json.dumps(meta))
-    with pytest.raises(StoreError, match="schema 99, written by an older regcache; this regcache reads schema"):
+    with pytest.raises(StoreError, match="schema 99, which this regcache does not read"):
         FeatureSet(res.path)
 
 

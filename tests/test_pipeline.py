@@ -234,7 +234,7 @@ def test_registers_study_plans():
     ({"probes.p.lr": float("nan")}, "probes[0].lr[0]: Input should be a finite number"),
     ({"probes.p.val_fraction": 2}, "probes[0].val_fraction: Input should be less than or equal to 0.5"),
     ({"probes.p.momentum": 1.5}, "probes[0].momentum: Input should be less than 1"),
-    ({"probes.p.anomaly": ["tiny-tex", "tiny-tex"]}, "probes[0].anomaly: names tiny-tex more than once"),
+    ({"probes.p.anomaly": ["tiny-tex", "tiny-tex"]}, "probes[0].anomaly: tiny-tex given more than once"),
     ({"probes.p.stream": True}, "probes[p]: a streamed training set needs a val set"),  # only in combination
 ])
 def test_malformed_pipeline_is_refused_naming_the_field(tiny, edit, field):

@@ -53,6 +53,10 @@ def extract(launcher, nproc_per_node, **given):
 def _per_model(given: dict) -> list[dict]:
     """The command's values for each model of ``--model a,b,c``: per-model options split to one value each."""
     models = [m.strip() for m in (given.get("model") or "").split(",") if m.strip()] or [given.get("model")]
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:
+        raise click.UsageError(f"--model: {', '.join(twice)} given more than once (each model is extracted once: "
+                               "give it once)")
     out = [dict(given, model=m) for m in models]
     for name in PER_MODEL:
         if name == "model" or given.get(name) is None:
@@ -124,8 +128,8 @@ def ls(**given):
             counts = {"rows": len(fs.index), "failed": len(fs.errors)}
         except StoreError:  # a table that does not read: named in damage
             counts = {"rows": None, "failed": None}
-        rows.append({"path": str(fs.path), "model": fs.meta.model.name, "dataset": ",".join(fs.names()),
-                     "features": ",".join(fs.features), **counts,
+        rows.append({"path": str(fs.path), "model": fs.meta.model.name, "dataset": list(fs.names()),
+                     "features": list(fs.features), **counts,
                      "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
                      "size": i["size"], "resize": i["resize"], "crop": i["crop_mode"], "decode": i.get("decode", "pil"),
                      "precision": i["precision"],
@@ -147,7 +151,7 @@ def ls(**given):
     head = ("model", "dataset", "features", "rows", "failed", "units", "crop", "disk", "created", "name")
     table = [head]
     for r in rows:
-        cells = ["?" if r[k] is None else str(r[k])
+        cells = ["?" if r[k] is None else ",".join(r[k]) if isinstance(r[k], list) else str(r[k])
                  for k in ("model", "dataset", "features", "rows", "failed", "units")]
         crop = "?" if r["size"] is None else (f"{r['size']} of {r['resize']} ({r['crop']}"
                                               f"{', ' + r['decode'] if r['decode'] != 'pil' else ''})")

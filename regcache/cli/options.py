@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal
 import click
 from click.core import ParameterSource
 
-from ..settings import Settings, SettingsError, cli, fields, meta
+from ..settings import PRESETS, Settings, SettingsError, cli, fields, meta
 from ..settings.base import Scope
 
 
@@ -76,7 +76,7 @@ def _param(cls: type[Settings], name: str, text: bool = False) -> Callable:
         help_ += " [required]"
     opts: dict[str, Any] = {"help": help_, "default": None, "metavar": c.metavar, "multiple": c.multiple}
     if kind is bool:
-        if info.default is True:
+        if info.default is True or any(name in p.settings for p in PRESETS.values()):  # on without being typed
             decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
         opts.update(is_flag=True, default=None, metavar=None)
     elif text:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
+import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
+from .. import yamlio
 from ..data import DataError, Dataset, load_manifest
 from ..data.dataset import read_yaml_mapping
 from ..settings import (ANALYSES, ExtractSettings, ProbeSettings, Settings, SettingsError, default_cache_root,
@@ -244,18 +246,21 @@ class Pipeline:
 # --------------------------------------------------------------------------- --set and ${VARS}
 
 def parse_overrides(pairs) -> dict[str, Any]:
-    """``KEY=VALUE`` (VALUE read as YAML, so ``lr=[0.01,0.1]`` is a list) -> {KEY: value}."""
-    import yaml
-
+    """``KEY=VALUE`` (VALUE read as YAML, so ``lr=[0.01,0.1]`` is a list) -> {KEY: value}; a KEY given twice, or a
+    key given twice inside a VALUE, is refused."""
     out = {}
     for p in pairs:
         if "=" not in p:
             raise PipelineError(f"--set {p!r}: not KEY=VALUE")
-        k, v = p.split("=", 1)
+        k, v = (x.strip() for x in p.split("=", 1))
+        if k in out:
+            raise PipelineError(f"--set {k} is given twice ({k}={out[k]!r} and {p!r}): give it once")
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[k] = yamlio.load(v)
+        except yamlio.DuplicateKey as e:
+            raise PipelineError(f"--set {p}: {e}") from None
         except yaml.YAMLError:
-            out[k.strip()] = v
+            out[k] = v
     return out
 
 

@@ -14,7 +14,7 @@ from .base import Cli, Meta, Settings
 from .choices import DEVICE_HELP, OPTIMIZERS, SOLVERS, literal
 from .extract import Cache
 from .presets import presets_of
-from .types import (Combos, Count, Counts, Ints, NonNegativeFloats, Positive, PositiveFloats, UniqueNames, UserPath,
+from .types import (Combos, Count, Counts, Ints, NonNegativeFloats, Positive, PositiveFloats, Names, UserPath,
                     split)
 
 
@@ -42,7 +42,7 @@ class CachedSets(Device):
     model: Annotated[str, Cli(short="-m"), Meta(scope="job"), Field(description=MODEL_HELP)]
     train: Annotated[str, Field(description=f"The ID training set: {SET_HELP}.")]
     test: Annotated[Optional[str], Field(None, description="The ID test set.")]
-    eval: Annotated[UniqueNames, Cli(multiple=True, metavar="LIST"), Field(
+    eval: Annotated[Names, Cli(multiple=True, metavar="LIST"), Field(
         default_factory=list, description="OOD-generalisation sets (top-1): comma list, or repeat the option.")]
     cache: Cache
     allow_random_init: Annotated[bool, Field(
@@ -144,7 +144,7 @@ class ProbeSettings(Scoring, Training, CachedSets):
     test: Annotated[Optional[str], Field(
         None, description="ID test set: ID accuracy, ID side of anomaly scores; required with several heads per "
                           "combination [default: the selection set, allowed only with one head per combination].")]
-    anomaly: Annotated[UniqueNames, Cli(multiple=True, metavar="LIST"), Field(
+    anomaly: Annotated[Names, Cli(multiple=True, metavar="LIST"), Field(
         default_factory=list, description="Anomaly sets (FPR95, AUROC, AP): comma list, or repeat the option.")]
     preset: Annotated[Optional[literal({n: p.summary for n, p in presets_of("probe").items()})], Field(
         None, description="A named protocol (its grid, solver and default features; options given explicitly "
@@ -182,9 +182,9 @@ class ScoreSettings(Device):
     """`regcache score`: a run's saved heads on further cached sets."""
 
     run: Annotated[UserPath, Cli(argument=True), Field(description="A probe run directory.")]
-    eval: Annotated[UniqueNames, Cli(multiple=True, metavar="LIST"), Field(
+    eval: Annotated[Names, Cli(multiple=True, metavar="LIST"), Field(
         default_factory=list, description="OOD-generalisation sets (top-1).")]
-    anomaly: Annotated[UniqueNames, Cli(multiple=True, metavar="LIST"), Field(
+    anomaly: Annotated[Names, Cli(multiple=True, metavar="LIST"), Field(
         default_factory=list, description="Anomaly sets.")]
     scorers: Annotated[Optional[ScorerNames], Cli(metavar="LIST", show="the run's"), Field(
         None, description=SCORERS_HELP)]
@@ -193,6 +193,7 @@ class ScoreSettings(Device):
         None, description=SCORER_ARG_HELP + " Replaces the run's.")]
     cache: Annotated[Optional[UserPath], Cli(show="the run's"), Field(None, description="Cache root.")]
     out: Annotated[Optional[UserPath], Cli(show="RUN/score-TIME"), Field(None, description="Where to write.")]
+    quiet: Annotated[bool, Meta(scope="cli"), Cli(short="-q"), Field(False, description="No progress, warnings only.")]
 
 
 class KnnSettings(CachedSets):

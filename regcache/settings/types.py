@@ -76,34 +76,35 @@ def _expand(value: Any) -> Any:
     return Path(os.path.expanduser(value)) if isinstance(value, (str, Path)) else value
 
 
+def _once(values: list) -> list:
+    """One rule for every list-valued setting: a value given twice is refused (a repeated seed would be averaged
+    as an independent draw, a set listed twice counted twice in a mean, a repeated grid value trained twice)."""
+    twice = [v for i, v in enumerate(values) if v in values[:i]]
+    if twice:
+        shown = ", ".join(dict.fromkeys(",".join(v) if isinstance(v, tuple) else str(v) for v in twice))
+        raise ValueError(f"{shown} given more than once (each value counts once: give it once)")
+    return values
+
+
+Once = AfterValidator(_once)
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
-Names = Annotated[list[str], BeforeValidator(split)]
-PositiveFloats = Annotated[list[Positive], BeforeValidator(split), Field(min_length=1)]
-NonNegativeFloats = Annotated[list[NonNegative], BeforeValidator(split), Field(min_length=1)]
-Counts = Annotated[list[Count], BeforeValidator(split), Field(min_length=1)]
-Ints = Annotated[list[int], BeforeValidator(split), Field(min_length=1)]
+Names = Annotated[list[str], BeforeValidator(split), Once]
+PositiveFloats = Annotated[list[Positive], BeforeValidator(split), Field(min_length=1), Once]
+NonNegativeFloats = Annotated[list[NonNegative], BeforeValidator(split), Field(min_length=1), Once]
+Counts = Annotated[list[Count], BeforeValidator(split), Field(min_length=1), Once]
+Ints = Annotated[list[int], BeforeValidator(split), Field(min_length=1), Once]
 #: a feature list, checked and normalised (``cls@-1`` is ``cls``; duplicates dropped)
 FeatureList = Annotated[tuple[str, ...], BeforeValidator(_features)]
-Combos = Annotated[list[FeatureList], BeforeValidator(_combos)]
+#: feature combinations, each normalised: ``cls@-1`` and ``cls`` are one combination, given once
+Combos = Annotated[list[FeatureList], BeforeValidator(_combos), Once]
 Layers = Annotated[tuple[int, ...], BeforeValidator(_layers)]
 Pairs = Annotated[dict[str, Any], BeforeValidator(parse_pairs)]
 RGB = Annotated[tuple[FiniteFloat, FiniteFloat, FiniteFloat], BeforeValidator(split)]
 PositiveRGB = Annotated[tuple[Positive, Positive, Positive], BeforeValidator(split)]
 UserPath = Annotated[Path, BeforeValidator(_expand)]
-
-
-def _no_duplicates(names: list[str]) -> list[str]:
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"names {', '.join(twice)} more than once (each set is counted once)")
-    return names
-
-
-#: set names where each may appear once (a set listed twice would count twice in a mean)
-UniqueNames = Annotated[Names, AfterValidator(_no_duplicates)]
 
 
 def finite(x: float) -> bool:
