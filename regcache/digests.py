@@ -70,13 +70,13 @@ def file_digest(path: str | os.PathLike, memo: str | os.PathLike | None = None) 
     digest = "sha256:" + sha256_file(path)
     if _version(path)[0] == version and started - changed > RACY_SECONDS:  # not changed since, nor just before
         entry = _entry(Path(memo), version)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"version": version, "digest": digest}))
             tmp.replace(entry)
         except OSError:  # a read-only or full cache: hash again next time
-            pass
+            tmp.unlink(missing_ok=True)
     return digest
 
 

@@ -39,6 +39,16 @@ def new_dir(path: str | os.PathLike) -> Path:
     raise OutputError(f"{path}: 999 run directories of that name already exist; name one")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def check_out(given: str | os.PathLike | None) -> None:
     """Refuse an output directory that holds files (or is a file) before any work is done."""
     if given is None:
@@ -75,6 +85,10 @@ def publish(given: str | os.PathLike | None, default: str | os.PathLike, write: 
     existed = given is not None and Path(given).is_dir()
     final = output_dir(given, default)
     aside = final.with_name(f".{final.name}.partial-{os.getpid()}")
+    for left in final.parent.glob(".*.partial-*"):  # what killed runs left beside their run folders
+        pid = left.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)
     try:
         aside.mkdir()

@@ -19,6 +19,10 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
+            merges = [k.start_mark.line + 1 for k, _ in node.value if k.tag == "tag:yaml.org,2002:merge"]
+            if len(merges) > 1:
+                raise DuplicateKey(f"key '<<' (a merge) is given twice (lines {merges[0]} and {merges[1]}); the "
+                                   "second would silently override the first")
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # `<<: *anchor` merges, and explicit keys override it, as YAML intends

@@ -130,9 +130,10 @@ PROBE_LAYOUT = TokenLayout(has_cls=True, num_reg=2, grid=(2, 2), dim=4)
 
 
 def record(features, layout: TokenLayout, dtype: str, unit_rows: int, num_units: int, name: str = "d",
-           model: str = "m", **dataset) -> dict:
-    """The non-identity fields of a feature set's record (`SetRecord`), as extraction writes them."""
-    shards = [f"{name}-{u}.tar" for u in range(num_units)]
+           model: str = "m", shards_of: str | None = None, **dataset) -> dict:
+    """The non-identity fields of a feature set's record (`SetRecord`), as extraction writes them; its shards are
+    named after ``shards_of`` (default: the dataset's name)."""
+    shards = [f"{shards_of or name}-{u}.tar" for u in range(num_units)]
     return {"features": list(features), "layout": layout, "dtype": dtype, "unit_rows": unit_rows,
             "num_units": num_units, "model": {"name": model, "timm_name": f"timm_{model}"},
             "dataset": {"name": name, "labels": "cls", "image": ["png"], "shards": shards, "urls": shards,
@@ -142,7 +143,7 @@ def record(features, layout: TokenLayout, dtype: str, unit_rows: int, num_units:
 
 
 def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=None, model="m", weights="w", units=1,
-             split=None):
+             split=None, shards_of=None):
     """A cached feature set as extraction would write it, from arrays (no backbone), in ``units`` shards."""
     ident = {"model": f"timm_{model}", "model_args": {}, "checkpoint": weights, "random_init": None,
              "pos_embed": "timm", "size": 4, "resize": 4, "crop_mode": "center", "interpolation": "bicubic",
@@ -150,8 +151,8 @@ def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=Non
              "precision": "fp32", "dtype": "float32", "features": sorted(x), "data": name, "views": 1, "seed": None}
     n = len(labels)
     per = -(-n // units) if n else 1
-    meta = record(x, PROBE_LAYOUT, "float32", per, units, name, model, classes=classes, subset=subset, role=role,
-                  split=split, labels="cls" if role != "anomaly" else "none")
+    meta = record(x, PROBE_LAYOUT, "float32", per, units, name, model, shards_of, classes=classes, subset=subset,
+                  role=role, split=split, labels="cls" if role != "anomaly" else "none")
     fs = FeatureSet.create(root / name, ident, meta)
     for u in range(units):
         sl = slice(u * per, min(n, (u + 1) * per))

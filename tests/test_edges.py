@@ -55,7 +55,8 @@ def make_named(caches, src: str, name: str):
     fs = FeatureSet(caches / src)
     got = fs.load(concat=False)
     d = fs.meta.dataset
-    made = make_set(caches / f"as-{name}", name, got.x, got.labels, classes=d.classes, subset=d.subset, role=d.role)
+    made = make_set(caches / f"as-{name}", name, got.x, got.labels, classes=d.classes, subset=d.subset, role=d.role,
+                    shards_of=src)  # the shards of src: the rows of src, under another name
     return made.path
 
 

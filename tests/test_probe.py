@@ -335,8 +335,8 @@ def test_results_state_the_views_the_heads_trained_on(caches, tmp_path):
     idx["view"] = np.r_[np.zeros(400), np.ones(400)].astype(np.int16)
     from regcache.store import INDEX_SCHEMA
     from regcache.store.tables import parquet_bytes
-    (sets.path / "index.parquet").write_bytes(parquet_bytes(pa.Table.from_pandas(idx, preserve_index=False,
-                                                                                 schema=INDEX_SCHEMA)))
+    table = pa.Table.from_pandas(idx, preserve_index=False, schema=INDEX_SCHEMA)  # as the set's writer binds it:
+    (sets.path / "index.parquet").write_bytes(parquet_bytes(table.replace_schema_metadata({"set": sets.fingerprint})))
     r = probe(caches, tmp_path / "v", "--train", "train-2v", "--val", "val", "--test", "test")
     assert r.exit_code == 0, r.output
     assert "trained on 2 views per image" in (tmp_path / "v" / "results.md").read_text()

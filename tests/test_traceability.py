@@ -426,3 +426,135 @@ def test_smaller_edges(caches, tmp_path):
     r = _cli("ls", "--cache", caches, "--json")
     row = json.loads(r.output.splitlines()[0])
     assert isinstance(row["dataset"], list) and isinstance(row["features"], list)
+
+
+# --------------------------------------------------------------------------- found by a hostile pass on the above
+
+def test_adoption_never_copies_a_damaged_unit(reg_ckpt, tmp_path):
+    from conftest import make_shards
+
+    pattern = make_shards(tmp_path / "s", n_shards=2, per_shard=3)
+    first = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    for f in FeatureSet(first.path).features:  # unit 1's files replaced by unit 0's: valid chunks, foreign rows
+        d = first.path / "features.zarr" / f / "c"
+        shutil.copyfile(d / "0" / "0", d / "1" / "0")
+    with open(tmp_path / "s" / "part-000.tar", "ab") as fh:  # another shard 0: a new set, adopting unit 1
+        fh.write(bytes(1024))
+    again = extract(config(REG, reg_ckpt, pattern, tmp_path / "c"))
+    assert again.units_adopted == 0 and again.units_done == 2
+    assert not _cli("verify", again.path).exit_code
+
+
+def test_tables_and_records_are_bound_to_their_set(tmp_path):
+    a, b = _two_sets(tmp_path)
+    shutil.copyfile(b.path / "index.parquet", a.path / "index.parquet")  # the same row count
+    with pytest.raises(StoreError, match="index.parquet: is the table of set"):
+        FeatureSet(a.path).load("cls")
+    meta = json.loads((b.path / "regcache.json").read_text())
+    meta["identity"]["size"] = 5  # one edited value of the identity: the set would pass for other settings
+    (b.path / "regcache.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="does not hash to its fingerprint"):
+        FeatureSet(b.path)
+
+
+def test_a_set_named_twice_or_an_id_set_as_anomaly_is_refused(caches, tmp_path):
+    base = ["probe", "-m", "m", "-f", "cls", "--train", "train", "--test", "test", "--cache", caches, "--lr", "0.1",
+            "--iterations", "5", "-q"]
+    r = _cli(*base, "--anomaly", f"far,{caches / 'far'}", code=1)  # a name and a path of one set
+    assert "name the same set" in r.output
+    r = _cli(*base, "--anomaly", "far,test", code=1)
+    assert "holds images of the test set" in r.output
+
+
+def test_name_files_of_names_that_share_a_slug_stay_apart(tmp_path):
+    from regcache.store import Description
+
+    a, _ = _two_sets(tmp_path)
+    a.add_name(Description(name="my data", classes=["b", "a"]))
+    a.add_name(Description(name="my_data", classes=["x", "y"]))
+    a.add_name(Description(name="my data", classes=["a", "b"]))
+    names = FeatureSet(a.path).names()
+    assert names["my data"].classes == ["a", "b"] and names["my_data"].classes == ["x", "y"]
+
+
+def test_a_file_url_shard_is_hashed_as_a_local_file(tmp_path):
+    from regcache.data import shard_id
+
+    f = tmp_path / "x.tar"
+    f.write_bytes(b"abc")
+    assert shard_id(f"file://{f}").digest == shard_id(str(f)).digest and shard_id(str(f)).digest.startswith("sha256:")
+
+
+def test_claims_and_digests_leave_nothing_on_a_full_disk(tmp_path, monkeypatch):
+    import regcache.digests as digests
+    from regcache.store import Claims
+
+    units = tmp_path / "units"
+    units.mkdir()
+    empty = units / "000001.claim"
+    empty.write_text("")  # a writer that died between creating its claim and writing it
+    old = time.time() - 60
+    os.utime(empty, (old, old))
+    assert Claims(units).take(1)
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(digests.Path, "write_text", full)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"w" * 100)
+    os.utime(f, (old, old))
+    monkeypatch.setattr(digests, "_now", lambda: time.time() + 3600)
+    assert digests.file_digest(f, tmp_path / "memo").startswith("sha256:")
+    assert not list((tmp_path / "memo").glob(".*"))
+
+
+def test_list_settings_refuse_a_repeat_in_any_spelling(caches, tmp_path):
+    from regcache.pipeline import PipelineError, parse_overrides
+    from regcache import yamlio
+
+    r = _cli("probe", "-m", "m", "-f", "cls,reg", "-f", "reg,cls", "--train", "train", "--cache", caches, code=2)
+    assert "one combination in two orders" in r.output
+    r = _cli("probe", "-m", "m", "-f", "cls", "--train", "train", "--cache", caches, "--scorers", "msp,msp", code=2)
+    assert "msp given more than once" in r.output
+    r = _cli("probe", "-m", "m", "-f", "cls", "--train", "train", "--cache", caches, "--scorer-arg",
+             "react.percentile=0.5", "--scorer-arg", "react.percentile=0.9", code=2)
+    assert "given more than once" in r.output
+    _probe(caches, tmp_path / "run")
+    r = _cli("report", tmp_path / "run", f"{tmp_path}/./run", code=2)
+    assert "more than once" in r.output
+    with pytest.raises(yamlio.DuplicateKey, match="merge"):
+        yamlio.load("a: &a {x: 1}\nb: &b {y: 2}\nc:\n  <<: *a\n  <<: *b\n")
+    p = tmp_path / "p.yaml"
+    p.write_text("name: p\nmodels: [vits]\ndatasets: [m.yaml]\nprobes: [{name: q, lr: [0.1]}]\n")
+    from regcache.pipeline import load_pipeline
+    with pytest.raises(PipelineError, match="set the same field"):
+        load_pipeline(p, parse_overrides(["probes.q.lr=[0.2]", "probes.0.lr=[0.3]"]))
+
+
+def test_two_backbones_of_one_name_are_two_models_of_a_pass(reg_ckpt, tmp_path):
+    from conftest import make_shards
+
+    other = make_checkpoint(tmp_path / "other.safetensors", REG, seed=1)
+    pattern = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
+    r = _cli("extract", "-m", f"{REG},{REG}", "--checkpoint", f"{reg_ckpt},{other}", "-d", pattern, "--cache",
+             tmp_path / "c", "--size", SIZE, "--resize", RESIZE, "-j", "0", "-q")
+    assert r.output.count("done:") == 2
+    r = _cli("extract", "-m", f"{REG},{REG}", "--checkpoint", f"{reg_ckpt},{reg_ckpt}", "-d", pattern, "--cache",
+             tmp_path / "c", "--size", SIZE, "--resize", RESIZE, "-j", "0", "-q", code=2)
+    assert "more than once with the same options" in r.output
+
+
+def test_a_run_names_its_sets_by_absolute_path_and_a_killed_publish_is_cleaned_up(caches, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").symlink_to(caches)
+    r = CliRunner().invoke(main, ["probe", "-m", "m", "-f", "cls", "--train", "train", "--test", "test", "--cache",
+                                  "c", "--lr", "0.1", "--iterations", "20", "--out", "run", "--no-plots", "-q"])
+    assert r.exit_code == 0, r.output
+    assert all(os.path.isabs(s["path"]) for s in json.loads((tmp_path / "run" / "config.json").read_text())["sets"])
+    (tmp_path / ".run2.partial-999999999").mkdir()  # a killed run's folder (no such process)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    _cli("score", "../run", "--out", "../run2", "-q")
+    assert not list(tmp_path.glob(".*.partial-*"))

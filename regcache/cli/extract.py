@@ -53,10 +53,6 @@ def extract(launcher, nproc_per_node, **given):
 def _per_model(given: dict) -> list[dict]:
     """The command's values for each model of ``--model a,b,c``: per-model options split to one value each."""
     models = [m.strip() for m in (given.get("model") or "").split(",") if m.strip()] or [given.get("model")]
-    twice = sorted({m for m in models if models.count(m) > 1})
-    if twice:
-        raise click.UsageError(f"--model: {', '.join(twice)} given more than once (each model is extracted once: "
-                               "give it once)")
     out = [dict(given, model=m) for m in models]
     for name in PER_MODEL:
         if name == "model" or given.get(name) is None:
@@ -67,6 +63,10 @@ def _per_model(given: dict) -> list[dict]:
                                    f"({len(models)}, comma-separated); got {len(parts)}")
         for values, part in zip(out, parts * len(models) if len(parts) == 1 else parts):
             values[name] = part
+    twice = sorted({m["model"] for i, m in enumerate(out) if m in out[:i]})
+    if twice:  # the same model with the same per-model options: one set, given twice
+        raise click.UsageError(f"--model: {', '.join(twice)} given more than once with the same options (each "
+                               "model is extracted once: give it once)")
     return out
 
 

@@ -88,14 +88,22 @@ class ShardId:
 UNHASHED = "unhashed"
 
 
+def local_path(url: str) -> str | None:
+    """The file a shard URL names on this machine (a plain path or ``file://``), or None for a remote one
+    (``http://``, ``s3://``, ``pipe:``), which only its URL identifies."""
+    local = url[len("file://"):] if url.startswith("file://") else url
+    return None if "://" in local or local.startswith("pipe:") else local
+
+
 def shard_id(url: str, memo: str | os.PathLike | None = None, read: bool = True) -> ShardId:
     """Size and full sha256 of a local shard, remembered in ``memo`` (`digests.file_digest`); with ``read``
     False only a remembered digest is used (nothing is read: "unhashed" when there is none)."""
     from ..digests import file_digest, remembered
 
-    if "://" in url or url.startswith("pipe:"):
+    local = local_path(url)
+    if local is None:
         return ShardId(url)
-    path = os.path.realpath(url)
+    path = os.path.realpath(local)
     try:
         size = os.path.getsize(path)
         if read:
@@ -282,7 +290,8 @@ def _unique(names: tuple[str, ...], path: Path, key: str) -> tuple[str, ...]:
 
 def count_samples(url: str) -> int | None:
     """Samples in a local tar, from its headers alone (seeks past the data); None if unreadable or remote."""
-    if "://" in url or url.startswith("pipe:") or not os.path.isfile(url):
+    url = local_path(url)
+    if url is None or not os.path.isfile(url):
         return None
     from webdataset.tariterators import base_plus_ext
 

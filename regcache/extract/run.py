@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, shard_ids
+from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, local_path, shard_ids
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_device, resolve_name
 from ..settings import PER_MODEL, ExtractSettings
@@ -123,7 +123,7 @@ def launcher_part(s: ExtractSettings) -> ExtractSettings:
 def check_shards_exist(ds: Dataset) -> None:
     """Local shards that are not there are named before anything is planned or loaded (a set's identity is
     its shards' bytes, so extracting around a missing one would make a set of other data)."""
-    missing = [u for u in ds.shards if "://" not in u and not u.startswith("pipe:") and not os.path.exists(u)]
+    missing = [u for u in ds.shards if local_path(u) is not None and not os.path.exists(local_path(u))]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DataError(f"{ds.name}: {len(missing)} of {len(ds.shards)} shards do not exist: "
@@ -166,8 +166,8 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
     members: list[Member] = []
     first: dict[str, int] = {}  # fingerprint -> the model of this pass that makes it
     same: dict[int, int] = {}
-    for n, s in enumerate(settings):
-        p = plan(s, ds, ids)
+    plans = [plan(s, ds, ids) for s in settings]  # every model planned before any store is made
+    for n, (s, p) in enumerate(zip(settings, plans)):
         if p.fingerprint in first:  # another name of one backbone (an alias and its timm name): one forward
             same[n] = first[p.fingerprint]
             log.info("%s makes the same set as %s (the same identity): extracted once", s.model,
@@ -295,7 +295,8 @@ def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: P
                 and all(_layout(o, f) == _layout(fs, f) for f in fs.features)]
     claims, adopted = fs.claims(), []
     for u in pending:
-        source = next((o for o in siblings if u in o.committed_units() and _read_from(o, u) == ids[u].digest), None)
+        source = next((o for o in siblings if u in o.committed_units() and _read_from(o, u) == ids[u].digest
+                       and _whole(o, u)), None)
         if source is None or not claims.take(u):
             continue
         try:
@@ -305,6 +306,14 @@ def adopt_units(fs: FeatureSet, pending: list[int], ids: list[ShardId], cache: P
         finally:
             claims.release(u)
     return adopted
+
+
+def _whole(fs: FeatureSet, unit: int) -> bool:
+    """Whether a unit is whole (every byte checked): a damaged unit is never copied into another set."""
+    damage = fs.unit_damage(unit)
+    if damage is not None:
+        log.warning("not taking shard %s from %s: %s", fs.shards[unit], fs.path, damage)
+    return damage is None
 
 
 def _layout(fs: FeatureSet, feature: str) -> dict:

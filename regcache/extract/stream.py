@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..data import DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, open_shard
+from ..data import (DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, local_path,
+                    open_shard)
 from .device import Encoded, device_item
 
 # --------------------------------------------------------------------------- streaming
@@ -34,9 +35,10 @@ class _Counted:
 
     def read(self, url: str) -> "ShardRead":
         hexdigest = self.hash.hexdigest()
-        if "://" in url or url.startswith("pipe:"):
+        local = local_path(url)
+        if local is None:
             return ShardRead(url, None, self.size, None, hexdigest)
-        return ShardRead(url, os.path.realpath(url), self.size, "sha256:" + hexdigest, hexdigest)
+        return ShardRead(url, os.path.realpath(local), self.size, "sha256:" + hexdigest, hexdigest)
 
 
 @dataclass

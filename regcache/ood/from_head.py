@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fit import quantile
+from .fit import FitError, quantile
 from .scorers import Linear, Scorer, register
 from .scores import energy, softmax
 
@@ -15,7 +15,7 @@ def _keep_top(x: np.ndarray, percentile: float) -> tuple[np.ndarray, np.ndarray]
     d = x.shape[1]
     k = d - int(np.round(d * percentile))
     if k < 1:
-        raise ValueError(f"percentile {percentile} keeps no feature of {d}")
+        raise FitError(f"percentile {percentile} keeps no feature of the {d} (a percentile for wider features)")
     idx = np.argpartition(-x, k - 1, axis=1)[:, :k]
     mask = np.zeros(x.shape, bool)
     np.put_along_axis(mask, idx, True, axis=1)

@@ -105,6 +105,9 @@ def register(cls: type[Scorer]) -> type[Scorer]:
 def resolve(names: Sequence[str]) -> list[str]:
     """Scorer names in order, ``all`` expanded to every registered scorer; unknown names refused."""
     out: list[str] = []
+    twice = sorted({n for n in names if list(names).count(n) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(twice)} given more than once (each value counts once: give it once)")
     for n in names:
         for m in (SCORERS if n == "all" else [n]):
             if m not in SCORERS:
@@ -127,6 +130,9 @@ def parse_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
         if param not in SCORERS[scorer].params:
             raise ValueError(f"scorer argument {item!r}: {scorer} has no hyperparameter {param!r} "
                              f"(it has: {', '.join(SCORERS[scorer].params) or 'none'})")
+        if param in out.get(scorer, {}):
+            raise ValueError(f"scorer argument {scorer}.{param} given more than once ({scorer}.{param}="
+                             f"{out[scorer][param]} and {item!r}): give it once")
         out.setdefault(scorer, {})[param] = value.strip()
     return out
 

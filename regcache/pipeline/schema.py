@@ -264,10 +264,12 @@ def parse_overrides(pairs) -> dict[str, Any]:
     return out
 
 
-def apply_override(doc: dict, key: str, value: Any, file: Path) -> None:
-    """Set a dotted field: ``extract.precision``, ``probes.table1.iterations`` (a list item by its name or index)."""
+def apply_override(doc: dict, key: str, value: Any, file: Path) -> tuple:
+    """Set a dotted field: ``extract.precision``, ``probes.table1.iterations`` (a list item by its name or index).
+    Returns the field's resolved path (list items by index), so that two keys of one field are found."""
     parts = key.split(".")
     node: Any = doc
+    where: list = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
@@ -279,13 +281,16 @@ def apply_override(doc: dict, key: str, value: Any, file: Path) -> None:
             if last:
                 node[idx] = value
             node = node[idx]
+            where.append(idx)
         elif isinstance(node, dict):
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
+            where.append(part)
         else:
             raise PipelineError(f"{file}: --set {key}: '{'.'.join(parts[:i])}' is not a mapping or list")
+    return tuple(where)
 
 
 VAR = re.compile(r"\$\{(\w+)\}")
@@ -377,8 +382,13 @@ def load_pipeline(path: str | os.PathLike, overrides: dict[str, Any] | None = No
     text, raw = read_yaml_mapping(file, "pipeline", PipelineError)
     overrides = dict(overrides or {})
     doc = copy.deepcopy(raw)
+    done: dict[str, tuple] = {}
     for k, v in overrides.items():
-        apply_override(doc, k, v, file)
+        at = apply_override(doc, k, v, file)
+        clash = next((o for o, p in done.items() if p[:len(at)] == at or at[:len(p)] == p), None)
+        if clash is not None:  # one field set twice (by name and by index, or a block and one of its fields)
+            raise PipelineError(f"{file}: --set {clash} and --set {k} set the same field: give it once")
+        done[k] = at
     defaults = doc.get("vars") or {}
     if not isinstance(defaults, dict):
         raise PipelineError(f"{file}: vars: must be a mapping of NAME: value")

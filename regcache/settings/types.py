@@ -98,8 +98,26 @@ Counts = Annotated[list[Count], BeforeValidator(split), Field(min_length=1), Onc
 Ints = Annotated[list[int], BeforeValidator(split), Field(min_length=1), Once]
 #: a feature list, checked and normalised (``cls@-1`` is ``cls``; duplicates dropped)
 FeatureList = Annotated[tuple[str, ...], BeforeValidator(_features)]
-#: feature combinations, each normalised: ``cls@-1`` and ``cls`` are one combination, given once
-Combos = Annotated[list[FeatureList], BeforeValidator(_combos), Once]
+def _one_order(combos: list) -> list:
+    """A combination given twice in two orders would train the same head twice (up to its inputs' order)."""
+    seen: dict[frozenset, tuple] = {}
+    for c in combos:
+        other = seen.setdefault(frozenset(c), c)
+        if other != c:
+            raise ValueError(f"{','.join(other)} and {','.join(c)} are one combination in two orders: give it once")
+    return combos
+
+
+def _paths_once(paths: list) -> list:
+    """Paths, each given once (``run`` and ``./run`` and its absolute path are one)."""
+    _once([Path(p).resolve() for p in paths])
+    return paths
+
+
+#: feature combinations, each normalised: ``cls@-1`` and ``cls`` are one combination, given once, in one order
+Combos = Annotated[list[FeatureList], BeforeValidator(_combos), Once, AfterValidator(_one_order)]
+#: paths (runs to merge), each once
+UniquePaths = Annotated[list[Annotated[Path, BeforeValidator(_expand)]], AfterValidator(_paths_once)]
 Layers = Annotated[tuple[int, ...], BeforeValidator(_layers)]
 Pairs = Annotated[dict[str, Any], BeforeValidator(parse_pairs)]
 RGB = Annotated[tuple[FiniteFloat, FiniteFloat, FiniteFloat], BeforeValidator(split)]

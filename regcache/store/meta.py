@@ -184,6 +184,10 @@ class SetRecord(Record):
                              "set cannot be upgraded in place). Remove it and run the extract command again, or use "
                              "the regcache version that wrote it.")
         record = cls.read(where, "feature-set record")
+        if record.fingerprint != fingerprint(record.identity):  # an edited or damaged identity names other settings
+            raise StoreError(f"{where}: its identity does not hash to its fingerprint {record.fingerprint[:12]} "
+                             "(edited or damaged): the set's features would be served for other settings; restore "
+                             "the file from a copy, or remove the set and extract again")
         if record.unit_rows < 1 or len(record.dataset.shards) != record.num_units:
             raise StoreError(f"{where}: inconsistent record ({record.unit_rows} rows per unit, "
                              f"{len(record.dataset.shards)} shards for {record.num_units} units)")

@@ -247,9 +247,10 @@ class FeatureReader:
             advice = f"restore it from a copy, or remove {self.path} and extract again"
             try:
                 meta = json.loads(where.read_text())
-                grid = [*meta["shape"], *meta["chunk_grid"]["configuration"]["chunk_shape"]]
-                if not all(isinstance(n, int) and n >= 0 for n in grid):
-                    raise ValueError(f"shape and chunk shape {grid} are not sizes")
+                shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+                if not (all(isinstance(n, int) and n >= 0 for n in shape) and
+                        all(isinstance(n, int) and n > 0 for n in chunks) and len(shape) == len(chunks)):
+                    raise ValueError(f"shape {shape} and chunk shape {chunks} are not sizes")
             except FileNotFoundError:
                 raise DamagedFile(where, "missing", advice) from None
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -383,15 +384,30 @@ class FeatureReader:
                              "were checked, not their bytes")
             for unit in units:
                 try:
-                    files = self._unit_files(name, unit)
-                    if raw is not None:
-                        for path in files:
-                            raw.check(path, unit, self._unit_crcs(name, unit, path))
-                    elif files:
-                        self.read_rows(name, unit * self.unit_rows + np.arange(self.unit_rows))
+                    self._check_unit(name, unit, raw)
                 except DamagedFile as e:
                     found.append(e if e.advice else DamagedFile(e.path, e.reason, self._redo(unit)))
         return _unique(found), notes
+
+    def _check_unit(self, name: str, unit: int, raw: "_RawShards | None") -> None:
+        """Every byte of ``unit``'s files of ``name`` against what the unit committed (a `DamagedFile` if not)."""
+        files = self._unit_files(name, unit)
+        if raw is not None:
+            for path in files:
+                raw.check(path, unit, self._unit_crcs(name, unit, path))
+        elif files:
+            self.read_rows(name, unit * self.unit_rows + np.arange(self.unit_rows))
+
+    def unit_damage(self, unit: int) -> DamagedFile | None:
+        """What is wrong with a committed unit's record or files, reading every byte (None: it is whole): a unit
+        is copied into another set (`adopt_unit`) only when whole."""
+        try:
+            self._record_meta(unit)
+            for name in self.features:
+                self._check_unit(name, unit, self._raw_shards(name))
+        except DamagedFile as e:
+            return e
+        return None
 
     def _check_tables(self, units: list[int]) -> list[DamagedFile]:
         """index.parquet and errors.parquet against the unit records they were written from."""
@@ -435,7 +451,7 @@ class FeatureReader:
         as the extraction read them): the cached features are still those of the shard's bytes. Units
         extracted before the hash was recorded, and remote shards, cannot be checked: the notes say so."""
         found: list[DamagedFile] = []
-        checked, unrecorded, remote = 0, [], []
+        checked, unrecorded, remote, moved = 0, [], [], []
         for unit in sorted(self.committed_units()):
             try:
                 shard = self.unit_shard(unit) or {}
@@ -450,8 +466,8 @@ class FeatureReader:
             path = Path(shard["path"])
             try:
                 digest = _sha256(path)
-            except FileNotFoundError:
-                found.append(DamagedFile(path, f"missing: the input shard that unit {unit} was extracted from"))
+            except FileNotFoundError:  # the set is whole; its source cannot be compared (moved, or removed)
+                moved.append(str(path))
                 continue
             except OSError as e:
                 found.append(DamagedFile(path, f"unreadable input shard of unit {unit} ({e})"))
@@ -463,7 +479,11 @@ class FeatureReader:
                           f"extracted from it ({shard.get('size')} bytes then, {path.stat().st_size} now): the cached "
                           "features are of other bytes",
                     f"restore the shard, or {self._reextract(unit)}"))
-        notes = [f"input shards: {checked} of {checked + len(unrecorded) + len(remote)} read again and hashed"]
+        notes = [f"input shards: {checked} of {checked + len(unrecorded) + len(remote) + len(moved)} read again and "
+                 "hashed"]
+        if moved:
+            notes.append(f"input shards: {len(moved)} no longer where they were read from (moved or removed; the "
+                         f"set is as it was, its source cannot be compared): {_few(moved)}")
         if unrecorded:
             notes.append(f"input shards: full sha256 not recorded for {len(unrecorded)} (extracted before regcache "
                          f"recorded it): {_few(unrecorded)}")
@@ -508,9 +528,19 @@ class FeatureReader:
         if self.complete:
             advice = ("remove index.parquet and errors.parquet and run the extract command again with --finalize: "
                       "it writes both again from the unit records")
-            return (self._read_table(self.path / "index.parquet", advice),
-                    self._read_table(self.path / "errors.parquet", advice))
+            return (self._read_bound(self.path / "index.parquet", advice),
+                    self._read_bound(self.path / "errors.parquet", advice))
         return self._read_records(sorted(self.committed_units()))
+
+    def _read_bound(self, where: Path, advice: str) -> pa.Table:
+        """index.parquet or errors.parquet, checked; in a bound set, that it is this set's (a table copied in from
+        another set of the same row count would pair its keys and labels with these rows)."""
+        table = self._read_table(where, advice)
+        theirs = (table.schema.metadata or {}).get(b"set")
+        if self.bound and theirs != self.fingerprint.encode():
+            raise DamagedFile(where, f"is the table of set {(theirs or b'?')[:12].decode()}, not of this set "
+                                     f"({self.fingerprint[:12]}): copied in from elsewhere?", advice)
+        return table
 
     @property
     def index(self):

@@ -8,6 +8,7 @@ identical commands share the units instead of each doing all of them.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -96,8 +97,12 @@ class Claims:
                 except FileNotFoundError:
                     return False
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(self.owner)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.owner)
+            except OSError as e:  # a full disk: no empty claim left behind
+                path.unlink(missing_ok=True)
+                raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
             if committed.exists():  # committed between the check and the claim
                 self.release(unit)
                 return False
@@ -112,6 +117,8 @@ class Claims:
         host, _, pid = owner.rpartition(":")
         if host == _HOST and pid.isdigit() and not _alive(int(pid)):
             return True
+        if not pid.isdigit():  # written by no one (its writer died between creating and writing it)
+            return age > 10
         return age > self.stale_after
 
     def holders(self) -> dict[int, str]:
@@ -219,7 +226,12 @@ class UnitWriter:
             return
         folder = self.path / NAMES
         folder.mkdir(exist_ok=True)
-        _atomic_write(folder / f"{slug(description.name)}.json", description.to_json())
+        digest = hashlib.sha256(description.name.encode()).hexdigest()[:8]  # "my data" and "my_data" apart
+        for old in folder.glob("*.json"):  # this name's earlier file (older sets: named by the slug alone)
+            if old.name != f"{slug(description.name)}-{digest}.json" and \
+                    Description.read(old, "dataset description").name == description.name:
+                old.unlink(missing_ok=True)
+        _atomic_write(folder / f"{slug(description.name)}-{digest}.json", description.to_json())
 
     def commit_unit(self, unit: int, arrays: dict[str, np.ndarray], records: Sequence[tuple[str, int, int]],
                     errors: Sequence[tuple[str, str]] = (), shard: dict | None = None) -> None:
@@ -327,6 +339,7 @@ class UnitWriter:
             ok, errors = self._read_records(range(self.num_units))
             if len(ok) == 0 and len(errors) > 0:
                 return False  # nothing usable: never a complete (reusable) set; see `unusable`
-            _atomic_write(self.path / "errors.parquet", parquet_bytes(errors))
-            _atomic_write(self.path / "index.parquet", parquet_bytes(ok))
+            bound = {"set": self.fingerprint}  # a table copied in from another set is found (`_read_bound`)
+            _atomic_write(self.path / "errors.parquet", parquet_bytes(errors.replace_schema_metadata(bound)))
+            _atomic_write(self.path / "index.parquet", parquet_bytes(ok.replace_schema_metadata(bound)))
             return True
