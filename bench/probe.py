@@ -2,6 +2,13 @@
 
     python bench/probe.py [--rows 200000] [--dim 1024] [--classes 1000] [--iterations 20]
     python bench/probe.py --grid        # the lbfgs C grid against scikit-learn, head by head
+    python bench/probe.py --dinov3 SET --feature cls [--baseline REV]   # DINOv3's grid to convergence
+
+--dinov3: the DINOv3 preset's grid (45 C from 1e-6 to 1e5, tol 1e-12, at most 1,000 iterations) on the rows of a
+cached set (view 0): regcache's lbfgs_grid (all 45 heads in one call), the same function as of git revision
+REV (what this costs against the code before), and scikit-learn's LogisticRegression fitted 45 times one after
+another (DINOv3's solver: float64, tol 1e-12, max_iter 1000). Prints each C's objective C·ΣCE + ½‖W‖² for
+the three, iterations, and the times.
 
 --grid: 3 feature combinations x 13 C values = 39 heads, fitted by `--solver lbfgs` in one call
 per combination and by scikit-learn's LogisticRegression (lbfgs) one after another, both at
@@ -143,6 +150,66 @@ def grid(args) -> None:
     print(json.dumps(report, indent=1))
 
 
+def dinov3(args) -> None:
+    """DINOv3's C grid on real cached features: regcache now, regcache at --baseline, scikit-learn."""
+    import importlib.util
+    import subprocess as sp
+    import warnings
+
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    import regcache
+    from common import command, load_average, machine
+    from regcache.probe.solvers import lbfgs_grid
+
+    fs = regcache.open_features(args.dinov3)
+    got = fs.load(args.feature, views=[0])
+    x, y = got.x.astype(np.float32), got.labels
+    classes, n = int(y.max()) + 1, len(y)
+    Cs = [10.0 ** (-6 + 11 * i / 44) for i in range(45)]
+
+    def objective(w, b, C):
+        z = x.astype(np.float64) @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+        z -= z.max(1, keepdims=True)
+        return float(C * (np.log(np.exp(z).sum(1)) - z[np.arange(n), y]).sum() + 0.5 * (np.asarray(w) ** 2).sum())
+
+    report = {"machine": machine(), "command": command(), "load_before": load_average(), "set": str(fs.path),
+              "feature": args.feature, "rows": n, "dim": x.shape[1], "classes": classes}
+    solvers = {"regcache": lbfgs_grid}
+    if args.baseline:
+        src = sp.run(["git", "show", f"{args.baseline}:regcache/probe/solvers.py"], capture_output=True, text=True,
+                     check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+        path = Path(tempfile.mkdtemp()) / "solvers_before.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location("regcache.probe.solvers_before", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        solvers[f"regcache@{args.baseline}"] = module.lbfgs_grid
+    rows = {C: {} for C in Cs}
+    for name, solve in solvers.items():
+        t = time.perf_counter()
+        w, b, iters = solve(torch.from_numpy(x), torch.from_numpy(y), classes, Cs, max_iter=1000, tol=1e-12)
+        report[f"{name}_s"] = round(time.perf_counter() - t, 2)
+        for i, C in enumerate(Cs):
+            rows[C][name] = (objective(w[i].double().numpy(), b[i].double().numpy(), C), int(iters[i]))
+    t0 = time.perf_counter()
+    for C in Cs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            sk = LogisticRegression(C=C, tol=1e-12, max_iter=1000).fit(x.astype(np.float64), y)
+        rows[C]["sklearn"] = (objective(sk.coef_, sk.intercept_, C), int(sk.n_iter_[0]))
+    report["sklearn_s"] = round(time.perf_counter() - t0, 2)
+    report["speedup"] = round(report["sklearn_s"] / report["regcache_s"], 1)
+    report["load_after"] = load_average()
+    report["per_C"] = [{"C": float(f"{C:.4g}"), **{k: {"objective": round(o, 6), "iterations": it}
+                                                     for k, (o, it) in v.items()},
+                        "regcache_vs_sklearn": float(f"{(v['regcache'][0] - v['sklearn'][0]) / v['sklearn'][0]:.3g}")}
+                       for C, v in rows.items()]
+    print(json.dumps(report, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
@@ -153,11 +220,17 @@ def main() -> None:
     ap.add_argument("--sk-classes", type=int, default=100)
     ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--grid", action="store_true", help="Only the lbfgs C grid against scikit-learn.")
+    ap.add_argument("--dinov3", type=Path, default=None, help="A cached set: DINOv3's grid on its rows.")
+    ap.add_argument("--feature", default="cls", help="--dinov3: the feature combination.")
+    ap.add_argument("--baseline", default=None, help="--dinov3: also the solver of this git revision.")
     ap.add_argument("--problems", type=lambda s: [tuple(int(v) for v in p.split("x")) for p in s.split(",")],
                     default=[(8_000, 384, 100), (50_000, 1024, 10)],
                     help="--grid problems: ROWSxDIM_PER_FEATURExCLASSES, comma-separated")
     ap.add_argument("--test-rows", type=int, default=10_000)
     args = ap.parse_args()
+    if args.dinov3:
+        dinov3(args)
+        return
     if args.grid:
         return grid(args)
     if args.child:

@@ -35,7 +35,7 @@ class Plan:
     preprocess: Any                # models.Preprocess
     layout: TokenLayout
     features: tuple[str, ...]
-    registers: dict | None         # test-time registers: {"file", "digest", "k", "patches"}
+    registers: dict | None         # test-time registers: {"file", "digest", "k", "patches", "value"}
 
     @property
     def identity(self) -> dict:
@@ -65,6 +65,7 @@ NORMALISE: dict[str, Callable[[Plan, str], Any]] = {
                                                              "std")},
     "test_time_registers": lambda p, n: {"digest": p.registers["digest"], "k": p.registers["k"]} if p.registers else None,
     "test_time_patches": lambda p, n: p.settings.test_time_patches if p.registers else None,
+    "test_time_value": lambda p, n: p.settings.test_time_value if p.registers else None,
     "data": lambda p, n: p.dataset.content_id(p.shards),
     "labels": lambda p, n: FOLDED,     # in the dataset's content id
     "features": lambda p, n: sorted(p.features),
@@ -132,4 +133,4 @@ def registers_of(s: Registers) -> dict | None:
     if not file.is_file():
         raise FileNotFoundError(f"--test-time-registers {s.test_time_registers!r}: no file {file}")
     return {"file": str(file), "digest": hashlib.sha256(file.read_bytes()).hexdigest(), "k": k,
-            "patches": s.test_time_patches}
+            "patches": s.test_time_patches, "value": s.test_time_value}

@@ -56,21 +56,83 @@ def load(ckpt) -> torch.nn.Module:
     return load_model(Backbone(model=NOREG, checkpoint=str(ckpt)), SIZE)
 
 
-def test_find_neurons_recovers_the_planted_neuron(planted):
+REGCACHE_RULES = {"outliers": "patches", "averaging": "pooled", "sparsity": False}  # regcache's earlier rules
+
+
+@pytest.mark.parametrize("rules", [{}, REGCACHE_RULES], ids=["authors", "regcache"])
+def test_find_neurons_recovers_the_planted_neuron(planted, rules):
     model, x = load(planted), images(8)
-    auto = find_neurons(model, [x[:3], x[3:]], top_k=1)
+    auto = find_neurons(model, [x[:3], x[3:]], top_k=1, **rules)
     assert auto.neurons == {BLOCK: [NEURON]} and auto.detect_layer >= BLOCK
-    by_threshold = find_neurons(model, [x], detect_layer=BLOCK, threshold=100.0, top_k=3)
+    by_threshold = find_neurons(model, [x], detect_layer=BLOCK, threshold=100.0, top_k=3, **rules)
     assert by_threshold.outliers == len(x)  # patch 5 of every image, nothing else
     assert by_threshold.scores[0][:2] == (BLOCK, NEURON) and by_threshold.scores[0][2] > 10 * by_threshold.scores[1][2]
-    assert by_threshold.percentile == pytest.approx(100 * (1 - 1 / 16))
-    with pytest.raises(RegisterError, match="no patch token at block 0"):
-        find_neurons(model, [x], detect_layer=0, threshold=1e6)
+    tokens = 16 if rules else 17  # the authors' rule counts [CLS] among the candidates
+    assert by_threshold.percentile == pytest.approx(100 * (1 - 1 / tokens))
+    with pytest.raises(RegisterError, match="at block 0 has a norm above"):
+        find_neurons(model, [x], detect_layer=0, threshold=1e6, **rules)
 
 
-def reference(model: torch.nn.Module, x: torch.Tensor, neurons: dict, k: int, patches: str) -> torch.Tensor:
+def _by_hand(model, x, upto: int):
+    """Every block's output norms [N, blocks, T] and MLP activations {block: [N, T, H]}, timm's block parts called
+    one by one."""
+    norms, acts = [], {}
+    with torch.no_grad():
+        h = model._pos_embed(model.patch_embed(x))
+        for i, blk in enumerate(model.blocks):
+            h = h + blk.ls1(blk.attn(blk.norm1(h)))
+            a = blk.mlp.act(blk.mlp.fc1(blk.norm2(h)))
+            if i <= upto:
+                acts[i] = a.clone()
+            h = h + blk.ls2(blk.mlp.fc2(a))
+            norms.append(h.norm(dim=-1))
+    return torch.stack(norms, 1), acts
+
+
+@pytest.mark.parametrize("outliers", ["all", "patches"])
+@pytest.mark.parametrize("averaging", ["per-image", "pooled"])
+@pytest.mark.parametrize("sparsity", [True, False])
+def test_neuron_scores_equal_their_definitions_by_brute_force(planted, outliers, averaging, sparsity):
+    """Images of several contrasts, so that images hold different numbers of outliers (and the two averagings
+    differ); every score recomputed by loops from the definitions (docs/registers.md)."""
+    model, x = load(planted), images(6)
+    detect, upto = 2, 2
+    norms, acts = _by_hand(model, x, upto)
+    cand = norms[:, detect, (0 if outliers == "all" else 1):]
+    threshold = float(np.percentile(cand.flatten().numpy(), 85))
+    found = find_neurons(model, [x[:4], x[4:]], detect_layer=detect, max_layer=upto, threshold=threshold, top_k=5000,
+                         outliers=outliers, averaging=averaging, sparsity=sparsity)
+    first = 0 if outliers == "all" else 1
+    want = {}
+    for i, a in acts.items():  # loops over images and outlier tokens; each neuron is a column
+        a = a.double().numpy()
+        per_image, pooled, count = [], np.zeros(a.shape[2]), 0
+        for b in range(len(x)):
+            pos = [t for t in range(first, a.shape[1]) if norms[b, detect, t] > threshold]
+            if not pos:
+                continue
+            below = sum((a[b, t] < 0.5).astype(float) for t in range(a.shape[1]))  # tokens below 0.5, per neuron
+            gate = (below >= 0.5 * a.shape[1]) if sparsity else np.ones(a.shape[2])
+            values = [np.abs(a[b, t]) * gate for t in pos]
+            per_image.append(sum(values) / len(values))
+            pooled += sum(values)
+            count += len(pos)
+        score = sum(per_image) / len(per_image) if averaging == "per-image" else pooled / count
+        want.update({(i, n): float(v) for n, v in enumerate(score)})
+    assert len(found.scores) == len(want) and found.outliers == count
+    for i, n, score in found.scores:
+        assert score == pytest.approx(want[i, n], rel=1e-4, abs=1e-6), (i, n)
+    ranked = sorted(want, key=lambda k: -want[k])[:10]
+    assert [s[:2] for s in found.scores[:10]] == ranked or \
+        [round(want[k], 5) for k in ranked] == [round(s[2], 5) for s in found.scores[:10]]  # ties in either order
+
+
+def reference(model: torch.nn.Module, x: torch.Tensor, neurons: dict, k: int, patches: str,
+              value: str) -> torch.Tensor:
     """The last block's output with test-time registers, by hand: timm's block parts called one by one,
-    the intervention as loops over images and neurons."""
+    the intervention as loops over images and neurons (``block``: the authors' sign_max, the entry of largest
+    |activation| over every token and listed neuron, a tie to the negative one; ``neuron``: each neuron's over
+    the patches)."""
     with torch.no_grad():
         h = model._pos_embed(model.patch_embed(x))
         h = torch.cat([h, torch.zeros(len(x), k, h.shape[-1])], dim=1)
@@ -78,21 +140,29 @@ def reference(model: torch.nn.Module, x: torch.Tensor, neurons: dict, k: int, pa
             h = h + blk.ls1(blk.attn(blk.norm1(h)))
             a = blk.mlp.act(blk.mlp.fc1(blk.norm2(h)))
             for b in range(len(x)):
-                for n in neurons.get(i, []):
-                    at = a[b, 1:-k, n]
-                    a[b, -k:, n] = at[at.abs().argmax()]
+                listed = neurons.get(i, [])
+                if listed and value == "block":
+                    entries = [float(a[b, t, n]) for t in range(a.shape[1]) for n in listed]
+                    top, bottom = max(entries), min(entries)
+                    m = top if abs(top) > abs(bottom) else bottom
+                for n in listed:
+                    if value == "neuron":
+                        at = a[b, 1:-k, n]
+                        m = at[at.abs().argmax()]
+                    a[b, -k:, n] = m
                     if patches == "zero":
                         a[b, 1:-k, n] = 0
             h = h + blk.ls2(blk.mlp.fc2(a))
     return h
 
 
+@pytest.mark.parametrize("value", ["block", "neuron"])
 @pytest.mark.parametrize("patches", ["zero", "keep"])
-def test_installed_registers_equal_a_hand_written_forward(planted, patches):
+def test_installed_registers_equal_a_hand_written_forward(planted, patches, value):
     neurons, k, x = {BLOCK: [NEURON], 3: [1, 2, 3]}, 2, images()
-    ref = reference(load(planted), x, neurons, k, patches)
+    ref = reference(load(planted), x, neurons, k, patches, value)
     model = load(planted)
-    handle = install(model, neurons, k, patches)
+    handle = install(model, neurons, k, patches, value)
     layout = layout_of(model)
     assert (layout.registers, layout.num_reg, layout.num_tokens) == ("end", 2, 1 + 16 + 2)
     got = token_features(model, x, layout, ("cls", "patch", "reg", "reg_all", "norms"))
@@ -201,7 +271,7 @@ def test_real_vits14_registers_are_per_image(offline_vits14):
     x = torch.stack([torch.nn.functional.interpolate(torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255,
                                                      size=(112, 112), mode="bilinear")[0] for p in photos])
     x = (x - 0.45) / 0.225
-    found = find_neurons(model, [x[:2], x[2:]], detect_layer=-1, percentile=98, top_k=4)
+    found = find_neurons(model, [x[:2], x[2:]], detect_layer=-1, percentile=98, top_k=4, outliers="patches")
     assert sum(map(len, found.neurons.values())) == 4 and abs(found.outliers - 0.02 * found.tokens) <= 1
     install(model, found.neurons, 1)
     layout = layout_of(model)

@@ -185,3 +185,99 @@ def test_knn_and_fewshot_commands(caches, tmp_path):
                                   "--cache", str(caches), "--shots", "1,5", "--seeds", "0,1", "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
     assert "mean_per_class_recall" in r.output and "seeds" in r.output
+
+
+# --------------------------------------------------------------------------- issue 26: the presets' own numbers
+
+def _objective(w, b, x, y, C) -> float:
+    """scikit-learn's objective, C·Σ CE + ½‖W‖², in float64 from its definition."""
+    z = x @ np.asarray(w, np.float64).T + np.asarray(b, np.float64)
+    z = z - z.max(1, keepdims=True)
+    return float(C * (np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y]).sum() + 0.5 * (np.asarray(w) ** 2).sum())
+
+
+def test_lbfgs_reaches_sklearns_optimum_across_the_dinov3_grid(digits):
+    """float32 features, DINOv3's tol (1e-12) and cap (1,000): every C from 1e-6 to 1e5 ends within 1e-4 of the
+    objective scikit-learn reaches when run to convergence (float64, 20,000 iterations)."""
+    xtr, ytr, _, _ = digits
+    x32 = xtr.astype(np.float32)
+    Cs = [1e-6, 1.0, 1e5]
+    w, b, iters = lbfgs_grid(torch.tensor(x32), torch.tensor(ytr), 10, Cs, tol=1e-12, max_iter=1000)
+    for i, C in enumerate(Cs):
+        sk = sklearn_fit(x32.astype(np.float64), ytr, C, tol=1e-12, max_iter=20_000)
+        best = _objective(sk.coef_, sk.intercept_, x32.astype(np.float64), ytr, C)
+        ours = _objective(w[i].double().numpy(), b[i].double().numpy(), x32.astype(np.float64), ytr, C)
+        assert ours <= best * (1 + 1e-4), (C, ours, best)
+    assert (iters < 1000).all(), iters  # converged, not stopped by the cap
+
+
+def test_heads_start_as_dinov2s_linear_classifier():
+    """--init normal: weights from N(0, 0.01²) (DINOv2's ``weight.normal_(0, 0.01)``), bias zero; zeros by default."""
+    from regcache.probe.minibatch import initial_weights
+
+    s = Training(features=["cls"], init="normal")
+    w = initial_weights((13, 384, 1000), s, torch.Generator().manual_seed(0)).numpy().ravel()
+    assert abs(w.mean()) < 1e-4 and abs(w.std() - 0.01) < 1e-4
+    assert abs(np.mean(np.abs(w) < 0.01) - 0.6827) < 0.002  # a normal's mass within one std
+    assert not initial_weights((2, 3, 4), Training(features=["cls"]), torch.Generator()).any()
+    x, y = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float16), np.arange(64) % 4
+    split = Split("s", {"cls": x}, y, np.arange(64).astype(str), np.zeros(64, np.int16))
+    [head] = train_heads_once(split, Training(features=["cls"], init="normal", init_std=0.5, lr=[1e-12],
+                                              iterations=1, batch_size=8))
+    assert 0.3 < float(head.weight.std()) < 0.7 and not head.bias.abs().gt(1e-9).any()
+    assert ProbeSettings.make({"model": "m", "train": "t", "test": "u", "preset": "dinov2-linear"}).init == "normal"
+    with pytest.raises(SettingsError, match="lbfgs starts every head at zero"):
+        Training.make({"features": ["cls"], "solver": "lbfgs", "init": "normal"})
+
+
+def train_heads_once(split, s):
+    from regcache.probe import train_heads
+
+    return train_heads(split, 4, s)
+
+
+def test_a_stratified_holdout_takes_a_tenth_of_each_class():
+    """DINOv3's split: per class floor(10%) of its images (at least one), none of a class of one image."""
+    from regcache.probe import holdout
+
+    counts = {0: 55, 1: 10, 2: 9, 3: 1, 4: 2, 5: 131}
+    labels = np.concatenate([np.full(n, c) for c, n in counts.items()])
+    keys = np.array([f"k{i}" for i in range(len(labels))])
+    views = np.zeros(len(labels), np.int16)
+    split = Split("s", {}, labels, keys, views)
+    fit, held = holdout(split, 0.1, seed=3, kind="stratified")
+    got = {c: int((labels[held] == c).sum()) for c in counts}
+    assert got == {c: (max(1, int(0.1 * n)) if n > 1 else 0) for c, n in counts.items()}
+    assert len(set(fit) & set(held)) == 0 and len(fit) + len(held) == len(labels)
+    _, again = holdout(split, 0.1, seed=3, kind="stratified")
+    assert (again == held).all()  # seeded
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3)).tolist()  # DINOv3's, by hand
+    want = [i for c, n in counts.items() for i in [p for p in perm if labels[p] == c][:max(1, int(0.1 * n)) * (n > 1)]]
+    assert sorted(held) == sorted(want)
+    preset = ProbeSettings.make({"model": "m", "train": "t", "test": "u", "preset": "dinov3-logreg"})
+    assert preset.holdout == "stratified"
+
+
+def test_knn_reports_top5_only_for_sets_of_more_than_five_classes(tmp_path):
+    """A set scored over a class subset of 5 would have top-5 = 100% whatever the features: not reported."""
+    from conftest import make_set
+
+    rng = np.random.default_rng(0)
+    classes = [f"c{i}" for i in range(8)]
+    centres = rng.normal(size=(8, 4)) * 3
+
+    def sample(n, which):
+        y = rng.choice(which, n)
+        return {"cls": (centres[y] + rng.normal(size=(n, 4))).astype(np.float32)}, y
+
+    root = tmp_path / "cache"
+    make_set(root, "train", *sample(200, range(8)), classes=classes, role="id-train")
+    make_set(root, "test", *sample(80, range(8)), classes=classes, role="id-val")
+    x, y = sample(60, range(5))
+    make_set(root, "five", x, y, classes=classes, subset=classes[:5], role="ood-gen")
+    r = CliRunner().invoke(main, ["knn", "-m", "m", "--train", "train", "--test", "test", "--eval", "five",
+                                  "--k", "10", "--cache", str(root), "--out", str(tmp_path / "knn")])
+    assert r.exit_code == 0, r.output
+    df = pd.read_parquet(tmp_path / "knn" / "results.parquet")
+    assert set(df[df.set == "test"].metric) == {"top1", "top5"} and set(df[df.set == "five"].metric) == {"top1"}
+    assert "top-5 only for sets scored over more than 5 classes" in r.output

@@ -231,10 +231,27 @@ def map_labels(split: Split, named: Named, id_classes: Sequence[str] | None, num
     return Split(split.name, split.x, labels, split.keys, split.views, sub)
 
 
-def holdout(split: Split, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to train on and view-0 rows to select on, split by key (all views of an image on one side)."""
-    keys = np.unique(split.keys)
-    rng = np.random.default_rng(seed)
-    held = rng.choice(keys, size=max(1, int(round(fraction * len(keys)))), replace=False)
+def holdout(split: Split, fraction: float, seed: int, kind: str = "random") -> tuple[np.ndarray, np.ndarray]:
+    """Rows to train on and view-0 rows to select on, split by key (all views of an image on one side).
+
+    ``random``: ``round(fraction × images)`` images drawn at random (at least one). ``stratified``: DINOv3's
+    split (dinov3/eval/data.py, ``split_train_val_datasets``): the images in dataset order shuffled by
+    ``torch.randperm`` under ``seed``, then of each class with two or more images its first
+    ``floor(fraction × its images)`` (at least one) in that order; a class of one image stays in train.
+    """
+    keys, first = np.unique(split.keys, return_index=True)
+    if kind == "random":
+        held = np.random.default_rng(seed).choice(keys, size=max(1, int(round(fraction * len(keys)))), replace=False)
+    else:
+        order = np.argsort(first)  # the images in dataset order
+        keys, labels = keys[order], split.labels[first[order]]
+        perm = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).numpy()
+        shuffled = labels[perm]
+        by_class = np.argsort(shuffled, kind="stable")  # per class, in shuffled order
+        held = []
+        for c, n in zip(*np.unique(shuffled, return_counts=True)):
+            positions = by_class[shuffled[by_class] == c]
+            held += list(keys[perm[positions[:max(1, int(fraction * n)) if n > 1 else 0]]])
+        held = np.array(held, dtype=keys.dtype)
     mask = np.isin(split.keys, held)
     return np.flatnonzero(~mask), np.flatnonzero(mask & (split.views == 0))

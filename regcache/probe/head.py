@@ -25,6 +25,7 @@ class Head:
     bias: torch.Tensor
     val_acc: float = float("nan")
     C: float = float("nan")
+    iterations: int = -1    # iterations it trained (lbfgs: its own, at its stop rule; minibatch: the steps)
 
     def logits(self, split: Split, chunk: int = 65536) -> np.ndarray:
         out = [split.combo(self.features, np.arange(i, min(i + chunk, len(split)))) @ self.weight.T + self.bias
@@ -45,7 +46,8 @@ def save_heads(path: Path, heads: dict, meta: dict) -> None:
     tensors, info = {}, []
     for h in heads.values():
         tensors[f"{h.name}/weight"], tensors[f"{h.name}/bias"] = h.weight.contiguous(), h.bias.contiguous()
-        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc, "C": h.C})
+        info.append({"features": list(h.features), "lr": h.lr, "wd": h.wd, "val_acc": h.val_acc, "C": h.C,
+                     "iterations": h.iterations})
     try:
         safetensors.torch.save_file(tensors, str(path), metadata={"heads": json.dumps(info),
                                                                   **{k: json.dumps(v) for k, v in meta.items()}})
@@ -59,8 +61,8 @@ def load_heads(path: Path) -> list:
     with safe_open(str(path), "pt") as f:
         info = json.loads(f.metadata()["heads"])
         return [Head(tuple(h["features"]), h["lr"], h["wd"], f.get_tensor(f"{','.join(h['features'])}/weight"),
-                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"], h.get("C", float("nan")))
-                for h in info]
+                     f.get_tensor(f"{','.join(h['features'])}/bias"), h["val_acc"], h.get("C", float("nan")),
+                     h.get("iterations", -1)) for h in info]
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, subset: np.ndarray | None = None) -> float:

@@ -44,6 +44,15 @@ class _Stacked:
             p.grad = None
 
 
+def initial_weights(shape: tuple[int, ...], s: Training, generator: torch.Generator) -> torch.Tensor:
+    """Heads' starting weights (``s.init``): zeros, or N(0, init_std²) drawn on the CPU from ``generator`` (the same
+    draws on every device and rank), as DINOv2's LinearClassifier does with ``weight.normal_(0, 0.01)``."""
+    w = torch.zeros(shape)
+    if s.init == "normal":
+        w.normal_(0.0, s.init_std, generator=generator)
+    return w
+
+
 def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
                 progress: bool = False) -> list[Head]:
     """Train every head of ``s`` in one pass over shared mini-batches; returns them in grid order per combo.
@@ -64,9 +73,10 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
     names = sorted({f for combo in s.features for f in combo})
     width = train.dims(names)
     weights, biases = {}, {}
-    for combo in s.features:  # zero init, as DINOv2's linear eval heads are near zero
+    init = torch.Generator().manual_seed(s.seed)  # its own stream: the batches are those of zero init
+    for combo in s.features:
         dim = sum(width[f] for f in combo)
-        weights[combo] = torch.zeros(len(grid), dim, num_classes, device=device, requires_grad=True)
+        weights[combo] = initial_weights((len(grid), dim, num_classes), s, init).to(device).requires_grad_()
         biases[combo] = torch.zeros(len(grid), 1, num_classes, device=device, requires_grad=True)
     params = [*weights.values(), *biases.values()]
     opt = _Stacked(params, lr, wd, s)
@@ -93,7 +103,7 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
                 dist.all_reduce(p.grad)
         opt.step()
     return [Head(combo, g[0], g[1], weights[combo][i].detach().T.cpu().contiguous(),
-                 biases[combo][i, 0].detach().cpu().clone())
+                 biases[combo][i, 0].detach().cpu().clone(), iterations=s.max_iter)
             for combo in s.features for i, g in enumerate(grid)]
 
 

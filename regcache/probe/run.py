@@ -46,6 +46,7 @@ class Row:
     lr: float = float("nan")
     wd: float = float("nan")
     scorer_args: str = ""  # the scorer's hyperparameters (JSON), defaults included
+    iterations: int = -1   # selection rows: the iterations the head trained (an lbfgs head's own count)
     note: str = ""         # how the number was made (a scorer's notes), or why there is none ("skipped: ...")
 
 
@@ -72,7 +73,11 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
     args = {name: json.dumps(sc.args, sort_keys=True) for name, sc in fitted.items()}
     id_scores = {}
     for name, sc in fitted.items():
-        id_scores[name] = _score(sc, head, id_split)
+        try:
+            id_scores[name] = _score(sc, head, id_split)
+        except ood.FitError as e:  # a scorer that cannot apply to these features (a percentile of too few)
+            skipped[name] = f"cannot score [{f}]: {e}"
+            continue
         if not np.isfinite(id_scores[name]).all():
             skipped[name] = f"{_non_finite(id_scores[name])} on the ID set {id_split.name}"
     per: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
@@ -183,6 +188,7 @@ def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, "Named |
     sets = RunSets(find(s.train), find(val) if val else None, find(s.test) if s.test else None,
                    {n: find(n) for n in s.eval}, {n: find(n) for n in anomaly})
     check_compatible([(f"{label} set {n.name}", n.fs) for label, n in sets.items()])
+    check_distinct(sets)
     for label, n in sets.items():
         seed = n.fs.identity.get("random_init")
         if seed is not None and not s.allow_random_init:
@@ -190,6 +196,28 @@ def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, "Named |
                              "a random-init ViT gives nearly the same embedding for every image, so its numbers say "
                              "nothing about the model; pass --allow-random-init for a smoke test")
     return sets
+
+
+def check_distinct(sets: RunSets) -> None:
+    """Each eval and anomaly set is named once, whatever the spelling (a name, its `ls` name, its path): a set
+    given twice would count twice in a mean. An anomaly set holds none of the ID sets' images: the ID test set
+    given as an anomaly set would score ID images as OOD."""
+    for option, named in (("--eval", sets.eval), ("--anomaly", sets.anomaly)):
+        seen: dict[Path, str] = {}
+        for ref, n in named.items():
+            first = seen.setdefault(n.fs.path.resolve(), ref)
+            if first != ref:
+                raise ProbeError(f"{option}: {first} and {ref} name the same set ({n.fs.path}): it would count twice "
+                                 "in a mean; give it once")
+    ids = [(label, n) for label, n in sets.items() if label in ("train", "val", "test")]
+    for ref, n in sets.anomaly.items():
+        mine = set(n.fs.shard_digests().values())
+        for label, i in ids:
+            common = mine & set(i.fs.shard_digests().values())
+            if common:
+                raise ProbeError(f"--anomaly {ref} ({n.fs.path}) holds images of the {label} set {i.name}: read from "
+                                 f"{len(common)} of the same shards, its ID images would be scored as OOD; give an "
+                                 "anomaly set of other images")
 
 
 def check_apart(sets: RunSets, selected: bool) -> None:
@@ -281,7 +309,9 @@ def _groups(anomaly: Mapping[str, Named]) -> dict[str, str]:
 
 
 def _load(s: ProbeSettings, sets: RunSets, union: Sequence[str]) -> _Data:
-    """Every split of a run; without a val set, a held-out part of train (by seed) selects the heads.
+    """Every split of a run; without a val set, a held-out part of train (by seed, `holdout`) selects the heads,
+    unless nothing is selected (one head per combination, no refit) and a test set gives the ID numbers: then
+    every training row trains.
 
     With ``stream`` the training set is read window by window instead of loaded. Labels of val, test
     and eval sets are mapped into the training set's classes by name.
@@ -295,8 +325,10 @@ def _load(s: ProbeSettings, sets: RunSets, union: Sequence[str]) -> _Data:
     num_classes = num_classes_of(name, train.labels, id_classes)
     if sets.val is not None:
         val = labelled(sets.val, union, id_classes, num_classes)
+    elif not _holds_out(s, sets):
+        val = None
     else:
-        fit_rows, val_rows = holdout(train, s.val_fraction, s.seed)
+        fit_rows, val_rows = holdout(train, s.val_fraction, s.seed, s.holdout)
         val, train = train.take(val_rows, name=f"{name}[held-out]"), train.take(fit_rows)
     test = labelled(sets.test, union, id_classes, num_classes) if sets.test is not None else val
     return _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
@@ -332,7 +364,7 @@ def _need_test(s: ProbeSettings) -> str:
 
 def run_record(result, s) -> RunRecord:
     """config.json: the settings, each set with what it held and what its rows meant, and the heads' classes."""
-    uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path), fingerprint=n.fs.fingerprint,
+    uses = [SetUse(role=label.split(":")[0], name=n.name, path=str(n.fs.path.resolve()), fingerprint=n.fs.fingerprint,
                    content=n.fs.content_id(), description=n.description) for label, n in result.sets.items()]
     return RunRecord(settings=s.model_dump(mode="json"), sets=uses, protocol=result.protocol, classes=result.classes,
                      regcache=__version__, torch=torch.__version__,
@@ -362,7 +394,7 @@ def write_run(out: Path, result, s) -> None:
     with writing(out / "config.json") as f:
         f.write_bytes(run_record(result, s).to_json())
     with writing(out / "heads.safetensors") as f:
-        save_heads(f, result.heads, {"model": s.model, "train": str(result.sets.train.fs.path),
+        save_heads(f, result.heads, {"model": s.model, "train": str(result.sets.train.fs.path.resolve()),
                                      "classes": result.classes})
 
 
@@ -402,15 +434,22 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
     check_apart(sets, selected=s.heads_per_combination > 1 or s.refit)
     data = _load(s, sets, union)
     views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
-    protocol = {"heads_per_combination": s.heads_per_combination, "selection_set": data.val.name,
+    held = sets.val is None and data.val is not None
+    protocol = {"heads_per_combination": s.heads_per_combination,
+                "selection_set": data.val.name if data.val is not None else None,
                 "id_set": data.test.name, "id_is_selection_set": data.test is data.val,
-                "train_views": sorted(int(v) for v in np.unique(views))}
+                "train_views": sorted(int(v) for v in np.unique(views)),
+                "held_out": {"fraction": s.val_fraction, "kind": s.holdout} if held else None}
     candidates = fit_heads(data.train, data.num_classes, s, progress=not s.quiet)
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return None  # rank 0 evaluates and writes
-    heads = select(candidates, data.val)
-    selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd)
-                 for h in candidates]
+    if data.val is None:  # one head per combination and nothing to select it on
+        heads = {h.features: h for h in candidates}
+        selection = []
+    else:
+        heads = select(candidates, data.val)
+        selection = [Row(h.name, data.val.name, "selection", "top1", h.val_acc, len(data.val), lr=h.lr, wd=h.wd,
+                         iterations=h.iterations) for h in candidates]
     if s.refit:
         heads = refit(heads, data.train, data.val, data.num_classes, s)
         protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
@@ -420,6 +459,12 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
         warnings.append(f"the protocol trains on augmented views, but {s.train} holds the plain crop only "
                         "(extracted with views 1): its heads saw no augmentation; extract it with --views > 1")
     return ProbeResult(df, heads, candidates, scores, sets, protocol, data.classes, warnings=warnings)
+
+
+def _holds_out(s: ProbeSettings, sets: RunSets) -> bool:
+    """Whether a part of --train is held out: to select heads (several per combination, or a refit's choice), or
+    for the ID numbers when there is no test set; never when nothing is selected and a test set reports."""
+    return sets.val is None and (s.heads_per_combination > 1 or s.refit or sets.test is None)
 
 
 def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = None) -> ProbeResult | None:
@@ -475,8 +520,10 @@ def score(ss: ScoreSettings) -> ProbeResult:
         idx = fs.index
         idx = idx[idx.view == 0]
         rows, labels, keys, views = (idx[c].to_numpy() for c in ("row", "label", "key", "view"))
-        if sets.val is None:  # the run's held-out rows: the same keys for the same seed
-            fit_rows, held = holdout(Split(name, {}, labels, keys, views), s.val_fraction, s.seed)
+        held_out = record.protocol.get("held_out", {"fraction": s.val_fraction, "kind": "random"})  # older: random
+        if sets.val is None and held_out:  # the run's held-out rows: the same keys for the same seed
+            fit_rows, held = holdout(Split(name, {}, labels, keys, views), held_out["fraction"], s.seed,
+                                     held_out["kind"])
             if test is None:
                 test = Split(f"{name}[held-out]", {f: _read(fs, name, f, rows[held], keys[held]) for f in union},
                              labels[held], keys[held], views[held])

@@ -31,6 +31,23 @@ PATCH_MODES: dict[str, str] = {
     "zero": "set to zero (the paper's default: the outliers leave the patches)",
     "keep": "left as they are (the registers get the maximum, the patches keep theirs)",
 }
+#: the activation each register neuron takes in the registers (docs/registers.md, "Rules and their sources")
+REGISTER_VALUES: dict[str, str] = {
+    "block": "one value per block: the largest |activation| over every token ([CLS], patches, registers) and every "
+             "listed neuron of the block, sign kept, in each listed neuron (the authors' sign_max)",
+    "neuron": "per neuron: its largest |activation| over the image's patches, sign kept",
+}
+#: which tokens can be outliers when register neurons are found
+OUTLIER_TOKENS: dict[str, str] = {
+    "all": "[CLS] and the patch tokens (the authors' code counts [CLS] when its norm is above the threshold)",
+    "patches": "the patch tokens only",
+}
+#: how a neuron's activations at the outliers make its score
+NEURON_AVERAGING: dict[str, str] = {
+    "per-image": "per image, the mean |activation| over its outliers; then the mean over the images with outliers "
+                 "(the authors' code)",
+    "pooled": "the mean |activation| over every outlier of every image (images with more outliers weigh more)",
+}
 ROLES: dict[str, str] = {"id-train": "in-distribution training set", "id-val": "in-distribution validation/test set",
                          "ood-gen": "OOD generalisation set (labelled, top-1)",
                          "anomaly": "anomaly set (unlabelled, detection metrics)"}
@@ -38,6 +55,13 @@ SOLVERS: dict[str, str] = {
     "minibatch": "SGD/AdamW over --lr x --wd, one head each (the paper's; works with --stream)",
     "lbfgs": "full-batch multinomial logistic regression, one head per --C, fitted together (sets in memory)"}
 OPTIMIZERS: dict[str, str] = {"sgd": "SGD with momentum and a cosine schedule", "adamw": "AdamW, cosine schedule"}
+#: how a minibatch head starts (lbfgs always starts at zero: its objective is convex)
+INITS: dict[str, str] = {"zeros": "weights and bias zero",
+                         "normal": "weights drawn from N(0, init_std^2), bias zero (DINOv2's LinearClassifier)"}
+#: how the selection set is held out of --train when there is no --val
+HOLDOUTS: dict[str, str] = {"random": "--val-fraction of the images, drawn at random",
+                            "stratified": "--val-fraction of each class's images (at least one of a class with two "
+                                          "or more; DINOv3's split)"}
 DEVICE_HELP = "cpu, cuda, cuda:1, …"
 #: stages of a pipeline run, in order
 STAGES: dict[str, str] = {"extract": "extract what is not cached", "probe": "train and evaluate heads",

@@ -14,8 +14,8 @@ from pydantic import Field, field_validator, model_validator
 
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
 from .base import Cli, Meta, Settings, meta
-from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, PATCH_MODES, POS_EMBED, PRECISIONS,
-                      ROLES, literal)
+from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, NEURON_AVERAGING, OUTLIER_TOKENS,
+                      PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, literal)
 from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
 
 
@@ -93,6 +93,9 @@ class Registers(Settings):
     test_time_patches: Annotated[literal(PATCH_MODES), Meta(identity="backbone", per_model=True), Field(
         "zero", description="What the register neurons do at the patch tokens: "
                             + "; ".join(f"{k}: {v}" for k, v in PATCH_MODES.items()) + ".")]
+    test_time_value: Annotated[literal(REGISTER_VALUES), Meta(identity="backbone", per_model=True), Field(
+        "block", description="The activation each register neuron takes in the registers: "
+                             + "; ".join(f"{k}: {v}" for k, v in REGISTER_VALUES.items()) + ".")]
 
     @field_validator("test_time_registers")
     @classmethod
@@ -198,6 +201,13 @@ class RegistersFindSettings(Preprocessing, Backbone):
     max_layer: Annotated[Optional[int], Cli(show="the detection block"), Field(
         None, description="Neurons of blocks up to this one compete.")]
     top_k: Annotated[Count, Cli(short="-k"), Field(10, description="Neurons kept.")]
+    outliers: Annotated[literal(OUTLIER_TOKENS), Field("all", description="Which tokens can be outliers: " + "; ".join(
+        f"{k}: {v}" for k, v in OUTLIER_TOKENS.items()) + ".")]
+    averaging: Annotated[literal(NEURON_AVERAGING), Field("per-image", description="A neuron's score: " + "; ".join(
+        f"{k}: {v}" for k, v in NEURON_AVERAGING.items()) + ".")]
+    sparsity: Annotated[bool, Field(True, description="The authors' sparsity filter (their published notebook): in "
+                                    "each image, a neuron scores only if its activation is below 0.5 at half of "
+                                    "the tokens or more.")]
     batch_size: Annotated[Count, Cli(short="-b"), Field(16, description="Images per forward pass.")]
     out: Annotated[UserPath, Cli(short="-o", metavar="FILE"), Field(
         description="The neuron file (JSON) to write, for 'regcache extract --test-time-registers FILE[:K]'.")]

@@ -14,7 +14,7 @@ DINOV2_LRS = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 
 LAST1 = ("cls", "cls,patch")
 LAST4 = ("cls@-4,cls@-3,cls@-2,cls", "cls@-4,cls@-3,cls@-2,cls,patch")
 _DINOV2_SGD = {"solver": "minibatch", "optimizer": "sgd", "lr": DINOV2_LRS, "wd": (0.0,), "iterations": 12_500,
-               "batch_size": 1024, "momentum": 0.9}
+               "batch_size": 1024, "momentum": 0.9, "init": "normal", "init_std": 0.01}
 
 
 @dataclass(frozen=True)
@@ -34,13 +34,13 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset("dinov3-logreg", "DINOv3 logistic regression: L-BFGS, C over 10^linspace(-6, 5, 45), selected on val, "
-           "refit on train + val (tol 1e-12, 1,000 iterations)", "probe",
+    Preset("dinov3-logreg", "DINOv3 logistic regression: L-BFGS, C over 10^linspace(-6, 5, 45), selected on val "
+           "(without --val: 10% of each class held out), refit on train + val (tol 1e-12, 1,000 iterations)", "probe",
            {"solver": "lbfgs", "C": [10.0 ** (-6 + 11 * i / 44) for i in range(45)], "tol": 1e-12,
-            "iterations": 1_000, "refit": True, "features": ["cls"]}),
+            "iterations": 1_000, "refit": True, "holdout": "stratified", "features": ["cls"]}),
     Preset("dinov2-linear", "DINOv2 linear evaluation, last block: SGD (momentum 0.9, cosine, no weight decay), "
-           "13 learning rates × batch/256, 12,500 iterations of batch 1024; [CLS], and [CLS] + average-pooled "
-           "patches", "probe", {**_DINOV2_SGD, "features": list(LAST1)}, scale_lr=True),
+           "heads from N(0, 0.01^2), 13 learning rates × batch/256, 12,500 iterations of batch 1024; [CLS], and "
+           "[CLS] + average-pooled patches", "probe", {**_DINOV2_SGD, "features": list(LAST1)}, scale_lr=True),
     Preset("dinov2-linear-last4", "dinov2-linear on the last 4 blocks' [CLS] (cls@-4..cls), with and without "
            "average-pooled patches, beside the last-block combinations: the full DINOv2 grid (needs block "
            "features: extract --layers)", "probe", {**_DINOV2_SGD, "features": [*LAST1, *LAST4]}, scale_lr=True),

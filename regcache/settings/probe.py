@@ -11,10 +11,10 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from .base import Cli, Meta, Settings
-from .choices import DEVICE_HELP, OPTIMIZERS, SOLVERS, literal
+from .choices import DEVICE_HELP, HOLDOUTS, INITS, OPTIMIZERS, SOLVERS, literal
 from .extract import Cache
 from .presets import presets_of
-from .types import (Combos, Count, Counts, Ints, NonNegativeFloats, Positive, PositiveFloats, Names, UserPath,
+from .types import (Combos, Count, Counts, Ints, Names, NonNegativeFloats, Positive, PositiveFloats, UniquePaths, UserPath,
                     split)
 
 
@@ -119,7 +119,17 @@ class Training(Device):
         None, description="Steps (minibatch) or the iteration cap (lbfgs).")]
     batch_size: Annotated[Count, Field(4096, description="Rows per step (minibatch).")]
     momentum: Annotated[float, Field(0.9, ge=0, lt=1, description="SGD momentum.")]
-    seed: Annotated[int, Field(0, description="Seed of batches and of the held-out split.")]
+    init: Annotated[literal(INITS), Field("zeros", description="How minibatch heads start: " + "; ".join(
+        f"{k}: {v}" for k, v in INITS.items()) + ".")]
+    init_std: Annotated[Positive, Field(0.01, description="The std of --init normal.")]
+    seed: Annotated[int, Field(0, description="Seed of batches, of the held-out split and of --init normal.")]
+
+    @model_validator(mode="after")
+    def _init_for_minibatch(self):
+        if self.solver == "lbfgs" and self.init != "zeros":
+            raise ValueError("lbfgs starts every head at zero (its objective is convex: the optimum does not depend "
+                             "on the start); init applies to the minibatch solver")
+        return self
 
     @property
     def max_iter(self) -> int:
@@ -153,6 +163,8 @@ class ProbeSettings(Scoring, Training, CachedSets):
                                                     "train + val.")]
     val_fraction: Annotated[float, Field(0.1, gt=0, le=0.5, description="Held out of --train when there is "
                                                                         "no --val.")]
+    holdout: Annotated[literal(HOLDOUTS), Field("random", description="How --val-fraction is held out: " + "; ".join(
+        f"{k}: {v}" for k, v in HOLDOUTS.items()) + ".")]
     stream: Annotated[bool, Field(False, description="Read the training set window by window (sets larger than "
                                                      "memory).")]
     stream_window: Annotated[Count, Field(16, description="Shards per shuffle window with --stream.")]
@@ -232,7 +244,7 @@ class FewshotSettings(CachedSets):
 class ReportSettings(Settings):
     """`regcache report`: several runs' results in one table."""
 
-    runs: Annotated[list[UserPath], Cli(argument=True, multiple=True, metavar="RUN..."), Field(
+    runs: Annotated[UniquePaths, Cli(argument=True, multiple=True, metavar="RUN..."), Field(
         min_length=1, description="Run directories (or their results.parquet files).")]
     out: Annotated[Optional[UserPath], Cli(show="print only"), Field(
         None, description="Also write the merged report here: report.md, results.parquet and results.csv (a new "
