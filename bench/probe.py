@@ -189,9 +189,13 @@ def dinov3(args) -> None:
         solvers[f"regcache@{args.baseline}"] = module.lbfgs_grid
     rows = {C: {} for C in Cs}
     for name, solve in solvers.items():
-        t = time.perf_counter()
-        w, b, iters = solve(torch.from_numpy(x), torch.from_numpy(y), classes, Cs, max_iter=1000, tol=1e-12)
-        report[f"{name}_s"] = round(time.perf_counter() - t, 2)
+        times = []
+        for _ in range(2):  # the faster of two calls: the VM's speed drifts
+            t = time.perf_counter()
+            w, b, iters = solve(torch.from_numpy(x), torch.from_numpy(y), classes, Cs, max_iter=1000, tol=1e-12)
+            times.append(round(time.perf_counter() - t, 2))
+        report[f"{name}_s"] = min(times)
+        report[f"{name}_s_both"] = times
         for i, C in enumerate(Cs):
             rows[C][name] = (objective(w[i].double().numpy(), b[i].double().numpy(), C), int(iters[i]))
     t0 = time.perf_counter()

@@ -281,3 +281,22 @@ def test_knn_reports_top5_only_for_sets_of_more_than_five_classes(tmp_path):
     df = pd.read_parquet(tmp_path / "knn" / "results.parquet")
     assert set(df[df.set == "test"].metric) == {"top1", "top5"} and set(df[df.set == "five"].metric) == {"top1"}
     assert "top-5 only for sets scored over more than 5 classes" in r.output
+
+
+def test_the_sklearn_solver_is_dinov3s_solver(digits):
+    """--solver sklearn: each head is scikit-learn's LogisticRegression at that C (its probabilities, also in
+    scikit-learn's binary form, and with a class absent from the training rows never predicted)."""
+    xtr, ytr, xte, _ = digits
+    for keep in ([0, 1, 2], [3, 7]):
+        rows = np.isin(ytr, keep)
+        s = Split("s", {"cls": xtr[rows].astype(np.float16)}, ytr[rows], np.arange(rows.sum()).astype(str),
+                  np.zeros(rows.sum(), np.int16))
+        heads = fit_heads(s, 10, Training(features=["cls"], solver="sklearn", C=[0.1, 10.0], iterations=50))
+        for h in heads:
+            sk = sklearn_fit(xtr[rows].astype(np.float16).astype(np.float64), ytr[rows], h.C, max_iter=50)
+            logits = torch.tensor(xte, dtype=torch.float32) @ h.weight.T + h.bias
+            ours = torch.softmax(logits.double(), 1).numpy()[:, keep]
+            np.testing.assert_allclose(ours, sk.predict_proba(xte), atol=1e-5)
+            assert set(logits.argmax(1).tolist()) <= set(keep) and h.iterations == int(sk.n_iter_[0])
+    preset = ProbeSettings.make({"model": "m", "train": "t", "test": "u", "preset": "dinov3-logreg-sklearn"})
+    assert preset.solver == "sklearn" and len(preset.C) == 45 and preset.holdout == "stratified" and preset.refit

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..settings import Training
+from ..settings.choices import BY_C
 from .data import ProbeError, Split, StreamedSplit
 from .head import Head
 from .minibatch import train_heads
@@ -49,8 +50,44 @@ def lbfgs_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, p
     return heads
 
 
+def sklearn_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, progress: bool = False) -> list:
+    """One head per (combination, C): scikit-learn's ``LogisticRegression(C, tol, max_iter)`` (lbfgs, float64, on the
+    CPU), fitted one after another as DINOv3's logistic-regression evaluation fits them, so that its heads, where
+    they stop at the iteration cap short of the optimum, are DINOv3's. A class absent from the training rows
+    gets a bias that no logit of another class is below (it is never predicted, as scikit-learn never does)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    from ..progress import progress as progress_bar
+
+    if isinstance(train, StreamedSplit):
+        raise ProbeError("sklearn is full-batch: it needs the training set in memory (drop --stream)")
+    y = train.labels
+    heads = []
+    bar = progress_bar(total=len(s.features) * len(s.C), desc="sklearn fits", unit="fit", disable=not progress)
+    for combo in s.features:
+        x = train.combo(combo).double().numpy()
+        for c in s.C:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)  # DINOv3's heads stop at the cap too
+                m = LogisticRegression(C=c, tol=s.tol, max_iter=s.max_iter).fit(x, y)
+            w, b = np.zeros((num_classes, x.shape[1])), np.full(num_classes, -1e4)
+            if len(m.classes_) == 2:  # scikit-learn's binary form: one vector for class 1 against class 0
+                w[m.classes_[1]], b[m.classes_[1]], b[m.classes_[0]] = m.coef_[0], m.intercept_[0], 0.0
+            else:
+                w[m.classes_], b[m.classes_] = m.coef_, m.intercept_
+            heads.append(Head(combo, float("nan"), 1.0 / (c * len(y)), torch.from_numpy(w).float(),
+                              torch.from_numpy(b).float(), C=float(c), iterations=int(m.n_iter_[0])))
+            bar.update(1)
+    bar.close()
+    return heads
+
+
 #: solver name (`settings.choices.SOLVERS`) -> (training set, classes, settings, progress) -> every head of the grid
-SOLVERS: dict[str, Callable[..., list[Head]]] = {"minibatch": train_heads, "lbfgs": lbfgs_heads}
+SOLVERS: dict[str, Callable[..., list[Head]]] = {"minibatch": train_heads, "lbfgs": lbfgs_heads,
+                                                  "sklearn": sklearn_heads}
 
 
 def fit_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, progress: bool = False) -> list[Head]:
@@ -69,7 +106,7 @@ def refit(chosen: dict[tuple[str, ...], Head], train: "Split | StreamedSplit", v
                  np.concatenate([train.views, val.views]))
     out = {}
     for combo, h in chosen.items():
-        setting = {"C": [h.C]} if s.solver == "lbfgs" else {"lr": [h.lr], "wd": [h.wd]}
+        setting = {"C": [h.C]} if s.solver in BY_C else {"lr": [h.lr], "wd": [h.wd]}
         new = fit_heads(both, num_classes, s.model_copy(update={"features": [combo], "refit": False, **setting}))[0]
         new.val_acc = h.val_acc
         out[combo] = new
@@ -131,41 +168,40 @@ def lbfgs_grid(x: torch.Tensor, y: torch.Tensor, num_classes: int, Cs: Sequence[
         return loss, grad, gmax
 
     theta = torch.zeros(heads, p, dtype=acc, device=dev)
-    all_heads = torch.arange(heads, device=dev)
-    f, g, gmax = evaluate(theta, all_heads)
-    s_hist = torch.zeros(history, heads, p, dtype=acc, device=dev)
-    y_hist = torch.zeros_like(s_hist)
-    rho = torch.zeros(history, heads, dtype=acc, device=dev)
+    f, g, gmax = evaluate(theta, torch.arange(heads, device=dev))
     iters = torch.zeros(heads, dtype=torch.long, device=dev)
-    active = gmax > tol
+    live = (gmax > tol).nonzero().squeeze(1)  # the heads still running; their L-BFGS history, compacted to them
+    s_hist = torch.zeros(history, len(live), p, dtype=acc, device=dev)
+    y_hist = torch.zeros_like(s_hist)
+    rho = torch.zeros(history, len(live), dtype=acc, device=dev)
     ftol = 64 * torch.finfo(acc).eps
     for it in range(max_iter):
-        idx = active.nonzero().squeeze(1)
-        if not len(idx):
+        if not len(live):
             break
-        th, gr, fa = theta[idx], g[idx], f[idx]
-        every = len(idx) == heads  # no copy of the history while every head is still running
-        direction = -_two_loop(gr, s_hist if every else s_hist[:, idx], y_hist if every else y_hist[:, idx],
-                               rho if every else rho[:, idx], it, history)
+        th, gr, fa = theta[live], g[live], f[live]
+        direction = -_two_loop(gr, s_hist, y_hist, rho, it, history)
         slope = (gr * direction).sum(1)
         bad = slope >= 0  # not a descent direction (lost curvature): restart that head from -g
         if bad.any():
             direction[bad], slope[bad] = -gr[bad], -(gr[bad] ** 2).sum(1)
-            rho[:, idx[bad]] = 0
-        new_th, new_f, new_g, new_gmax = _line_search(evaluate, idx, th, fa, direction, slope)
+            rho[:, bad] = 0
+        new_th, new_f, new_g, new_gmax = _line_search(evaluate, live, th, fa, direction, slope)
         moved = torch.isfinite(new_f)   # heads whose line search failed keep their point and stop
         step, dg = new_th - th, new_g - gr
         sy = (step * dg).sum(1)
         slot = it % history
         keep = moved & (sy > 1e-10 * dg.square().sum(1))
-        s_hist[slot, idx], y_hist[slot, idx] = step, dg
-        rho[slot, idx] = torch.where(keep, 1.0 / sy.where(keep, torch.ones_like(sy)), torch.zeros_like(sy))
-        upd = idx[moved]
-        theta[upd], g[upd], gmax[upd] = new_th[moved], new_g[moved], new_gmax[moved]
+        s_hist[slot], y_hist[slot] = step, dg
+        rho[slot] = torch.where(keep, 1.0 / sy.where(keep, torch.ones_like(sy)), torch.zeros_like(sy))
+        upd = live[moved]
+        theta[upd], g[upd], gmax[upd], f[upd] = new_th[moved], new_g[moved], new_gmax[moved], new_f[moved]
         stalled = (fa - new_f) <= ftol * torch.maximum(torch.maximum(fa.abs(), new_f.abs()), torch.ones_like(fa))
-        f[upd] = new_f[moved]
-        iters[idx] += 1
-        active[idx] = moved & ~stalled & (new_gmax > tol)
+        iters[live] += 1
+        going = moved & ~stalled & (new_gmax > tol)
+        if not going.all():  # compact the state to the heads still running: no copy of it per iteration
+            live, s_hist, y_hist, rho = live[going], s_hist[:, going], y_hist[:, going], rho[:, going]
+    active = torch.zeros(heads, dtype=torch.bool, device=dev)
+    active[live] = True
     if active.any():
         log.warning("lbfgs: %d of %d heads (C = %s) reached --iterations %d before the gradient tolerance %g",
                     int(active.sum()), heads, ", ".join(f"{Cs[i]:g}" for i in active.nonzero().squeeze(1).tolist()),
@@ -231,22 +267,15 @@ def _two_loop(grad, s_hist, y_hist, rho, it: int, history: int) -> torch.Tensor:
     return q
 
 
-def _line_search(evaluate, idx, theta, f0, direction, slope, c1: float = 1e-4, c2: float = 0.9,
-                 tries: int = 12, grow: float = 4.0):
-    """A step per head along ``direction``: from step 1, halved until the Armijo condition holds (sufficient
-    decrease); a step that holds it but not the curvature condition (the slope still steep, ``g·d < c2 slope``)
-    is grown ×``grow`` while both allow, so that each curvature pair L-BFGS keeps comes from a step that reached
-    where the slope flattens (the weak Wolfe conditions, as scipy's L-BFGS-B line search enforces strongly).
-    Without it, the weakly regularised heads of a grid crawled at step 1 for thousands of iterations. Heads that
-    never satisfy Armijo within ``tries`` steps (step 1 halved 11 times: the objective at its noise floor) get
-    f = inf (and stop)."""
+def _line_search(evaluate, idx, theta, f0, direction, slope, c1: float = 1e-4, shrink: float = 0.5, tries: int = 6):
+    """Backtracking from step 1 per head until the Armijo condition holds; heads that never satisfy it within
+    ``tries`` steps (step 1 halved 5 times: the objective at its noise floor) get f = inf (and stop)."""
     h = len(idx)
     t = torch.ones(h, dtype=theta.dtype, device=theta.device)
     new_th, new_g = theta.clone(), torch.zeros_like(theta)
     new_f = torch.full_like(f0, float("inf"))
     new_gmax = torch.full_like(f0, float("inf"))
     pending = torch.ones(h, dtype=torch.bool, device=theta.device)
-    growing = torch.ones(h, dtype=torch.bool, device=theta.device)  # no step has failed Armijo yet
     for _ in range(tries):
         sel = pending.nonzero().squeeze(1)
         if not len(sel):
@@ -254,15 +283,8 @@ def _line_search(evaluate, idx, theta, f0, direction, slope, c1: float = 1e-4, c
         trial = theta[sel] + t[sel].unsqueeze(1) * direction[sel]
         f, g, gmax = evaluate(trial, idx[sel])
         ok = torch.isfinite(f) & (f <= f0[sel] + c1 * t[sel] * slope[sel])
-        acc = sel[ok]  # the best step so far: kept, whatever comes next
+        acc = sel[ok]
         new_th[acc], new_f[acc], new_g[acc], new_gmax[acc] = trial[ok], f[ok], g[ok], gmax[ok]
-        steep = ok & ((g * direction[sel]).sum(1) < c2 * slope[sel])
-        more = sel[steep & growing[sel]]
-        t[more] *= grow
-        pending[sel[ok & ~(steep & growing[sel])]] = False  # flat enough, or grown past Armijo before
-        failed = sel[~ok]
-        growing[failed] = False
-        back = failed[~torch.isfinite(new_f[failed])]  # no step accepted yet: back off
-        t[back] *= 0.5
-        pending[failed[torch.isfinite(new_f[failed])]] = False  # grown too far: keep the last accepted step
+        pending[acc] = False
+        t[sel[~ok]] *= shrink
     return new_th, new_f, new_g, new_gmax

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from .base import Cli, Meta, Settings
-from .choices import DEVICE_HELP, HOLDOUTS, INITS, OPTIMIZERS, SOLVERS, literal
+from .choices import BY_C, DEVICE_HELP, HOLDOUTS, INITS, OPTIMIZERS, SOLVERS, literal
 from .extract import Cache
 from .presets import presets_of
 from .types import (Combos, Count, Counts, Ints, Names, NonNegativeFloats, Positive, PositiveFloats, UniquePaths, UserPath,
@@ -126,15 +126,15 @@ class Training(Device):
 
     @model_validator(mode="after")
     def _init_for_minibatch(self):
-        if self.solver == "lbfgs" and self.init != "zeros":
-            raise ValueError("lbfgs starts every head at zero (its objective is convex: the optimum does not depend "
-                             "on the start); init applies to the minibatch solver")
+        if self.solver in BY_C and self.init != "zeros":
+            raise ValueError(f"{self.solver} starts every head at zero (its objective is convex: the optimum does not "
+                             "depend on the start); init applies to the minibatch solver")
         return self
 
     @property
     def max_iter(self) -> int:
         """``iterations``, or the solver's default (10,000 steps; an lbfgs cap of 1,000)."""
-        return self.iterations or (1_000 if self.solver == "lbfgs" else 10_000)
+        return self.iterations or (1_000 if self.solver in BY_C else 10_000)
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -143,7 +143,7 @@ class Training(Device):
 
     @property
     def heads_per_combination(self) -> int:
-        return len(self.C) if self.solver == "lbfgs" else len(self.grid)
+        return len(self.C) if self.solver in BY_C else len(self.grid)
 
 
 class ProbeSettings(Scoring, Training, CachedSets):
@@ -182,9 +182,9 @@ class ProbeSettings(Scoring, Training, CachedSets):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.solver == "lbfgs" and self.stream:
-            raise ValueError("lbfgs is full-batch: it needs the training set in memory; drop stream (--stream) or "
-                             "use the minibatch solver")
+        if self.solver in BY_C and self.stream:
+            raise ValueError(f"{self.solver} is full-batch: it needs the training set in memory; drop stream "
+                             "(--stream) or use the minibatch solver")
         if self.stream and not self.val:
             raise ValueError("a streamed training set needs a val set (--val): no rows are held out of it")
         return self
