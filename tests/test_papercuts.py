@@ -169,25 +169,26 @@ def test_analysis_refuses_an_empty_set_by_name(tmp_path, command, monkeypatch):
 
 # --------------------------------------------------------------------------- 5: install warnings
 
-def test_pyproject_applies_without_deprecation_warnings():
-    """What `pip install -e .` runs on pyproject.toml, with a setuptools its build requirement allows."""
+def test_pyproject_applies_without_warnings():
+    """What `pip install -e .` reads of pyproject.toml, with the hatchling its build requirement allows."""
+    import tomllib
     import warnings
+    from importlib.metadata import version
     from pathlib import Path
 
-    import setuptools
+    from hatchling.metadata.core import ProjectMetadata
     from packaging.requirements import Requirement
-    from setuptools.config.pyprojecttoml import apply_configuration, read_configuration
-    from setuptools.dist import Distribution
 
-    path = Path(__file__).resolve().parents[1] / "pyproject.toml"
-    (req,) = [Requirement(r) for r in read_configuration(path, expand=False)["build-system"]["requires"]
-              if r.startswith("setuptools")]
-    assert req.specifier.contains(setuptools.__version__)
+    root = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    (req,) = [Requirement(r) for r in config["build-system"]["requires"] if r.startswith("hatchling")]
+    assert req.specifier.contains(version("hatchling"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dist = apply_configuration(Distribution(), path)
+        meta = ProjectMetadata(str(root), None, config)
+        core = meta.core
+        assert core.license_expression == "MIT" and core.name == "regcache"
     assert [str(w.message) for w in caught] == []
-    assert dist.metadata.license_expression == "MIT"
 
 
 # --------------------------------------------------------------------------- 2: random weights
