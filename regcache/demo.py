@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import pickle
+import shutil
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,14 +257,28 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     return job.run
 
 
-def next_steps(model: str | None) -> str:
-    """What to type after the demo: the commands find its sets by name in the default cache root."""
-    m = model or "vit_small_patch14_dinov2"
-    return "\n".join([
-        "Next: the demo's sets are in the cache; every command finds them by name:",
-        "  regcache ls",
-        f"  regcache probe -m {m} -f cls -f cls,patch --train fmnist-train --test fmnist-val "
-        "--eval fmnist-sketch,fmnist-invert --anomaly mnist,animals,textures --iterations 300 --batch-size 256",
-        f"  regcache knn -m {m} --train fmnist-train --test fmnist-val --eval fmnist-sketch --k 10,20",
-        f"  regcache norms fmnist-val -m {m}",
-        "  regcache probe --help     (solvers, presets, scorers; docs/probing.md)"])
+def command_name() -> str:
+    """How to run regcache in the user's shell: ``regcache`` when that is this program (an activated venv, a
+    ``pip install``), else the path this program was started by (``.venv/bin/regcache`` after ``make demo``)."""
+    here = Path(sys.argv[0])
+    found = shutil.which("regcache")
+    if here.name == "regcache" and (found is None or Path(found).resolve() != here.resolve()):
+        return str(here) if here.is_absolute() or str(here).startswith(".") else f"./{here}"
+    return "regcache"
+
+
+def next_steps(model: str | None, regcache: str = "regcache") -> str:
+    """What to type after the demo: the commands find its sets by name in the default cache root; ``regcache`` is
+    how the command runs in the user's shell (`command_name`)."""
+    m = model or "vits_offline"
+    lines = ["Next: the demo's sets are in the cache; every command finds them by name:",
+             f"  {regcache} ls",
+             f"  {regcache} probe -m {m} -f cls -f cls,patch --train fmnist-train --test fmnist-val "
+             "--eval fmnist-sketch,fmnist-invert --anomaly mnist,animals,textures --iterations 200 --batch-size 256",
+             f"  {regcache} knn -m {m} --train fmnist-train --test fmnist-val --eval fmnist-sketch --k 10,20",
+             f"  {regcache} norms fmnist-val -m {m}",
+             f"  {regcache} probe --help     (solvers, presets, scorers; docs/probing.md)"]
+    if regcache != "regcache":
+        lines.append(f"(or activate the environment first, `source {Path(regcache).parent}/activate`, and type "
+                     "regcache)")
+    return "\n".join(lines)

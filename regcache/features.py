@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
+from .names import did_you_mean
+
 #: the features `--layers` also stores for earlier blocks, as ``NAME@-k`` (block -k counted from the last)
 LAYER_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
 #: how block features are made, recorded in every layout
@@ -168,10 +170,14 @@ def parse_features(spec: str | Iterable[str]) -> tuple[str, ...]:
     for name in (n.strip() for n in names):
         if not name:
             continue
+        if "+" in name or ";" in name:  # how plots and tables print a combination, not how it is typed
+            parts = ",".join(p.strip() for p in name.replace(";", "+").split("+"))
+            raise FeatureError(f"feature {name!r}: a combination joins its features with a comma ({parts}); give "
+                               "several combinations as several -f options")
         base, layer = split_name(name)
         if base not in FEATURES.keys():
-            raise FeatureError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}, and "
-                               f"{'/'.join(LAYER_FEATURES)}@-k for block -k")
+            raise FeatureError(f"unknown feature {name!r}{did_you_mean(base, FEATURES.keys())}; known: "
+                               f"{', '.join(FEATURES)}, and {'/'.join(LAYER_FEATURES)}@-k for block -k")
         name = layer_name(base, layer)
         if name not in out:
             out.append(name)

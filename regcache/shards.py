@@ -81,6 +81,16 @@ def manifest_text(name: str, shards: str, *, role: str | None = None, split: str
     return "\n".join(lines) + "\n"
 
 
+def describe(ds: Dataset) -> str:
+    """A manifest in one line: its name, role, split, shards, images and classes."""
+    images = f"{sum(ds.counts):,} images" if ds.counts and None not in ds.counts else "images uncounted"
+    classes = (f"{len(ds.classes)} classes" if ds.classes else "unlabelled" if ds.label_key is None else
+               "no class list")
+    subset = f" (a subset of {len(ds.subset)})" if ds.subset else ""
+    role = ", ".join(x for x in (ds.role, ds.split) if x) or "no role"
+    return f"{ds.name} ({role}): {images}, {classes}{subset}, {len(ds.shards)} shard{'s' if len(ds.shards) > 1 else ''}"
+
+
 def write_new(path: Path, text: str) -> bool:
     """Write ``text`` unless the file holds it already (False); refuse to replace different content."""
     if path.exists():

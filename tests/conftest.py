@@ -148,7 +148,7 @@ def make_set(root, name, x: dict, labels, *, classes=None, subset=None, role=Non
     ident = {"model": f"timm_{model}", "model_args": {}, "checkpoint": weights, "random_init": None,
              "pos_embed": "timm", "size": 4, "resize": 4, "crop_mode": "center", "interpolation": "bicubic",
              "mean": [0, 0, 0], "std": [1, 1, 1], "test_time_registers": None, "test_time_patches": None,
-             "precision": "fp32", "dtype": "float32", "features": sorted(x), "data": name, "views": 1, "seed": None}
+             "precision": "fp32", "dtype": "float32", "features": sorted(x), "data": shards_of or name, "views": 1, "seed": None}
     n = len(labels)
     per = -(-n // units) if n else 1
     meta = record(x, PROBE_LAYOUT, "float32", per, units, name, model, shards_of, classes=classes, subset=subset,

@@ -19,7 +19,11 @@ from conftest import NOREG, REG, SHARED, SIZE, config
 
 
 def test_aliases_cover_the_dinov2_family_and_name_real_timm_models():
-    assert {a for a in ALIASES if a.startswith("vit")} == {f"vit{s}{r}" for s in "sblg" for r in ("", "_reg")}
+    from regcache.registry import MODELS
+
+    hub = {a for a in ALIASES if a.startswith("vit") and not MODELS[a].weights}
+    assert hub == {f"vit{s}{r}" for s in "sblg" for r in ("", "_reg")}
+    assert MODELS["vits_offline"].weights and ALIASES["vits_offline"] == ALIASES["vits"]  # the same model, local file
     for alias, name in ALIASES.items():
         arch, tag = name.split(".")
         if alias.startswith("v3") and not timm.list_models("*dinov3*"):

@@ -61,16 +61,25 @@ def test_every_command_names_a_set_the_same_ways(tmp_path, reg_ckpt):
 
 
 def test_hub_weights_that_cannot_be_fetched_fail_within_seconds_and_say_what_works(tmp_path):
+    from safetensors.torch import save_file
+
     data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
-    env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # an empty hub cache, offline
+    weights = tmp_path / "w"  # local weights of the architecture asked for, as PH-Reg or a conversion leaves them
+    weights.mkdir()
+    import torch
+    save_file({"x": torch.zeros(1)}, str(weights / "mine.safetensors"),
+              metadata={"timm_model": "vit_large_patch14_reg4_dinov2"})
+    env = {**cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "REGCACHE_WEIGHTS": str(weights)}
     t = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "regcache", "extract", "-m", "vitl_reg", "-d", data, "--cache",
                           str(tmp_path / "c"), "-q"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert "timm/vit_large_patch14_reg4_dinov2.lvd142m" in out.stderr and "--checkpoint" in out.stderr
-    assert "--random-init" in out.stderr and "regcache demo" in out.stderr and "Traceback" not in out.stderr
+    assert f"--checkpoint {weights / 'mine.safetensors'}" in out.stderr  # the local file that serves
+    assert "--random-init" in out.stderr and "Traceback" not in out.stderr
     assert time.monotonic() - t < 60  # seconds, not timm's minutes of retries (the bound is for a loaded machine)
     assert "Retrying" not in out.stderr and out.stderr.count("\n") < 5
+    assert not list((tmp_path / "c").rglob("regcache.json"))  # no empty set left behind
 
 
 def test_log_progress_gives_an_estimate_of_the_time_left():
@@ -100,15 +109,18 @@ def test_the_tests_and_the_demo_write_nothing_into_the_checkout():
     assert not stray, stray
 
 
-def readme_after_the_demo() -> list[list[str]]:
-    """The commands of the README's "After the demo" section, as a user would type them."""
+def readme_block(heading: str = "After the demo") -> list[list[str]]:
+    """The commands of a README section's code block, as a user would type them."""
     import re
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("## After the demo", 1)[1].split("\n## ", 1)[0]
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).replace("\\\n", " ")
     return [shlex.split(line.split("#")[0]) for line in block.splitlines() if line.strip().startswith("regcache ")]
+
+
+readme_after_the_demo = readme_block
 
 
 def test_the_readmes_after_the_demo_commands_run_as_written(offline_vits14, tmp_path, monkeypatch):
@@ -127,9 +139,27 @@ def test_the_readmes_after_the_demo_commands_run_as_written(offline_vits14, tmp_
     assert len(commands) >= 3 and all(c[0] == "regcache" for c in commands)
     printed = next_steps(None)
     for args in commands:
-        assert " ".join(args[:2]) in printed  # what the demo says to type next is what the README says
+        assert shlex.join(args) in printed  # what the demo says to type next is what the README says
         r = cli(*args[1:])
         assert r.exit_code == 0, (args, r.output)
+    # "Your own images": a folder per class of the demo's images, then the section's commands as written
+    from PIL import Image
+
+    from regcache.demo import FASHION_CLASSES, fashion_mnist, per_class
+
+    monkeypatch.setenv("REGCACHE_WEIGHTS", str(offline_vits14.parent))  # where vits_offline's file is
+    x, y = fashion_mnist("test", tmp_path / "demo" / "sources")
+    for split, skip in (("my_train", 0), ("my_test", 6)):
+        for i in per_class(y, 6, skip, classes=range(3)):
+            folder = tmp_path / split / FASHION_CLASSES[y[i]]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x[i]).save(folder / f"{i}.png")
+    own = readme_block("Your own images")
+    assert [c[1] for c in own] == ["shards", "shards", "extract", "extract", "probe"]
+    for args in own:
+        r = cli(*args[1:])
+        assert r.exit_code == 0, (args, r.output)
+    assert "my_train (no role): 18 images, 3 classes, 1 shard" in cli(*own[0][1:]).output
 
 
 def test_an_editable_install_imports_the_package_from_the_clones_parent_folder(tmp_path):
@@ -226,6 +256,7 @@ def test_the_demo_runs_from_a_wheel_in_a_fresh_venv_without_the_test_extra(offli
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
                     str(tmp_path), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("regcache-*.whl")
+    assert not list(src.glob("build")) and not list(src.glob("*.egg-info"))  # a build leaves nothing in a checkout
     with zipfile.ZipFile(wheel) as z:
         shipped = yaml.safe_load(z.read("regcache/pipeline/demo.yaml"))
     assert shipped == yaml.safe_load((root / "pipelines" / "demo.yaml").read_text())

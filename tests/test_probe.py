@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -158,7 +159,7 @@ def test_probe_run_end_to_end(caches, tmp_path):
         y = np.r_[np.ones(len(test.x)), np.zeros(len(o))]
         assert got[anomaly, "auroc", "knn"] == pytest.approx(roc_auc_score(y, np.r_[knn(test.x), knn(o)]), abs=1e-9)
     md = (out / "results.md").read_text()
-    assert "[cls;reg]" in md and "| mean |" in md and "n=100" in md and "selected per combination on val" in md
+    assert "[cls;reg]" in md and "| mean (2 sets) |" in md and "n=100" in md and "selected per combination on val" in md
 
     # the same seed gives the same numbers; score re-applies the heads; report merges
     r2 = CliRunner().invoke(main, [a if a != str(out) else str(tmp_path / "run2") for a in args])
@@ -182,12 +183,17 @@ def test_probe_without_val_selects_on_held_out_train_rows(caches, tmp_path):
     assert set(df.set) == {"train[held-out]"} and set(df.n) == {40}
 
 
-def test_probe_errors_name_the_problem(caches, tmp_path):
+def test_probe_errors_name_the_problem(caches, tmp_path, monkeypatch):
     base = ["probe", "-m", "m", "-f", "cls", "--train", "train", "--cache", str(caches), "--iterations", "5", "-q",
             "--out", str(tmp_path / "r")]
-    r = CliRunner().invoke(main, base + ["--eval", "imagenet-a"])
+    r = CliRunner().invoke(main, base + ["--eval", "imagenet-x"])
     assert r.exit_code == 1 and "regcache extract --model m --data MANIFEST_OR_SHARDS" in r.output
     assert "no set of this dataset name was extracted before" in r.output
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # a checkout: its shipped manifest of that name
+    r = CliRunner().invoke(main, base + ["--eval", "imagenet-a"])
+    assert r.exit_code == 1 and "regcache extract --model m --data manifests/imagenet-a.yaml" in r.output
+    r = CliRunner().invoke(main, base + ["--eval", "tset"])
+    assert r.exit_code == 1 and "'tset' (did you mean test?)" in r.output
     r = CliRunner().invoke(main, base[:5] + ["--train", "far"] + base[7:])
     assert r.exit_code == 1 and "unlabelled" in r.output
     x = {"cls": np.ones((3, PROBE_LAYOUT.dim), np.float32), "reg": np.ones((3, PROBE_LAYOUT.dim), np.float32)}

@@ -332,5 +332,5 @@ def test_near_far_means_and_the_ood_validation_set(caches, tmp_path):
     assert not any(s.startswith("mean") and "val" in s for s in df.set)
     md = (out / "results.md").read_text()
     head = next(line for line in md.splitlines() if line.startswith("| model | features | scorer |"))
-    assert head.split(" | ")[3:] == ["far", "near1", "far1", "far2", "oval", "mean", "mean near-ood",
-                                     "mean far-ood |"], head  # each set once, then the means (ood-val in none)
+    assert head.split(" | ")[3:] == ["far", "near1", "far1", "far2", "oval", "mean (4 sets)", "mean near-ood (1 set)",
+                                     "mean far-ood (2 sets) |"], head  # each set once, then the means (ood-val in none)

@@ -15,8 +15,8 @@ from regcache.cli import main
 from regcache.settings import ExtractSettings, Settings, cli, fields, meta
 
 PACKAGE = Path(__file__).resolve().parents[1] / "regcache"
-#: commands whose options are not a settings model: listings and data tools (their own small option sets)
-WITHOUT_SETTINGS = {"scorers", "models", "manifest check", "manifest scan", "shards from-folder", "demo"}
+#: commands without options (listings)
+WITHOUT_SETTINGS = {"scorers", "models"}
 #: options of a command that start processes rather than configure the action
 PROCESS_OPTIONS = {"extract": {"launcher", "nproc_per_node"}}
 
@@ -58,7 +58,7 @@ def test_every_settings_model_is_some_commands():
 
 def test_help_shows_each_fields_default_and_choices():
     text = " ".join(main.commands["probe"].get_help(click.Context(main.commands["probe"])).split())
-    assert "[default: 4096]" in text and "[default: msp,energy,maxlogit]" in text and "[minibatch|lbfgs]" in text
+    assert "[default: 4096]" in text and "[default: msp,energy,maxlogit]" in text and "[minibatch|lbfgs|sklearn]" in text
     assert "PydanticUndefined" not in text
 
 

@@ -2,7 +2,7 @@
 
 One module per stage, each registering its commands on the group in `common`.
 """
-from . import analyse, data, extract, probe, verify  # noqa: F401  (registers the commands)
+from . import analyse, cache, data, extract, probe, verify  # noqa: F401  (registers the commands)
 from .common import main
 
 __all__ = ["main"]

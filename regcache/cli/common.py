@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shlex
 import sys
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -58,16 +59,18 @@ def make_it(e) -> str:
                 "registers (e.g. vits_reg), or add test-time registers (regcache registers find, then extract "
                 "--test-time-registers)")
     backbone = {_args(fs) for fs in e.siblings}
+    shipped = Path("manifests") / f"{e.dataset}.yaml"  # a checkout's manifest of that name
+    sources = e.sources or ([str(shipped)] if shipped.is_file() else [])
     args = ["regcache", "extract", "--model", e.model,
-            "--data", e.sources[0] if len(e.sources) == 1 else "MANIFEST_OR_SHARDS",
+            "--data", sources[0] if len(sources) == 1 else "MANIFEST_OR_SHARDS",
             "--features", ",".join(e.features)]
     if len(backbone) == 1:
         args += backbone.pop()
     notes = []
-    if len(e.sources) != 1:
+    if len(sources) != 1:
         notes.append("no set of this dataset name was extracted before: give its manifest (or shard pattern) as "
-                     "--data" if not e.sources else f"the dataset was extracted from {len(e.sources)} sources: "
-                     f"{', '.join(e.sources)}")
+                     "--data" if not sources else f"the dataset was extracted from {len(sources)} sources: "
+                     f"{', '.join(sources)}")
     if backbone:
         notes.append("the model's sets here were made with different backbone settings: add those of the sets to "
                      "compare with (regcache ls shows them)")
@@ -93,12 +96,13 @@ def _args(fs) -> tuple[str, ...]:
 
 EPILOG = """\b
 First steps:
-  regcache demo                                            offline demo: sets, extract, probe, tables
-  regcache shards from-folder photos/train shards/train    your images (a folder per class) as shards
-  regcache extract -m vits_reg -d shards/train/train.yaml  cache the features (and the same for val)
-  regcache ls                                              what is cached
-  regcache probe -m vits_reg -f cls,reg --train train --test val
-Every command has --help; docs/ in the repository has one page per stage."""
+  regcache demo                                              offline demo: sets, extract, probe, tables
+  regcache shards from-folder photos/train shards/train      your images (a folder per class) as shards
+  regcache extract -m vits_offline -d shards/train/train.yaml  cache the features (and the same for val)
+  regcache ls                                                what is cached
+  regcache probe -m vits_offline -f cls -f cls,patch --train train --test val
+vits_offline is the demo's DINOv2 ViT-S/14 (no hub); with a hub, -m vits_reg and the other aliases
+(regcache models). Every command has --help; docs/ in the repository has one page per stage."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog=EPILOG)

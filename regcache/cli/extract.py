@@ -1,4 +1,4 @@
-"""Commands that fill the cache or run a backbone: extract, ls, models, registers find."""
+"""Commands that fill the cache or run a backbone: extract, models, registers find."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..settings import PER_MODEL, ExtractSettings, ListSettings, RegistersFindSettings
-from .common import errors, human_size, main, setup_logging
+from ..settings import PER_MODEL, ExtractSettings, RegistersFindSettings
+from .common import errors, main, setup_logging
 from .options import flag, options, settings
 
 
@@ -107,64 +107,6 @@ def _exec_torchrun(nproc: int) -> None:
             argv.append(a)
     os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                                "-m", "regcache", *argv])
-
-
-@main.command("ls")
-@options(ListSettings)
-def ls(**given):
-    """List the feature sets under the cache root: model, dataset names, preprocessing, rows, size.
-
-    A damaged set (a table, unit record or array file that does not read, or a file of a committed
-    shard missing or cut short) is listed with each damaged file and why; 'regcache verify SET' also
-    reads every byte and checks it.
-    """
-    from ..store import StoreError, list_feature_sets
-
-    s = settings(ListSettings, given)
-    root, rows, unreadable = s.cache, [], []
-    for fs in list_feature_sets(root, damaged=unreadable):
-        i, damage = fs.identity, fs.damage()
-        try:
-            counts = {"rows": len(fs.index), "failed": len(fs.errors)}
-        except StoreError:  # a table that does not read: named in damage
-            counts = {"rows": None, "failed": None}
-        rows.append({"path": str(fs.path), "model": fs.meta.model.name, "dataset": list(fs.names()),
-                     "features": list(fs.features), **counts,
-                     "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
-                     "size": i["size"], "resize": i["resize"], "crop": i["crop_mode"], "decode": i.get("decode", "pil"),
-                     "precision": i["precision"],
-                     "bytes": fs.nbytes(), "created": fs.meta.provenance.created, "fingerprint": fs.fingerprint,
-                     "damaged": [{"file": str(d.path), "reason": d.reason} for d in damage]})
-    for path, reason in unreadable:
-        rows.append({"path": str(path), "model": None, "dataset": None, "features": None, "rows": None,
-                     "failed": None, "units": None, "complete": False, "size": None, "resize": None, "crop": None,
-                     "decode": None,
-                     "precision": None, "bytes": None, "created": None, "fingerprint": None,
-                     "damaged": [{"file": str(path / "regcache.json"), "reason": reason}]})
-    if s.as_json:
-        for r in rows:
-            click.echo(json.dumps(r))
-        return
-    if not rows:
-        click.echo(f"no feature sets under {root}")
-        return
-    head = ("model", "dataset", "features", "rows", "failed", "units", "crop", "disk", "created", "name")
-    table = [head]
-    for r in rows:
-        cells = ["?" if r[k] is None else ",".join(r[k]) if isinstance(r[k], list) else str(r[k])
-                 for k in ("model", "dataset", "features", "rows", "failed", "units")]
-        crop = "?" if r["size"] is None else (f"{r['size']} of {r['resize']} ({r['crop']}"
-                                              f"{', ' + r['decode'] if r['decode'] != 'pil' else ''})")
-        where = str(Path(r["path"]).relative_to(root)) + ("  DAMAGED" if r["damaged"] else "")
-        table.append((*cells, crop, "?" if r["bytes"] is None else human_size(r["bytes"]), r["created"] or "?", where))
-    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
-    for t in table:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(t, widths)).rstrip())
-    for r in rows:
-        if r["damaged"]:
-            click.echo(f"damaged: {r['path']} ('regcache verify' on it says what to do)")
-            for d in r["damaged"]:
-                click.echo(f"  {d['file']}: {d['reason']}")
 
 
 @main.command("models")

@@ -92,7 +92,7 @@ def report(**given):
 
     s = settings(ReportSettings, given)
     with errors():
-        text, out = run(s.runs, s.out)
+        text, out = run(s.runs, s.out, s.plot, s.plot_scorer)
     click.echo(text)
     if out is not None:
         click.echo(f"written to {out}")

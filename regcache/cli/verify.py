@@ -33,7 +33,7 @@ def verify(**given):
     recorded'); the checkpoint still has the sha256 of the set's identity. Exit status 1 if anything
     is wrong, with every problem listed by file.
     """
-    from ..sets import Cache
+    from ..sets import Cache, SetNotFound
     from ..store import StoreError
     from ..store.meta import META
     from ..store.reader import DamagedFile
@@ -43,11 +43,20 @@ def verify(**given):
     for ref in s.sets:
         try:
             fs = cache.find(ref, s.model).fs
+        except SetNotFound as e:  # nothing to check: said as such, never as a damaged file
+            click.echo(f"NOT FOUND  {ref}: {e}")
+            failed = True
+            continue
+        except StoreError as e:
+            if (Path(ref) / META).is_file() or (cache.root / ref / META).is_file():  # a set whose record is damaged
+                problems, notes, where = [DamagedFile(Path(ref) / META, str(e))], [], ref
+            else:
+                click.echo(f"NOT FOUND  {ref}: {e}")
+                failed = True
+                continue
+        else:
             problems, notes = check_set(fs)
             where = fs.path
-        except StoreError as e:
-            where = ref
-            problems, notes = [DamagedFile(Path(ref) / META, str(e))], []
         failed |= bool(problems)
         click.echo(f"{'DAMAGED' if problems else 'ok'}  {where}" +
                    (f": {len(problems)} damaged file{'s' if len(problems) > 1 else ''}" if problems else ""))

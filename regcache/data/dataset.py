@@ -15,7 +15,8 @@ import yaml
 from braceexpand import braceexpand
 
 from .. import yamlio
-from ..settings.choices import ROLES
+from ..names import did_you_mean
+from ..settings.choices import ROLES, SPLITS
 from .errors import DataError
 from .tar import open_shard
 
@@ -153,6 +154,13 @@ def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str |
     of anomaly images has. ``role`` anomaly means ``none``. A manifest says both itself.
     """
     text = str(data)
+    if os.path.isdir(text):  # a folder of shards: its manifest says what they are
+        inside = sorted(Path(text).glob("*.yaml")) + sorted(Path(text).glob("*.yml"))
+        hint = (f"pass its manifest: {inside[0]}" if len(inside) == 1 else
+                f"pass one of its manifests: {', '.join(map(str, inside))}" if inside else
+                f"pass its manifest, or its shards as a pattern such as '{Path(text) / '*.tar'}' "
+                f"({Path(text) / 'NAME-{000000..000009}.tar'})")
+        raise DataError(f"{text} is a folder: {hint}")
     if text.endswith((".yaml", ".yml")):
         ds = load_manifest(text)
         for flag, value in (("--name", name), ("--labels", labels), ("--role", role)):
@@ -244,6 +252,10 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
     role = field_("role", str)
     if role is not None and role not in ROLES:
         raise DataError(f"{path}: field 'role' is {role!r}; one of {', '.join(ROLES)}")
+    split = field_("split", str)
+    if split is not None and split not in SPLITS:
+        raise DataError(f"{path}: field 'split' is {split!r}{did_you_mean(split, SPLITS)}; one of "
+                        + "; ".join(f"{k} ({v})" for k, v in SPLITS.items()))
     image = field_("image", str) or ";".join(IMAGE_KEYS)
     label = field_("label", str) or "cls"
     label_key, label_field = parse_labels(label, f"{path}: field 'label'")
@@ -260,7 +272,7 @@ def load_manifest(path: str | os.PathLike) -> Dataset:
     return Dataset(name=name, shards=shards, counts=tuple(counts) if counts else None,
                    image_keys=tuple(k.strip().lower() for k in image.split(";") if k.strip()),
                    label_key=label_key if role != "anomaly" else None, label_field=label_field,
-                   classes=classes, role=role, split=field_("split", str), subset=subset)
+                   classes=classes, role=role, split=split, subset=subset)
 
 
 def _name_list(m: dict, key: str, path: Path) -> tuple[str, ...] | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import DataError, Dataset, ShardId, count_samples, load_dataset, local_path, shard_ids
+from ..data import DataError, Dataset, MissingShards, ShardId, count_samples, load_dataset, local_path, shard_ids
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_device, resolve_name
 from ..settings import PER_MODEL, ExtractSettings
@@ -126,7 +126,7 @@ def check_shards_exist(ds: Dataset) -> None:
     missing = [u for u in ds.shards if local_path(u) is not None and not os.path.exists(local_path(u))]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DataError(f"{ds.name}: {len(missing)} of {len(ds.shards)} shards do not exist: "
+        raise MissingShards(f"{ds.name}: {len(missing)} of {len(ds.shards)} shards do not exist: "
                         f"{', '.join(missing[:5])}{more}; check the path (or the ${{VARS}} of the manifest)")
 
 

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..names import did_you_mean
 from .fit import Bank, FitError
 
 
@@ -111,7 +112,8 @@ def resolve(names: Sequence[str]) -> list[str]:
     for n in names:
         for m in (SCORERS if n == "all" else [n]):
             if m not in SCORERS:
-                raise ValueError(f"unknown scorer {m!r}; known: {', '.join(SCORERS)} (or all)")
+                raise ValueError(f"unknown scorer {m!r}{did_you_mean(m, SCORERS)}; known: {', '.join(SCORERS)} "
+                                 "(or all)")
             if m not in out:
                 out.append(m)
     return out

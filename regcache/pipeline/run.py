@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..data import MissingShards
 from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, passes, probe_jobs
 from .schema import STAGES, Pipeline, PipelineError, pipeline_env
 
@@ -172,7 +173,15 @@ def _extract(group: list[ExtractJob], pl: Pipeline, progress: bool, echo, array:
 
     echo(f"extract {_label(group)}")
     if array is None:
-        results = extract_many([j.settings.model_copy(update={"quiet": not progress}) for j in group])
+        try:
+            results = extract_many([j.settings.model_copy(update={"quiet": not progress}) for j in group])
+        except MissingShards as e:
+            if not pl.vars:
+                raise
+            where = ", ".join(f"{k}={v}" for k, v in pl.vars.items())
+            raise PipelineError(f"{e}. The manifests' paths come from the pipeline's vars ({where}: {pl.path}'s "
+                                "'vars', or the environment); point them at your data with --set vars.NAME=PATH "
+                                "(with make: make extract ARGS='--set vars.NAME=PATH')") from None
     else:  # wait for every part, then write each index without loading a model (as --finalize)
         done = [a.result() for a in array]
         results = []

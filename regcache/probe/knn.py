@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..housekeeping import record_run
 from ..report import frame_markdown
 from ..rundir import check_out, publish, stamp, writing
 from ..store import slug
@@ -118,7 +119,7 @@ def _sets(s: "CachedSets"):
     k = num_classes_of(sets.train.name, train.labels, id_classes)
     tests = [("id", labelled(sets.test, union, id_classes, k))]
     tests += [("ood-gen", labelled(n, union, id_classes, k)) for n in sets.eval.values()]
-    return train, tests, k
+    return train, tests, k, sets
 
 
 def _top(t: Split, num_classes: int) -> tuple[tuple[str, int], ...]:
@@ -145,7 +146,7 @@ def knn(s: "KnnSettings") -> Table:
     import pandas as pd
 
     check_out(s.out)
-    train, tests, num_classes = _sets(s)
+    train, tests, num_classes, sets = _sets(s)
     if max(s.k) > len(train):
         raise ProbeError(f"k={max(s.k)} neighbours, but {s.train} has {len(train)} training rows (view 0): "
                          f"give k at most {len(train)}")
@@ -163,7 +164,7 @@ def knn(s: "KnnSettings") -> Table:
                                  "train_rows": len(train)})
     df = pd.DataFrame(rows)
     summary = df.pivot_table(index=["features", "set", "metric"], columns="k", values="value", sort=False) * 100
-    return _write(Table(df, summary.round(2)), s, "knn", f"kNN (T = {s.temperature}), %, by k; {TOP5_NOTE}")
+    return _write(Table(df, summary.round(2)), s, "knn", f"kNN (T = {s.temperature}), %, by k; {TOP5_NOTE}", sets)
 
 
 def fewshot(s: "FewshotSettings") -> Table:
@@ -174,7 +175,7 @@ def fewshot(s: "FewshotSettings") -> Table:
     from ..progress import progress
 
     check_out(s.out)
-    train, tests, num_classes = _sets(s)
+    train, tests, num_classes, sets = _sets(s)
     rows = []
     work = [(combo, role, t) for combo in s.features for role, t in tests]
     bar = progress(total=len(work) * len(s.shots) * len(s.seeds), desc="fewshot", unit="fit", disable=s.quiet)
@@ -192,10 +193,10 @@ def fewshot(s: "FewshotSettings") -> Table:
     g = df.groupby(keys, sort=False)["value"]
     summary = pd.DataFrame({"mean": g.mean() * 100, "std": g.std() * 100, "seeds": g.count()}).round(2)
     return _write(Table(df, summary), s, "fewshot", f"few-shot logistic regression (C = {s.C}), %, mean and std "
-                  f"over seeds; {TOP5_NOTE}")
+                  f"over seeds; {TOP5_NOTE}", sets)
 
 
-def _write(table: Table, s, command: str, title: str) -> Table:
+def _write(table: Table, s, command: str, title: str, sets) -> Table:
     """results.parquet and results.csv (long) and results.md (the summary) in the run directory (``s.out``, or a
     new one), written whole or not at all."""
     def write(out: Path) -> None:
@@ -207,4 +208,5 @@ def _write(table: Table, s, command: str, title: str) -> Table:
             f.write_text(f"### {title}\n\n{frame_markdown(table.summary)}\n")
 
     table.out = publish(s.out, Path("runs") / f"{command}-{slug(s.model)}-{stamp()}", write)
+    record_run(s.cache, table.out, [n.fs.path for _, n in sets.items()])
     return table

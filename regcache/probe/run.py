@@ -18,6 +18,7 @@ import torch
 
 from .. import __version__, ood
 from ..report import RunRecord, SetUse, markdown
+from ..housekeeping import record_run
 from ..rundir import check_out, publish, stamp, writing
 from ..sets import Cache, Named
 from ..settings import CachedSets, ProbeSettings, ScoreSettings
@@ -47,6 +48,7 @@ class Row:
     wd: float = float("nan")
     scorer_args: str = ""  # the scorer's hyperparameters (JSON), defaults included
     iterations: int = -1   # selection rows: the iterations the head trained (an lbfgs head's own count)
+    split: str = ""        # anomaly rows: the set's manifest split where it groups means (near-ood, far-ood, ood-val)
     note: str = ""         # how the number was made (a scorer's notes), or why there is none ("skipped: ...")
 
 
@@ -95,7 +97,7 @@ def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[
             for metric, m in ood.METRICS.items():
                 v = float("nan") if why else m(id_scores[name], o)
                 rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args.get(name, ""),
-                                note=note))
+                                split=group or "", note=note))
                 for mean in means:
                     per.setdefault((mean, name, metric), []).append((v, len(s)))
     for (mean, name, metric), got in per.items():
@@ -476,6 +478,7 @@ def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = No
         for w in result.warnings:
             log.warning("warning: %s", w)
         result.out = publish(s.out, Path("runs") / f"{slug(s.model)}-{stamp()}", lambda d: write_run(d, result, s))
+        record_run(s.cache, result.out, [n.fs.path for _, n in result.sets.items()])
     return result
 
 
@@ -535,6 +538,7 @@ def score(ss: ScoreSettings) -> ProbeResult:
     df, scores = _evaluate_all(s, heads, data, [], record.protocol)
     result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol, id_classes)
     result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scores(d, result))
+    record_run(s.cache, result.out, [n.fs.path for _, n in sets.items()])
     return result
 
 

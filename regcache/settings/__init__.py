@@ -7,16 +7,19 @@ they mark (`regcache.identity`). Importing them loads neither torch nor any extr
 from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NamedSets, NormsSettings,
                        TokenprobeSettings, VerifySettings)
 from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, meta
+from .data import (DemoSettings, GcSettings, ManifestCheckSettings, ManifestScanSettings, RmSettings,
+                   ShardsFromFolderSettings, WeightsSettings)
 from .extract import (PER_MODEL, Backbone, ExtractSettings, ListSettings, Preprocessing, Registers,
-                      RegistersFindSettings, default_cache_root, split_spec)
+                      RegistersFindSettings, default_cache_root, split_spec, weights_dir)
 from .presets import PRESETS, Preset
 from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, ScoreSettings, Scoring,
                     Training)
 from .run import RunSettings
 
-__all__ = ["ANALYSES", "PER_MODEL", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
+__all__ = ["DemoSettings", "GcSettings", "ManifestCheckSettings", "ManifestScanSettings", "RmSettings",
+           "ShardsFromFolderSettings", "WeightsSettings", "ANALYSES", "PER_MODEL", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
            "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NamedSets",
            "NormsSettings", "PRESETS", "Preprocessing", "Preset", "ProbeSettings", "Registers",
            "RegistersFindSettings", "ReportSettings", "RunSettings", "ScoreSettings", "Scoring", "Settings",
            "SettingsError", "TokenprobeSettings", "Training", "VerifySettings", "cli", "default_cache_root",
-           "describe", "fields", "meta", "split_spec"]
+           "describe", "fields", "meta", "split_spec", "weights_dir"]

@@ -51,6 +51,16 @@ NEURON_AVERAGING: dict[str, str] = {
 ROLES: dict[str, str] = {"id-train": "in-distribution training set", "id-val": "in-distribution validation/test set",
                          "ood-gen": "OOD generalisation set (labelled, top-1)",
                          "anomaly": "anomaly set (unlabelled, detection metrics)"}
+#: a manifest's split: where its set stands in a benchmark (OpenOOD v1.5's groups; docs/design.md, "Datasets")
+SPLITS: dict[str, str] = {
+    "train": "the source dataset's training split (for the reader)",
+    "val": "the source dataset's validation split (for the reader)",
+    "test": "the source dataset's test split (for the reader)",
+    "near-ood": "an anomaly set semantically near the ID classes: its own mean (mean near-ood)",
+    "far-ood": "an anomaly set far from the ID classes: its own mean (mean far-ood)",
+    "ood-val": "an OOD validation set, for choosing hyperparameters: reported alone, in no mean",
+    "covariate-shift": "ID classes under a distribution shift (ImageNet-V2, -C, -ES): an OOD-generalisation set, "
+                       "reported by top-1 as any other (OpenOOD's full-spectrum ID)"}
 SOLVERS: dict[str, str] = {
     "minibatch": "SGD/AdamW over --lr x --wd, one head each (the paper's; works with --stream)",
     "lbfgs": "full-batch multinomial logistic regression, one head per --C, fitted together to the optimum (sets in "

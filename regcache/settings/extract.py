@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 from pydantic import Field, field_validator, model_validator
 
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
+from ..registry import MODELS
 from .base import Cli, Meta, Settings, meta
 from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, NEURON_AVERAGING, OUTLIER_TOKENS,
                       PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, literal)
@@ -22,6 +23,11 @@ from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
 def default_cache_root() -> Path:
     """``$REGCACHE_CACHE``, else ``~/.cache/regcache``: where feature sets live."""
     return Path(os.environ.get("REGCACHE_CACHE") or Path.home() / ".cache" / "regcache").expanduser()
+
+
+def weights_dir() -> Path:
+    """``$REGCACHE_WEIGHTS``, else ``~/.cache/regcache/weights``: where weights made without a hub live."""
+    return Path(os.environ.get("REGCACHE_WEIGHTS") or Path.home() / ".cache" / "regcache" / "weights").expanduser()
 
 
 def split_spec(spec: str) -> tuple[str, int]:
@@ -57,6 +63,15 @@ class Backbone(Settings):
     def _one_source(self):
         if self.checkpoint is not None and self.random_init is not None:
             raise ValueError("give either a checkpoint or random_init (--random-init), not both")
+        return self
+
+    @model_validator(mode="after")
+    def _local_weights(self):
+        """An alias whose weights come from a package registry (vits_offline) names its file in the weights
+        folder; `regcache.offline` makes it on first use (`models.local_weights`)."""
+        alias = MODELS.get(self.model)
+        if alias is not None and alias.weights and self.checkpoint is None and self.random_init is None:
+            object.__setattr__(self, "checkpoint", weights_dir() / alias.weights)
         return self
 
 

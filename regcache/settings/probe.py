@@ -249,3 +249,14 @@ class ReportSettings(Settings):
     out: Annotated[Optional[UserPath], Cli(show="print only"), Field(
         None, description="Also write the merged report here: report.md, results.parquet and results.csv (a new "
                           "or empty directory).")]
+    plot: Annotated[bool, Field(False, description="Also draw report.png into --out: per metric (top-1, AUROC, FPR95) "
+                                                   "a group of bars per set, a bar per model and feature combination "
+                                                   "(the paper's Table I as a picture).")]
+    plot_scorer: Annotated[Optional[str], Cli(show="the runs' first"), Field(
+        None, description="The scorer whose AUROC and FPR95 --plot draws.")]
+
+    @model_validator(mode="after")
+    def _plot_needs_out(self):
+        if self.plot and self.out is None:
+            raise ValueError("plot (--plot) draws report.png into --out: give --out")
+        return self
