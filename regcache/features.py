@@ -5,13 +5,95 @@ stage can use it without torch models or timm.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Iterable
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Callable, Iterable
 
 from .names import did_you_mean
 
+class FeatureError(ValueError):
+    """A feature name that does not exist, or does not exist for this model."""
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One block's tokens as a feature is made from them: ``pre`` [B, T, D] before the final norm, ``post`` after it
+    (float32), ``head`` the norm the model applies after pooling (timm's ``fc_norm``; identity where none)."""
+
+    pre: Any
+    post: Any
+    layout: "TokenLayout"
+    head: Callable[[Any], Any]
+
+    @property
+    def patches(self):
+        return self.post[:, self.layout.patch_slice]
+
+    @property
+    def registers(self):
+        return self.post[:, self.layout.reg_slice]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Every fact about one stored feature: what it is, its per-sample shape, the token type a model must have
+    for it, whether it exists per block (``NAME@-k``), whether it is stored when none is named, and how it is made
+    from a block's tokens (tensor methods only: this module imports no torch)."""
+
+    name: str
+    description: str
+    shape: Callable[["TokenLayout"], tuple[int, ...]]
+    make: Callable[[Tokens], Any]
+    needs: str = ""          # "cls" or "reg": a model without that token type has no such feature
+    per_block: bool = False  # NAME@-k: the same from block -k
+    default: bool = False    # stored when the user names no feature
+
+    def __str__(self) -> str:
+        return self.description
+
+
+def _specs(*specs: FeatureSpec) -> dict[str, FeatureSpec]:
+    return {s.name: s for s in specs}
+
+
+class _Features(dict):
+    """The base features by name; ``NAME@-k`` names (one per block) are members too, their spec derived on demand,
+    so that every reader that checks or describes a feature by name takes block features as they are."""
+
+    def __contains__(self, name) -> bool:
+        try:
+            return isinstance(name, str) and split_name(name)[0] in self.keys()
+        except FeatureError:
+            return False
+
+    def __missing__(self, name: str) -> FeatureSpec:
+        if name not in self:
+            raise KeyError(name)
+        base, layer = split_name(name)
+        return replace(self[base], name=name, description=f"{self[base].description}; from block {layer}")
+
+
+#: the one list of features: adding one is one entry here and its test (tests/test_tokens.py checks every entry's
+#: ``make`` against its ``shape`` on real timm models)
+FEATURES: dict[str, FeatureSpec] = _Features(_specs(
+    FeatureSpec("cls", "[CLS] token after the model's final norm, [D]", lambda lay: (lay.dim,),
+                lambda t: t.head(t.post[:, 0]), needs="cls", per_block=True, default=True),
+    FeatureSpec("patch", "mean of the patch tokens, with the model's final norm (muP), [D]", lambda lay: (lay.dim,),
+                lambda t: t.head(t.patches.mean(1)), per_block=True, default=True),
+    FeatureSpec("reg", "mean of the register tokens, with the model's final norm (muR), [D]", lambda lay: (lay.dim,),
+                lambda t: t.head(t.registers.mean(1)), needs="reg", per_block=True, default=True),
+    FeatureSpec("reg_all", "every register token after the model's final norm, [M, D]",
+                lambda lay: (lay.num_reg, lay.dim), lambda t: t.head(t.registers), needs="reg"),
+    FeatureSpec("norms", "L2 norm of every token before any final norm, [T] in layout order",
+                lambda lay: (lay.num_tokens,), lambda t: t.pre.float().norm(dim=-1), per_block=True, default=True),
+    FeatureSpec("tokens", "every patch token after the model's final norm, [L, D] (large: for small sets and token "
+                          "probes)", lambda lay: (lay.num_patches, lay.dim), lambda t: t.head(t.patches)),
+))
 #: the features `--layers` also stores for earlier blocks, as ``NAME@-k`` (block -k counted from the last)
-LAYER_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
+LAYER_FEATURES: tuple[str, ...] = tuple(n for n, s in FEATURES.items() if s.per_block)
+#: stored when the user names none: every cheap one
+DEFAULT_FEATURES: tuple[str, ...] = tuple(n for n, s in FEATURES.items() if s.default)
+#: the features only a model with registers has
+REGISTER_FEATURES: tuple[str, ...] = tuple(n for n, s in FEATURES.items() if s.needs == "reg")
 #: how block features are made, recorded in every layout
 INTERMEDIATE = ("NAME@-k is NAME from the output of block -k (counted from the last; -1 is the plain NAME), "
                 "through the model's final norm as DINOv2's linear evaluation does; norms@-k before it")
@@ -38,32 +120,6 @@ def layer_name(base: str, layer: int) -> str:
     return base if layer == -1 else f"{base}@{layer}"
 
 
-class _Features(dict):
-    """The base features by name; ``NAME@-k`` names (one per block) are members too, described on demand,
-    so that every reader that checks or describes a feature by name takes block features as they are."""
-
-    def __contains__(self, name) -> bool:
-        try:
-            return isinstance(name, str) and split_name(name)[0] in self.keys()
-        except FeatureError:
-            return False
-
-    def __missing__(self, name: str) -> str:
-        if name not in self:
-            raise KeyError(name)
-        base, layer = split_name(name)
-        return f"{self[base]}; from block {layer}"
-
-
-#: name -> what it is (shown by `--help` and `regcache ls`)
-FEATURES: dict[str, str] = _Features({
-    "cls": "[CLS] token after the model's final norm, [D]",
-    "patch": "mean of the patch tokens, with the model's final norm (muP), [D]",
-    "reg": "mean of the register tokens, with the model's final norm (muR), [D]",
-    "reg_all": "every register token after the model's final norm, [M, D]",
-    "norms": "L2 norm of every token before any final norm, [T] in layout order",
-    "tokens": "every patch token after the model's final norm, [L, D] (large: for small sets and token probes)",
-})
 #: where a model applies its final norm (TokenLayout.norm), and so how the features above are made
 NORMS: dict[str, str] = {
     "token": "norm(x) per token, then pooled: mean of normalised tokens (DINOv2, DINOv3, CLIP, DeiT)",
@@ -72,14 +128,6 @@ NORMS: dict[str, str] = {
     "token+pooled": "norm per token, pooled, then fc_norm",
     "none": "no final norm",
 }
-#: stored when the user names none: every cheap one
-DEFAULT_FEATURES: tuple[str, ...] = ("cls", "patch", "reg", "norms")
-
-
-class FeatureError(ValueError):
-    """A feature name that does not exist, or does not exist for this model."""
-
-
 #: where a layout's register tokens sit (TokenLayout.registers)
 REGISTER_PLACES: dict[str, str] = {
     "prefix": "trained registers, after [CLS] (and DeiT's distillation token), before the patches",
@@ -139,16 +187,16 @@ class TokenLayout:
         start = int(self.has_cls) + self.num_dist if self.registers == "prefix" else self.patch_slice.stop
         return slice(start, start + self.num_reg)
 
+    def has(self, token_type: str) -> bool:
+        """Whether the layout has tokens of this type ("": no particular type)."""
+        return {"": True, "cls": self.has_cls, "reg": self.num_reg > 0}[token_type]
+
     def available(self) -> tuple[str, ...]:
-        absent = ({"cls"} if not self.has_cls else set()) | ({"reg", "reg_all"} if not self.num_reg else set())
-        return tuple(f for f in FEATURES if f not in absent)
+        return tuple(n for n, s in FEATURES.items() if self.has(s.needs))
 
     def shape(self, name: str) -> tuple[int, ...]:
         """Per-sample shape of a stored feature (``NAME@-k`` has the shape of ``NAME``)."""
-        shapes = {"cls": (self.dim,), "patch": (self.dim,), "reg": (self.dim,),
-                  "reg_all": (self.num_reg, self.dim), "norms": (self.num_tokens,),
-                  "tokens": (self.num_patches, self.dim)}
-        return shapes[split_name(name)[0]]
+        return FEATURES[split_name(name)[0]].shape(self)
 
     def to_dict(self) -> dict:
         """Stored in regcache.json; ``order`` spells out the token types for readers without regcache."""
@@ -226,7 +274,8 @@ def select_features(requested: Iterable[str] | None, layout: TokenLayout) -> tup
     names = parse_features(requested)
     missing = [f for f in names if split_name(f)[0] not in layout.available()]
     if missing:
-        what = "no class token" if any(split_name(f)[0] == "cls" for f in missing) else "no register tokens"
+        needs = {FEATURES[split_name(f)[0]].needs for f in missing}
+        what = "no class token" if "cls" in needs else "no register tokens"
         raise FeatureError(f"the model has {what}, so it has no {', '.join(missing)}")
     deep = [f for f in names if layout.depth and split_name(f)[1] < -layout.depth]
     if deep:

@@ -37,6 +37,7 @@ class Plan:
     layout: TokenLayout
     features: tuple[str, ...]
     registers: dict | None         # test-time registers: {"file", "digest", "k", "patches", "value"}
+    gflops: float                  # per image and view (models.ModelFacts)
 
     @property
     def identity(self) -> dict:
@@ -111,7 +112,7 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
          memo: str | Path | None = None) -> Plan:
     """Resolve ``settings`` (see the module doc). ``memo``: where checkpoint digests are remembered (default:
     ``CACHE/.digests``); ``dataset``/``shards``: already loaded and digested."""
-    from .models import decoder, layout_without_weights, preprocess_of
+    from .models import decoder, model_facts, preprocess_of
 
     s = settings
     ds = dataset or load_dataset(s.data, s.name, s.labels, s.role)
@@ -119,12 +120,14 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
     ids = tuple(shards if shards is not None else shard_ids(ds, memo))
     pre = preprocess_of(s, views=s.views, seed=s.seed, decode=decoder(s.decode, s.device))
     registers = registers_of(s)
-    layout = layout_without_weights(s, pre.size, registers["k"] if registers else 0)
+    facts = model_facts(s, pre.size, registers["k"] if registers else 0)
+    layout = facts.layout
     features = select_features(s.features, layout)
     if s.layers:
         features = with_layers(features, s.layers, layout.depth)
     w = weights_of(s, pre.size, memo)
-    return Plan(s, ds, ids, w["model"], w["model_args"], w["checkpoint"], pre, layout, features, registers)
+    return Plan(s, ds, ids, w["model"], w["model_args"], w["checkpoint"], pre, layout, features, registers,
+                facts.gflops)
 
 
 def registers_of(s: Registers) -> dict | None:

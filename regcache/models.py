@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, ModelError, resolve_name
 from .settings import Backbone, Preprocessing, weights_dir
@@ -181,16 +183,38 @@ def hub_name(name: str) -> str:
     return f"{full}.{cfg.tag}" if cfg is not None and cfg.tag else full
 
 
-def layout_without_weights(b: Backbone, img_size: int, registers: int = 0) -> "TokenLayout":
-    """The token layout a backbone will have (``registers``: test-time ones), from an empty model on the meta
-    device: no weights are read or allocated, so a pipeline plans any model in milliseconds."""
-    from .tokens import layout_of
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a backbone is at one input size, measured on an empty model on the meta device (no weights read or
+    allocated, milliseconds a model): its token layout (registers counted from the model's own parameters) and
+    its forward cost. Nothing here is guessed from the model's name."""
 
-    with torch.device("meta"):
-        model = _create(b, pretrained=False, img_size=img_size)
-    if registers:
+    timm_name: str
+    layout: "TokenLayout"
+    patch_size: int
+    gflops: float  # per image and view, through the last block (2 per multiply-add, as torch's FlopCounterMode)
+
+
+def model_facts(b: Backbone, img_size: int, registers: int = 0) -> ModelFacts:
+    """`ModelFacts` of a backbone's settings at ``img_size``, measured once per model, arguments and size;
+    ``registers``: test-time ones appended (their k tokens are in the layout; the cost is that of the model
+    without them, k/T less)."""
+    key = (resolve_name(b.model), json.dumps(model_args(b), sort_keys=True), img_size, registers)
+    if key not in _FACTS:
+        from .tokens import layout_of
+
+        with torch.device("meta"):
+            model = _create(b, pretrained=False, img_size=img_size)
+            x = torch.empty(1, 3, img_size, img_size)
+        with FlopCounterMode(display=False) as count:
+            model.forward_features(x)
         model.test_time_registers = registers
-    return layout_of(model)
+        _FACTS[key] = ModelFacts(key[0], layout_of(model), int(model.patch_embed.patch_size[0]),
+                                 count.get_total_flops() / 1e9)
+    return _FACTS[key]
+
+
+_FACTS: dict[tuple, ModelFacts] = {}
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

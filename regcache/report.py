@@ -8,14 +8,13 @@ from typing import Any, Iterable, Optional
 
 import pandas as pd
 
+from .ood.metrics import METRICS
 from .plots import plot_report
 from .rundir import check_out, publish, writing
 from .store.meta import Description, Record
 
-#: column labels; the two FPR95 conventions (docs/design.md, "OOD metrics") never share one
-METRIC_LABELS = {"fpr95": "FPR95↓", "fpr95_openood": "FPR95-OpenOOD↓", "auroc": "AUROC↑", "ap_in": "AP-in↑",
-                 "ap_out": "AP-out↑", "aupr_in_openood": "AUPR-in-OpenOOD↑",
-                 "aupr_out_openood": "AUPR-out-OpenOOD↑"}
+#: column labels (`ood.METRICS`); the two FPR95 conventions never share one
+METRIC_LABELS = {name: m.label for name, m in METRICS.items()}
 
 
 def _pct(v: float) -> str:

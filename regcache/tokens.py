@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from .features import TokenLayout, layer_name, split_name
+from .features import FEATURES, TokenLayout, Tokens, layer_name, split_name
 
 
 class LayoutError(ValueError):
@@ -54,18 +54,9 @@ def split_tokens(pre: torch.Tensor, post: torch.Tensor, layout: TokenLayout, fea
         raise LayoutError(f"the model returned {pre.shape[1]} tokens, the layout expects {layout.num_tokens} "
                           f"({layout.num_prefix} prefix + {layout.grid[0]}x{layout.grid[1]} patches"
                           f"{f' + {layout.num_reg} test-time registers' if layout.registers == 'end' else ''})")
-    post = post.float()
     head = (lambda t: pooled_norm(t).float()) if pooled_norm is not None else (lambda t: t)
-    r, p = layout.reg_slice, layout.patch_slice
-    make = {
-        "cls": lambda: head(post[:, 0]),
-        "patch": lambda: head(post[:, p].mean(1)),
-        "reg": lambda: head(post[:, r].mean(1)),
-        "reg_all": lambda: head(post[:, r]),
-        "norms": lambda: pre.float().norm(dim=-1),
-        "tokens": lambda: head(post[:, p]),
-    }
-    return {f: make[f]() for f in features}
+    tokens = Tokens(pre, post.float(), layout, head)
+    return {f: FEATURES[f].make(tokens) for f in features}
 
 
 @torch.inference_mode()

@@ -68,7 +68,7 @@ def test_block_features_equal_a_manual_block_loop(name, ckpt_fixture, request, t
 def test_block_feature_names():
     assert parse_features("cls@-1,cls@-2,patch") == ("cls", "cls@-2", "patch")
     assert "cls@-3" in FEATURES and "tokens@-2" not in FEATURES and "cls@2" not in FEATURES
-    assert FEATURES["norms@-2"].endswith("from block -2")
+    assert FEATURES["norms@-2"].description.endswith("from block -2")
     assert parse_layers("last4") == (-4, -3, -2, -1) and parse_layers("8, 9,11") == (8, 9, 11)
     assert with_layers(("cls", "tokens"), (9, 10, -1), depth=12) == ("cls", "tokens", "cls@-3", "cls@-2")
     for bad, msg in (("cls@2", "counted from the last"), ("tokens@-2", "per block"), ("cls@x", "counted"),

@@ -289,3 +289,30 @@ def test_pos_embed_and_preprocessing_are_in_the_fingerprint(reg_ckpt, tmp_path):
         assert (pre["size"], pre["resize"], pre["crop_mode"]) == (56, 56, "center")
         assert tuple(pre["mean"]) == (0.485, 0.456, 0.406)
     assert stores["timm"] != stores["dinov2"] and os.path.isdir(stores["dinov2"])
+
+
+@pytest.mark.parametrize("name,args,size", [("vit_small_patch14_dinov2", {}, 224), ("vit_base_patch14_reg4_dinov2",
+                                                                                     {"depth": 2}, 112)])
+def test_model_facts_count_the_forward_from_the_definition(name, args, size):
+    """GFLOPs from the meta-device model equal a ViT's multiply-adds written out (x2), with the user's model_args:
+    per block qkv 3ND², projection ND², attention 2N²D, MLP 8ND²; the patch embedding L·3p²·D."""
+    from regcache.models import model_facts
+
+    facts = model_facts(Backbone(model=name, model_args=args), size)
+    lay = facts.layout
+    n, d, p = lay.num_tokens, lay.dim, facts.patch_size
+    macs = lay.depth * (12 * n * d * d + 2 * n * n * d) + lay.num_patches * 3 * p * p * d
+    assert facts.gflops == pytest.approx(2 * macs / 1e9, rel=1e-9)
+    assert lay.num_reg == (4 if "reg4" in name else 0) and lay.depth == args.get("depth", 12)
+
+
+@pytest.mark.skipif(not timm.list_models("*dinov3*"), reason=f"timm {timm.__version__} has no DINOv3 models")
+def test_model_facts_come_from_the_model_not_its_name():
+    """DINOv3's storage tokens are registers though no 'reg' is in its name; small_plus/16 is not ViT-S/14 (its
+    patch and MLP differ); huge_plus gets a cost (the name-based table had none)."""
+    from regcache.models import model_facts
+
+    plus, small, large, huge = (model_facts(Backbone(model=m), 224) for m in ("v3sp", "vits", "v3l", "v3hp"))
+    assert plus.layout.num_reg == 4 and plus.patch_size == 16 and small.patch_size == 14
+    assert plus.layout.grid == (14, 14) and small.layout.grid == (16, 16)
+    assert huge.gflops > large.gflops > 0

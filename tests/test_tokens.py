@@ -164,6 +164,13 @@ FAMILIES = [
 ALL = ("cls", "patch", "reg", "reg_all", "norms", "tokens")
 
 
+def test_every_feature_has_a_reference_here():
+    """A new FeatureSpec needs its timm reference in the test below (ALL, ref)."""
+    from regcache.features import FEATURES
+
+    assert tuple(FEATURES) == ALL
+
+
 def _family_model(name: str, size: int) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=0, img_size=size, depth=2).eval()
@@ -212,6 +219,7 @@ def test_token_features_per_family_equal_timm_forward(name, size, prefix, norm):
     assert set(got) == set(ref)
     for f in ref:
         torch.testing.assert_close(got[f], ref[f], rtol=1e-5, atol=1e-5, msg=f)
+        assert tuple(got[f].shape[1:]) == layout.shape(f), f  # each spec's shape is what its make gives
     if head_pool is not None and model.attn_pool is None:  # timm's avg-pool head is our patch mean
         torch.testing.assert_close(got["patch"], head_pool, rtol=1e-5, atol=1e-5)
     assert got["norms"].shape == (3, p + g * g)

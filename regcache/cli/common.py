@@ -10,6 +10,8 @@ from typing import Iterator
 
 import click
 
+from ..features import REGISTER_FEATURES, split_name
+from ..sets import SetNotFound
 from ..settings import ExtractSettings, fields
 from .options import flag
 
@@ -36,8 +38,6 @@ def human_size(n: float) -> str:
 def errors() -> Iterator[None]:
     """An expected failure (bad input, a missing set, damaged data) as a one-line error and exit 1, no
     traceback; a missing set also gets the command that makes it."""
-    from ..sets import SetNotFound
-
     try:
         yield
     except SetNotFound as e:
@@ -49,13 +49,11 @@ def errors() -> Iterator[None]:
 def make_it(e) -> str:
     """What to run for a missing set (`sets.SetNotFound`): the extract command with the data it was made from
     before and the backbone settings of the model's other sets, or why no extraction can make it."""
-    from ..features import split_name
-
-    wants_reg = any(split_name(f)[0] in ("reg", "reg_all") for f in e.features)
+    wants_reg = any(split_name(f)[0] in REGISTER_FEATURES for f in e.features)
     layouts = {(fs.layout.num_reg, fs.layout.registers) for fs in e.siblings}
     if wants_reg and layouts and all(n == 0 for n, _ in layouts):
         return (f"  {e.model} has no register tokens (its sets here have none), so no extraction gives "
-                f"{','.join(f for f in e.features if split_name(f)[0] in ('reg', 'reg_all'))}: use a model with "
+                f"{','.join(f for f in e.features if split_name(f)[0] in REGISTER_FEATURES)}: use a model with "
                 "registers (e.g. vits_reg), or add test-time registers (regcache registers find, then extract "
                 "--test-time-registers)")
     backbone = {_args(fs) for fs in e.siblings}

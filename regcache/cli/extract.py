@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..doctables import alias_rows
 from ..settings import PER_MODEL, ExtractSettings, RegistersFindSettings
 from .common import errors, main, setup_logging
 from .options import flag, options, settings
@@ -111,14 +112,12 @@ def _exec_torchrun(nproc: int) -> None:
 
 @main.command("models")
 def models_cmd():
-    """List the model aliases: the timm model each one is, and its eval transform."""
-    from ..registry import MODELS
-
-    for name, a in MODELS.items():
-        pre = a.preprocess or {}
-        how = f"{pre['size']} px crop of {round(pre['size'] / pre['crop_pct'])}" if pre else "timm's transform"
-        extra = f", {', '.join(f'{k}={v}' for k, v in a.kwargs.items())}" if a.kwargs else ""
-        click.echo(f"{name:10} {a.timm_name:42} {how}{extra}")
+    """List the model aliases: the timm model each one is, its eval transform, registers, patch size and GFLOPs
+    per image at that size (counted on an empty model, as the pipeline's dry run does)."""
+    rows = [["alias", "timm model", "eval transform", "reg", "patch", "GFLOP", "notes"], *alias_rows()]
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    for r in rows:
+        click.echo("  ".join(f"{v:{w}}" for v, w in zip(r, widths)) + ("  " + r[6] if r[6] else ""))
     click.echo("Any other timm ViT name (arch or arch.tag) works as is, at timm's own input size.")
 
 

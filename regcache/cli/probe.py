@@ -5,7 +5,8 @@ import os
 
 import click
 
-from ..settings import (FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, RunSettings, ScoreSettings)
+from ..doctables import scorer_rows
+from ..settings import FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, RunSettings, ScoreSettings
 from .common import errors, main, setup_logging
 from .options import options, settings
 
@@ -73,11 +74,7 @@ def score(**given):
 @main.command("scorers")
 def scorers_cmd():
     """List the OOD scorers: name, what they need, hyperparameters with defaults (and their source), reference."""
-    from ..ood import SCORERS
-
-    rows = [(name, cls.inputs + (" + training bank" if cls.needs_bank else ""),
-             ", ".join(f"{k}={v}" for k, v in cls.params.items()) or "-", cls.defaults, cls.reference)
-            for name, cls in SCORERS.items()]
+    rows = scorer_rows()
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for name, needs, params, defaults, reference in rows:
         click.echo(f"{name:{widths[0]}}  {needs:{widths[1]}}  {params:{widths[2]}}  defaults: {defaults}")

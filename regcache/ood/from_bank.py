@@ -4,9 +4,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 import numpy as np
+from pydantic import Field
 
 from .fit import FitError, add_rows, l2_normalise, symmetric_eigh, symmetric_inverse, topk_similarities
-from .scorers import Scorer, register
+from .scorers import Params, Scorer, register
 from .scores import energy
 
 
@@ -23,9 +24,10 @@ class KNN(Scorer):
     name = "knn"
     inputs = "features"
     reference = "Sun et al., OOD detection with deep nearest neighbors, ICML 2022"
-    defaults = "OpenOOD v1.5 (k 50)"
-    params = {"k": 50}
-    limits = {"k": (1, np.inf)}
+    defaults = "OpenOOD v1.5"
+
+    class Params(Params):
+        k: int = Field(50, ge=1, description="neighbours: the score is minus the distance to the k-th")
     needs_bank = True
 
     def fit(self, bank, head):
@@ -48,9 +50,10 @@ class NNGuide(Scorer):
     name = "nnguide"
     inputs = "features + head"
     reference = "Park, Jung & Teoh, Nearest neighbor guidance for OOD detection, ICCV 2023"
-    defaults = "OpenOOD v1.5 (k 100; OpenOOD takes the first 1% of the training set, here the whole bank)"
-    params = {"k": 100}
-    limits = {"k": (1, np.inf)}
+    defaults = "OpenOOD v1.5 (OpenOOD takes the first 1% of the training set, here the whole bank)"
+
+    class Params(Params):
+        k: int = Field(100, ge=1, description="neighbours whose mean guidance scales the confidence")
     needs_bank = True
 
     def fit(self, bank, head):
@@ -180,7 +183,9 @@ class _Subspace(Scorer):
     trained head is of full rank, and nothing here is a covariance.)"""
 
     reference = "Wang et al., ViM: out-of-distribution with virtual-logit matching, CVPR 2022"
-    params = {"dim": 0}
+    class Params(Params):
+        dim: int = Field(0, ge=0, description="principal subspace dimension; 0: the ViM paper's rule")
+
     needs_bank = True
     residual_needed: ClassVar[bool] = False  # ViM divides by the training rows' mean residual
 

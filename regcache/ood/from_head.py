@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from .fit import FitError, quantile
-from .scorers import Linear, Scorer, register
+from .scorers import Linear, Params, Scorer, register
 from .scores import energy, softmax
 
 
@@ -40,9 +41,10 @@ class ReAct(_Shaping):
 
     name = "react"
     reference = "Sun, Guo & Li, ReAct, NeurIPS 2021"
-    defaults = "OpenOOD v1.5 and the paper (90th percentile)"
-    params = {"percentile": 0.90}
-    limits = {"percentile": (0.0, 1.0)}
+    defaults = "OpenOOD v1.5 and the paper"
+
+    class Params(Params):
+        percentile: float = Field(0.90, ge=0, lt=1, description="clip at this quantile of the bank's activations")
     needs_bank = True
 
     def fit(self, bank, head):
@@ -56,9 +58,10 @@ class ReAct(_Shaping):
 
 class _ASH(_Shaping):
     reference = "Djurisic et al., Extremely simple activation shaping (ASH), ICLR 2023"
-    defaults = "OpenOOD v1.5 (percentile 90)"
-    params = {"percentile": 0.90}
-    limits = {"percentile": (0.0, 1.0)}
+    defaults = "OpenOOD v1.5"
+
+    class Params(Params):
+        percentile: float = Field(0.90, ge=0, lt=1, description="the fraction of each row's features pruned")
 
 
 @register
@@ -100,9 +103,11 @@ class SCALE(_Shaping):
 
     name = "scale"
     reference = "Xu et al., Scaling for training time and post-hoc OOD detection enhancement (SCALE), ICLR 2024"
-    defaults = "OpenOOD v1.5 (percentile 85)"
-    params = {"percentile": 0.85}
-    limits = {"percentile": (0.0, 1.0)}
+    defaults = "OpenOOD v1.5"
+
+    class Params(Params):
+        percentile: float = Field(0.85, ge=0, lt=1, description="the fraction of each row's features below the "
+                                                                "scaling threshold")
 
     def shape(self, x):
         mask = _keep_top(x, self.args["percentile"])[0]
@@ -116,9 +121,11 @@ class DICE(_Shaping):
 
     name = "dice"
     reference = "Sun & Li, DICE: leveraging sparsification for OOD detection, ECCV 2022"
-    defaults = "OpenOOD v1.5 (p 0.9; the paper uses 0.7 on ImageNet)"
-    params = {"p": 0.90}
-    limits = {"p": (0.0, 1.0)}
+    defaults = "OpenOOD v1.5 (the paper uses p 0.7 on ImageNet)"
+
+    class Params(Params):
+        p: float = Field(0.90, ge=0, lt=1, description="the fraction of the head's weight-times-mean contributions "
+                                                       "dropped")
     needs_bank = True
 
     def fit(self, bank, head):
@@ -165,8 +172,8 @@ class GradNorm(Scorer):
     name = "gradnorm"
     inputs = "features + head"
     reference = "Huang, Geng & Li, On the importance of gradients for detecting distributional shifts, NeurIPS 2021"
-    params = {"temperature": 1.0}
-    limits = {"temperature": (1e-12, np.inf)}
+    class Params(Params):
+        temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="softmax temperature")
 
     def score(self, features, logits):
         z = self.head(features)
@@ -181,8 +188,10 @@ class NCI(Scorer):
     name = "nci"
     inputs = "features + head"
     reference = "Liu & Qin, Detecting OOD through the lens of neural collapse (NCI), CVPR 2025"
-    defaults = "OpenOOD v1.5 (alpha 1e-4)"
-    params = {"alpha": 1e-4}
+    defaults = "OpenOOD v1.5"
+
+    class Params(Params):
+        alpha: float = Field(1e-4, allow_inf_nan=False, description="weight of the feature-norm term")
     needs_bank = True
 
     def fit(self, bank, head):

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+from pydantic import Field
 
 from .fit import add_rows
-from .scorers import Scorer, register
+from .scorers import Params, Scorer, register
 from .scores import energy, max_logit, msp, softmax
 
 
@@ -21,8 +22,8 @@ class MSP(Scorer):
 class Energy(Scorer):
     name = "energy"
     reference = "Liu et al., Energy-based OOD detection, NeurIPS 2020"
-    params = {"temperature": 1.0}
-    limits = {"temperature": (1e-12, np.inf)}
+    class Params(Params):
+        temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="softmax temperature")
 
     def score(self, features, logits):
         return energy(logits, self.args["temperature"])
@@ -43,9 +44,11 @@ class GEN(Scorer):
 
     name = "gen"
     reference = "Liu, Lochman & Zach, GEN, CVPR 2023"
-    defaults = "OpenOOD v1.5 (gamma 0.1, M 100)"
-    params = {"gamma": 0.1, "M": 100}
-    limits = {"gamma": (1e-12, np.inf), "M": (1, np.inf)}
+    defaults = "OpenOOD v1.5"
+
+    class Params(Params):
+        gamma: float = Field(0.1, gt=0, allow_inf_nan=False, description="the entropy's exponent")
+        M: int = Field(100, ge=1, description="the largest probabilities it sums over")
 
     def score(self, features, logits):
         p = np.sort(softmax(logits), axis=1)[:, ::-1][:, :self.args["M"]]

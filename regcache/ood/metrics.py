@@ -22,6 +22,9 @@ their AUPR_IN is our ``aupr_out_openood`` and the other way round.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import numpy as np
 
 
@@ -120,8 +123,33 @@ def aupr_out_openood(id_scores, ood_scores) -> float:
     return trapezoid_pr_area(-np.asarray(ood_scores, dtype=np.float64), -np.asarray(id_scores, dtype=np.float64))
 
 
-METRICS = {"fpr95": fpr_at_tpr, "fpr95_openood": fpr_at_tpr_openood, "auroc": auroc, "ap_in": ap_in, "ap_out": ap_out,
-           "aupr_in_openood": aupr_in_openood, "aupr_out_openood": aupr_out_openood}
+@dataclass(frozen=True)
+class Metric:
+    """One detection metric: the function of (ID scores, OOD scores), its label in reports (the two FPR95
+    conventions never share one) and its definition (docs/ood.md's table is made from these)."""
+
+    fn: Callable[[Any, Any], float]
+    label: str
+    definition: str
+
+    def __call__(self, id_scores, ood_scores) -> float:
+        return self.fn(id_scores, ood_scores)
+
+
+METRICS: dict[str, Metric] = {
+    "fpr95": Metric(fpr_at_tpr, "FPR95↓", "ID positive: the threshold keeps 95% of ID samples (ties at it kept "
+                                          "too); the fraction of OOD samples at or above it"),
+    "fpr95_openood": Metric(fpr_at_tpr_openood, "FPR95-OpenOOD↓", "OOD positive: the threshold catches 95% of OOD; "
+                                                                   "the fraction of ID flagged with them"),
+    "auroc": Metric(auroc, "AUROC↑", "the same under either convention (ties count half)"),
+    "ap_in": Metric(ap_in, "AP-in↑", "average precision (scikit-learn's `average_precision_score`), ID positive"),
+    "ap_out": Metric(ap_out, "AP-out↑", "average precision, OOD positive"),
+    "aupr_in_openood": Metric(aupr_in_openood, "AUPR-in-OpenOOD↑", "OpenOOD's trapezoid area, `auc(recall, "
+                              "precision)` of `precision_recall_curve`, ID positive: straight lines between the "
+                              "curve's points, so not AP (constant scores give (1 + prevalence)/2 against AP's "
+                              "prevalence)"),
+    "aupr_out_openood": Metric(aupr_out_openood, "AUPR-out-OpenOOD↑", "the same, OOD positive"),
+}
 
 
 def roc_points(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..names import did_you_mean
 from .fit import Bank, FitError
@@ -38,9 +39,17 @@ class Linear:
         return x @ self.weight.T + self.bias
 
 
+class Params(BaseModel):
+    """A scorer's hyperparameters, each a field with its default, range and meaning: one validation for the
+    command line (values arrive as text), pipeline files and Python, and the source of `regcache scorers`, the
+    JSON Schema and docs/ood.md's table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
 class Scorer:
     """One OOD scorer. Subclasses set ``name``, ``reference``, ``defaults`` (where the defaults come from)
-    and ``params`` (hyperparameters with default values), and implement ``score``; those that need
+    and ``Params`` (a `Params` model of its hyperparameters), and implement ``score``; those that need
     training statistics set ``needs_bank`` and implement ``fit``.
 
     ``notes``: one line each about what the last fit met and how it was handled (a rank-deficient covariance
@@ -50,20 +59,12 @@ class Scorer:
     name: ClassVar[str]
     reference: ClassVar[str]
     defaults: ClassVar[str] = "the paper"
-    params: ClassVar[dict[str, Any]] = {}
-    limits: ClassVar[dict[str, tuple[float, float]]] = {}  # param -> [low, high) it must lie in
+    Params: ClassVar[type[Params]] = Params
     needs_bank: ClassVar[bool] = False
     inputs: ClassVar[str] = "logits"  # what it reads, for `regcache scorers`
 
     def __init__(self, **params: Any):
-        unknown = sorted(set(params) - set(self.params))
-        if unknown:
-            known = ", ".join(self.params) or "none"
-            raise ValueError(f"scorer {self.name} has no hyperparameter {unknown[0]!r} (it has: {known})")
-        self.args = {k: _cast(self.name, k, params.get(k, d), d) for k, d in self.params.items()}
-        for k, (lo, hi) in self.limits.items():
-            if not lo <= self.args[k] < hi:
-                raise ValueError(f"{self.name}.{k}={self.args[k]}: must lie in [{lo}, {hi})")
+        self.args = check_params(self.name, self.Params, params)
         self.head: Linear | None = None
         self.notes: list[str] = []
 
@@ -84,13 +85,19 @@ class Scorer:
         raise NotImplementedError
 
 
-def _cast(scorer: str, key: str, value: Any, default: Any) -> Any:
-    """A hyperparameter in its default's type (values from the command line arrive as text)."""
-    kind = type(default)
+def check_params(name: str, model: type[Params], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` validated by the scorer's `Params` (text cast as the field's type), all its values returned;
+    the first problem as one line that names the scorer, the hyperparameter and what it must be."""
     try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{scorer}.{key}={value!r}: expected a {kind.__name__}") from None
+        return model(**given).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = f"scorer {name} has no hyperparameter {key!r} (it has: {', '.join(model.model_fields) or 'none'})"
+        else:
+            msg = f"{name}.{key}={err['input']!r}: {err['msg'][0].lower()}{err['msg'][1:]}"
+        raise ValueError(msg) from None
 
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -129,9 +136,9 @@ def parse_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
             raise ValueError(f"scorer argument {item!r}: expected SCORER.PARAM=VALUE, e.g. react.percentile=0.9")
         if scorer not in SCORERS:
             raise ValueError(f"scorer argument {item!r}: unknown scorer {scorer!r}; known: {', '.join(SCORERS)}")
-        if param not in SCORERS[scorer].params:
+        if param not in SCORERS[scorer].Params.model_fields:
             raise ValueError(f"scorer argument {item!r}: {scorer} has no hyperparameter {param!r} "
-                             f"(it has: {', '.join(SCORERS[scorer].params) or 'none'})")
+                             f"(it has: {', '.join(SCORERS[scorer].Params.model_fields) or 'none'})")
         if param in out.get(scorer, {}):
             raise ValueError(f"scorer argument {scorer}.{param} given more than once ({scorer}.{param}="
                              f"{out[scorer][param]} and {item!r}): give it once")

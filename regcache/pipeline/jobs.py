@@ -16,13 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..features import REGISTER_FEATURES, split_name
 from ..settings import ExtractSettings, Settings
 from .schema import Block, Data, Model, Pipeline
 
-#: GFLOP per image at 224 px by model size (BENCHMARKS.md: DINOv2 ViT-S/B/L/g-14); scaled by (size/224)²
-GFLOPS_224: dict[str, float] = {"small": 12.5, "base": 47.0, "large": 165.0, "giant": 608.0}
 #: features that exist only in models with registers (also as reg@-k): combinations naming them skip models without
-REGISTER_FEATURES = ("reg", "reg_all")
 
 
 def digest(obj: Any) -> str:
@@ -52,26 +50,21 @@ class ExtractJob:
     def label(self) -> str:
         return f"{self.model.label} × {self.dataset.name}"
 
-    def gflops(self) -> float | None:
-        """Per image, from the model's size class and the crop size; None for an unknown size class."""
-        from ..registry import ALIASES
+    def facts(self) -> "ModelFacts":
+        """The model's layout and cost at the crop size, from an empty model on the meta device (`models.model_facts`)."""
+        from ..models import model_facts, preprocess_of  # here: validating a pipeline loads no torch, a dry run does
 
-        name = self.plan.timm_name if self.plan is not None else ALIASES.get(self.model.name, self.model.name)
-        size = next((v for k, v in GFLOPS_224.items() if f"_{k}_" in name), None)
-        if size is None:
-            return None
-        crop = self.plan.preprocess.size if self.plan is not None else (self.settings.size or 224)
-        return size * (crop / 224) ** 2
+        size = self.plan.preprocess.size if self.plan is not None else preprocess_of(self.settings).size
+        return model_facts(self.settings, size)
+
+    def gflops(self) -> float:
+        return self.plan.gflops if self.plan is not None else self.facts().gflops
 
     def has_registers(self) -> bool:
-        """From the planned layout (test-time registers included); before a plan, from the name."""
+        """Trained registers (counted in the model's parameters) or test-time ones."""
         if self.plan is not None:
             return self.plan.layout.num_reg > 0
-        from ..registry import ALIASES
-
-        name = ALIASES.get(self.model.name, self.model.name)
-        return bool(self.settings.test_time_registers or re.search(r"(^|_)reg\d*(_|\.|$)", name)
-                    or "dinov3" in name)
+        return bool(self.settings.test_time_registers) or self.facts().layout.num_reg > 0
 
 
 def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[ExtractJob]:
@@ -203,7 +196,7 @@ def probe_jobs(pl: Pipeline, ext: list[ExtractJob], models: list[str] | None = N
             s = pl.probe_settings(b, m)
             train = sets.get((label, s.train))
             regs = train.has_registers() if train else True
-            combos = [c for c in s.features if regs or not {f.split("@")[0] for f in c} & set(REGISTER_FEATURES)]
+            combos = [c for c in s.features if regs or not {split_name(f)[0] for f in c} & set(REGISTER_FEATURES)]
             if not combos:
                 job.skipped, job.status = "every combination needs registers, which this model has not", "skipped"
             else:

@@ -27,6 +27,7 @@ from ..data.dataset import read_yaml_mapping
 from ..settings import (ANALYSES, ExtractSettings, ProbeSettings, Settings, SettingsError, default_cache_root,
                         describe, fields, meta, split_spec)
 from ..settings.choices import LAUNCHERS, STAGES, literal
+from ..settings.presets import Preset, presets_of
 from ..settings.types import Count, Names, Positive
 
 STAGES = tuple(STAGES)
@@ -39,12 +40,27 @@ class PipelineError(ValueError):
 # --------------------------------------------------------------------------- the file's blocks, from the settings
 
 def block(title: str, source: type[Settings], /, exclude: tuple[str, ...] = (), doc: str = "",
-          **extra: Any) -> type[Settings]:
+          presets: dict[str, Preset] | None = None, **extra: Any) -> type[Settings]:
     """A block of a pipeline file: the fields of ``source`` that a block may give (scope ``any``, but
-    ``exclude``), with their types, defaults, checks and help, and ``extra`` fields of the pipeline's own."""
+    ``exclude``), with their types, defaults, checks and help, the source's checks of the raw values (a preset
+    fills a block as it fills the command), and ``extra`` fields of the pipeline's own. A required field that one
+    of ``presets`` sets is required unless that preset is named, in the JSON Schema too."""
     own = {n: (source.model_fields[n].annotation, copy.copy(source.model_fields[n]))
            for n in fields(source, scope=("any",)) if n not in exclude}
-    return create_model(title, __base__=Settings, __doc__=doc or source.__doc__, **own, **extra)
+    before = {name: model_validator(mode="before")(classmethod(getattr(d.func, "__func__", d.func)))
+              for name, d in source.__pydantic_decorators__.model_validators.items() if d.info.mode == "before"}
+    either = []
+    for n, (kind, info) in own.items():
+        filling = sorted(p for p, preset in (presets or {}).items() if n in preset.settings)
+        if info.is_required() and filling:
+            info.default = None
+            either.append({"anyOf": [{"required": [n]}, {"required": ["preset"],
+                                                         "properties": {"preset": {"enum": filling}}}]})
+    base = type(f"{title}Base", (Settings,), {"model_config": {**Settings.model_config,
+                                                               "json_schema_extra": {"allOf": either}}}
+                ) if either else Settings
+    return create_model(title, __base__=base, __doc__=doc or source.__doc__, __validators__=before, **own,
+                        **extra)
 
 
 Label = Annotated[str, Field(description="What the pipeline calls this entry (--models, probe and analysis "
@@ -67,7 +83,7 @@ DatasetEntry = create_model(
                                                      "counts (regcache manifest scan adds them).")),
     extract=(ExtractBlock, Field(default_factory=ExtractBlock, description="Extraction settings for this set.")))
 ProbeBlock = block("ProbeBlock", ProbeSettings, doc="A probe block: the settings of `regcache probe`; train, val, "
-                   "test, eval and anomaly name datasets of the pipeline.",
+                   "test, eval and anomaly name datasets of the pipeline.", presets=presets_of("probe"),
                    name=(str, Field(description="The block's name (report tables, run folders).")), models=Models)
 AnalysisBlocks = [block(f"{kind.title()}Block", cls, doc=f"An analysis: the settings of `regcache {kind}`" +
                         ("; sets name datasets of the pipeline." if "sets" in cls.model_fields else "."),

@@ -8,9 +8,9 @@ blocks, their JSON Schema and a feature set's identity are all derived from thes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 #: how a field takes part in a feature set's identity (None: it does not)
 #: backbone: the same for every set one head reads (weights, preprocessing, precision); rows: what one set holds
@@ -49,6 +49,13 @@ class Meta:
     per_model: bool = False
 
 
+def _takes_bool(annotation: Any) -> bool:
+    """Whether a field's type takes a yes/no anywhere in it (bool, Any, or a union or container holding one)."""
+    if annotation is bool or annotation is Any:
+        return True
+    return any(_takes_bool(a) for a in get_args(annotation) if a is not Ellipsis)
+
+
 class SettingsError(ValueError):
     """Settings that fail their checks; the message names every field (or option) and the reason."""
 
@@ -57,6 +64,18 @@ class Settings(BaseModel):
     """Base of every settings model: unknown fields are refused, and values are checked when made."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, arbitrary_types_allowed=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_for_a_number(cls, values: Any) -> Any:
+        """A yes/no where a number is wanted (YAML's ``iterations: yes``) is refused, not read as 1 (pydantic
+        would), as the JSON Schema refuses it."""
+        for name, value in (values.items() if isinstance(values, dict) else ()):
+            items = value if isinstance(value, (list, tuple)) else [value]
+            field = cls.model_fields.get(name)
+            if field is not None and any(isinstance(v, bool) for v in items) and not _takes_bool(field.annotation):
+                raise ValueError(f"{name}: {value!r} is a yes/no value, and {name} takes no yes/no")
+        return values
 
     @classmethod
     def make(cls, values: dict | None = None, *, where: str = "", names: Callable[[str], str] | None = None,

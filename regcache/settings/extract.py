@@ -44,8 +44,7 @@ class Backbone(Settings):
     """Which weights, built how: what every command that runs a backbone takes."""
 
     model: Annotated[str, Cli(short="-m"), Meta(identity="backbone", scope="job", per_model=True), Field(
-        description="Alias (vits, vitb, vitl, vitg, *_reg with registers, v3s … DINOv3) or any timm ViT "
-                    "name[.tag]; `regcache models` lists the aliases.")]
+        description=f"Alias ({', '.join(MODELS)}; `regcache models` lists them) or any timm ViT name[.tag].")]
     checkpoint: Annotated[Optional[UserPath], Cli(metavar="FILE"), Meta(identity="backbone", scope="job", path=True, per_model=True),
                           Field(
         None, description="Local weights (.safetensors, or a torch file read weights-only) instead of the hub.")]

@@ -6,26 +6,24 @@ the command line, in a pipeline file and from Python.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Optional, Union
 
-from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, create_model, model_validator
+
+from ..ood import SCORERS, make, parse_args, resolve
 
 from .base import Cli, Meta, Settings
 from .choices import BY_C, DEVICE_HELP, HOLDOUTS, INITS, OPTIMIZERS, SOLVERS, literal
 from .extract import Cache
 from .presets import presets_of
 from .types import (Combos, Count, Counts, Ints, Names, NonNegativeFloats, Positive, PositiveFloats, UniquePaths, UserPath,
-                    split)
+                    comma_list, listed, split)
 
 
 def parse_scorer_args(value: Any) -> Any:
     """``("react.percentile=0.9", …)`` -> {"react": {"percentile": "0.9"}} (names checked, values cast by the
     scorer itself)."""
-    if not isinstance(value, (list, tuple)):
-        return value
-    from ..ood import parse_args
-
-    return parse_args(value)
+    return parse_args(value) if isinstance(value, (list, tuple)) else value
 
 
 MODEL_HELP = "Alias, timm name, or fingerprint prefix of the cached sets."
@@ -51,16 +49,8 @@ class CachedSets(Device):
     quiet: Annotated[bool, Meta(scope="cli"), Cli(short="-q"), Field(False, description="No progress, warnings only.")]
 
 
-def _scorers(names: list[str]) -> list[str]:
-    from ..ood import resolve
-
-    return resolve(names)
-
-
 def _scorer_args(args: dict) -> dict:
-    """Each scorer's given hyperparameters, checked (names, types, ranges) and cast by the scorer itself."""
-    from ..ood import make
-
+    """Each scorer's given hyperparameters, checked (names, types, ranges) and cast by the scorer's own `Params`."""
     out = {}
     for name, params in args.items():
         if not isinstance(params, dict):
@@ -70,8 +60,15 @@ def _scorer_args(args: dict) -> dict:
     return out
 
 
-ScorerNames = Annotated[list[str], BeforeValidator(split), AfterValidator(_scorers)]
-ScorerArgs = Annotated[dict[str, dict[str, Any]], BeforeValidator(parse_scorer_args), AfterValidator(_scorer_args)]
+ScorerText = comma_list("|".join(["all", *SCORERS]), "scorer names joined by commas, or all")
+#: the JSON Schema of scorer_args: each scorer's `Params`, or SCORER.PARAM=VALUE texts
+_ArgsSchema = create_model("ScorerArgs", __config__=ConfigDict(extra="forbid"),
+                           **{n: (Optional[c.Params], None) for n, c in SCORERS.items() if c.Params.model_fields})
+ScorerNames = Annotated[list[str], BeforeValidator(split, json_schema_input_type=listed(ScorerText)),
+                        AfterValidator(resolve)]
+ScorerArgs = Annotated[dict[str, dict[str, Any]], BeforeValidator(
+    parse_scorer_args, json_schema_input_type=Union[_ArgsSchema, list[Annotated[str, Field(
+        pattern=r"^[^.=]+\.[^=]+=")]]]), AfterValidator(_scorer_args)]
 SCORERS_HELP = ("OOD scorers (comma list, or all): `regcache scorers` lists them with their references. Those that "
                 "need training statistics fit on view 0 of --train.")
 SCORER_ARG_HELP = "A scorer hyperparameter, e.g. react.percentile=0.95 (repeatable); recorded with every result row."

@@ -9,11 +9,11 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from ..features import FeatureError, parse_features, parse_layers
+from ..features import FEATURES, LAYER_FEATURES, FeatureError, parse_features, parse_layers
 
 
 def split(value: Any) -> Any:
@@ -91,13 +91,48 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=1)]
-Names = Annotated[list[str], BeforeValidator(split), Once]
-PositiveFloats = Annotated[list[Positive], BeforeValidator(split), Field(min_length=1), Once]
-NonNegativeFloats = Annotated[list[NonNegative], BeforeValidator(split), Field(min_length=1), Once]
-Counts = Annotated[list[Count], BeforeValidator(split), Field(min_length=1), Once]
-Ints = Annotated[list[int], BeforeValidator(split), Field(min_length=1), Once]
+
+
+def comma_list(item: str, what: str) -> Any:
+    """A comma list of ``item`` (a regular expression) as typed on the command line: its JSON Schema."""
+    return Annotated[str, Field(pattern=rf"^\s*(?:{item})(?:\s*,\s*(?:{item}))*\s*$", description=what)]
+
+
+_DIGITS = r"(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_END = r"(?=\s*(?:,|$))"
+PositiveText = comma_list(rf"\+?(?!0*\.?0*(?:[eE][-+]?\d+)?{_END}){_DIGITS}", "a comma list of positive numbers")
+NonNegativeText = comma_list(rf"\+?{_DIGITS}", "a comma list of numbers >= 0")
+CountText = comma_list(r"\+?0*[1-9]\d*", "a comma list of integers >= 1")
+IntText = comma_list(r"[-+]?\d+", "a comma list of integers")
+_PER_BLOCK = "|".join(LAYER_FEATURES)
+_FEATURE = rf"(?:{_PER_BLOCK})(?:@-\d+)?|" + "|".join(n for n in FEATURES if n not in LAYER_FEATURES)
+FeatureName = Annotated[str, Field(pattern=rf"^(?:{_FEATURE})$")]
+FeatureText = comma_list(_FEATURE, "features joined by commas")
+LayersText = Annotated[str, Field(pattern=r"^\s*(?:last\d+|[-+]?\d+(?:\s*,\s*[-+]?\d+)*)\s*$")]
+PairText = Annotated[str, Field(pattern=r"^[^=]+=", description="KEY=VALUE")]
+
+
+def listed(item: Any, text: Any = None) -> Any:
+    """What a list setting accepts (the JSON Schema of its input): one value, or a list of them; with ``text``
+    (a `comma_list`) also that, alone or in the list."""
+    one = item if text is None else Union[item, text]
+    return Union[one, list[one]]
+
+
+Names = Annotated[list[str], BeforeValidator(split, json_schema_input_type=listed(str)), Once]
+PositiveFloats = Annotated[list[Positive], BeforeValidator(split, json_schema_input_type=listed(Positive, PositiveText)),
+                           Field(min_length=1), Once]
+NonNegativeFloats = Annotated[list[NonNegative], BeforeValidator(
+    split, json_schema_input_type=listed(NonNegative, NonNegativeText)), Field(min_length=1), Once]
+Counts = Annotated[list[Count], BeforeValidator(split, json_schema_input_type=listed(Count, CountText)),
+                   Field(min_length=1), Once]
+Ints = Annotated[list[int], BeforeValidator(split, json_schema_input_type=listed(int, IntText)), Field(min_length=1),
+                 Once]
 #: a feature list, checked and normalised (``cls@-1`` is ``cls``; duplicates dropped)
-FeatureList = Annotated[tuple[str, ...], BeforeValidator(_features)]
+FeatureList = Annotated[tuple[str, ...], BeforeValidator(_features,
+                                                         json_schema_input_type=Union[FeatureText, list[FeatureName]])]
+
+
 def _one_order(combos: list) -> list:
     """A combination given twice in two orders would train the same head twice (up to its inputs' order)."""
     seen: dict[frozenset, tuple] = {}
@@ -115,13 +150,19 @@ def _paths_once(paths: list) -> list:
 
 
 #: feature combinations, each normalised: ``cls@-1`` and ``cls`` are one combination, given once, in one order
-Combos = Annotated[list[FeatureList], BeforeValidator(_combos), Once, AfterValidator(_one_order)]
+Combos = Annotated[list[FeatureList], BeforeValidator(
+    _combos, json_schema_input_type=Union[FeatureText, list[Union[FeatureText, list[FeatureName]]]]), Once,
+    AfterValidator(_one_order)]
 #: paths (runs to merge), each once
 UniquePaths = Annotated[list[Annotated[Path, BeforeValidator(_expand)]], AfterValidator(_paths_once)]
-Layers = Annotated[tuple[int, ...], BeforeValidator(_layers)]
-Pairs = Annotated[dict[str, Any], BeforeValidator(parse_pairs)]
-RGB = Annotated[tuple[FiniteFloat, FiniteFloat, FiniteFloat], BeforeValidator(split)]
-PositiveRGB = Annotated[tuple[Positive, Positive, Positive], BeforeValidator(split)]
+Layers = Annotated[tuple[int, ...], BeforeValidator(_layers, json_schema_input_type=Union[LayersText, int, list[int]])]
+Pairs = Annotated[dict[str, Any], BeforeValidator(parse_pairs, json_schema_input_type=Union[dict[str, Any],
+                                                                                              list[PairText]])]
+RGB = Annotated[tuple[FiniteFloat, FiniteFloat, FiniteFloat], BeforeValidator(
+    split, json_schema_input_type=Union[tuple[FiniteFloat, FiniteFloat, FiniteFloat],
+                                        comma_list(rf"[-+]?{_DIGITS}", "three numbers")])]
+PositiveRGB = Annotated[tuple[Positive, Positive, Positive], BeforeValidator(
+    split, json_schema_input_type=Union[tuple[Positive, Positive, Positive], PositiveText])]
 UserPath = Annotated[Path, BeforeValidator(_expand)]
 
 

@@ -217,7 +217,7 @@ class UnitWriter:
             inner = inner_rows(rows, int(np.prod(shape)) * np.dtype(record.dtype).itemsize)
             group.create_array(name, shape=(total, *shape), shards=(rows, *shape), chunks=(inner, *shape),
                                dtype=record.dtype, fill_value=0, compressors=Crc32cCodec(), overwrite=True,
-                               attributes={"description": FEATURES[name]})
+                               attributes={"description": FEATURES[name].description})
 
     def add_name(self, description: Description) -> None:
         """Record another description of the same rows (another manifest's name, split or classes for the same
