@@ -6,8 +6,10 @@ import io
 import json
 import logging
 import math
+import pickle
 from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
+from http.client import HTTPException
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -152,7 +154,7 @@ def _timm_eval(model: str) -> dict[str, Any]:
     full = resolve_name(model)
     try:
         pcfg = get_pretrained_cfg(full)
-    except Exception:  # a timm architecture without registered weights
+    except RuntimeError:  # a tag timm does not know ("Invalid pretrained tag"); an arch without weights gives None
         pcfg = None
     if pcfg is None:
         return dict(PAPER_EVAL)
@@ -246,7 +248,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
                              "needs a .pt/.pth name") from None
     try:
         sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle with objects, or not a torch file: torch raises many types
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # pickle with objects, or
+        # not a torch file (a bad zip or magic number is a RuntimeError)
         raise ModelError(f"checkpoint {path} cannot be read as weights only: {e}") from e
     for k in ("model", "state_dict", "teacher"):
         if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
@@ -284,8 +287,8 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path,
     if filter_fn is not None:
         try:
             sd = filter_fn(sd, model)
-        except Exception:  # leave the raw keys for the mismatch report below
-            pass
+        except (KeyError, RuntimeError, ValueError, AssertionError, IndexError):  # a checkpoint of another
+            pass  # architecture: its raw keys go to the mismatch report below
     own = model.state_dict()
     sd = drop_classifier(sd, model, path)
     missing = sorted(set(own) - set(sd))
@@ -379,7 +382,7 @@ def check_hub(name: str, model_args: dict | None = None, timeout: float = 5.0) -
         try:
             urllib.request.urlopen(f"{constants.ENDPOINT}/api/models/{repo}", timeout=timeout).close()
             return
-        except Exception as e:  # no network, a proxy, DNS: all the same here
+        except (OSError, HTTPException, ValueError) as e:  # no network, a proxy, DNS: all the same here
             why = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
     here = local_weights(name.split(".")[0])
     serve = ("; local weights of this architecture: " + "; ".join(

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
-from .data import IMAGE_KEYS, DataError, Dataset, SampleError, decode_image, decode_label, load_manifest, open_shard
+from .data import (DATA_ERRORS, IMAGE_KEYS, DataError, Dataset, SampleError, decode_image, decode_label, load_manifest,
+                   open_shard)
 
 SUFFIXES = {f".{k}" for k in IMAGE_KEYS}
 
@@ -223,7 +224,7 @@ def scan_shard(ds: Dataset, unit: int, allow_pipe: bool = False) -> ShardScan:
             formats[next(k for k in ds.image_keys if k in sample)] += 1
             scan.widths.append(img.width)
             scan.heights.append(img.height)
-    except Exception as e:  # the shard as a whole
+    except DATA_ERRORS as e:  # the shard as a whole
         scan.error = f"{type(e).__name__}: {e.args[0] if e.args else e}"
     scan.labels, scan.formats = dict(labels), dict(formats)
     return scan

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "regcache"
 #: commands without options (listings)
 WITHOUT_SETTINGS = {"scorers", "models"}
 #: options of a command that start processes rather than configure the action
-PROCESS_OPTIONS = {"extract": {"launcher", "nproc_per_node"}}
+PROCESS_OPTIONS: dict[str, set[str]] = {}
 
 
 def commands(group: click.Group = main, prefix: str = ""):

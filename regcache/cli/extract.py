@@ -16,11 +16,7 @@ from .options import flag, options, settings
 
 @main.command()
 @options(ExtractSettings, text=PER_MODEL)
-@click.option("--launcher", type=click.Choice(["none", "torchrun"]), default="none", show_default=True,
-              help="torchrun: start --nproc-per-node ranks on this node, one part each "
-                   "(same as 'torchrun --nproc-per-node=N -m regcache extract ...').")
-@click.option("--nproc-per-node", default=1, show_default=True, help="Ranks for --launcher torchrun.")
-def extract(launcher, nproc_per_node, **given):
+def extract(**given):
     """Stream DATA through MODEL once and store its token features.
 
     Every shard is committed whole; rerunning skips what is committed and retries what failed.
@@ -38,9 +34,9 @@ def extract(launcher, nproc_per_node, **given):
     """
     from ..extract import extract_many
 
-    if launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
-        _exec_torchrun(nproc_per_node)
     all_settings = [settings(ExtractSettings, values) for values in _per_model(given)]
+    if all_settings[0].launcher == "torchrun" and "LOCAL_RANK" not in os.environ:
+        _exec_torchrun(all_settings[0].nproc_per_node)
     setup_logging(all_settings[0].quiet)
     with errors():
         results = extract_many(all_settings)

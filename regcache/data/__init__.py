@@ -5,10 +5,10 @@ cannot be used fails alone, with its key and the reason. Importing this package 
 """
 from .dataset import (IMAGE_KEYS, UNHASHED, Dataset, ShardId, count_samples, detect_labels, expand_shards, expand_vars,
                       load_dataset, load_manifest, local_path, parse_labels, shard_id, shard_ids)
-from .decode import check_resize, decode_image, decode_label
-from .errors import DataError, MissingShards, SampleError
+from .decode import IMAGE_ERRORS, check_resize, decode_image, decode_label
+from .errors import DATA_ERRORS, DataError, MissingShards, SampleError
 from .tar import ShardError, open_shard, tar_problem
 
-__all__ = ["IMAGE_KEYS", "UNHASHED", "DataError", "Dataset", "MissingShards", "SampleError", "ShardError", "ShardId", "check_resize",
+__all__ = ["DATA_ERRORS", "IMAGE_ERRORS", "IMAGE_KEYS", "UNHASHED", "DataError", "Dataset", "MissingShards", "SampleError", "ShardError", "ShardId", "check_resize",
            "count_samples", "decode_image", "decode_label", "detect_labels", "expand_shards", "expand_vars",
            "load_dataset", "load_manifest", "local_path", "open_shard", "parse_labels", "shard_id", "shard_ids", "tar_problem"]

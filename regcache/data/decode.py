@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from PIL import Image
 
@@ -14,6 +16,12 @@ from .errors import SampleError
 
 # --------------------------------------------------------------------------- decoding
 
+#: what PIL raises on bytes that are not a whole image of a format it reads (its decoders and plugins raise more than
+#: OSError): each becomes a SampleError naming the sample
+IMAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError,
+                                                 EOFError, struct.error, Image.DecompressionBombError)
+
+
 def decode_image(sample: dict, image_keys: Sequence[str]) -> Image.Image:
     """The sample's image as RGB; corrupt, empty, odd-mode and decompression-bomb images raise SampleError."""
     ext = next((k for k in image_keys if k in sample), None)
@@ -22,20 +30,26 @@ def decode_image(sample: dict, image_keys: Sequence[str]) -> Image.Image:
     data = sample[ext]
     if not data:
         raise SampleError(f"zero-length .{ext}")
+    with image_errors(ext):
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    # 16-bit and float modes would be clipped to 8 bits by convert(): refuse rather than guess
+    if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
+        raise SampleError(f"unsupported image mode {img.mode} (16-bit or float pixels)")
+    with image_errors(ext):
+        return img.convert("RGB")
+
+
+@contextmanager
+def image_errors(ext: str) -> Iterator[None]:
+    """PIL's errors on a sample's bytes (and its decompression-bomb warning) as a SampleError that says why."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            img.load()
-            # 16-bit and float modes would be clipped to 8 bits by convert(): refuse rather than guess
-            if img.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"):
-                raise SampleError(f"unsupported image mode {img.mode} (16-bit or float pixels)")
-            return img.convert("RGB")
-    except SampleError:
-        raise
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise SampleError(f"decompression bomb: {e}") from e
-    except Exception as e:
+    except IMAGE_ERRORS as e:
         raise SampleError(f"cannot decode .{ext}: {type(e).__name__}: {e}") from e
 
 

@@ -12,3 +12,9 @@ class MissingShards(DataError):
 
 class SampleError(ValueError):
     """One sample that cannot be used (its key and reason go to the errors table)."""
+
+
+#: what a missing, truncated or damaged input raises once the readers have named it (`ShardError` is a DataError;
+#: the tar reader turns tar, zlib and lzma errors into it): recorded against the shard or sample. Anything else is
+#: a bug in regcache and propagates with its traceback (settings.choices.HANDLERS).
+DATA_ERRORS: tuple[type[BaseException], ...] = (DataError, SampleError, OSError, EOFError)

@@ -117,7 +117,7 @@ def _open_url(url: str, allow_pipe: bool):
 def _close_quietly(stream) -> None:
     try:
         stream.close()
-    except Exception:  # a pipe's exit status: the error being raised already says what went wrong
+    except OSError:  # a pipe's exit status: the error being raised already says what went wrong
         pass
 
 
@@ -166,12 +166,15 @@ def open_shard(url: str, allow_pipe: bool, sha256=None) -> Iterator[dict]:
         _close_quietly(raw)  # member data or a compressed stream cut short, or a source that gave nothing
         what = "could not be read" if watched.pos == 0 else "truncated or unreadable"
         raise ShardError(f"{what}: {type(e).__name__}: {e}") from None
+    except ValueError as e:  # webdataset's grouping: a file name twice within one sample
+        _close_quietly(raw)
+        raise ShardError(f"malformed: {e.args[0] if e.args else e}") from None
     except BaseException:  # the reader stopped early, or another error: nothing more to check
         _close_quietly(raw)
         raise
     try:
         raw.close()
-    except Exception as e:  # a failed 'pipe:' command or download says so on close
+    except OSError as e:  # a failed 'pipe:' command or download says so on close (webdataset's Pipe: IOError)
         raise ShardError(f"could not be read: {e}") from None
     problem = tar_problem(watched.pos, state["end"], watched.last_nonzero, state["last"])
     if problem:

@@ -12,7 +12,6 @@ device is at fault (no nvJPEG, out of memory, an unsupported subsampling) and it
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from ..data import SampleError, check_resize, decode_image
+from ..data import IMAGE_ERRORS, check_resize, decode_image
+from ..data.decode import image_errors
 
 DEVICE_MODES = ("RGB", "L")  # JPEG colour modes the device decoder turns into RGB; the others go through PIL
 
@@ -64,14 +64,8 @@ def device_item(sample: dict, image_keys: Sequence[str], resize: int) -> bytes |
     ext = next((k for k in image_keys if k in sample), None)
     data = sample.get(ext) if ext else None
     if data and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                head = Image.open(io.BytesIO(data))  # the header only
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise SampleError(f"decompression bomb: {e}") from e
-        except Exception as e:
-            raise SampleError(f"cannot decode .{ext}: {type(e).__name__}: {e}") from e
+        with image_errors(ext):
+            head = Image.open(io.BytesIO(data))  # the header only
         if head.format == "JPEG" and head.mode in DEVICE_MODES:
             check_resize(head, resize)
             return bytes(data)
@@ -88,7 +82,7 @@ def _pil_decodes(data: torch.Tensor) -> bool:
     try:
         Image.open(io.BytesIO(data.numpy().tobytes())).load()
         return True
-    except Exception:
+    except IMAGE_ERRORS:
         return False
 
 

@@ -133,7 +133,7 @@ class _Claim:
 
 
 def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.device, batch_size: int,
-             workers: int, allow_pipe: bool, compile: bool, progress: bool) -> None:
+             workers: int, allow_pipe: bool, compile: bool, progress: bool, handler: str = "record") -> None:
     """Stream the members' pending units once (see the module doc); each member's result says what it did."""
     from ..progress import progress as progress_bar
 
@@ -145,7 +145,8 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
     claims = [m.fs.claims() for m in members]
     units = sorted({u for m in members for u in m.pending})
     stream = UnitStream(ds, units, transforms, views=transforms[0].views, batch_size=batch_size,
-                        allow_pipe=allow_pipe, claim=_Claim(tuple(claims), tuple(frozenset(m.pending) for m in members)))
+                        allow_pipe=allow_pipe, claim=_Claim(tuple(claims), tuple(frozenset(m.pending) for m in members)),
+                        handler=handler)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(workers, len(units)),
                                          pin_memory=device.type == "cuda", persistent_workers=False,
                                          prefetch_factor=4 if workers else None)
@@ -177,11 +178,11 @@ def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.de
                 claims[i].release(unit)
 
     def stop_member(i: int, error: Exception) -> None:
-        if len(members) == 1:
+        if len(members) == 1 or handler == "reraise":
             raise error  # alone, a failure is the run's
         m, why = members[i], f"{type(error).__name__}: {error}"
         m.failed = m.result.error = why
-        log.error("%s stopped, the other models go on: %s", m.label, why)
+        log.error("%s stopped, the other models go on: %s", m.label, why, exc_info=error)
         for unit in m.buffers:
             claims[i].release(unit)
         m.buffers.clear()
@@ -254,8 +255,8 @@ def _feed(batch: Batch, pre: Preprocess, fed: list[tuple[int, Member, _Forward]]
         try:
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 out = forward(m.plan.preprocess.normalize(images))
-        except Exception as e:  # this model alone: out of memory at a chunk of 1, a broken model, ...
-            stop_member(i, e)
+        except RuntimeError as e:  # this model alone: out of memory at a chunk of 1 (torch.OutOfMemoryError is one),
+            stop_member(i, e)  # a model that cannot run this input; a bug of regcache's propagates
             continue
         buf.add(to_host(out, m.fs.dtype), keys, labels, views)
 

@@ -201,7 +201,8 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
             for m in live:
                 m.model = m.model.to(device)
             t = time.perf_counter()  # the stream: first batch read to last unit committed (images/s = rows / this)
-            run_pass(live, ids, device, s0.batch_size, workers, s0.allow_pipe, s0.compile, progress=not s0.quiet)
+            run_pass(live, ids, device, s0.batch_size, workers, s0.allow_pipe, s0.compile, progress=not s0.quiet,
+                     handler=s0.handler)
         for m in members:
             m.result.stream_seconds = time.perf_counter() - t
     for n in first.values():

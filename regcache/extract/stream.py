@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..data import (DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, local_path,
+from ..data import (DATA_ERRORS, DataError, Dataset, SampleError, ShardId, check_resize, decode_image, decode_label, local_path,
                     open_shard)
 from .device import Encoded, device_item
 
@@ -86,9 +86,9 @@ class UnitStream(torch.utils.data.IterableDataset):
 
     def __init__(self, ds: Dataset, units: Sequence[int], transforms: Sequence[Callable[..., torch.Tensor]],
                  views: int = 1, batch_size: int = 64, allow_pipe: bool = False,
-                 claim: Callable[[int], tuple[int, ...]] | None = None):
+                 claim: Callable[[int], tuple[int, ...]] | None = None, handler: str = "record"):
         self.ds, self.units, self.transforms, self.claim = ds, list(units), list(transforms), claim
-        self.views, self.batch_size, self.allow_pipe = views, batch_size, allow_pipe
+        self.views, self.batch_size, self.allow_pipe, self.handler = views, batch_size, allow_pipe, handler
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -133,6 +133,8 @@ class UnitStream(torch.utils.data.IterableDataset):
                             check_resize(pixels, transform.resize)
                             rows[g].extend((key, y, v, transform(pixels, v, key)) for v in range(self.views))
                     except SampleError as e:
+                        if self.handler == "reraise":
+                            raise
                         errors[g].append((key, str(e)))
                     while len(rows[g]) >= self.batch_size:
                         yield self._batch(unit, g, members, rows[g][: self.batch_size], on_device[g])
@@ -140,7 +142,9 @@ class UnitStream(torch.utils.data.IterableDataset):
             expected = ds.counts[unit] if ds.counts else None  # known counts catch a cut at a file boundary
             if expected is not None and n != expected:
                 raise DataError(f"expected {expected} samples, read {n} (truncated or changed shard?)")
-        except Exception as e:  # the shard as a whole: missing, truncated, unreadable
+        except DATA_ERRORS as e:  # the shard as a whole: missing, truncated, unreadable
+            if self.handler == "reraise":
+                raise
             # webdataset appends the stream and URL to args; the first is the message
             why = f"{type(e).__name__}: {e.args[0] if e.args else e}"
             for g in groups:

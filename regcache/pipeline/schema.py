@@ -26,7 +26,7 @@ from ..data import DataError, Dataset, load_manifest
 from ..data.dataset import read_yaml_mapping
 from ..settings import (ANALYSES, ExtractSettings, ProbeSettings, Settings, SettingsError, default_cache_root,
                         describe, fields, meta, split_spec)
-from ..settings.choices import LAUNCHERS, STAGES, literal
+from ..settings.choices import PIPELINE_LAUNCHERS, STAGES, literal
 from ..settings.presets import Preset, presets_of
 from ..settings.types import Count, Names, Positive
 
@@ -105,8 +105,8 @@ class CostBlock(Settings):
 
 
 class LauncherBlock(Settings):
-    kind: Annotated[literal(LAUNCHERS), Field("none", description="Where extraction jobs run: " + "; ".join(
-        f"{k}: {v}" for k, v in LAUNCHERS.items()) + ".")]
+    kind: Annotated[literal(PIPELINE_LAUNCHERS), Field("none", description="Where extraction jobs run: " + "; ".join(
+        f"{k}: {v}" for k, v in PIPELINE_LAUNCHERS.items()) + ".")]
     parts: Annotated[Count, Field(1, description="Parts (array tasks) per extraction.")]
     params: Annotated[dict[str, Any], Field(default_factory=dict, description="submitit parameters, e.g. "
                                                                               "slurm_partition, timeout_min.")]

@@ -81,9 +81,19 @@ DEVICE_HELP = "cpu, cuda, cuda:1, …"
 #: stages of a pipeline run, in order
 STAGES: dict[str, str] = {"extract": "extract what is not cached", "probe": "train and evaluate heads",
                           "analyse": "norms, feature maps, token probes, attention", "report": "one merged table"}
-#: where a pipeline's extraction jobs run
-LAUNCHERS: dict[str, str] = {"none": "here, one after another", "slurm": "SLURM array jobs through submitit",
-                             "local": "submitit's local executor (subprocesses on this machine)"}
+#: what a data error does (webdataset's handler= in one word): a regcache bug always stops the run with its traceback
+HANDLERS: dict[str, str] = {
+    "record": "a damaged, missing or undecodable sample or shard is recorded by name (the errors table, the failed "
+              "shards) and the run goes on",
+    "reraise": "any error stops the run at once with its traceback (to debug a reader)"}
+#: where extraction runs: one word, one meaning, for `regcache extract --launcher` and a pipeline's launcher.kind
+LAUNCHERS: dict[str, str] = {
+    "none": "here, in this process (a pipeline's jobs one after another)",
+    "torchrun": "--nproc-per-node ranks on this node through torchrun, one part each (regcache extract)",
+    "slurm": "SLURM array jobs through submitit (a pipeline)",
+    "local": "submitit's local executor, subprocesses on this machine (a pipeline)"}
+EXTRACT_LAUNCHERS = {k: LAUNCHERS[k] for k in ("none", "torchrun")}
+PIPELINE_LAUNCHERS = {k: LAUNCHERS[k] for k in ("none", "slurm", "local")}
 
 
 def literal(choices: dict[str, str]):

@@ -16,7 +16,7 @@ from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
 from ..registry import MODELS
 from .base import Cli, Meta, Settings, meta
 from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, NEURON_AVERAGING, OUTLIER_TOKENS,
-                      PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, literal)
+                      PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, EXTRACT_LAUNCHERS, HANDLERS, literal)
 from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
 
 
@@ -176,12 +176,18 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
         None, description="Rows reserved per shard in a new store.")]
     allow_pipe: Annotated[bool, Field(False, description="Permit 'pipe:' shard URLs, which run shell commands.")]
     compile: Annotated[bool, Field(False, description="torch.compile the model (pays off on long GPU runs).")]
+    handler: Annotated[literal(HANDLERS), Field("record", description="Data errors: " + "; ".join(
+        f"{k}: {v}" for k, v in HANDLERS.items()) + ".")]
     finalize: Annotated[bool, Meta(scope="cli"), Field(
         False, description="Extract nothing and load no model: find the set the other options make (give the "
                            "parts' options) and write its index if every part is committed, else list the missing "
                            "shards and exit 1.")]
     quiet: Annotated[bool, Meta(scope="cli"), Cli(short="-q"), Field(
         False, description="No progress bar, warnings only.")]
+    launcher: Annotated[literal(EXTRACT_LAUNCHERS), Meta(scope="cli"), Field(
+        "none", description="Where it runs: " + "; ".join(f"{k}: {v}" for k, v in EXTRACT_LAUNCHERS.items())
+                            + " (as 'torchrun --nproc-per-node=N -m regcache extract ...').")]
+    nproc_per_node: Annotated[Count, Meta(scope="cli"), Field(1, description="Ranks for --launcher torchrun.")]
 
     @model_validator(mode="after")
     def _part_in_range(self):

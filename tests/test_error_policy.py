@@ -1,0 +1,64 @@
+"""The error policy (issue 27, item 7), webdataset's way: data errors are recorded by name, a bug in regcache
+propagates with its traceback, and handler=reraise stops at the first error of any kind."""
+from __future__ import annotations
+
+import pytest
+
+import regcache.extract.stream as stream_mod
+from regcache.data import SampleError
+from regcache.extract import extract, extract_many
+from regcache.store import FeatureSet
+
+from conftest import NOREG, REG, config, make_checkpoint, make_shards
+from test_extract import png, write_raw
+
+
+def test_a_bug_in_the_reader_propagates_instead_of_failing_the_shard(reg_ckpt, tmp_path, monkeypatch):
+    """Before, any exception in the shard loop became "shard failed: AttributeError ..." and the run went on."""
+    data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
+
+    def broken(*a):
+        raise AttributeError("'NoneType' object has no attribute 'labels' (a regcache bug)")
+
+    monkeypatch.setattr(stream_mod, "decode_label", broken)
+    with pytest.raises(AttributeError, match="a regcache bug"):
+        extract(config(REG, reg_ckpt, data, tmp_path / "c"))
+
+
+def test_reraise_stops_at_a_damaged_sample_that_record_records(reg_ckpt, tmp_path):
+    d = tmp_path / "s"
+    d.mkdir()
+    import numpy as np
+
+    write_raw(d / "s-000.tar", [{"__key__": "good", "png": png(np.zeros((40, 40, 3), np.uint8)), "cls": b"0"},
+                                {"__key__": "corrupt", "png": b"\x89PNG\r\n\x1a\n-not-really", "cls": b"0"}])
+    data = str(d / "s-000.tar")
+    res = extract(config(REG, reg_ckpt, data, tmp_path / "c"))
+    assert res.failed == 1 and list(FeatureSet(res.path).errors.key) == ["corrupt"]
+    with pytest.raises(SampleError, match="cannot decode"):
+        extract(config(REG, reg_ckpt, data, tmp_path / "c2", handler="reraise"))
+
+
+def test_a_model_that_fails_on_the_data_stops_alone_and_a_bug_stops_the_pass(reg_ckpt, tmp_path, monkeypatch):
+    """Of several models in a pass, one whose forward raises a RuntimeError (out of memory, an input it cannot
+    take) stops and the others finish; a TypeError (a bug) stops the pass with its traceback."""
+    data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
+    noreg = make_checkpoint(tmp_path / "noreg.safetensors", NOREG)
+    import regcache.extract.passes as passes
+
+    real = passes._Forward.__call__
+
+    def failing(kind):
+        def call(self, images):
+            if self.layout.num_reg == 0:  # the model without registers
+                raise kind("no luck on this input")
+            return real(self, images)
+        return call
+
+    both = [config(REG, reg_ckpt, data, tmp_path / "c"), config(NOREG, noreg, data, tmp_path / "c")]
+    monkeypatch.setattr(passes._Forward, "__call__", failing(RuntimeError))
+    reg, plain = extract_many(both)
+    assert reg.complete and not plain.complete and "RuntimeError: no luck" in plain.error
+    monkeypatch.setattr(passes._Forward, "__call__", failing(TypeError))
+    with pytest.raises(TypeError, match="no luck"):
+        extract_many([config(REG, reg_ckpt, data, tmp_path / "c3"), config(NOREG, noreg, data, tmp_path / "c3")])
