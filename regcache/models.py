@@ -11,16 +11,17 @@ from dataclasses import asdict, dataclass
 from functools import cached_property, lru_cache
 from http.client import HTTPException
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision import transforms as T
 
+from .features import TokenLayout
 from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, ModelError, resolve_name
 from .settings import Backbone, Preprocessing, weights_dir
+from .tokens import layout_of
 
-if TYPE_CHECKING:
-    from .features import TokenLayout
 
 log = logging.getLogger("regcache")
 
@@ -60,22 +61,16 @@ class Preprocess:
     @cached_property
     def crop(self) -> Callable[[Any], Any]:
         """Resize and center-crop a PIL image, or a uint8 [3, H, W] tensor on any device (antialiased, as PIL)."""
-        from torchvision import transforms as T
-
         interp = T.InterpolationMode(self.interpolation)
         resize = self.resize if self.crop_mode == "center" else (self.resize, self.resize)
         return T.Compose([T.Resize(resize, interpolation=interp, antialias=True), T.CenterCrop(self.size)])
 
     @cached_property
     def _plain(self) -> Callable[[Any], torch.Tensor]:
-        from torchvision import transforms as T
-
         return T.Compose([self.crop, T.PILToTensor()])
 
     @cached_property
     def _augment(self) -> Callable[[Any], torch.Tensor]:
-        from torchvision import transforms as T
-
         interp = T.InterpolationMode(self.interpolation)
         return T.Compose([T.RandomResizedCrop(self.size, interpolation=interp), T.RandomHorizontalFlip(),
                           T.PILToTensor()])
@@ -203,7 +198,6 @@ def model_facts(b: Backbone, img_size: int, registers: int = 0) -> ModelFacts:
     without them, k/T less)."""
     key = (resolve_name(b.model), json.dumps(model_args(b), sort_keys=True), img_size, registers)
     if key not in _FACTS:
-        from .tokens import layout_of
 
         with torch.device("meta"):
             model = _create(b, pretrained=False, img_size=img_size)

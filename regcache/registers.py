@@ -21,15 +21,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
+import torch
 
+from .data import SampleError, decode_image, load_dataset, open_shard
+from .identity import weights_of
+from .models import load_model, preprocess_of, resolve_name
+from .settings import RegistersFindSettings, default_cache_root
 from .settings.choices import NEURON_AVERAGING, OUTLIER_TOKENS, PATCH_MODES, REGISTER_VALUES
-
-if TYPE_CHECKING:  # torch is imported where used, so that the CLI's --help stays fast
-    from .settings import RegistersFindSettings
-    import torch
 
 DEFAULT_PERCENTILE = 99.0
 #: the authors' sparsity filter: a neuron scores in an image only if its activation is below this at at least
@@ -158,8 +159,6 @@ def install(model: torch.nn.Module, neurons: dict[int, list[int]], k: int, patch
     ([CLS] keeps its activations, as in the authors' code). The registers are appended after the patches:
     `tokens.layout_of` reads ``model.test_time_registers`` and puts them at the end of the layout.
     """
-    import torch
-
     _check_model(model)
     if patches not in PATCH_MODES:
         raise RegisterError(f"unknown patch mode {patches!r}; known: {', '.join(PATCH_MODES)}")
@@ -217,8 +216,6 @@ class Found:
 def token_norms_per_block(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Norm of every token ([CLS] and other prefix tokens, then the patches; no test-time register) at every
     block's output (before any norm), [B, blocks, T]."""
-    import torch
-
     with torch.inference_mode():
         _, inter = model.forward_intermediates(images, indices=None, norm=False, output_fmt="NLC",
                                                return_prefix_tokens=True)
@@ -243,8 +240,6 @@ def find_neurons(model: torch.nn.Module, batches: Iterable[torch.Tensor], *, det
     activation is below ``SPARSE_BELOW`` at ``SPARSE_FRACTION`` of the tokens or more (else 0 for that image,
     which still counts). Neurons of blocks ``<= max_layer`` (default: the detection block) compete.
     """
-    import torch
-
     _check_model(model)
     if outliers not in OUTLIER_TOKENS or averaging not in NEURON_AVERAGING:
         raise RegisterError(f"unknown rule: outliers {outliers!r} (of {', '.join(OUTLIER_TOKENS)}), averaging "
@@ -321,10 +316,6 @@ def _accumulate(total: torch.Tensor, mask: torch.Tensor, averaging: str, sparsit
 
 def dataset_batches(data: str, preprocess, limit: int, batch_size: int) -> Iterator[torch.Tensor]:
     """The first ``limit`` decodable images of a manifest or shard pattern, preprocessed and normalised."""
-    import torch
-
-    from .data import SampleError, decode_image, load_dataset, open_shard
-
     ds = load_dataset(data)
     batch, seen = [], 0
     for url in ds.shards:
@@ -347,10 +338,6 @@ def dataset_batches(data: str, preprocess, limit: int, batch_size: int) -> Itera
 def find(s: "RegistersFindSettings") -> Found:
     """`regcache registers find`: the register neurons of ``s.model`` on the first ``s.images`` images, written
     with the weights they were found on (`identity.weights_of`) and these settings to ``s.out``."""
-    from .identity import weights_of
-    from .models import load_model, preprocess_of, resolve_name
-    from .settings import default_cache_root
-
     pre = preprocess_of(s)
     weights = weights_of(s, pre.size, default_cache_root() / ".digests")
     net = load_model(s, pre.size, weights["checkpoint"])  # the weights recorded are the weights loaded

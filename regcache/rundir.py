@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from .names import slug
+
 
 class OutputError(ValueError):
     """An output directory that would mix two runs' files, or that could not be written."""
@@ -22,6 +24,15 @@ class OutputError(ValueError):
 
 def stamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+#: where runs go when --out is not given (relative to the working directory)
+RUNS = Path("runs")
+
+
+def default_run(*name: str) -> Path:
+    """``runs/NAME-…-TIME``: a new run folder's default place (each part a file-name slug)."""
+    return RUNS / "-".join([*(slug(n) for n in name), stamp()])
 
 
 def new_dir(path: str | os.PathLike) -> Path:

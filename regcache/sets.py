@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import yamlio
-from .data import DataError, load_manifest, shard_ids
+from .data import UnsetVariable, load_manifest, shard_ids
 from .names import did_you_mean
 from .registry import ALIASES, MODELS
 from .store import FeatureSet, StoreError, list_feature_sets
@@ -90,8 +90,8 @@ class Cache:
         ``${VARS}`` are not set here cannot name its shards: its set is found by the manifest's dataset name."""
         try:
             ds = load_manifest(path)
-        except DataError as e:
-            if "environment variable" not in str(e) or model is None:
+        except UnsetVariable as e:
+            if model is None:
                 raise
             name = yamlio.load(path.read_text()).get("name")
             try:

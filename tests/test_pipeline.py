@@ -222,7 +222,7 @@ def test_registers_study_plans():
     ({"probes.p.train": "imagenet"}, "probes[0]: imagenet not among the pipeline's datasets"),
     ({"extract.precision": "bf8"}, "extract.precision: Input should be"),
     ({"probes.p.iterations": "many"}, "probes[0].iterations: Input should be a valid integer"),
-    ({"probes.p.test": None}, "probes[p]: 2 heads per combination"),  # an lr grid needs a separate test set
+    ({"probes.p.test": None}, "probes[p]: 2 heads per feature combination"),  # an lr grid needs a separate test set
     ({"probes.p.features": ["cls,nope"]}, "probes[0].features[0]: unknown feature 'nope'"),
     ({"models": [{"model": "x", "weights": "y"}]}, "models[0].ModelEntry.weights: unknown field"),
     ({"report.tables": ["q"]}, "report.tables: q not among the pipeline's probe blocks"),

@@ -226,8 +226,8 @@ def id_top1(out) -> float:
 def test_a_grid_never_reports_on_its_selection_set(caches, tmp_path):
     for extra in (["--val", "val"], [], ["--val", "val", "--test", "val"]):
         r = probe(caches, tmp_path / "r", *extra, lr="0.01,0.1")
-        assert r.exit_code == 1, r.output
-        assert "add --test" in r.output and "2 heads per feature combination" in r.output
+        assert r.exit_code == 2, r.output  # refused as the options are read
+        assert "name another ID set as test (--test" in r.output and "2 heads per feature combination" in r.output
     assert not (tmp_path / "r").exists()
 
 

@@ -67,7 +67,23 @@ WORDS = [*FEATURES, "cls@-2", "patch@-4", "tokens@-2", "cls@2", "clss", "cls+reg
 scalar = st.one_of(st.sampled_from(WORDS), st.integers(-3, 5), st.floats(-1, 10, allow_nan=False),
                    st.booleans(), st.none())
 joined = st.lists(st.sampled_from(WORDS), min_size=1, max_size=3, unique=True).map(",".join)
-value = st.one_of(scalar, joined, st.lists(st.one_of(scalar, joined), max_size=3, unique_by=repr),
+
+
+@st.composite
+def listed_words(draw):
+    """A list of words and comma-joined words, no word twice (validation splits the joined ones first)."""
+    words = draw(st.lists(st.sampled_from(WORDS), min_size=1, max_size=4, unique=True))
+    cuts = draw(st.lists(st.booleans(), min_size=len(words) - 1, max_size=len(words) - 1))
+    items, item = [], [words[0]]
+    for w, cut in zip(words[1:], cuts):
+        if cut:
+            items.append(",".join(item))
+            item = []
+        item.append(w)
+    return items + [",".join(item)]
+
+
+value = st.one_of(scalar, joined, listed_words(), st.lists(scalar, max_size=3, unique_by=repr),
                   st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=2, unique=True), max_size=2,
                            unique_by=repr))
 #: list settings (one value, a comma list, or a list); scalar numbers, which validation also reads from text (the

@@ -75,7 +75,8 @@ def test_the_identity_has_every_identity_field_and_nothing_else(tmp_path):
     """A field marked as identity is in the set's identity (or folded into another entry); an unmarked one never
     is, whatever its value; and the backbone part is exactly the backbone-marked fields."""
     from conftest import REG, make_shards
-    from regcache.identity import backbone, plan
+    from regcache.identity import plan
+    from regcache.settings import backbone
 
     data = make_shards(tmp_path / "s", n_shards=1, per_shard=2)
     s = ExtractSettings.make(model=REG, data=data, random_init=0, size=56, cache=tmp_path / "c")
@@ -154,6 +155,10 @@ def test_no_import_cycles():
     ("import regcache.data", ("torch",)),
     ("import regcache.store", ("torch",)),
     ("import regcache.settings", ("torch", "timm")),
+    ("import regcache.cli", ("torch", "timm", "regcache.models")),  # `regcache ls` and --help start fast
+    # stage 2 reads the cache: nothing backbone-side (it reads manifests, so regcache.data is allowed)
+    ("import regcache.probe, regcache.ood, regcache.report", ("timm", "regcache.models", "regcache.identity",
+                                                             "regcache.extract", "regcache.tokens")),
     ("from regcache.pipeline import load_pipeline; load_pipeline('{root}/pipelines/registers-study.yaml', "
      "allow_unset=True)", ("torch", "timm", "regcache.extract", "regcache.models", "regcache.tokens")),
 ])

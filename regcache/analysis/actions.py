@@ -8,11 +8,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..rundir import run_dir, stamp
+from ..identity import registers_of, weights_of
+from ..models import ModelError, load_model, preprocess_of
+from ..registers import attach
+from ..rundir import default_run, run_dir
 from ..sets import Cache, Named
 from ..settings import (AttentionSettings, CachedAnalysis, FeaturemapSettings, NormsSettings, TokenprobeSettings,
                         default_cache_root)
 from ..store import FeatureSet
+from ..tokens import layout_of
+from .backbone import attention_figure, qkv_report, similarity_report
+from .norm_stats import feature_maps, norms_report
+from .token_probes import pixel_probe, token_probe
 
 
 @dataclass
@@ -31,19 +38,15 @@ def _sets(s: CachedAnalysis, features: tuple[str, ...], pins: Mapping[str, str |
 
 def norms(s: NormsSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache norms`: token norms by type, outliers and where they sit, several sets side by side."""
-    from .norm_stats import norms_report
-
     sets = _sets(s, ("norms",), pins)
-    with run_dir(s.out, Path("runs") / f"norms-{stamp()}") as out:
+    with run_dir(s.out, default_run("norms")) as out:
         return Analysis(out, norms_report([n.fs for n in sets], out))
 
 
 def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache featuremap`: the patch-norm grid of each chosen image, beside its crop."""
-    from .norm_stats import feature_maps
-
     sets = _sets(s, ("norms",), pins)
-    with run_dir(s.out, Path("runs") / f"featuremap-{stamp()}") as out:
+    with run_dir(s.out, default_run("featuremap")) as out:
         found = []
         for n in sets:
             found += feature_maps(n.fs, s.keys, out / n.name if len(sets) > 1 else out, with_images=s.images)
@@ -52,10 +55,8 @@ def featuremap(s: FeaturemapSettings, pins: Mapping[str, str | Path] | None = No
 
 def tokenprobe(s: TokenprobeSettings, pins: Mapping[str, str | Path] | None = None) -> Analysis:
     """`regcache tokenprobe`: position (and pixel) probes of patch tokens, outliers against the rest."""
-    from .token_probes import pixel_probe, token_probe
-
     sets = _sets(s, ("tokens", "norms"), pins)
-    with run_dir(s.out, Path("runs") / f"tokenprobe-{stamp()}") as out:
+    with run_dir(s.out, default_run("tokenprobe")) as out:
         found = []
         for n in sets:
             r = asdict(token_probe(n.fs, iterations=s.iterations, seed=s.seed))
@@ -69,23 +70,17 @@ def tokenprobe(s: TokenprobeSettings, pins: Mapping[str, str | Path] | None = No
 def attention(s: AttentionSettings) -> Analysis:
     """`regcache attention`: the last block's attention of [CLS] (and registers) to the patches, and with
     ``similarity``/``qkv`` the study's claims 3 and the query/key/value norms, on a few images."""
-    from ..identity import registers_of, weights_of
-    from ..models import ModelError, load_model, preprocess_of
-    from ..tokens import layout_of
-    from .backbone import attention_figure, qkv_report, similarity_report
-
     pre = preprocess_of(s)
     net = load_model(s, pre.size)
     registers = registers_of(s)
     if registers:
-        from ..registers import attach
 
         attach(net, registers, weights_of(s, pre.size, default_cache_root() / ".digests"))
     layout = layout_of(net)
     if s.registers and not layout.num_reg:
         raise ModelError(f"{s.model} has no register tokens (give --test-time-registers to add some)")
     images = [Path(i) for i in s.images]
-    with run_dir(s.out, Path("runs") / f"attention-{stamp()}") as out:
+    with run_dir(s.out, default_run("attention")) as out:
         found: list[Any] = [{"figures": [str(p) for p in attention_figure(net, layout, pre, images, out, s.registers,
                                                                           s.display)]}]
         if s.similarity:

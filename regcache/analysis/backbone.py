@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..features import TokenLayout
 from ..plots import pyplot, save_figure
+from ..tokens import layout_of, token_features
 from .norm_stats import _safe, outliers, split_norms
 
-if TYPE_CHECKING:
-    import torch
 
 def attention_parts(model, images, blocks: Sequence[int] = (-1,)) -> dict[int, tuple]:
     """Per block: the attention's queries, keys and values, each [B, heads, T, head_dim] (after q_norm/k_norm).
@@ -21,8 +22,6 @@ def attention_parts(model, images, blocks: Sequence[int] = (-1,)) -> dict[int, t
     timm's attention runs fused; one forward pass records each chosen block's attention input, and
     the block's own qkv projection recomputes them from it.
     """
-    import torch
-
     seen, handles = {}, []
     for b in blocks:
         handles.append(model.blocks[b].attn.register_forward_hook(lambda m, inp, out, b=b: seen.update({b: inp[0]})))
@@ -61,7 +60,6 @@ def qkv_norms(model, images, layout: TokenLayout, blocks: Sequence[int]) -> dict
 def qkv_report(model, layout: TokenLayout, preprocess, paths: Sequence[Path], out: Path, blocks: int = 3) -> dict:
     """The study's Fig. 6: query, key and value norm maps of the last ``blocks`` blocks, per image (PNG),
     and their mean at outlier patches (output norm above the 98th percentile over these images) vs the rest."""
-    import torch
     from PIL import Image
 
     plt = pyplot()
@@ -107,9 +105,6 @@ def attention_maps(model, images, layout: TokenLayout, registers: bool = False) 
 
 def neighbour_similarity(model, images, layout: TokenLayout) -> "torch.Tensor":
     """Mean cosine similarity of each patch embedding (after patch_embed) to its 4 neighbours, [B, h, w]."""
-    import torch
-    import torch.nn.functional as F
-
     with torch.inference_mode():
         e = model.patch_embed(images)  # [B, L, D] (timm flattens the grid row-major)
         e = F.normalize(e.reshape(len(images), *layout.grid, -1).float(), dim=-1)
@@ -126,10 +121,6 @@ def neighbour_similarity(model, images, layout: TokenLayout) -> "torch.Tensor":
 
 def token_norms(model, images) -> "torch.Tensor":
     """Norms of every token before the final norm, [B, T] (as the cache stores them)."""
-    import torch
-
-    from ..tokens import layout_of, token_features
-
     with torch.inference_mode():
         return token_features(model, images, layout_of(model), ("norms",))["norms"]
 
@@ -137,7 +128,6 @@ def token_norms(model, images) -> "torch.Tensor":
 def attention_figure(model, layout: TokenLayout, preprocess, paths: Sequence[Path], out: Path,
                      registers: bool = False, display: int = 800) -> list[Path]:
     """Per image, a PNG row: the input crop, then [CLS] (and register) attention upsampled to ``display`` px."""
-    import torch.nn.functional as F
     from PIL import Image
 
     plt = pyplot()
@@ -161,7 +151,6 @@ def attention_figure(model, layout: TokenLayout, preprocess, paths: Sequence[Pat
 
 def similarity_report(model, layout: TokenLayout, preprocess, paths: Sequence[Path], out: Path) -> dict:
     """Claim 3 of the study: neighbour similarity after patch_embed, outlier patches vs the rest."""
-    import torch
     from PIL import Image
 
     plt = pyplot()

@@ -12,7 +12,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..data import decode_image, open_shard
 from ..features import TokenLayout, split_name
+from ..models import Preprocess
 from ..plots import pyplot, save_figure
 from ..store import FeatureSet, StoreError
 
@@ -199,8 +201,6 @@ def _find_images(fs: FeatureSet, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """The preprocessed crops (view 0) of the keys, read from the shards if they are still where they were."""
     import os
 
-    from ..data import decode_image, open_shard
-    from ..models import Preprocess
 
     index = fs.index
     pre = Preprocess(**fs.meta.preprocess)

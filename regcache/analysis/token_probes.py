@@ -6,8 +6,11 @@ from typing import Mapping
 
 import numpy as np
 
+from ..probe import Split, accuracy
+from ..probe.minibatch import train_heads
+from ..settings import Training
 from ..store import FeatureSet, StoreError
-from .norm_stats import _view0, outliers, set_name, split_norms
+from .norm_stats import _find_images, _view0, outliers, set_name, split_norms
 
 
 @dataclass
@@ -27,10 +30,6 @@ class TokenProbe:
 def token_probe(fs: FeatureSet, iterations: int = 500, seed: int = 0, test_fraction: float = 0.2) -> TokenProbe:
     """Predict each patch token's position (one of h*w classes) with a linear head trained on held-out
     images' tokens; report accuracy for outlier and normal tokens. Needs the ``tokens`` and ``norms`` features."""
-    from ..probe import Split, accuracy
-    from ..probe.minibatch import train_heads
-    from ..settings import Training
-
     missing = [f for f in ("tokens", "norms") if f not in fs.features]
     if missing:
         raise StoreError(f"{fs.path} lacks {', '.join(missing)}: extract with --features tokens,norms (small sets)")
@@ -82,8 +81,6 @@ def pixel_probe(fs: FeatureSet, ridge: float = 1.0, seed: int = 0, test_fraction
     """Ridge regression from each patch token to its patch's pixels, fitted on some images' tokens, scored on
     the others'; outlier tokens against the rest. Needs the ``tokens`` and ``norms`` features; ``crops``
     (key -> the preprocessed uint8 crop [H, W, 3]) are read back from the set's shards when not given."""
-    from .norm_stats import _find_images
-
     missing = [f for f in ("tokens", "norms") if f not in fs.features]
     if missing:
         raise StoreError(f"{fs.path} lacks {', '.join(missing)}: extract with --features tokens,norms (small sets)")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import click
 
-from ..doctables import alias_rows
 from ..settings import PER_MODEL, ExtractSettings, RegistersFindSettings
 from .common import errors, main, setup_logging
 from .options import flag, options, settings
@@ -110,6 +109,8 @@ def _exec_torchrun(nproc: int) -> None:
 def models_cmd():
     """List the model aliases: the timm model each one is, its eval transform, registers, patch size and GFLOPs
     per image at that size (counted on an empty model, as the pipeline's dry run does)."""
+    from ..doctables import alias_rows
+
     rows = [["alias", "timm model", "eval transform", "reg", "patch", "GFLOP", "notes"], *alias_rows()]
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     for r in rows:

@@ -5,7 +5,6 @@ import os
 
 import click
 
-from ..doctables import scorer_rows
 from ..settings import FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, RunSettings, ScoreSettings
 from .common import errors, main, setup_logging
 from .options import options, settings
@@ -74,6 +73,8 @@ def score(**given):
 @main.command("scorers")
 def scorers_cmd():
     """List the OOD scorers: name, what they need, hyperparameters with defaults (and their source), reference."""
+    from ..doctables import scorer_rows
+
     rows = scorer_rows()
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for name, needs, params, defaults, reference in rows:

@@ -6,7 +6,7 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +15,10 @@ import yaml
 from braceexpand import braceexpand
 
 from .. import yamlio
-from ..names import did_you_mean
+from ..digests import file_digest, remembered
+from ..names import did_you_mean, slug
 from ..settings.choices import ROLES, SPLITS
-from .errors import DataError
+from .errors import DataError, UnsetVariable
 from .tar import open_shard
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -99,8 +100,6 @@ def local_path(url: str) -> str | None:
 def shard_id(url: str, memo: str | os.PathLike | None = None, read: bool = True) -> ShardId:
     """Size and full sha256 of a local shard, remembered in ``memo`` (`digests.file_digest`); with ``read``
     False only a remembered digest is used (nothing is read: "unhashed" when there is none)."""
-    from ..digests import file_digest, remembered
-
     local = local_path(url)
     if local is None:
         return ShardId(url)
@@ -126,14 +125,25 @@ def shard_ids(ds: "Dataset", memo: str | os.PathLike | None = None, read: bool =
         return list(pool.map(lambda u: shard_id(u, memo, read), ds.shards))
 
 
-def expand_vars(text: str, where: str) -> str:
-    """``${NAME}`` from the environment; an unset one is an error naming it."""
-    def sub(m: re.Match) -> str:
-        if m.group(1) not in os.environ:
-            raise DataError(f"{where}: environment variable ${{{m.group(1)}}} is not set")
-        return os.environ[m.group(1)]
+VAR = re.compile(r"\$\{(\w+)\}")
 
-    return re.sub(r"\$\{(\w+)\}", sub, text)
+
+def expand_vars(text: str, where: str, env: Mapping[str, str] | None = None,
+                missing: dict[str, str] | None = None) -> str:
+    """``${NAME}`` from ``env`` (default: the environment). An unset one raises `UnsetVariable` naming it and
+    ``where``; given ``missing`` (name -> where first met), it is recorded there instead and left as written."""
+    env = os.environ if env is None else env
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name in env:
+            return env[name]
+        if missing is None:
+            raise UnsetVariable(f"{where}: environment variable ${{{name}}} is not set", name)
+        missing.setdefault(name, where)
+        return m.group(0)
+
+    return VAR.sub(sub, text)
 
 
 def expand_shards(spec: str | Sequence[str], where: str = "shards") -> tuple[str, ...]:
@@ -170,7 +180,7 @@ def load_dataset(data: str | os.PathLike, name: str | None = None, labels: str |
     if role is not None and role not in ROLES:
         raise DataError(f"role {role!r}: one of {', '.join(ROLES)}")
     shards = expand_shards(text)
-    default = re.sub(r"[^\w.-]+", "_", Path(shards[0]).parent.name or "data").strip("_")
+    default = slug(Path(shards[0]).parent.name or "data")
     if labels is None:
         labels = "none" if role == "anomaly" else detect_labels(shards[0])
     label_key, label_field = parse_labels(labels, "--labels")

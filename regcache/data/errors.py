@@ -6,6 +6,14 @@ class DataError(ValueError):
     """A manifest or shard list that cannot be used; the message names the file and the field."""
 
 
+class UnsetVariable(DataError):
+    """A ``${NAME}`` that the environment (or a pipeline's ``vars``) does not set; ``name`` is NAME."""
+
+    def __init__(self, message: str, name: str):
+        super().__init__(message)
+        self.name = name
+
+
 class MissingShards(DataError):
     """Local shards a dataset names that are not there (often: its ``${VARS}`` point elsewhere)."""
 

@@ -22,6 +22,7 @@ from ..data import ShardId
 from ..features import TokenLayout
 from ..identity import Plan
 from ..models import Preprocess
+from ..progress import progress as progress_bar
 from ..store import Claims, FeatureSet, StoreError
 from ..tokens import token_features
 from .device import DeviceDecodeError, decode_batch
@@ -135,8 +136,6 @@ class _Claim:
 def run_pass(members: Sequence[Member], ids: Sequence[ShardId], device: torch.device, batch_size: int,
              workers: int, allow_pipe: bool, compile: bool, progress: bool, handler: str = "record") -> None:
     """Stream the members' pending units once (see the module doc); each member's result says what it did."""
-    from ..progress import progress as progress_bar
-
     ds = members[0].plan.dataset
     keys = list(dict.fromkeys(crop_key(m.plan) for m in members))
     transforms = [next(m.plan.preprocess for m in members if crop_key(m.plan) == k) for k in keys]

@@ -24,6 +24,7 @@ from .. import __version__
 from ..data import DataError, Dataset, MissingShards, ShardId, count_samples, load_dataset, local_path, shard_ids
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_device, resolve_name
+from ..registers import attach
 from ..settings import PER_MODEL, ExtractSettings
 from ..store import FeatureSet, StoreError, feature_set_path, find_reusable, list_feature_sets
 from ..store.meta import Description
@@ -264,7 +265,6 @@ def _load(members: list[Member]) -> None:
         try:
             model = load_model(p.settings, p.preprocess.size, p.checkpoint)
             if p.registers:
-                from ..registers import attach
 
                 attach(model, p.registers, weights(p.identity))
             if layout_of(model) != p.layout:

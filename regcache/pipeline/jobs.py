@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import UNHASHED, shard_ids
+from ..digests import file_digest
 from ..features import REGISTER_FEATURES, split_name
-from ..settings import ExtractSettings, Settings
+from ..names import slug
+from ..sets import Named
+from ..settings import PER_MODEL, ExtractSettings, Settings
+from ..store import Description, FeatureSet, find_reusable, list_feature_sets
 from .schema import Block, Data, Model, Pipeline
 
 #: features that exist only in models with registers (also as reg@-k): combinations naming them skip models without
@@ -25,10 +29,6 @@ from .schema import Block, Data, Model, Pipeline
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_")
 
 
 @dataclass
@@ -69,9 +69,7 @@ class ExtractJob:
 
 def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[ExtractJob]:
     """One job per model × dataset, planned, and marked cached where the cache already holds its set."""
-    from ..data import UNHASHED, shard_ids
     from ..identity import plan
-    from ..store import find_reusable, list_feature_sets
 
     sets = list_feature_sets(pl.cache)
     jobs = []
@@ -100,8 +98,6 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
 def passes(jobs: list[ExtractJob]) -> list[list[ExtractJob]]:
     """Extraction jobs grouped into passes: one per dataset and shared settings (all but the per-model ones,
     `settings.PER_MODEL`), so that each shard is read and decoded once for all the models of a pass."""
-    from ..settings import PER_MODEL
-
     groups: dict[str, list[ExtractJob]] = {}
     for j in jobs:
         shared = j.settings.model_dump(mode="json", exclude=set(PER_MODEL))
@@ -136,16 +132,11 @@ class RunJob:
     @property
     def pins(self) -> dict[str, Any]:
         """Dataset name -> the set this pipeline made for it (one model's), read with the manifest's meaning."""
-        from ..sets import Named
-        from ..store import FeatureSet
-
         return {name: Named(FeatureSet(p), self.descriptions[name])
                 for name, p in ((k.split("/", 1)[1], p) for k, p in self.paths.items()) if p}
 
 
 def _inputs(job: RunJob, sets: dict[tuple[str, str], ExtractJob]) -> None:
-    from ..store import Description, FeatureSet
-
     for m in job.models:
         for n in job.block.datasets:
             ej = sets.get((m.label, n))
@@ -166,7 +157,7 @@ def _key_and_run(job: RunJob, pl: Pipeline, group: str) -> None:
         meanings = {n: d.model_dump(mode="json") for n, d in sorted(job.descriptions.items())}
         job.key = digest({"kind": job.block.kind, "settings": job.settings.model_dump(mode="json", exclude={"out"}),
                           "models": names, "inputs": job.inputs, "descriptions": meanings})
-        job.run = pl.out / group / _slug(job.block.name) / f"{_slug(names)}-{job.key[:12]}"
+        job.run = pl.out / group / slug(job.block.name) / f"{slug(names)}-{job.key[:12]}"
         f = job.run / "job.json"
         if f.is_file() and json.loads(f.read_text()).get("key") == job.key:
             job.status = "cached"
@@ -174,7 +165,6 @@ def _key_and_run(job: RunJob, pl: Pipeline, group: str) -> None:
 
 def _backbone_inputs(s: Settings, pl: Pipeline) -> dict[str, str]:
     """What an analysis that runs a backbone on image files reads: the images' bytes and the weights."""
-    from ..digests import file_digest
     from ..identity import weights_of
     from ..models import preprocess_of
 

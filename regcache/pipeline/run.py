@@ -13,11 +13,14 @@ import os
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
 from .. import __version__
 from ..data import MissingShards
+from ..report import markdown, merge
+from ..store import Description, FeatureSet
 from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, passes, probe_jobs
 from .schema import STAGES, Pipeline, PipelineError, pipeline_env
 
@@ -34,17 +37,13 @@ class PipelineRun:
     finished: bool = False
 
     def to_dict(self) -> dict:
-        import timm
-        import torch
-        import zarr
-
         pl = self.pipeline
         return {
             "pipeline": str(pl.path), "name": pl.name, "text_sha256": pl.text_sha256, "overrides": pl.overrides,
             "vars": pl.vars, "cache": str(pl.cache), "out": str(pl.out), "finished": self.finished,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "versions": {"regcache": __version__, "torch": torch.__version__, "timm": timm.__version__,
-                         "zarr": zarr.__version__, "python": platform.python_version()},
+            "versions": {"regcache": __version__, **{p: version(p) for p in ("torch", "timm", "zarr")},
+                         "python": platform.python_version()},
             "extract": [{"model": j.model.label, "dataset": j.dataset.name, "key": j.key, "status": j.status,
                          "path": j.path, "fingerprint": j.fingerprint} for j in self.extract],
             "probes": [{"block": j.block.name, "model": j.model.label,
@@ -129,7 +128,6 @@ def _verify(job: ExtractJob) -> None:
     """A cached set's shards must still hold what it read (sampled bytes, no decoding), as extract checks on reuse;
     the set then carries this dataset's name too, as a reuse by extract records it."""
     from ..extract import verify_shards
-    from ..store import Description, FeatureSet
 
     fs = FeatureSet(job.path)
     verify_shards(fs, job.dataset.dataset, list(job.plan.shards))
@@ -246,8 +244,6 @@ def _analyse(job: RunJob, pl: Pipeline, echo) -> None:
 
 def write_report(run: PipelineRun) -> Path:
     """One Markdown file: per probe block in the report's order, its runs merged (Table I layout)."""
-    from ..report import markdown, merge
-
     pl = run.pipeline
     parts = [f"# {pl.name}\n\nPipeline {pl.path} (sha256 {pl.text_sha256[:12]})"
              + (f", overrides {json.dumps(pl.overrides)}" if pl.overrides else "") + "."]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
@@ -22,7 +21,7 @@ import yaml
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from .. import yamlio
-from ..data import DataError, Dataset, load_manifest
+from ..data import VAR, DataError, Dataset, UnsetVariable, expand_vars, load_manifest
 from ..data.dataset import read_yaml_mapping
 from ..settings import (ANALYSES, ExtractSettings, ProbeSettings, Settings, SettingsError, default_cache_root,
                         describe, fields, meta, split_spec)
@@ -309,18 +308,10 @@ def apply_override(doc: dict, key: str, value: Any, file: Path) -> tuple:
     return tuple(where)
 
 
-VAR = re.compile(r"\$\{(\w+)\}")
-
-
 def expand(value: Any, env: dict[str, str], where: str, missing: dict[str, str]) -> Any:
     """``${NAME}`` in every string; an unknown one goes to ``missing`` (name -> first field) and stays."""
     if isinstance(value, str):
-        def sub(m: re.Match) -> str:
-            if m.group(1) in env:
-                return env[m.group(1)]
-            missing.setdefault(m.group(1), where)
-            return m.group(0)
-        return VAR.sub(sub, value)
+        return expand_vars(value, where, env, missing)
     if isinstance(value, list):
         return [expand(v, env, f"{where}[{i}]", missing) for i, v in enumerate(value)]
     if isinstance(value, dict):
@@ -354,12 +345,13 @@ def _load_manifest(path: Path, where: str, file: Path, allow_unset: bool, warnin
     for _ in range(16):
         try:
             return load_manifest(path)
-        except DataError as e:
-            m = re.search(r"environment variable \$\{(\w+)\} is not set", str(e))
-            if not (allow_unset and m):
+        except UnsetVariable as e:
+            if not allow_unset:
                 raise PipelineError(f"{file}: field {where!r}: {e}") from None
-            os.environ[m.group(1)] = f"/unset-{m.group(1)}"  # a placeholder: the shards are not read
-            warnings.append(f"{path}: ${{{m.group(1)}}} is not set; planned without its shards")
+            os.environ[e.name] = f"/unset-{e.name}"  # a placeholder: the shards are not read
+            warnings.append(f"{path}: ${{{e.name}}} is not set; planned without its shards")
+        except DataError as e:
+            raise PipelineError(f"{file}: field {where!r}: {e}") from None
     raise PipelineError(f"{file}: field {where!r}: too many unset variables")
 
 
@@ -494,11 +486,6 @@ def _check_settings(pl: Pipeline) -> None:
         for b in pl.probes:
             for label in b.models:
                 pl.probe_settings(b, pl.model(label))
-                s = pl.probe_settings(b, pl.model(label))
-                if s.heads_per_combination > 1 and (not s.test or s.test == s.val):
-                    raise SettingsError(f"{pl.path}: probes[{b.name}]: {s.heads_per_combination} heads per "
-                                        f"combination are selected on {s.val or 'a held-out part of train'}; name "
-                                        "another ID set as test for the ID numbers")
         for b in pl.analyses:
             for label in b.models:
                 pl.analysis_settings(b, [pl.model(label)])

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..sets import Named
+from ..settings import backbone
 from ..store import FeatureSet
 from ..store.meta import Description
 
@@ -20,10 +21,8 @@ class ProbeError(ValueError):
 
 def check_compatible(sets: Sequence[tuple[str, FeatureSet]]) -> None:
     """Every set one head reads must come from the same backbone: the backbone part of their identities
-    (`identity.backbone`: weights, model arguments, position embeddings, test-time registers,
+    (`settings.backbone`: weights, model arguments, position embeddings, test-time registers,
     preprocessing, precision) is equal. Augmented views and stored features may differ."""
-    from ..identity import backbone
-
     ref_name, ref = sets[0]
     want = backbone(ref.identity)
     for name, fs in sets[1:]:

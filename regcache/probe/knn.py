@@ -11,20 +11,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..housekeeping import record_run
+from ..progress import progress
 from ..report import frame_markdown
-from ..rundir import check_out, publish, stamp, writing
-from ..store import slug
+from ..rundir import check_out, default_run, publish, writing
+from ..settings import CachedSets, FewshotSettings, KnnSettings
 from .data import ProbeError, Split, class_names, load_split
-
-if TYPE_CHECKING:
-    from ..settings import CachedSets, FewshotSettings, KnnSettings
+from .head import predict
+from .run import RunSets, check_apart, find_sets, labelled, num_classes_of
+from .solvers import lbfgs_grid
 
 
 def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, num_classes: int,
@@ -86,9 +86,6 @@ def few_shot(train: Split, test: Split, features: Sequence[str], num_classes: in
              on_fit=lambda n: None) -> list[dict]:
     """k-shot logistic regression (scikit-learn's objective at ``C``, `lbfgs_grid`) on view-0 rows, per k and
     seed: top-1, top-5 and mean-per-class recall on ``test``, one dict per (k, seed)."""
-    from .head import predict
-    from .solvers import lbfgs_grid
-
     view0 = np.flatnonzero(train.views == 0)
     xtest = test.combo(features).to(device)
     out = []
@@ -109,8 +106,6 @@ def few_shot(train: Split, test: Split, features: Sequence[str], num_classes: in
 
 def _sets(s: "CachedSets"):
     """The training split (view 0) and the labelled ID test and eval splits, labels in the training classes."""
-    from .run import RunSets, check_apart, find_sets, labelled, num_classes_of
-
     union = sorted({f for c in s.features for f in c})
     sets: RunSets = find_sets(s, union)
     check_apart(sets, selected=False)  # a query that is its own neighbour would vote for itself
@@ -172,7 +167,6 @@ def fewshot(s: "FewshotSettings") -> Table:
     std over seeds."""
     import pandas as pd
 
-    from ..progress import progress
 
     check_out(s.out)
     train, tests, num_classes, sets = _sets(s)
@@ -207,6 +201,6 @@ def _write(table: Table, s, command: str, title: str, sets) -> Table:
         with writing(out / "results.md") as f:
             f.write_text(f"### {title}\n\n{frame_markdown(table.summary)}\n")
 
-    table.out = publish(s.out, Path("runs") / f"{command}-{slug(s.model)}-{stamp()}", write)
+    table.out = publish(s.out, default_run(command, s.model), write)
     record_run(s.cache, table.out, [n.fs.path for _, n in sets.items()])
     return table

@@ -9,7 +9,9 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
 
+from ..progress import progress as progress_bar
 from ..settings import Training
 from .data import Split, StreamedSplit
 from .head import Head
@@ -60,10 +62,6 @@ def train_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
     Under torch.distributed (torchrun), every rank draws the same global batch, computes the loss
     on its slice, and gradients are summed across ranks: the result equals a single process.
     """
-    import torch.distributed as dist
-
-    from ..progress import progress as progress_bar
-
     device = torch.device(s.device)
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     gen = torch.Generator().manual_seed(s.seed)

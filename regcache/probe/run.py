@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from .. import __version__, ood
-from ..report import RunRecord, SetUse, markdown
 from ..housekeeping import record_run
-from ..rundir import check_out, publish, stamp, writing
+from ..plots import plot_scores
+from ..report import RunRecord, SetUse, markdown
+from ..rundir import check_out, default_run, publish, stamp, writing
 from ..sets import Cache, Named
 from ..settings import CachedSets, ProbeSettings, ScoreSettings
-from ..store import FeatureSet, slug
+from ..store import FeatureSet
 from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
                    class_names, holdout, load_split, map_labels)
 from .head import Head, accuracy, load_heads, save_heads, select
@@ -355,13 +356,6 @@ def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: li
     return df, scores
 
 
-def _need_test(s: ProbeSettings) -> str:
-    sel = f"--val {s.val}" if s.val else f"a held-out part of --train {s.train}"
-    return (f"{s.heads_per_combination} heads per feature combination are selected on {sel}; the set that selects "
-            "them must not also give the ID test numbers: add --test with another ID set (e.g. the official "
-            "validation split)")
-
-
 # --------------------------------------------------------------------------- the run directory
 
 def run_record(result, s) -> RunRecord:
@@ -376,8 +370,6 @@ def run_record(result, s) -> RunRecord:
 def write_scores(out: Path, result, plots: bool = True) -> None:
     """A run's numbers: results.parquet (long), results.csv (the same, for any tool), results.md (the tables),
     plots/ (ROC curves, histograms)."""
-    from ..plots import plot_scores
-
     out.mkdir(parents=True, exist_ok=True)
     with writing(out / "results.parquet") as f:
         result.results.to_parquet(f, index=False)
@@ -422,17 +414,12 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
     With several heads per combination (an lr/wd or C grid), the selection set and the test set must
     differ. Returns None on a torchrun rank other than 0 (rank 0 evaluates).
     """
-    if s.heads_per_combination > 1 and not s.test:
-        raise ProbeError(_need_test(s))
     union = sorted({f for combo in s.features for f in combo})
     sets = find_sets(s, union, pins)
     same = sets.val is not None and sets.test is not None and \
         sets.val.fs.path.resolve() == sets.test.fs.path.resolve()
-    if s.heads_per_combination > 1 and same:
-        raise ProbeError(_need_test(s))
-    if s.refit and (sets.test is None or same):
-        raise ProbeError(f"--refit trains the selected heads again on {s.train} + {s.val or 'its held-out part'}, "
-                         "so the ID numbers need a set apart from both: name one with --test")
+    if (s.heads_per_combination > 1 or s.refit) and same:  # one set under two names
+        raise ProbeError(s.selection_needs_test())
     check_apart(sets, selected=s.heads_per_combination > 1 or s.refit)
     data = _load(s, sets, union)
     views = data.train.view_ids if isinstance(data.train, StreamedSplit) else data.train.views
@@ -477,7 +464,7 @@ def probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None = No
     if result is not None:
         for w in result.warnings:
             log.warning("warning: %s", w)
-        result.out = publish(s.out, Path("runs") / f"{slug(s.model)}-{stamp()}", lambda d: write_run(d, result, s))
+        result.out = publish(s.out, default_run(s.model), lambda d: write_run(d, result, s))
         record_run(s.cache, result.out, [n.fs.path for _, n in result.sets.items()])
     return result
 

@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from ..progress import progress as progress_bar
 from ..settings import Training
 from ..settings.choices import BY_C
 from .data import ProbeError, Split, StreamedSplit
@@ -32,8 +34,6 @@ log = logging.getLogger("regcache")
 
 def lbfgs_heads(train: "Split | StreamedSplit", num_classes: int, s: Training, progress: bool = False) -> list:
     """One head per (combination, C) of ``s``, each combination's grid in one solve."""
-    import torch.distributed as dist
-
     if isinstance(train, StreamedSplit):
         raise ProbeError("lbfgs is full-batch: it needs the training set in memory (drop --stream)")
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -60,7 +60,6 @@ def sklearn_heads(train: "Split | StreamedSplit", num_classes: int, s: Training,
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    from ..progress import progress as progress_bar
 
     if isinstance(train, StreamedSplit):
         raise ProbeError("sklearn is full-batch: it needs the training set in memory (drop --stream)")

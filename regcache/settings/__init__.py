@@ -10,7 +10,7 @@ from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, met
 from .data import (DemoSettings, GcSettings, ManifestCheckSettings, ManifestScanSettings, RmSettings,
                    ShardsFromFolderSettings, WeightsSettings)
 from .extract import (PER_MODEL, Backbone, ExtractSettings, ListSettings, Preprocessing, Registers,
-                      RegistersFindSettings, default_cache_root, split_spec, weights_dir)
+                      RegistersFindSettings, backbone, default_cache_root, split_spec, weights_dir)
 from .presets import PRESETS, Preset
 from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, ReportSettings, ScoreSettings, Scoring,
                     Training)
@@ -21,5 +21,5 @@ __all__ = ["DemoSettings", "GcSettings", "ManifestCheckSettings", "ManifestScanS
            "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NamedSets",
            "NormsSettings", "PRESETS", "Preprocessing", "Preset", "ProbeSettings", "Registers",
            "RegistersFindSettings", "ReportSettings", "RunSettings", "ScoreSettings", "Scoring", "Settings",
-           "SettingsError", "TokenprobeSettings", "Training", "VerifySettings", "cli", "default_cache_root",
+           "SettingsError", "TokenprobeSettings", "Training", "VerifySettings", "backbone", "cli", "default_cache_root",
            "describe", "fields", "meta", "split_spec", "weights_dir"]

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
 from ..registry import MODELS
-from .base import Cli, Meta, Settings, meta
+from .base import Cli, Meta, Settings, fields, meta
 from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, NEURON_AVERAGING, OUTLIER_TOKENS,
                       PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, EXTRACT_LAUNCHERS, HANDLERS, literal)
 from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
@@ -231,6 +231,12 @@ class RegistersFindSettings(Preprocessing, Backbone):
     batch_size: Annotated[Count, Cli(short="-b"), Field(16, description="Images per forward pass.")]
     out: Annotated[UserPath, Cli(short="-o", metavar="FILE"), Field(
         description="The neuron file (JSON) to write, for 'regcache extract --test-time-registers FILE[:K]'.")]
+
+
+def backbone(identity: dict) -> dict:
+    """The part of a set's identity every set that one head reads must share (weights, preprocessing, precision):
+    its fields marked ``identity="backbone"``."""
+    return {k: identity.get(k) for k in fields(ExtractSettings, identity=("backbone",))}
 
 
 #: fields each model of a multi-model extraction has its own value of (`extract.extract_many`); the rest are the pass's

@@ -184,7 +184,20 @@ class ProbeSettings(Scoring, Training, CachedSets):
                              "(--stream) or use the minibatch solver")
         if self.stream and not self.val:
             raise ValueError("a streamed training set needs a val set (--val): no rows are held out of it")
+        if self.heads_per_combination > 1 and (not self.test or self.test == self.val):
+            raise ValueError(self.selection_needs_test())
+        if self.refit and (not self.test or self.test == self.val):
+            raise ValueError(f"refit trains the selected heads again on {self.train} + "
+                             f"{self.val or 'its held-out part'}, so the ID numbers need a set apart from both: "
+                             "name one as test (--test)")
         return self
+
+    def selection_needs_test(self) -> str:
+        """Why several heads a combination need a test set apart from the one that selects them."""
+        sel = f"val ({self.val})" if self.val else f"a held-out part of train ({self.train})"
+        return (f"{self.heads_per_combination} heads per feature combination are selected on {sel}; the set that "
+                "selects them must not also give the ID test numbers: name another ID set as test (--test; e.g. the "
+                "official validation split)")
 
 
 class ScoreSettings(Device):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,6 +18,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..features import FEATURES, TokenLayout
+from ..names import slug
 
 #: 4: unit records bound to their set and unit, files with their chunks' crc32c, tables with page checksums and a
 #: content digest, the identity from each shard's full sha256; 3: typed record, sampled shard digests (read only)
@@ -51,10 +51,6 @@ class DamagedFile(StoreError):
 def fingerprint(identity: dict) -> str:
     """sha256 of everything that determines a feature set's content, in canonical JSON."""
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text).strip("_") or "x"
 
 
 def feature_set_path(root: str | os.PathLike, dataset: str, model: str, fp: str) -> Path:

@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from ..digests import file_digest
 from ..features import TokenLayout, parse_features
 from .meta import ARRAYS, INDEX_SCHEMA, NAMES, DamagedFile, Description, SetRecord, StoreError
 from .tables import read_table
@@ -431,8 +432,6 @@ class FeatureReader:
         """The checkpoint the set was extracted with, hashed whole again, against the sha256 in its identity (the
         digest extraction remembers per file version is not trusted here). Hub and random weights are named by
         the identity itself: nothing to read."""
-        from ..digests import file_digest
-
         recorded, path = self.identity.get("checkpoint"), self.meta.model.checkpoint
         if not recorded:
             seed = self.identity.get("random_init")
@@ -576,7 +575,7 @@ class FeatureReader:
         labels, vs = idx["label"].to_numpy().copy(), idx["view"].to_numpy().copy()  # writable, for torch
         keys = idx["key"].to_numpy(zero_copy_only=False)
         if as_torch:
-            import torch
+            import torch  # only here: the store loads without torch
 
             x = torch.from_numpy(x) if concat else {k: torch.from_numpy(v) for k, v in x.items()}
             labels = torch.from_numpy(labels)
