@@ -4,7 +4,7 @@ One module per stage, each registering its commands on the group in `common`. Th
 run when they run (the only function-level imports of regcache's own modules besides the pipeline's, which loads
 torch-side stages only to run them): `regcache ls` or `--help` start without torch (tests/test_settings.py).
 """
-from . import analyse, cache, data, extract, probe, verify  # noqa: F401  (registers the commands)
+from . import analyse, cache, data, distill, extract, probe, verify  # noqa: F401  (registers the commands)
 from .common import main
 
 __all__ = ["main"]

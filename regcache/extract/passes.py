@@ -266,7 +266,7 @@ def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Clai
     ds, fs = m.plan.dataset, m.fs
     buf = m.buffers.pop(batch.unit, None) or _UnitBuffer(fs.unit_rows)
     name = ds.shard_name(batch.unit)
-    reason = batch.shard_error or _changed(batch.shard, ids[batch.unit]) or (
+    reason = batch.shard_error or changed(batch.shard, ids[batch.unit]) or (
         f"the shard gives {buf.rows} rows but a unit of this store holds {fs.unit_rows} (fixed when it was "
         f"created); remove {fs.path} and run this command again with --unit-rows {buf.rows} (or the "
         "largest shard's rows)" if buf.overflow else None)
@@ -284,7 +284,7 @@ def _close(batch: Batch, i: int, m: Member, ids: Sequence[ShardId], claims: Clai
                                                 asdict(batch.shard))))
 
 
-def _changed(read: ShardId | None, expected: ShardId) -> str | None:
+def changed(read: ShardId | None, expected: ShardId) -> str | None:
     """The bytes read are not those this set's identity was planned from (the shard was changed since)."""
     if read is not None and expected.digest not in (None, "missing") and read.digest != expected.digest:
         return (f"{expected.url} changed after this run planned it ({expected.size} bytes, {expected.digest[:19]}…; "

@@ -9,6 +9,7 @@ from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSe
 from .base import Cli, Meta, Settings, SettingsError, cli, describe, fields, meta
 from .data import (DemoSettings, GcSettings, ManifestCheckSettings, ManifestScanSettings, RmSettings,
                    ShardsFromFolderSettings, WeightsSettings)
+from .distill import DistillSettings
 from .extract import (PER_MODEL, Backbone, ExtractSettings, ListSettings, Preprocessing, Registers,
                       RegistersFindSettings, backbone, default_cache_root, split_spec, weights_dir)
 from .presets import PRESETS, Preset
@@ -17,7 +18,7 @@ from .probe import (CachedSets, FewshotSettings, KnnSettings, ProbeSettings, Rep
 from .run import RunSettings
 
 __all__ = ["DemoSettings", "GcSettings", "ManifestCheckSettings", "ManifestScanSettings", "RmSettings",
-           "ShardsFromFolderSettings", "WeightsSettings", "ANALYSES", "PER_MODEL", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
+           "ShardsFromFolderSettings", "WeightsSettings", "DistillSettings", "ANALYSES", "PER_MODEL", "AttentionSettings", "Backbone", "CachedAnalysis", "CachedSets", "Cli", "ExtractSettings",
            "FeaturemapSettings", "FewshotSettings", "KnnSettings", "ListSettings", "Meta", "NamedSets",
            "NormsSettings", "PRESETS", "Preprocessing", "Preset", "ProbeSettings", "Registers",
            "RegistersFindSettings", "ReportSettings", "RunSettings", "ScoreSettings", "Scoring", "Settings",
