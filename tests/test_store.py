@@ -183,19 +183,3 @@ def test_reuse_finds_a_superset_of_the_features(tmp_path):
     assert find_reusable(tmp_path, {**ident, "features": ["cls"]}).path == fs.path
     assert find_reusable(tmp_path, {**ident, "features": ["cls", "patch"]}) is None
     assert find_reusable(tmp_path, {**ident, "model": "other"}) is None
-
-
-def test_reads_into_caller_arrays_equal_zarr_public_reads(tmp_path, monkeypatch):
-    """The private decode-into path (zarr.core.buffer) and the public one read what zarr-python reads."""
-    import regcache.store.reader as store_mod
-
-    fs = FeatureSet.create(tmp_path / "fs", *make_meta(3, unit_rows=5))
-    for u, n in enumerate((5, 2, 4)):
-        fs.commit_unit(u, *unit_data(u, n))
-    assert fs.finalize()
-    rows = fs.index.row.to_numpy()
-    direct = zarr.open_array(str(tmp_path / "fs" / "features.zarr" / "reg_all"))[:][rows]
-    assert store_mod._ndbuffer() is not None  # the bound in pyproject.toml keeps the fast path available
-    np.testing.assert_array_equal(fs.read_rows("reg_all", rows), direct)
-    monkeypatch.setattr(store_mod, "_ndbuffer", lambda: None)
-    np.testing.assert_array_equal(fs.read_rows("reg_all", rows), direct)

@@ -23,7 +23,8 @@ from __future__ import annotations
 from .meta import (ARRAYS, INDEX_SCHEMA, META, SCHEMA_VERSION, DatasetRecord, Description, ModelRecord, Provenance,
                    SetRecord, StoreError, feature_set_path, fingerprint, slug)
 from .featureset import FeatureSet
-from .reader import FeatureReader, Features
+from .reader import FeatureReader
+from .rows import Features
 from .resolve import find_reusable, list_feature_sets
 from .writer import Claims, UnitWriter
 

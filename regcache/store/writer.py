@@ -11,9 +11,7 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,25 +22,14 @@ import numpy as np
 import pyarrow as pa
 
 from ..features import FEATURES
+from ..files import HOST, alive, atomic_write
 from .meta import ARRAYS, META, NAMES, RECORD_SCHEMA, SCHEMA_VERSION, Description, SetRecord, StoreError, fingerprint, slug
 from .tables import parquet_bytes
 
-_HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """``data`` as ``path``, whole or not at all: written aside, synced, renamed. A failure (a full disk) removes
-    what was written aside and names the file."""
-    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {path}: {e.strerror or e}") from e
+    atomic_write(path, data, StoreError)
 
 
 def inner_rows(unit_rows: int, row_bytes: int, max_rows: int = 1024, max_bytes: int = 4 << 20) -> int:
@@ -50,16 +37,6 @@ def inner_rows(unit_rows: int, row_bytes: int, max_rows: int = 1024, max_bytes: 
     inner chunks). Small enough that padding costs at most one partly filled chunk per unit."""
     limit = max(1, min(max_rows, max_bytes // max(row_bytes, 1), unit_rows))
     return next(r for r in range(limit, 0, -1) if unit_rows % r == 0)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(frozen=True)
@@ -73,7 +50,7 @@ class Claims:
     """
 
     units: Path
-    owner: str = field(default_factory=lambda: f"{_HOST}:{os.getpid()}")
+    owner: str = field(default_factory=lambda: f"{HOST}:{os.getpid()}")
     stale_after: float = 600.0
 
     def _path(self, unit: int) -> Path:
@@ -115,7 +92,7 @@ class Claims:
         except FileNotFoundError:
             return True
         host, _, pid = owner.rpartition(":")
-        if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+        if host == HOST and pid.isdigit() and not alive(int(pid)):
             return True
         if not pid.isdigit():  # written by no one (its writer died between creating and writing it)
             return age > 10
@@ -307,7 +284,7 @@ class UnitWriter:
         gone = []
         for tmp in [*self.path.glob(".*.tmp"), *(self.path / "units").glob(".*.tmp")]:
             *_, host, pid, _ = tmp.name.rsplit(".", 3)
-            if host == _HOST and pid.isdigit() and not _alive(int(pid)):
+            if host == HOST and pid.isdigit() and not alive(int(pid)):
                 tmp.unlink(missing_ok=True)
                 gone.append(tmp)
         return gone

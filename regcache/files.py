@@ -1,0 +1,37 @@
+"""Files written whole or not at all, and whether the process that holds a claim or a run folder still lives."""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+#: this host, as writers name themselves in claims and temporary files
+HOST = re.sub(r"[^\w-]", "_", socket.gethostname())
+
+
+def atomic_write(path: Path, data: bytes, error: type[Exception] = OSError) -> None:
+    """``data`` as ``path``, whole or not at all: written aside (named by host and pid, so that a killed writer's
+    leftovers are recognised), synced, renamed. A failure (a full disk) removes what was written aside and raises
+    ``error`` naming the file."""
+    tmp = path.with_name(f".{path.name}.{HOST}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise error(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
