@@ -66,7 +66,8 @@ def child(store: Path, classes: int, queries: int, scorers: list[str], device: s
 
     from regcache import ood
     from regcache.probe import Head, Split
-    from regcache.probe.run import _score, _store_bank
+    from regcache.probe.evaluate import _score
+    from regcache.probe.run import _store_bank
     from regcache.store import FeatureSet
 
     fs = FeatureSet(store)

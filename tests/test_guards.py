@@ -191,7 +191,7 @@ def test_remote_shards_count_as_the_same_images_by_url(tmp_path):
     import numpy as np
 
     from conftest import make_set
-    from regcache.probe.run import RunSets, check_apart
+    from regcache.probe.sets import RunSets, check_apart
     from regcache.sets import Named
 
     x = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)

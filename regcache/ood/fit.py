@@ -9,7 +9,7 @@ RMDS, ViM, Residual, DICE, fDBD, NCI all use `moments`) read the bank once for i
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +79,9 @@ class Bank:
                 out[rows] = x
             return out
         return self.memo("stored", fill)
+
+
+BankSource = Callable[[Sequence[str], str], Bank]  # (feature combination, device) -> the training bank
 
 
 def add_rows(target: np.ndarray, index: np.ndarray, values: np.ndarray) -> None:

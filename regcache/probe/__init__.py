@@ -5,10 +5,12 @@ Never loads a backbone. `data` reads the cached sets, `head` is a trained head, 
 `score` actions), `knn` holds the kNN and few-shot protocols.
 """
 from .data import ProbeError, Split, StreamedSplit, holdout, load_split, map_labels
+from .evaluate import Row, evaluate
 from .head import Head, accuracy, load_heads, predict, save_heads, select
 from .knn import fewshot, knn
 from .minibatch import train_heads
-from .run import ProbeResult, Row, RunSets, evaluate, find_sets, probe, run_probe, score
+from .run import ProbeResult, probe, run_probe, score
+from .sets import RunSets, find_sets
 from .solvers import SOLVERS, fit_heads, refit
 
 __all__ = ["Head", "ProbeError", "ProbeResult", "Row", "RunSets", "SOLVERS", "Split", "StreamedSplit", "accuracy",

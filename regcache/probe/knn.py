@@ -23,7 +23,8 @@ from ..rundir import check_out, default_run, publish, writing
 from ..settings import CachedSets, FewshotSettings, KnnSettings
 from .data import ProbeError, Split, class_names, load_split
 from .head import predict
-from .run import RunSets, check_apart, find_sets, labelled, num_classes_of
+from .run import labelled, num_classes_of
+from .sets import RunSets, check_apart, find_sets
 from .solvers import lbfgs_grid
 
 

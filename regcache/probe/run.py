@@ -5,10 +5,9 @@ run directory (`report.write_run`) and returns what it computed.
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,236 +17,24 @@ import torch
 
 from .. import __version__, ood
 from ..housekeeping import record_run
+from ..ood.fit import BankSource
 from ..plots import plot_scores
 from ..report import RunRecord, SetUse, markdown
 from ..rundir import check_out, default_run, publish, stamp, writing
-from ..sets import Cache, Named
-from ..settings import CachedSets, ProbeSettings, ScoreSettings
+from ..sets import Named
+from ..settings import ProbeSettings, ScoreSettings
 from ..store import FeatureSet
-from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, check_compatible,
-                   class_names, holdout, load_split, map_labels)
-from .head import Head, accuracy, load_heads, save_heads, select
+from .data import (ProbeError, Split, StreamedSplit, _non_finite_rows, _refuse_non_finite, class_names, holdout,
+                   load_split, map_labels)
+from .evaluate import OOD_SPLITS, Row, evaluate
+from .head import Head, load_heads, save_heads, select
+from .sets import RunSets, check_apart, find_sets
 from .solvers import fit_heads, refit
 
 log = logging.getLogger("regcache")
 
 
-# --------------------------------------------------------------------------- evaluation
-
-@dataclass
-class Row:
-    """One number of the long results table."""
-
-    features: str
-    set: str
-    role: str
-    metric: str
-    value: float
-    n: int
-    scorer: str = ""
-    lr: float = float("nan")
-    wd: float = float("nan")
-    scorer_args: str = ""  # the scorer's hyperparameters (JSON), defaults included
-    iterations: int = -1   # selection rows: the iterations the head trained (an lbfgs head's own count)
-    split: str = ""        # anomaly rows: the set's manifest split where it groups means (near-ood, far-ood, ood-val)
-    note: str = ""         # how the number was made (a scorer's notes), or why there is none ("skipped: ...")
-
-
-def evaluate(head: Head, id_split: Split, ood_gen: list[Split], anomalies: list[Split],
-             scorers: Sequence[str], bank: "BankSource | None" = None, scorer_args: dict | None = None,
-             scores_out: dict | None = None, device: str = "cpu", groups: dict[str, str] | None = None) -> list[Row]:
-    """ID and OOD accuracy, and per-anomaly-set metrics (`ood.METRICS`) for every scorer, plus their means:
-    over all anomaly sets (set ``mean``) and over each group of ``groups`` (set ``mean near-ood``, …); a set
-    of the OOD validation split (``ood-val``, for choosing hyperparameters) is reported alone, in no mean.
-
-    ``scorer_args``: hyperparameters by scorer name (``{"react": {"percentile": 0.9}}``); each row records
-    the scorer's full set. Feature scorers fit on ``bank(head.features, device)``, streamed in chunks.
-    A scorer that cannot fit on this head's training features, or gives non-finite scores, is skipped alone:
-    its rows hold NaN and say why (``note``), and so do the means over the sets it could not score.
-    """
-    f, hp = head.name, dict(lr=head.lr, wd=head.wd)
-    rows = [Row(f, id_split.name, "id", "top1", accuracy(head.logits(id_split), id_split.labels, id_split.subset),
-               len(id_split), **hp)]
-    for s in ood_gen:
-        rows.append(Row(f, s.name, "ood-gen", "top1", accuracy(head.logits(s), s.labels, s.subset), len(s), **hp))
-    if not anomalies:
-        return rows
-    fitted, skipped = _scorers(head, scorers, bank, scorer_args or {}, device)
-    args = {name: json.dumps(sc.args, sort_keys=True) for name, sc in fitted.items()}
-    id_scores = {}
-    for name, sc in fitted.items():
-        try:
-            id_scores[name] = _score(sc, head, id_split)
-        except ood.FitError as e:  # a scorer that cannot apply to these features (a percentile of too few)
-            skipped[name] = f"cannot score [{f}]: {e}"
-            continue
-        if not np.isfinite(id_scores[name]).all():
-            skipped[name] = f"{_non_finite(id_scores[name])} on the ID set {id_split.name}"
-    per: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
-    for s in anomalies:
-        group = (groups or {}).get(s.name)
-        means = [] if group == OOD_VALIDATION else ["mean"] + ([f"mean {group}"] if group else [])
-        for name in ood.resolve(scorers):
-            o = _score(fitted[name], head, s) if name not in skipped else None
-            why = skipped.get(name) or (f"{_non_finite(o)} on {s.name}" if not np.isfinite(o).all() else None)
-            note = (f"skipped: {name} on [{f}]: {why}" if why else "; ".join(fitted[name].notes))
-            if why:
-                log.warning("warning: %s", note)
-            elif scores_out is not None:
-                scores_out[(f, s.name, name)] = (id_scores[name], o)
-            for metric, m in ood.METRICS.items():
-                v = float("nan") if why else m(id_scores[name], o)
-                rows.append(Row(f, s.name, "anomaly", metric, v, len(s), name, **hp, scorer_args=args.get(name, ""),
-                                split=group or "", note=note))
-                for mean in means:
-                    per.setdefault((mean, name, metric), []).append((v, len(s)))
-    for (mean, name, metric), got in per.items():
-        gaps = sum(np.isnan(v) for v, _ in got)
-        rows.append(Row(f, mean, "anomaly", metric, float(np.mean([v for v, _ in got])), sum(n for _, n in got),
-                        name, **hp, scorer_args=args.get(name, ""),
-                        note=f"skipped: {name} on [{f}] could not score {gaps} of the {len(got)} sets" if gaps else ""))
-    return rows
-
-
-def _non_finite(scores: np.ndarray) -> str:
-    return f"{int((~np.isfinite(scores)).sum())} of its {len(scores)} scores are NaN or inf"
-
-
-def _scorers(head: Head, names: Sequence[str], bank: "BankSource | None", args: dict,
-             device: str) -> tuple[dict, dict[str, str]]:
-    """Each scorer made with its arguments and fitted once for this head (the bank read only if one needs it), and
-    the reason of each that cannot fit on this head's training features (it is skipped, the others go on)."""
-    lin = ood.Linear(head.weight.numpy(), head.bias.numpy())
-    made = {name: ood.make(name, **args.get(name, {})) for name in ood.resolve(names)}
-    need = [n for n, sc in made.items() if sc.needs_bank]
-    if need and bank is None:
-        raise ProbeError(f"scorers {', '.join(need)} need the training features")
-    b = bank(head.features, device) if need else None
-    fitted, skipped = {}, {}
-    for name, sc in made.items():
-        try:
-            fitted[name] = sc.fit(b, lin)
-        except (ood.FitError, np.linalg.LinAlgError) as e:  # degenerate training features, not a bug
-            skipped[name] = f"cannot fit on the training features of {b.name if b is not None else 'the head'}: {e}"
-    return fitted, skipped
-
-
-def _score(scorer: "ood.Scorer", head: Head, split: Split, chunk: int = 8192) -> np.ndarray:
-    """A fitted scorer's scores of a split, a chunk of rows at a time in float64 (features, and the head's
-    logits over all its classes: anomaly sets have no class subset)."""
-    out = []
-    with np.errstate(divide="ignore", invalid="ignore"):  # non-finite scores are reported by name (`evaluate`)
-        for i in range(0, len(split), chunk):
-            x = split.combo(head.features, np.arange(i, min(i + chunk, len(split)))).numpy().astype(np.float64)
-            out.append(scorer.score(x, scorer.head(x)))
-    return np.concatenate(out)
-
-
-OOD_GROUPS = ("near-ood", "far-ood")  # manifest splits whose anomaly sets get their own mean, as OpenOOD reports
-OOD_VALIDATION = "ood-val"            # the manifest split of OOD validation sets: in no mean
-OOD_SPLITS = (*OOD_GROUPS, OOD_VALIDATION)
-
-
-# --------------------------------------------------------------------------- the sets of a run
-
-@dataclass
-class RunSets:
-    """The sets of a run: three by role, the eval and anomaly sets by name. Roles and names are apart in the
-    structure itself, so a set *named* ``test`` never stands in for the ID test set."""
-
-    train: Named
-    val: Named | None = None
-    test: Named | None = None
-    eval: dict[str, Named] = field(default_factory=dict)
-    anomaly: dict[str, Named] = field(default_factory=dict)
-
-    def items(self) -> Iterator[tuple[str, Named]]:
-        """(label, set): ``train``, ``val``, ``test``, then ``eval:NAME`` and ``anomaly:NAME``."""
-        yield "train", self.train
-        for role in ("val", "test"):
-            if getattr(self, role) is not None:
-                yield role, getattr(self, role)
-        yield from ((f"eval:{n}", s) for n, s in self.eval.items())
-        yield from ((f"anomaly:{n}", s) for n, s in self.anomaly.items())
-
-    @property
-    def id_role(self) -> str | None:
-        """The role of the set the ID numbers are on: test, else val, else none (a held-out part of train)."""
-        return "test" if self.test is not None else "val" if self.val is not None else None
-
-
-def find_sets(s: "CachedSets", union: Sequence[str], pins: Mapping[str, "Named | str | Path"] | None = None) -> RunSets:
-    """The sets ``s`` names (`sets.Cache.find`); ``pins`` (dataset name -> a set, or a feature-set path read under
-    that name) fixes which set a name means, as a pipeline does for the sets it made."""
-    cache = Cache(s.cache)
-
-    def find(ref: str) -> Named:
-        if pins and ref in pins:
-            pin = pins[ref]
-            return pin if isinstance(pin, Named) else Named.of(FeatureSet(pin), ref)
-        return cache.find(ref, s.model, union)
-
-    val, anomaly = getattr(s, "val", None), getattr(s, "anomaly", [])  # knn and fewshot have neither
-    sets = RunSets(find(s.train), find(val) if val else None, find(s.test) if s.test else None,
-                   {n: find(n) for n in s.eval}, {n: find(n) for n in anomaly})
-    check_compatible([(f"{label} set {n.name}", n.fs) for label, n in sets.items()])
-    check_distinct(sets)
-    for label, n in sets.items():
-        seed = n.fs.identity.get("random_init")
-        if seed is not None and not s.allow_random_init:
-            raise ProbeError(f"{n.name} ({n.fs.path}) holds features of random weights (extract --random-init {seed}): "
-                             "a random-init ViT gives nearly the same embedding for every image, so its numbers say "
-                             "nothing about the model; pass --allow-random-init for a smoke test")
-    return sets
-
-
-def check_distinct(sets: RunSets) -> None:
-    """Each eval and anomaly set is named once, whatever the spelling (a name, its `ls` name, its path): a set
-    given twice would count twice in a mean. An anomaly set holds none of the ID sets' images: the ID test set
-    given as an anomaly set would score ID images as OOD."""
-    for option, named in (("--eval", sets.eval), ("--anomaly", sets.anomaly)):
-        seen: dict[Path, str] = {}
-        for ref, n in named.items():
-            first = seen.setdefault(n.fs.path.resolve(), ref)
-            if first != ref:
-                raise ProbeError(f"{option}: {first} and {ref} name the same set ({n.fs.path}): it would count twice "
-                                 "in a mean; give it once")
-    ids = [(label, n) for label, n in sets.items() if label in ("train", "val", "test")]
-    for ref, n in sets.anomaly.items():
-        mine = set(n.fs.shard_digests().values())
-        for label, i in ids:
-            common = mine & set(i.fs.shard_digests().values())
-            if common:
-                raise ProbeError(f"--anomaly {ref} ({n.fs.path}) holds images of the {label} set {i.name}: read from "
-                                 f"{len(common)} of the same shards, its ID images would be scored as OOD; give an "
-                                 "anomaly set of other images")
-
-
-def check_apart(sets: RunSets, selected: bool) -> None:
-    """The set the ID numbers are on (test, else val) shares no shard bytes with the set that trained the heads,
-    nor with the one that selected them (a copy of a set, or one manifest under two names, is the same data)."""
-    role = sets.id_role
-    if role is None:
-        return
-    reported = getattr(sets, role)
-    digests = set(reported.fs.shard_digests().values())
-    others = ["train", "val"] if selected and role == "test" else ["train"]
-    for other in others:
-        o = getattr(sets, other)
-        if o is None:
-            continue
-        common = digests & set(o.fs.shard_digests().values())
-        if common:
-            raise ProbeError(f"the {role} set {reported.name} ({reported.fs.path}), which the ID numbers are on, was "
-                             f"read from {len(common)} of the same shards as the {other} set {o.name} ({o.fs.path}): "
-                             f"they would be on images that {'trained' if other == 'train' else 'selected'} the "
-                             "heads; name a test set of other images")
-
-
 # --------------------------------------------------------------------------- loading
-
-BankSource = Callable[[Sequence[str], str], "ood.Bank"]  # (feature combination, device) -> bank
-
 
 def _bank(train: Split | StreamedSplit) -> BankSource:
     """The view-0 rows of the training set as a bank: a streamed set stays streamed (read from the store)."""
