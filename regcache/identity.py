@@ -20,7 +20,7 @@ from .digests import file_digest
 from .features import TokenLayout, select_features, with_layers
 from .models import ModelError, decoder, hub_name, model_args, model_facts, preprocess_of
 from .offline import ensure
-from .settings import Backbone, ExtractSettings, Registers, backbone, fields
+from .settings import Backbone, ExtractSettings, Registers, fields
 from .store.meta import fingerprint
 
 SCHEMA = 4  # 4: the shards' full sha256 (3: a sampled digest of each shard)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from .files import alive
 from .names import slug
 
 
@@ -48,16 +49,6 @@ def new_dir(path: str | os.PathLike) -> Path:
         except FileExistsError:
             continue
     raise OutputError(f"{path}: 999 run directories of that name already exist; name one")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_out(given: str | os.PathLike | None) -> None:
@@ -98,7 +89,7 @@ def publish(given: str | os.PathLike | None, default: str | os.PathLike, write: 
     aside = final.with_name(f".{final.name}.partial-{os.getpid()}")
     for left in final.parent.glob(".*.partial-*"):  # what killed runs left beside their run folders
         pid = left.name.rpartition("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(left, ignore_errors=True)
     shutil.rmtree(aside, ignore_errors=True)
     try:

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import REG, RESIZE, SIZE, config
 from PIL import Image
 
 from regcache.extract import extract, extract_many
-from regcache.models import IMAGENET_MEAN, IMAGENET_STD
+from regcache.registry import IMAGENET_MEAN, IMAGENET_STD
 from regcache.settings import ExtractSettings
 from regcache.store import FeatureSet
-
-from conftest import REG, RESIZE, SIZE, config
 
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec; they still work (docs/features.md)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
@@ -168,11 +167,11 @@ def test_a_killed_device_decode_run_leaves_no_workers_and_resumes_to_the_same_se
     import subprocess
     import time
 
+    import skimage.data as sk
     from conftest import cli_args, cli_env
-    from regcache.shards import write_shards
     from test_extract import assert_same_content
 
-    import skimage.data as sk
+    from regcache.shards import write_shards
 
     photo = sk.astronaut()  # photo-sized JPEGs (~100 KB): a batch's bytes are more than a pipe holds
     big = ((f"p{i:03d}", np.roll(photo, 7 * i, axis=1), i % 3) for i in range(96))

@@ -156,7 +156,8 @@ def test_default_preprocessing_is_the_models_own_timm_eval_transform(name):
 
 
 def test_aliases_keep_the_papers_transform_and_explicit_values_win():
-    from regcache.models import IMAGENET_MEAN, Preprocess, preprocess_for, preprocess_of
+    from regcache.models import Preprocess, preprocess_for, preprocess_of
+    from regcache.registry import IMAGENET_MEAN
     from regcache.settings import ExtractSettings
 
     for alias in ("vits", "vitl_reg", "v3b"):

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import NOREG, REG, RESIZE, SIZE, config, make_shards
 from PIL import Image
 from timm.data import create_transform
 
 from regcache.extract import extract
 from regcache.features import FeatureError
-from regcache.models import IMAGENET_MEAN, IMAGENET_STD, Preprocess, load_checkpoint
+from regcache.models import Preprocess, load_checkpoint
+from regcache.registry import IMAGENET_MEAN, IMAGENET_STD
 from regcache.store import FeatureSet
-
-from conftest import NOREG, REG, RESIZE, SIZE, config, make_shards
 
 
 def timm_reference(name: str, ckpt, tars: list[str]) -> dict[str, np.ndarray]:

@@ -1,10 +1,8 @@
 """Commands that fill the cache or run a backbone: extract, models, registers find."""
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 import click
 

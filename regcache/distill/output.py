@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from pathlib import Path
 
@@ -17,21 +16,13 @@ import torch
 from safetensors.torch import save
 
 from ..models import preprocess_for
+from ..files import atomic_write
 from .student import Arch, DistillError
 
 
 def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DistillError(f"cannot write {path}: {e.strerror or e}") from e
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data, DistillError)
 
 
 def save_checkpoint(student: torch.nn.Module, arch: Arch, size: int, path: Path) -> str:

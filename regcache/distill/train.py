@@ -8,8 +8,8 @@ leaves the previous state or the new one, never half of one.
 """
 from __future__ import annotations
 
+import io
 import math
-import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..extract.passes import AUTOCAST
+from ..files import atomic_write
 from ..progress import progress
 from .student import DistillError, patch_tokens
 
@@ -82,17 +83,10 @@ def loss_terms(pred: torch.Tensor, target: torch.Tensor, mse_scale: float) -> tu
 
 
 def save_state(path: Path, state: dict) -> None:
-    """``state`` as ``path``, whole or not at all (written aside, synced, renamed)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise DistillError(f"cannot write the training state {path}: {e.strerror or e}") from e
+    """``state`` as ``path``, whole or not at all (`files.atomic_write`)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue(), DistillError)
 
 
 def load_state(path: Path, run: dict) -> dict | None:

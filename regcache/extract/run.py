@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..data import DataError, Dataset, MissingShards, ShardId, count_samples, load_dataset, local_path, shard_ids
+from ..data import Dataset, MissingShards, ShardId, count_samples, load_dataset, local_path, shard_ids
 from ..identity import Plan, plan, weights
 from ..models import load_model, resolve_device, resolve_name
 from ..registers import attach
