@@ -332,3 +332,50 @@ def test_the_command_distills_and_its_extract_command_reads_the_student(world, t
     assert got.layout.num_reg == 4 and len(got.index) == 11
     bad = CliRunner().invoke(main, [*args[:-3], "-o", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2 and "--out" in bad.output
+
+
+# --------------------------------------------------------------------------- as a pipeline step
+
+def test_a_pipeline_distils_then_extracts_and_probes_the_student_and_a_rerun_does_nothing(world, tmp_path):
+    """A models[] entry with a distill block: the distill stage makes the student once (a checkpoint under the
+    cache root, named by what determines it), its sets are extracted with the student (4 registers, so the [CLS;μR]
+    combination runs), the plain entry beside it skips that combination; a second run does no work at all."""
+    from regcache.pipeline import load_pipeline, run_pipeline
+    from regcache.shards import write_set
+
+    items = [(k, img, y % 2) for k, img, y in random_images(8, seed=3)]
+    write_set(tmp_path / "ds", "d", items, len(items), 8, role="id-train", classes=["a", "b"])
+    args = json.dumps(ARGS)
+    (tmp_path / "p.yaml").write_text(f"""
+name: phreg
+cache: cache
+out: out
+models:
+  - {{model: {NOREG}, checkpoint: {world['ckpt']}, model_args: {args}, label: plain}}
+  - model: {NOREG}
+    checkpoint: {world['ckpt']}
+    model_args: {args}
+    label: phreg
+    distill: {{data: "{world['data']}", steps: 2, batch_size: 4, views: 2, size: {SIZE}, resize: {RESIZE}}}
+datasets: [ds/d.yaml]
+extract: {{size: {SIZE}, resize: {RESIZE}, workers: 0}}
+probes:
+  - {{name: t, features: [cls, "cls,reg"], train: d, lr: 0.1, iterations: 5, batch_size: 4, plots: false}}
+""")
+    lines = []
+    run_pipeline(load_pipeline(tmp_path / "p.yaml"), dry_run=True, echo=lines.append)
+    plan = "\n".join(lines)
+    assert "distillations: 1 (0 cached)" in plan and "its student is distilled first" in plan, plan
+    run = run_pipeline(load_pipeline(tmp_path / "p.yaml"), progress=False, echo=lambda s: None)
+    (job,) = run.distill
+    ckpt = job.student["checkpoint"]
+    assert job.status == "ran" and job.student["model"] == "vit_small_patch14_reg4_dinov2" and \
+        ckpt.startswith(str(tmp_path / "cache" / "distilled"))
+    sets = {j.model.label: FeatureSet(j.path) for j in run.extract}
+    assert sets["phreg"].layout.num_reg == 4 and sets["plain"].layout.num_reg == 0
+    assert sets["phreg"].identity["checkpoint"].startswith("sha256:")
+    combos = {j.model.label: [",".join(c) for c in j.settings.features] for j in run.probes}
+    assert combos == {"plain": ["cls"], "phreg": ["cls", "cls,reg"]}
+    again = run_pipeline(load_pipeline(tmp_path / "p.yaml"), progress=False, echo=lambda s: None)
+    assert [j.status for j in again.distill] == ["cached"]
+    assert {j.status for j in again.extract} == {"cached"} and {j.status for j in again.probes} == {"cached"}

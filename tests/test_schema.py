@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings as hsettings, strategies as 
 from regcache.cli import main
 from regcache.features import FEATURES
 from regcache.ood import SCORERS
-from regcache.pipeline.schema import PipelineFile, ProbeBlock
+from regcache.pipeline.blocks import PipelineFile, ProbeBlock
 from regcache.settings import ProbeSettings, SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]

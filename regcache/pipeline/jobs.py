@@ -13,7 +13,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..data import UNHASHED, shard_ids
 from ..digests import file_digest
@@ -22,7 +22,10 @@ from ..names import slug
 from ..sets import Named
 from ..settings import PER_MODEL, ExtractSettings, Settings
 from ..store import Description, FeatureSet, find_reusable, list_feature_sets
-from .schema import Block, Data, Model, Pipeline
+from .load import Block, Data, Model, Pipeline
+
+if TYPE_CHECKING:
+    from ..models import ModelFacts
 
 #: features that exist only in models with registers (also as reg@-k): combinations naming them skip models without
 
@@ -81,7 +84,9 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
             ids = shard_ids(d.dataset, pl.cache / ".digests", read=not dry_run)  # a dry run reads no shard
             missing = [s.url for s in ids if s.digest == "missing"]
             unhashed = [s.url for s in ids if s.digest == UNHASHED]
-            if missing and dry_run:
+            if m.teacher is not None and not Path(m.source["checkpoint"]).is_file():
+                job.why = "its student is distilled first (stage distill)"
+            elif missing and dry_run:
                 job.why = f"{len(missing)} of its {len(ids)} shards are not there (e.g. {missing[0]})"
             elif unhashed:
                 job.why = (f"{len(unhashed)} of its {len(ids)} shards not hashed yet (a dry run reads no shard; the "

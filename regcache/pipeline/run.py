@@ -15,14 +15,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .. import __version__
 from ..data import MissingShards
 from ..report import markdown, merge
 from ..store import Description, FeatureSet
+from .blocks import STAGES, PipelineError
 from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, passes, probe_jobs
-from .schema import STAGES, Pipeline, PipelineError, pipeline_env
+from .load import Pipeline, pipeline_env
+
+if TYPE_CHECKING:
+    from .students import DistillJob
 
 
 @dataclass
@@ -31,6 +35,7 @@ class PipelineRun:
 
     pipeline: Pipeline
     extract: list[ExtractJob] = field(default_factory=list)
+    distill: list["DistillJob"] = field(default_factory=list)
     probes: list[RunJob] = field(default_factory=list)
     analyses: list[RunJob] = field(default_factory=list)
     report: Path | None = None
@@ -44,6 +49,8 @@ class PipelineRun:
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"regcache": __version__, **{p: version(p) for p in ("torch", "timm", "zarr")},
                          "python": platform.python_version()},
+            "distill": [{"model": j.model.label, "status": j.status, "checkpoint": j.student["checkpoint"],
+                         "student": j.student} for j in self.distill],
             "extract": [{"model": j.model.label, "dataset": j.dataset.name, "key": j.key, "status": j.status,
                          "path": j.path, "fingerprint": j.fingerprint} for j in self.extract],
             "probes": [{"block": j.block.name, "model": j.model.label,
@@ -79,15 +86,29 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
                             f"({', '.join(m.label for m in pl.models)})")
     for w in pl.warnings:
         echo(f"warning: {w}")
+    from .students import distill_jobs, run_distill, with_students  # torch-side: a run's, not a validation's
+
     with pipeline_env(pl):
-        run = PipelineRun(pl, extract_jobs(pl, models, dry_run))
+        students = distill_jobs(pl, models)
+        pl = with_students(pl, students)
+        run = PipelineRun(pl, extract_jobs(pl, models, dry_run), students)
     hook = after_job or (lambda job: None)
     with pipeline_env(pl):
         if dry_run:
             run.probes, run.analyses = probe_jobs(pl, run.extract, models), analysis_jobs(pl, run.extract, models)
             echo(plan_text(run))
             return run
+        if "distill" in stages and any(j.status == "to do" for j in students):
+            for job in students:
+                if job.status == "to do":
+                    run_distill(job, progress, echo)
+                    run.save()
+                    hook(job)
+            run.extract = extract_jobs(pl, models)  # the students' checkpoints exist now: plan their sets
         if "extract" in stages:
+            unplanned = [j for j in run.extract if j.status == "to do" and j.plan is None]
+            if unplanned:
+                raise PipelineError(f"{pl.path}: cannot extract " + "; ".join(f"{j.label} ({j.why})" for j in unplanned))
             for job in run.extract:
                 if job.status == "cached":
                     _verify(job)
@@ -272,6 +293,10 @@ def _n(x: float) -> str:
 def plan_text(run: PipelineRun) -> str:
     pl = run.pipeline
     lines = [f"pipeline {pl.name} ({pl.path}, sha256 {pl.text_sha256[:12]}); cache {pl.cache}; out {pl.out}"]
+    if run.distill:
+        from .students import plan_lines
+
+        lines += plan_lines(run.distill, pl.cost["tflops"])
     todo = [j for j in run.extract if j.status == "to do"]
     lines.append(f"extraction jobs: {len(run.extract)} ({len(run.extract) - len(todo)} cached, {len(todo)} to do)")
     total, unknown = 0.0, 0

@@ -1,7 +1,7 @@
 """Typed settings: one place per field (type, default, choices, help, identity) for every action.
 
 The command line is generated from these models (`regcache.cli.options`), pipeline blocks are
-validated by them (`regcache.pipeline.schema`), and a feature set's identity is made of the fields
+validated by them (`regcache.pipeline.blocks`), and a feature set's identity is made of the fields
 they mark (`regcache.identity`). Importing them loads neither torch nor any extraction code.
 """
 from .analysis import (ANALYSES, AttentionSettings, CachedAnalysis, FeaturemapSettings, NamedSets, NormsSettings,

@@ -79,7 +79,8 @@ HOLDOUTS: dict[str, str] = {"random": "--val-fraction of the images, drawn at ra
                                           "or more; DINOv3's split)"}
 DEVICE_HELP = "cpu, cuda, cuda:1, …"
 #: stages of a pipeline run, in order
-STAGES: dict[str, str] = {"extract": "extract what is not cached", "probe": "train and evaluate heads",
+STAGES: dict[str, str] = {"distill": "post-hoc registers for the models[] entries with a distill block",
+                          "extract": "extract what is not cached", "probe": "train and evaluate heads",
                           "analyse": "norms, feature maps, token probes, attention", "report": "one merged table"}
 #: what a data error does (webdataset's handler= in one word): a regcache bug always stops the run with its traceback
 HANDLERS: dict[str, str] = {

@@ -43,7 +43,7 @@ class DistillSettings(Preprocessing, Backbone):
                          "position table is saved at this grid).")]
     resize: Annotated[Count, Meta(identity="backbone"), Field(
         128, description="The shorter side is resized to this before the crop.")]
-    data: Annotated[str, Cli(short="-d"), Field(
+    data: Annotated[str, Cli(short="-d"), Meta(path=True), Field(
         description="Manifest or shard pattern of the training images (labels are not used).")]
     images: Annotated[Optional[Count], Cli(short="-n", show="all"), Field(
         None, description="Train on the first N images (the teacher's targets are made for the shards that hold "
