@@ -26,6 +26,14 @@ def atomic_write(path: Path, data: bytes, error: type[Exception] = OSError) -> N
         raise error(f"cannot write {path}: {e.strerror or e}") from e
 
 
+def remove_stale(path: Path) -> None:
+    """Remove what killed writers of ``path`` on this host left aside (`atomic_write`'s temporaries)."""
+    for tmp in path.parent.glob(f".{path.name}.{HOST}.*.tmp"):
+        pid = tmp.name[len(f".{path.name}.{HOST}."):-len(".tmp")]
+        if pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 def alive(pid: int) -> bool:
     """Whether process ``pid`` of this host runs (one of another user's counts as running)."""
     try:

@@ -51,6 +51,12 @@ class Preprocess:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def pinned(self) -> dict[str, Any]:
+        """This transform as preprocessing settings, every field given: another model name (a student's alias,
+        whose defaults may differ) then reads its images exactly as this one does."""
+        return {"size": self.size, "resize": self.resize, "crop_mode": self.crop_mode,
+                "interpolation": self.interpolation, "mean": tuple(self.mean), "std": tuple(self.std)}
+
     @cached_property
     def crop(self) -> Callable[[Any], Any]:
         """Resize and center-crop a PIL image, or a uint8 [3, H, W] tensor on any device (antialiased, as PIL)."""

@@ -4,6 +4,7 @@ bit-identical resumption, the cached targets, and what is refused. Tiny random-w
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-import regcache.cli.distill  # noqa: F401  (registers `registers distill` until regcache.cli imports it)
 import regcache.distill.teacher as teacher_module
 from regcache.cli import main
 from regcache.distill import DistillError, distill
@@ -23,6 +23,7 @@ from regcache.distill.student import Arch, build_student, student_arch, unlock
 from regcache.distill.teacher import Augment, denoised
 from regcache.distill.train import Schedule, batch_rows, lr_at, train
 from regcache.models import load_model, preprocess_for
+from regcache.registry import IMAGENET_MEAN
 from regcache.settings import Backbone
 from regcache.settings.distill import UNLOCK, DistillSettings
 from regcache.shards import write_shards
@@ -379,3 +380,69 @@ probes:
     again = run_pipeline(load_pipeline(tmp_path / "p.yaml"), progress=False, echo=lambda s: None)
     assert [j.status for j in again.distill] == ["cached"]
     assert {j.status for j in again.extract} == {"cached"} and {j.status for j in again.probes} == {"cached"}
+
+
+def test_a_finished_distillation_is_found_before_the_teacher_loads_and_a_replaced_file_is_not(world, monkeypatch):
+    """The record's key (`student_key`) is checked before any weight loads; the device and how often state is saved
+    are not part of it; a checkpoint whose bytes are no longer the record's is made again."""
+    import regcache.distill.run as run_module
+
+    s = settings(world, "done.safetensors", save_every=2)
+    distill(s)
+    real = run_module.load_model
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded for a finished distillation")
+    monkeypatch.setattr(run_module, "load_model", no_load)
+    again = distill(s.model_copy(update={"save_every": 3}))
+    assert again.reused and again.losses
+    s.out.write_bytes(s.out.read_bytes()[:-1] + b"\0")
+    monkeypatch.setattr(run_module, "load_model", real)
+    remade = distill(s)
+    assert not remade.reused and remade.steps == s.steps
+
+
+def test_a_pipeline_names_the_student_by_what_determines_it_and_reads_its_images_as_the_teacher(world, tmp_path):
+    """Another lr makes another checkpoint, another device or save interval the same; a dry run hashes none of the
+    distill data; the student (timm's name, whose own transform is 518 px) reads images as its teacher (the alias
+    vits: 224 of 256) and as the plain entry beside it."""
+    from regcache.pipeline import load_pipeline, run_pipeline
+    from regcache.pipeline.students import distill_jobs, with_students
+    from regcache.pipeline.jobs import extract_jobs
+    from regcache.shards import write_set
+
+    items = [(k, img, y % 2) for k, img, y in random_images(4, seed=5)]
+    write_set(tmp_path / "ds", "d", items, len(items), 4, role="id-train", classes=["a", "b"])
+    args = json.dumps(ARGS)
+
+    def pipeline(distill_extra: str = "") -> Path:
+        (tmp_path / "p.yaml").write_text(f"""
+name: names
+cache: cache
+models:
+  - {{model: vits, checkpoint: {world['ckpt']}, model_args: {args}, label: plain}}
+  - model: vits
+    checkpoint: {world['ckpt']}
+    model_args: {args}
+    label: phreg
+    distill: {{data: "{world['data']}", steps: 2, batch_size: 4, size: {SIZE}, resize: {RESIZE}{distill_extra}}}
+datasets: [ds/d.yaml]
+""")
+        return tmp_path / "p.yaml"
+
+    run = run_pipeline(load_pipeline(pipeline()), dry_run=True, echo=lambda s: None)
+    memo = " ".join(f.read_text() for f in (tmp_path / "cache" / ".digests").glob("*.json"))
+    assert "part-000.tar" not in memo and "part-001.tar" not in memo  # the weights are hashed, no shard is
+    assert "unhashed" in run.distill[0].student["checkpoint"]
+    pre = {j.model.label: {f: getattr(j.settings, f) for f in ("size", "resize", "crop_mode", "mean", "std")}
+           for j in run.extract}
+    assert (pre["phreg"]["size"], pre["phreg"]["resize"], pre["phreg"]["crop_mode"]) == (224, 256, "center")
+    assert run.extract[1].settings.model == REG4 and pre["phreg"]["mean"] == pytest.approx(IMAGENET_MEAN)
+    names = {}
+    for extra in ("", ", device: cpu, save_every: 1", ", lr: 0.001"):
+        pl = load_pipeline(pipeline(extra))
+        (job,) = distill_jobs(pl)
+        names[extra] = Path(job.student["checkpoint"]).name
+        planned = extract_jobs(with_students(pl, [job]))
+        assert [j.settings.size for j in planned] == [None, 224]  # plain: the alias's own, resolved when planned
+    assert names[""] == names[", device: cpu, save_every: 1"] != names[", lr: 0.001"]

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
+from ..files import atomic_write, remove_stale
 from ..models import preprocess_for
-from ..files import atomic_write
 from .student import Arch, DistillError
 
 
 def _atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path)
     atomic_write(path, data, DistillError)
 
 

@@ -20,13 +20,15 @@ import timm
 import torch
 
 from .. import __version__
+from ..digests import file_digest
 from ..extract.stream import UnitStream
 from ..identity import Plan
 from ..models import load_model, resolve_device
 from ..settings.distill import DistillSettings
+from ..store.meta import fingerprint
 from .output import command_line, extract_command, read_record, save_checkpoint, save_record
 from .student import DistillError, alias_of, build_student, check_teacher, student_arch, teacher_arch, unlock
-from .teacher import Augment, make_targets, teacher_plan
+from .teacher import Augment, make_targets, targets_identity, teacher_plan
 from .train import Schedule, train
 
 log = logging.getLogger("regcache")
@@ -69,6 +71,15 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
         check_teacher(tarch.create(), s.model, s.size)
     sarch = student_arch(tarch, s.registers)
     p = teacher_plan(s)
+    key = student_key(s, p)
+    record = record_file(s.out)
+    done = read_record(record)
+    if done is not None and done.get("key") == key and s.out.is_file() and \
+            file_digest(s.out) == done.get("checkpoint", {}).get("sha256"):
+        log.info("%s was made with these settings already (%s): nothing to do", s.out, record)
+        losses = list(done.get("losses", []))
+        return DistillResult(checkpoint=s.out, record=record, targets=Path(done["targets"]["path"]), reused=True,
+                             losses=losses, steps=len(losses), command=done["extract"]["command"])
     device = resolve_device(s.device)
     teacher = load_model(s, p.preprocess.size, p.checkpoint).to(device)
     check_teacher(teacher, s.model, p.preprocess.size)
@@ -81,9 +92,7 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
                     s.images, n)
     if n == 0:
         raise DistillError(f"{s.data}: no usable image to train on")
-    sched = Schedule(images=n, batch_size=s.batch_size, steps=s.steps or s.epochs * -(-n // s.batch_size), lr=s.lr,
-                     end_lr=s.end_lr, kind=s.schedule, weight_decay=s.weight_decay, mse_scale=s.mse_scale,
-                     seed=s.seed, precision=s.precision)
+    sched = Schedule.of(s, n)
     run = {"targets": fs.fingerprint, "student": asdict(sarch), "registers": s.registers,
            "unlock": sorted(s.unlock), **sched.to_dict()}
     result = DistillResult(checkpoint=s.out, record=record_file(s.out), targets=fs.path,
@@ -91,12 +100,6 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
                            teacher_seconds=targets.seconds)
     command = extract_command(alias_of(sarch) or sarch.name, sarch.args, s.out, s.data, p.preprocess)
     result.command = command_line(command)
-    done = read_record(result.record)
-    if done is not None and done.get("run") == run and s.out.is_file():
-        log.info("%s was made with these settings already (%s): nothing to do", s.out, result.record)
-        result.reused, result.losses, result.steps = True, list(done.get("losses", [])), sched.steps
-        return result
-
     keys = index["key"].to_numpy(dtype=object)[:n]
     rows = index["row"].to_numpy()[:n]
     images = crops(p, list(keys), s.batch_size)
@@ -111,7 +114,7 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
     result.train_seconds, result.steps, result.losses = time.perf_counter() - t0, sched.steps, losses
     digest = save_checkpoint(student, sarch, p.preprocess.size, s.out)
     save_record(result.record, {
-        "method": PAPER, "run": run, "checkpoint": {"path": str(s.out.resolve()), "sha256": digest},
+        "method": PAPER, "key": key, "run": run, "checkpoint": {"path": str(s.out.resolve()), "sha256": digest},
         "extract": {"command": result.command, "args": command},
         "teacher": {"model": s.model, "timm_name": p.timm_name, "identity": p.identity},
         "data": {"source": s.data, "name": p.dataset.name, "content": p.identity["data"], "images": n,
@@ -124,6 +127,21 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
         "provenance": _provenance(device, result)})
     state_file(s.out).unlink(missing_ok=True)
     return result
+
+
+#: the settings that shape training; with the targets and the architectures they determine the student bit for bit
+TRAINING = ("registers", "unlock", "images", "epochs", "steps", "batch_size", "lr", "end_lr", "schedule",
+            "weight_decay", "mse_scale", "seed", "precision")
+
+
+def student_key(s: DistillSettings, p: Plan) -> dict:
+    """What determines the student, known before any image is read: the targets set's fingerprint (the teacher's
+    identity with its weights' bytes, the data's bytes, the views), the student's architecture and the training
+    settings (not the device, the output or how often state is saved). The record keeps it; a rerun with the same
+    key does nothing, and a pipeline names the checkpoint by its digest."""
+    return {"targets": fingerprint(targets_identity(p, Augment.of(s))),
+            "student": asdict(student_arch(teacher_arch(s), s.registers)),
+            **{f: sorted(getattr(s, f)) if f == "unlock" else getattr(s, f) for f in TRAINING}}
 
 
 def reader(fs, rows: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:

@@ -74,8 +74,9 @@ def covering(ds: Dataset, images: int | None) -> int:
     return len(ds.shards)
 
 
-def teacher_plan(s: DistillSettings) -> Plan:
-    """What the teacher's own ``tokens`` extraction of the covering shards would be (`identity.plan`)."""
+def teacher_plan(s: DistillSettings, read: bool = True) -> Plan:
+    """What the teacher's own ``tokens`` extraction of the covering shards would be (`identity.plan`); ``read``
+    False: shards not hashed yet stay unhashed (a dry run reads no shard)."""
     ds = load_dataset(s.data)
     check_pipes(ds, allow_pipe=False)
     k = covering(ds, s.images)
@@ -85,7 +86,7 @@ def teacher_plan(s: DistillSettings) -> Plan:
                                                           "pos_embed", "size", "resize", "crop_mode", "interpolation",
                                                           "mean", "std", "data", "precision", "dtype", "device",
                                                           "cache")}, features=("tokens",), quiet=True)
-    return plan(x, ds, shard_ids(ds, Path(s.cache) / ".digests"))
+    return plan(x, ds, shard_ids(ds, Path(s.cache) / ".digests", read=read))
 
 
 def targets_identity(p: Plan, aug: Augment) -> dict:

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from ..extract.passes import AUTOCAST
-from ..files import atomic_write
+from ..files import atomic_write, remove_stale
 from ..progress import progress
+from ..settings.distill import DistillSettings
 from .student import DistillError, patch_tokens
 
 
@@ -38,6 +39,13 @@ class Schedule:
     mse_scale: float = 1.0
     seed: int = 0
     precision: str = "fp32"
+
+    @classmethod
+    def of(cls, s: DistillSettings, images: int) -> "Schedule":
+        """The schedule that settings ``s`` ask for over ``images`` images: --steps, else --epochs of them."""
+        return cls(images=images, batch_size=s.batch_size, steps=s.steps or s.epochs * math.ceil(images / s.batch_size),
+                   lr=s.lr, end_lr=s.end_lr, kind=s.schedule, weight_decay=s.weight_decay, mse_scale=s.mse_scale,
+                   seed=s.seed, precision=s.precision)
 
     @property
     def per_epoch(self) -> int:
@@ -86,6 +94,7 @@ def save_state(path: Path, state: dict) -> None:
     """``state`` as ``path``, whole or not at all (`files.atomic_write`)."""
     buf = io.BytesIO()
     torch.save(state, buf)
+    remove_stale(path)
     atomic_write(path, buf.getvalue(), DistillError)
 
 

@@ -54,7 +54,8 @@ class ExtractJob:
         return f"{self.model.label} × {self.dataset.name}"
 
     def facts(self) -> "ModelFacts":
-        """The model's layout and cost at the crop size, from an empty model on the meta device (`models.model_facts`)."""
+        """The model's layout and cost at the crop size, from an empty model on the meta device
+        (`models.model_facts`)."""
         from ..models import model_facts, preprocess_of  # here: validating a pipeline loads no torch, a dry run does
 
         size = self.plan.preprocess.size if self.plan is not None else preprocess_of(self.settings).size
@@ -73,6 +74,7 @@ class ExtractJob:
 def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[ExtractJob]:
     """One job per model × dataset, planned, and marked cached where the cache already holds its set."""
     from ..identity import plan
+    from ..models import preprocess_of
 
     sets = list_feature_sets(pl.cache)
     jobs = []
@@ -80,7 +82,11 @@ def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
         if models and m.label not in models:
             continue
         for d in pl.datasets:
-            job = ExtractJob(m, d, pl.extract_settings(m, d))
+            settings = pl.extract_settings(m, d)
+            if m.teacher is not None:  # a student reads its images as its teacher would, whatever its name's defaults
+                teacher = preprocess_of(settings.model_copy(update={"model": m.teacher["model"]}))
+                settings = settings.model_copy(update=teacher.pinned())
+            job = ExtractJob(m, d, settings)
             ids = shard_ids(d.dataset, pl.cache / ".digests", read=not dry_run)  # a dry run reads no shard
             missing = [s.url for s in ids if s.digest == "missing"]
             unhashed = [s.url for s in ids if s.digest == UNHASHED]

@@ -89,7 +89,7 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
     from .students import distill_jobs, run_distill, with_students  # torch-side: a run's, not a validation's
 
     with pipeline_env(pl):
-        students = distill_jobs(pl, models)
+        students = distill_jobs(pl, models, dry_run)
         pl = with_students(pl, students)
         run = PipelineRun(pl, extract_jobs(pl, models, dry_run), students)
     hook = after_job or (lambda job: None)
@@ -108,7 +108,8 @@ def run_pipeline(pl: Pipeline, stages: tuple[str, ...] = STAGES, models: list[st
         if "extract" in stages:
             unplanned = [j for j in run.extract if j.status == "to do" and j.plan is None]
             if unplanned:
-                raise PipelineError(f"{pl.path}: cannot extract " + "; ".join(f"{j.label} ({j.why})" for j in unplanned))
+                raise PipelineError(f"{pl.path}: cannot extract "
+                                    + "; ".join(f"{j.label} ({j.why})" for j in unplanned))
             for job in run.extract:
                 if job.status == "cached":
                     _verify(job)

@@ -1,8 +1,9 @@
 """The distill stage: post-hoc registers for the models[] entries with a distill block (`regcache.distill`).
 
-Each such entry's checkpoint is kept under the cache root, named by a digest of what determines it (the distill
-settings, the teacher's weights by their bytes, the data by their shards' bytes), so that a rerun, or another
-pipeline asking for the same student, finds it made. The entry's sets are the student's: `with_students` gives
+Each such entry's checkpoint is kept under the cache root, named by a digest of what determines it
+(`distill.student_key`: the teacher's identity with its weights' bytes, the data's bytes, the views, the student's
+architecture and the training settings), so that a rerun, or another pipeline asking for the same student, finds it
+made. The entry's sets are the student's: `with_students` gives
 each distilled entry the student's backbone (timm's register architecture and the checkpoint) before extraction
 is planned, its own backbone kept as ``teacher``.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from ..data import load_dataset, shard_ids
-from ..digests import file_digest
+from ..data import UNHASHED, load_dataset
 from ..distill import distill
-from ..distill.run import record_file
+from ..distill.run import record_file, student_key
 from ..distill.student import alias_of, student_arch, teacher_arch
+from ..distill.teacher import teacher_plan
+from ..distill.train import Schedule
 from ..models import model_facts, preprocess_of
 from ..names import slug
 from ..settings import DistillSettings
@@ -29,6 +31,7 @@ class DistillJob:
     settings: DistillSettings
     student: dict                  # the backbone its sets are extracted with: model, model_args, checkpoint
     status: str = "to do"          # to do | cached | ran
+    why: str = ""                  # what the dry run cannot say yet
 
     @property
     def label(self) -> str:
@@ -46,25 +49,27 @@ class DistillJob:
         return s.views * g, 3 * g
 
 
-def distill_jobs(pl: Pipeline, models: list[str] | None = None) -> list[DistillJob]:
-    """One job per distilled entry: its settings, the checkpoint's place and the student backbone."""
+def distill_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[DistillJob]:
+    """One job per distilled entry: its settings, the checkpoint's place and the student backbone. The checkpoint
+    is named by the digest of `distill.student_key` (everything that determines it), so a changed setting,
+    teacher weight or image makes another; a dry run that finds the data not hashed yet cannot name it."""
     jobs = []
     for m in pl.models:
         if m.distill is None or (models and m.label not in models):
             continue
-        draft = pl.distill_settings(m, pl.cache / "distilled" / "unnamed.safetensors")  # out is named by the rest
-        memo = pl.cache / ".digests"
-        ds = load_dataset(draft.data)
-        key = digest({"settings": draft.model_dump(mode="json", exclude={"out", "quiet", "cache"}),
-                      "checkpoint": file_digest(draft.checkpoint, memo) if draft.checkpoint else None,
-                      "data": ds.content_id(shard_ids(ds, memo))})
-        out = pl.cache / "distilled" / f"{slug(draft.model)}-reg{draft.registers}-{key[:12]}.safetensors"
-        s = draft.model_copy(update={"out": out})
+        draft = pl.distill_settings(m, pl.cache / "distilled" / "unnamed.safetensors")  # named below
+        p = teacher_plan(draft, read=not dry_run)
+        unhashed = any(sid.digest in (UNHASHED, "missing") for sid in p.shards)
+        name = "unhashed" if unhashed else digest(student_key(draft, p))[:12]
+        s = draft.model_copy(update={"out": pl.cache / "distilled" / f"{slug(draft.model)}-reg{draft.registers}-"
+                                                                        f"{name}.safetensors"})
         arch = student_arch(teacher_arch(s), s.registers)
         alias = None if arch.args else alias_of(arch)
-        student = {"model": alias or arch.name, "checkpoint": str(out), **({"model_args": arch.args} if arch.args else {})}
-        done = out.is_file() and record_file(out).is_file()
-        jobs.append(DistillJob(m, s, student, "cached" if done else "to do"))
+        student = {"model": alias or arch.name, "checkpoint": str(s.out),
+                   **({"model_args": arch.args} if arch.args else {})}
+        done = not unhashed and s.out.is_file() and record_file(s.out).is_file()
+        jobs.append(DistillJob(m, s, student, "cached" if done else "to do",
+                               "its data are not hashed yet (a dry run reads no shard)" if unhashed else ""))
     return jobs
 
 
@@ -95,9 +100,9 @@ def plan_lines(jobs: list[DistillJob], tflops: float) -> list[str]:
         if n is None:
             out.append(f"  {j.status:<7} {j.label:<40} ? img (the manifest has no counts)")
             continue
-        steps = s.steps or s.epochs * -(-n // s.batch_size)
+        steps = Schedule.of(s, n).steps
         flop = n * teacher + steps * s.batch_size * step
         out.append(f"  {j.status:<7} {j.label:<40} teacher {n:,} img × {teacher:.1f} GFLOP, student {steps:,} steps "
                    f"× {s.batch_size} × {step:.1f} GFLOP = {flop / 1e6:,.2f} PFLOP "
-                   f"({flop * 1e9 / (tflops * 1e12) / 3600:,.2f} device-hours)")
+                   f"({flop * 1e9 / (tflops * 1e12) / 3600:,.2f} device-hours)" + (f"; {j.why}" if j.why else ""))
     return out

@@ -78,6 +78,8 @@ HOLDOUTS: dict[str, str] = {"random": "--val-fraction of the images, drawn at ra
                             "stratified": "--val-fraction of each class's images (at least one of a class with two "
                                           "or more; DINOv3's split)"}
 DEVICE_HELP = "cpu, cuda, cuda:1, …"
+#: the device a backbone runs on (extract, distill)
+BACKBONE_DEVICE = {"default": "auto", "description": f"{DEVICE_HELP} (auto: cuda if present)."}
 #: stages of a pipeline run, in order
 STAGES: dict[str, str] = {"distill": "post-hoc registers for the models[] entries with a distill block",
                           "extract": "extract what is not cached", "probe": "train and evaluate heads",

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 from pydantic import BeforeValidator, Field, field_validator
 
 from .base import Cli, Meta
-from .choices import DEVICE_HELP, DTYPES, PRECISIONS, literal
+from .choices import BACKBONE_DEVICE, DTYPES, PRECISIONS, literal
 from .extract import Backbone, Cache, Preprocessing
 from .types import Count, NonNegative, Once, Positive, UserPath, split
 
@@ -78,7 +78,7 @@ class DistillSettings(Preprocessing, Backbone):
                                                                          "(autocast): " + "; ".join(
         f"{k}: {v}" for k, v in PRECISIONS.items()) + ".")]
     dtype: Annotated[literal(DTYPES), Field("float16", description="Stored dtype of the teacher's targets.")]
-    device: Annotated[str, Field("auto", description=f"{DEVICE_HELP} (auto: cuda if present).")]
+    device: Annotated[str, Field(**BACKBONE_DEVICE)]
     save_every: Annotated[Count, Field(100, description="Steps between saved training states (a killed run "
                                                         "resumes from the last one).")]
     out: Annotated[UserPath, Cli(short="-o", metavar="FILE"), Field(

@@ -15,9 +15,10 @@ from pydantic import Field, field_validator, model_validator
 from ..features import DEFAULT_FEATURES, FEATURES, LAYER_FEATURES
 from ..registry import MODELS
 from .base import Cli, Meta, Settings, fields, meta
-from .choices import (CROP_MODES, DECODERS, DEVICE_HELP, DTYPES, INTERPOLATIONS, NEURON_AVERAGING, OUTLIER_TOKENS,
-                      PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES, EXTRACT_LAUNCHERS, HANDLERS, literal)
-from .types import Count, FeatureList, Layers, Pairs, PositiveRGB, RGB, UserPath
+from .choices import (BACKBONE_DEVICE, CROP_MODES, DECODERS, DTYPES, EXTRACT_LAUNCHERS, HANDLERS, INTERPOLATIONS,
+                      NEURON_AVERAGING, OUTLIER_TOKENS, PATCH_MODES, POS_EMBED, PRECISIONS, REGISTER_VALUES, ROLES,
+                      literal)
+from .types import RGB, Count, FeatureList, Layers, Pairs, PositiveRGB, UserPath
 
 
 def default_cache_root() -> Path:
@@ -163,7 +164,7 @@ class ExtractSettings(Registers, Preprocessing, Backbone):
     workers: Annotated[Optional[Annotated[int, Field(ge=0)]], Cli(short="-j", show="min(4, cores); 0 on a CPU "
                                                                                   "with 2 cores or fewer"), Field(
         None, description="DataLoader decode workers.")]
-    device: Annotated[str, Field("auto", description=f"{DEVICE_HELP} (auto: cuda if present).")]
+    device: Annotated[str, Field(**BACKBONE_DEVICE)]
     cache: Cache
     store: Annotated[Optional[UserPath], Meta(scope="cli"), Field(
         None, description="Write to this feature-set directory instead of the fingerprinted path under --cache.")]

@@ -11,13 +11,12 @@ from typing import Annotated, Any, Optional, Union
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, create_model, model_validator
 
 from ..ood import SCORERS, make, parse_args, resolve
-
 from .base import Cli, Meta, Settings
 from .choices import BY_C, DEVICE_HELP, HOLDOUTS, INITS, OPTIMIZERS, SOLVERS, literal
 from .extract import Cache
 from .presets import presets_of
-from .types import (Combos, Count, Counts, Ints, Names, NonNegativeFloats, Positive, PositiveFloats, UniquePaths, UserPath,
-                    comma_list, listed, split)
+from .types import (Combos, Count, Counts, Ints, Names, NonNegativeFloats, Positive, PositiveFloats, UniquePaths,
+                    UserPath, comma_list, listed, split)
 
 
 def parse_scorer_args(value: Any) -> Any:
