@@ -4,11 +4,12 @@
                             [--precision fp32] [--images 0] [--steps 20]
 
 Random ViT-S/14 weights (speed does not depend on them), on preloaded random images:
-1. teacher: one image's targets, i.e. --views views through the frozen teacher and their alignment
+1. forward: one image through the plain model (inference), per image, the fastest of --rounds;
+   teacher: one image's targets, i.e. --views views through the frozen teacher and their alignment
    (`teacher.denoised`), per image, the fastest of --rounds;
 2. student: one optimizer step of the paper's DINOv2 recipe (4 registers; position table, patch
    embedding and last block trained; forward, backward, AdamW), per image of the batch, the fastest of
-   --rounds; and the ratio teacher / student per image;
+   --rounds; and the ratios student step / forward and teacher / student per image;
 3. with --images N: a whole `distill` call on N synthetic JPEG images (shards written here, a fresh
    cache) for --steps steps: the wall time of the teacher's targets and of the training, as a user
    waits for them. A full distillation costs about N x teacher + epochs x N x student.
@@ -62,6 +63,11 @@ def main() -> None:
     aug = Augment(views=args.views)
     teacher_s = best_of(args.rounds, lambda: denoised(teacher, images, keys, aug, torch.zeros(3), args.precision)) / b
 
+    def forward() -> None:
+        with torch.inference_mode():
+            teacher.forward_features(images)
+    forward_s = best_of(args.rounds, forward) / b
+
     student = build_student(teacher, Arch("vit_small_patch14_reg4_dinov2"), size, 4, seed=0)
     unlock(student, DEFAULT_UNLOCK)
     pixels = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8)
@@ -84,7 +90,8 @@ def main() -> None:
     print(json.dumps({
         "machine": machine(), "command": command(), "load_average": load_average(), "size": size,
         "views": args.views, "batch_size": b, "precision": args.precision, "rounds": args.rounds,
-        "teacher_s_per_image": round(teacher_s, 4), "student_step_s_per_image": round(student_s, 4),
+        "forward_s_per_image": round(forward_s, 4), "teacher_s_per_image": round(teacher_s, 4),
+        "student_step_s_per_image": round(student_s, 4), "student_step_over_forward": round(student_s / forward_s, 2),
         "teacher_over_student": round(teacher_s / student_s, 2), "whole": whole,
     }, indent=2))
 

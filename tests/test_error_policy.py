@@ -62,3 +62,16 @@ def test_a_model_that_fails_on_the_data_stops_alone_and_a_bug_stops_the_pass(reg
     monkeypatch.setattr(passes._Forward, "__call__", failing(TypeError))
     with pytest.raises(TypeError, match="no luck"):
         extract_many([config(REG, reg_ckpt, data, tmp_path / "c3"), config(NOREG, noreg, data, tmp_path / "c3")])
+
+
+def test_the_command_line_shows_bad_input_in_one_line_and_its_traceback_on_request(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from regcache.cli import main
+
+    args = ["extract", "-m", "vits", "-d", str(tmp_path / "none.yaml"), "--cache", str(tmp_path)]
+    plain = CliRunner().invoke(main, args)
+    assert plain.exit_code == 1 and "Traceback" not in plain.output and plain.output.startswith("Error:")
+    monkeypatch.setenv("REGCACHE_TRACEBACK", "1")
+    shown = CliRunner().invoke(main, args)
+    assert shown.exit_code == 1 and shown.exception is not None and not isinstance(shown.exception, SystemExit)

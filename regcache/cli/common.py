@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import click
@@ -37,12 +38,15 @@ def human_size(n: float) -> str:
 @contextmanager
 def errors() -> Iterator[None]:
     """An expected failure (bad input, a missing set, damaged data) as a one-line error and exit 1, no
-    traceback; a missing set also gets the command that makes it."""
+    traceback; a missing set also gets the command that makes it. REGCACHE_TRACEBACK=1 shows the traceback (a
+    regcache bug that raises one of these types would otherwise read as bad input)."""
     try:
         yield
     except SetNotFound as e:
         raise click.ClickException(f"{e}\n{make_it(e)}") from e
     except (ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("REGCACHE_TRACEBACK"):
+            raise
         raise click.ClickException(str(e)) from e
 
 
