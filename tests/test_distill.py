@@ -446,3 +446,17 @@ datasets: [ds/d.yaml]
         planned = extract_jobs(with_students(pl, [job]))
         assert [j.settings.size for j in planned] == [None, 224]  # plain: the alias's own, resolved when planned
     assert names[""] == names[", device: cpu, save_every: 1"] != names[", lr: 0.001"]
+
+
+def test_no_room_for_the_students_crops_is_an_error_naming_the_folder_and_leaves_no_file(world, tmp_path, monkeypatch):
+    import errno
+
+    import regcache.distill.run as run_module
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(run_module.os, "posix_fallocate", full)
+    s = settings(world, "full/out.safetensors")
+    with pytest.raises(DistillError, match=r"full: no room for the student's 11 crops .*No space left"):
+        distill(s)
+    assert not list(s.out.parent.iterdir())

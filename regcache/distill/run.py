@@ -7,8 +7,11 @@ and record already exist with the same settings is not repeated; a killed one re
 from __future__ import annotations
 
 import logging
+import math
+import os
 import platform
 import socket
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -102,7 +105,7 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
     result.command = command_line(command)
     keys = index["key"].to_numpy(dtype=object)[:n]
     rows = index["row"].to_numpy()[:n]
-    images = crops(p, list(keys), s.batch_size)
+    images = crops(p, list(keys), s.batch_size, s.out.parent)
     student = build_student(teacher, sarch, p.preprocess.size, s.registers, s.seed).to(device)
     del teacher
     trained = unlock(student, s.unlock)
@@ -156,12 +159,22 @@ def reader(fs, rows: np.ndarray) -> Callable[[np.ndarray], torch.Tensor]:
     return read
 
 
-def crops(p: Plan, keys: list[str], batch_size: int) -> torch.Tensor:
+def crops(p: Plan, keys: list[str], batch_size: int, folder: Path) -> torch.Tensor:
     """The uint8 crops [N, 3, S, S] of the samples ``keys`` (in that order): view 0 of the teacher, what the student
-    sees. Read shard by shard until every key is found."""
+    sees. Read shard by shard until every key is found, into an unnamed file in ``folder`` mapped to memory (at
+    ImageNet scale they outgrow RAM: 1.28M crops of 224 px are 193 GB), its space reserved first so that a full
+    disk is an error here, not a crash on a page write later."""
     want = {k: i for i, k in enumerate(keys)}  # not yet found
     size = p.preprocess.size
-    out = torch.empty((len(keys), 3, size, size), dtype=torch.uint8)
+    shape = (len(keys), 3, size, size)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, math.prod(shape))
+        except OSError as e:
+            raise DistillError(f"{folder}: no room for the student's {len(keys):,} crops ({math.prod(shape) / 1e9:.1f} "
+                               f"GB): {e.strerror or e}") from e
+        out = torch.from_numpy(np.memmap(f, dtype=np.uint8, mode="r+", shape=shape))
     for unit in range(len(p.dataset.shards)):
         for batch in UnitStream(p.dataset, [unit], [p.preprocess], batch_size=batch_size).read_unit(unit):
             if batch.end and batch.shard_error:
