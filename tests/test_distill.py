@@ -4,6 +4,7 @@ bit-identical resumption, the cached targets, and what is refused. Tiny random-w
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -460,3 +461,21 @@ def test_no_room_for_the_students_crops_is_an_error_naming_the_folder_and_leaves
     with pytest.raises(DistillError, match=r"full: no room for the student's 11 crops .*No space left"):
         distill(s)
     assert not list(s.out.parent.iterdir())
+
+
+def test_equal_weights_save_to_equal_bytes_whatever_order_safetensors_writes_its_metadata():
+    """safetensors writes metadata in hash order: the same student saved twice had two digests (so two sets)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    from regcache.files import canonical_safetensors
+
+    tensors = {"b": torch.arange(6.0).view(2, 3), "a": torch.ones(3, dtype=torch.float16)}
+    meta = {f"key{i}": "v" * i for i in range(8)}
+    raw = {save(tensors, metadata=dict(reversed(meta.items()))) for _ in range(8)} | {save(tensors, metadata=meta)}
+    assert len({canonical_safetensors(b) for b in raw}) == 1
+    data = canonical_safetensors(raw.pop())
+    path = Path(tempfile.mkdtemp()) / "x.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == meta and all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())

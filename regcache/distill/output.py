@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from ..files import atomic_write, remove_stale
+from ..files import atomic_write, canonical_safetensors, remove_stale
 from ..models import preprocess_for
 from .student import Arch, DistillError
 
@@ -30,8 +30,9 @@ def save_checkpoint(student: torch.nn.Module, arch: Arch, size: int, path: Path)
     """Every weight of ``student`` as ``path`` (metadata: the timm model and its arguments, as `models.local_weights`
     reads them); ``sha256:HEX`` of the file's bytes."""
     sd = {k: v.detach().cpu().contiguous() for k, v in student.state_dict().items()}
-    data = save(sd, metadata={"timm_model": arch.name, "model_args": json.dumps(arch.args, sort_keys=True),
-                              "img_size": str(size), "source": "regcache registers distill (PH-Reg)"})
+    data = canonical_safetensors(save(sd, metadata={
+        "timm_model": arch.name, "model_args": json.dumps(arch.args, sort_keys=True), "img_size": str(size),
+        "source": "regcache registers distill (PH-Reg)"}))
     _atomic(path, data)
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
