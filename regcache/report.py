@@ -2,6 +2,7 @@
 (config.json), and several runs merged into one table."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -22,8 +23,8 @@ def _pct(v: float) -> str:
 
 
 def _run_labels(runs: pd.Series) -> pd.Series:
-    """A run's folder name, or its whole path where two runs share a folder name."""
-    names = {r: Path(r).name for r in runs.unique()}
+    """A run's folder name (pooled runs: the first one's, +N), or its whole path where two share a name."""
+    names = {r: Path(r.split(" + ")[0]).name + (f" +{r.count(' + ')}" if " + " in r else "") for r in runs.unique()}
     clash = len(set(names.values())) < len(names)
     return runs.map(lambda r: r if clash else names[r])
 
@@ -96,21 +97,30 @@ def _columns(frame: pd.DataFrame) -> list[tuple[str, str, str]]:
     return [(s, r, f"{s} ({tag.get(r, r)})") for s, r in pairs]
 
 
-def markdown(results: pd.DataFrame) -> str:
+def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
     """Two tables, as OpenOOD reports: top-1 accuracy (rows model x features; the ID set, then the OOD
     generalisation sets), and OOD detection (rows model x features x scorer; per anomaly set and for the
     means over all of them and over each group, FPR95 / AUROC).
 
-    A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why.
+    A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why;
+    ``pooled`` (rows of runs `pool_seeds` grouped): the mean over the seeds ± their sample standard deviation.
     """
     res = results[results.role != "selection"].copy()
-    if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart
-        res["model"] = res.model + " (" + _run_labels(res.run) + ")"
+    if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart where a model has several
+        several = res.groupby("model").run.transform("nunique") > 1
+        res.loc[several, "model"] = res.model[several] + " (" + _run_labels(res.run)[several] + ")"
     acc, ano = res[res.metric == "top1"], res[res.role == "anomaly"]
     seeds = ",".join(str(s) for s in sorted(set(res.seed)))
+    spread = pooled and res.groupby(["model", "features"]).seed.nunique().max() > 1
+
+    def show(per_seed: pd.Series) -> str:
+        """A cell: the mean over its rows; pooled, the mean over seeds ± their sample standard deviation."""
+        if not spread or per_seed.count() < 2:
+            return _pct(per_seed.mean())
+        return f"{_pct(per_seed.mean())} ± {_pct(per_seed.std(ddof=1))}"
 
     def cell(g: pd.DataFrame, s: str, r: str, m: str, sc: str = "") -> str:
-        return _pct(g[(g.set == s) & (g.role == r) & (g.metric == m) & (g.scorer == sc)].value.mean())
+        return show(g[(g.set == s) & (g.role == r) & (g.metric == m) & (g.scorer == sc)].groupby("seed").value.mean())
 
     acc_cols = _columns(acc)
     out = [f"### Accuracy (top-1, %, seed {seeds})", "",
@@ -122,12 +132,15 @@ def markdown(results: pd.DataFrame) -> str:
         groups = _mean_groups(ano, ano_sets)
 
         def mean_cell(g: pd.DataFrame, members: list[str], scorer: str) -> str:
-            """The mean over exactly these sets, from this row's own cells: empty unless the row has each."""
-            values = [[g[(g.set == s) & (g.metric == m) & (g.scorer == scorer)].value.mean() for s in members]
+            """The mean over exactly these sets, from this row's own cells: empty unless the row has each (pooled:
+            each seed's mean over the sets, then their mean ± standard deviation)."""
+            rows = g[g.set.isin(members) & (g.scorer == scorer)]
+            values = [rows[rows.metric == m].pivot_table(index="seed", columns="set", values="value",
+                                                         aggfunc="mean", dropna=False).reindex(columns=members)
                       for m in ("fpr95", "auroc")]
-            if any(pd.isna(v) for vs in values for v in vs):
+            if any(v.empty or v.isna().any().any() for v in values):
                 return ""
-            return " / ".join(_pct(sum(vs) / len(vs)) for vs in values)
+            return " / ".join(show(v.mean(axis=1)) for v in values)
 
         rows = [[model, f"[{feats.replace(',', ';')}]", scorer,
                  *(f"{cell(g, s, 'anomaly', 'fpr95', scorer)} / {cell(g, s, 'anomaly', 'auroc', scorer)}"
@@ -142,7 +155,9 @@ def markdown(results: pd.DataFrame) -> str:
            "OOD accepted (Hendrycks & Gimpel; Liu et al.). Means are unweighted over sets; near-ood/far-ood group the "
            "sets by their manifest's split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and "
            "the scorers' hyperparameters are in results.parquet."]
-    out += [*_protocol_notes(res), *filter(None, [_merge_note(res)]), *_skipped(res)]
+    pooled_note = (f"Each cell: the mean over seeds {seeds} ± their sample standard deviation (runs that differ "
+                   "only in their seed, pooled)." if spread else None)
+    out += [*_protocol_notes(res), *filter(None, [pooled_note or _merge_note(res)]), *_skipped(res)]
     return "\n\n".join(out) + "\n"
 
 
@@ -191,13 +206,16 @@ class RunRecord(Record):
 
 
 def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = None, plot: bool = False,
-           plot_scorer: str | None = None) -> tuple[str, Path | None]:
+           plot_scorer: str | None = None, pooled: bool = False) -> tuple[str, Path | None]:
     """`regcache report`: several runs in one table (Markdown), and with ``out`` (a new or empty directory)
     report.md, results.parquet and results.csv (and with ``plot`` report.png, `plots.plot_report`), written whole
-    or not at all. Returns the text and ``out``."""
+    or not at all; ``pooled``: runs that differ only in their seed as one row, mean ± sd (`pool_seeds`). Returns
+    the text and ``out``."""
     check_out(out)
     df = merge(runs)
-    text = markdown(df)
+    if pooled:
+        df = pool_seeds(df)
+    text = markdown(df, pooled)
     if out is None:
         return text, None
 
@@ -231,6 +249,35 @@ def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
         df.insert(0, "run", str(p.parent))
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+#: settings that do not change what a run measures (where it writes, how it shows progress, where it runs)
+NOT_MEASURED = ("seed", "out", "quiet", "plots", "device", "cache")
+
+
+def pool_seeds(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (`merge`) with the runs that differ only in their seed as one: ``run`` becomes the group's runs and
+    ``seed`` says which draw each row is. Runs that differ in any other setting or in any set they read stay
+    apart; two runs of one seed in a group are refused, since they are not independent draws."""
+    groups: dict[str, list[str]] = {}
+    for run in dict.fromkeys(df.run):
+        f = Path(run) / "config.json"
+        if not f.is_file():
+            raise ValueError(f"{run}: no config.json, so what it shares with the other runs is unknown: pool runs "
+                             "written by regcache probe")
+        rec = RunRecord.read(f, "run record")
+        key = json.dumps({"settings": {k: v for k, v in rec.settings.items() if k not in NOT_MEASURED},
+                          "sets": [(u.role, u.name, u.fingerprint, u.content) for u in rec.sets]}, sort_keys=True)
+        groups.setdefault(key, []).append(run)
+    out = df.copy()
+    for runs in groups.values():
+        seeds = df[df.run.isin(runs)].groupby("run").seed.first()
+        if seeds.duplicated().any():
+            twice = seeds[seeds.duplicated(keep=False)]
+            raise ValueError(f"runs {', '.join(twice.index)} have the same seed {twice.iloc[0]} and the same "
+                             "settings: pooled they would count one draw twice")
+        out.loc[out.run.isin(runs), "run"] = " + ".join(runs)
+    return out
 
 
 def _set_contents(run: Path) -> dict[str, str]:

@@ -362,3 +362,26 @@ def test_report_says_when_it_merges_rows(caches, tmp_path):
     assert r.exit_code == 0 and "merged 2 rows per cell" in r.output and "seed" in r.output, r.output
     values = both[(both.role == "id")].value
     assert f"{100 * values.mean():.2f}" in r.output
+
+
+def test_report_pools_runs_that_differ_only_in_their_seed_as_mean_and_sample_sd(caches, tmp_path):
+    """--pool-seeds: one row per group of runs that differ only in --seed, each cell the mean ± the sample standard
+    deviation over the seeds (statistics.stdev here); another lr stays apart; a seed twice is refused."""
+    import statistics
+
+    runs = []
+    for seed, lr in (("0", "0.1"), ("1", "0.1"), ("2", "0.1"), ("0", "0.05")):
+        out = tmp_path / f"s{seed}-lr{lr}"
+        assert probe(caches, out, "--val", "val", "--test", "test", "--seed", seed, lr=lr).exit_code == 0
+        runs.append(str(out))
+    r = CliRunner().invoke(main, ["report", "--pool-seeds", *runs])
+    assert r.exit_code == 0, r.output
+    top1 = [100 * id_top1(Path(run)) for run in runs[:3]]
+    assert len(set(top1)) > 1  # the seeds drew differently, so the spread is not 0 by construction
+    assert f"| {statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f} |" in r.output, r.output
+    assert f"| {100 * id_top1(Path(runs[3])):.2f} |" in r.output  # lr 0.05: its own row, one seed, no spread
+    assert "mean over seeds 0,1,2 ± their sample standard deviation" in r.output
+    again = tmp_path / "s0-again"
+    assert probe(caches, again, "--val", "val", "--test", "test", "--seed", "0").exit_code == 0
+    r = CliRunner().invoke(main, ["report", "--pool-seeds", runs[0], str(again), runs[1]])
+    assert r.exit_code == 1 and "same seed 0" in r.output and "count one draw twice" in r.output, r.output

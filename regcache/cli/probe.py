@@ -90,7 +90,7 @@ def report(**given):
 
     s = settings(ReportSettings, given)
     with errors():
-        text, out = run(s.runs, s.out, s.plot, s.plot_scorer)
+        text, out = run(s.runs, s.out, s.plot, s.plot_scorer, s.pool_seeds)
     click.echo(text)
     if out is not None:
         click.echo(f"written to {out}")

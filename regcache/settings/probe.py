@@ -263,6 +263,10 @@ class ReportSettings(Settings):
                                                    "(the paper's Table I as a picture).")]
     plot_scorer: Annotated[Optional[str], Cli(show="the runs' first"), Field(
         None, description="The scorer whose AUROC and FPR95 --plot draws.")]
+    pool_seeds: Annotated[bool, Field(False, description=(
+        "Runs that differ only in their --seed are one row: each cell is the mean over the seeds ± their sample "
+        "standard deviation. Runs that differ in any other setting or set stay apart; two runs of one seed with "
+        "the same settings are refused (not independent draws)."))]
 
     @model_validator(mode="after")
     def _plot_needs_out(self):
