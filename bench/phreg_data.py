@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from regcache.demo import fashion_mnist, per_class
-from regcache.shards import write_shards
+from regcache.shards import write_set
 
 
 def main() -> None:
@@ -22,14 +22,12 @@ def main() -> None:
     a = ap.parse_args()
     x, y = fashion_mnist("train", a.sources)
     idx = per_class(y, a.per_class, a.skip)
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_shards(((f"fm-train-{i:05d}", x[i], None) for i in idx), str(a.out / "phreg-%03d.tar"), 500)
     n = len(idx)
-    shards = -(-n // 500)
-    (a.out / "phreg.yaml").write_text(f"name: phreg-fmnist\nrole: anomaly\nshards: phreg-{{000..{shards - 1:03d}}}.tar\n"
-                                      f"description: {n} unlabelled Fashion-MNIST training images, each class's "
-                                      f"images {a.skip}..{a.skip + a.per_class - 1} (the demo uses the first)\n")
-    print(f"{n} images in {shards} shards: {a.out / 'phreg.yaml'}")
+    about = (f"{n} unlabelled Fashion-MNIST training images, each class's images {a.skip}..{a.skip + a.per_class - 1} "
+             "(the demo uses the first)")
+    manifest = write_set(a.out, "phreg-fmnist", ((f"fm-train-{i:05d}", x[i], None) for i in idx), n, 500,
+                         role="anomaly", description=about)
+    print(f"{n} images: {manifest}")
 
 
 if __name__ == "__main__":
