@@ -268,6 +268,21 @@ def local_weights(arch: str | None = None) -> list[tuple[Path, str | None]]:
     return out
 
 
+def trained_size(path: str | Path) -> int | None:
+    """The crop size a checkpoint records it was trained at (``img_size`` metadata, as `regcache registers distill`
+    writes it); None when it records none."""
+    from safetensors import SafetensorError, safe_open
+
+    if Path(path).suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            size = (f.metadata() or {}).get("img_size")
+    except (SafetensorError, OSError):
+        return None
+    return int(size) if size and size.isdigit() else None
+
+
 def load_model(b: Backbone, img_size: int, checkpoint_digest: str | None = None) -> torch.nn.Module:
     """A frozen eval-mode timm ViT at ``img_size`` with hub weights, ``b.checkpoint``, or seeded random ones.
 
@@ -297,6 +312,11 @@ def load_model(b: Backbone, img_size: int, checkpoint_digest: str | None = None)
         load_pretrained(model, num_classes=0, filter_fn=_dinov2_filter(model))
     elif b.checkpoint is not None:
         loaded = load_checkpoint(model, b.checkpoint, _dinov2_filter(model) if dinov2 else "timm")
+        trained = trained_size(b.checkpoint)
+        if trained is not None and trained != img_size:
+            log.warning("%s was trained at %d px and runs here at %d (its position table resampled): its "
+                        "registers and position table were fit at %d; give --size %d to use it as trained",
+                        b.checkpoint, trained, img_size, trained, trained)
         if checkpoint_digest is not None and loaded != checkpoint_digest:
             raise ModelError(f"checkpoint {b.checkpoint} changed after this run was planned: its bytes are "
                              f"{loaded[:19]}…, the run was planned for {checkpoint_digest[:19]}…; run the command "

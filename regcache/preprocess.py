@@ -16,6 +16,7 @@ from torchvision import transforms as T
 
 from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS, PAPER_EVAL, ModelError, resolve_name
 from .settings import Preprocessing
+from .settings.choices import DEVICE_HELP
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,19 @@ def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto``: cuda if present, else cpu."""
+    """``auto``: cuda if present, else cpu; any other name must be a torch device, and a CUDA one must be here
+    (found out later, a run would have made its sets first)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ModelError(f"unknown device {device!r} ({DEVICE_HELP})") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise ModelError(f"device {device!r}: torch finds {found} CUDA device{'s' * (found != 1)} here; "
+                         "give --device cpu, or auto")
+    return d
 
 
 #: the decoder behind `decode: device` on each kind of device: they give different pixels, so the identity names it

@@ -155,8 +155,17 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
            "OOD accepted (Hendrycks & Gimpel; Liu et al.). Means are unweighted over sets; near-ood/far-ood group the "
            "sets by their manifest's split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and "
            "the scorers' hyperparameters are in results.parquet."]
-    pooled_note = (f"Each cell: the mean over seeds {seeds} ± their sample standard deviation (runs that differ "
-                   "only in their seed, pooled)." if spread else None)
+    pooled_note = None
+    if spread:
+        pooled_note = (f"Each cell: the mean over seeds {seeds} ± their sample standard deviation (runs that differ "
+                       "only in their seed, pooled): the spread of what a seed draws (held-out part, initialisation, "
+                       "batches), not the test sets' own sampling error")
+        ids = acc[acc.role == "id"]
+        if len(ids):
+            p, n = float(ids.value.mean()), int(ids.n.iloc[0])
+            pooled_note += (f", which for a top-1 of {100 * p:.0f} % on {ids.set.iloc[0]}'s {n:,} images is "
+                            f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (binomial standard error)")
+        pooled_note += "."
     out += [*_protocol_notes(res), *filter(None, [pooled_note or _merge_note(res)]), *_skipped(res)]
     return "\n\n".join(out) + "\n"
 

@@ -117,6 +117,9 @@ class Cache:
             sources = sorted({fs.meta.dataset.source for fs in self.sets if dataset in fs.names()})
             names = sorted({n for fs in ours for n in fs.names()})
             have = "" if not ours else f" (the model's sets: {', '.join(names)})"
+            if model and not ours:  # no set of this model at all: more likely a typo of the model than the set
+                models = sorted({fs.meta.model.name for fs in self.sets})
+                have = f"; no set under it is of a model named {model!r}{did_you_mean(model, models)}"
             raise SetNotFound(f"no complete feature set of {dataset!r}{did_you_mean(dataset, names)} for {model!r} "
                               f"with {','.join(features)} under {self.root}{have}", dataset, model or "", features,
                               ours, sources)

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -183,7 +184,7 @@ def test_unlock_names_are_the_settings_choices():
     assert abs(float(reg.std()) - 48 ** -0.5) < 0.03  # N(0, 1/D)
 
 
-def test_training_trains_the_unlocked_weights_only_and_the_checkpoint_is_the_student(world, tmp_path):
+def test_training_trains_the_unlocked_weights_only_and_the_checkpoint_is_the_student(world, tmp_path, caplog):
     teacher = teacher_model(world)
     student = build_student(teacher, Arch(REG4, ARGS), SIZE, 4, seed=0)
     trained = unlock(student, ["pos_embed", "patch_embed", "last_block"])
@@ -210,10 +211,14 @@ def test_training_trains_the_unlocked_weights_only_and_the_checkpoint_is_the_stu
         want = student.eval().forward_features(x)
         timm_model = timm.create_model(REG4, pretrained=False, num_classes=0, img_size=SIZE, **ARGS).eval()
         timm_model.load_state_dict(load_file(str(out)), strict=True)
-        ours = load_model(Backbone(model="vits_reg", checkpoint=out, model_args=ARGS), SIZE)
+        with caplog.at_level("WARNING", logger="regcache"):
+            ours = load_model(Backbone(model="vits_reg", checkpoint=out, model_args=ARGS), SIZE)
+        assert not caplog.records
         assert torch.equal(timm_model.forward_features(x), want)
         assert torch.equal(ours.forward_features(x), want)
-        bigger = load_model(Backbone(model="vits_reg", checkpoint=out, model_args=ARGS), 84)  # resampled table
+        with caplog.at_level("WARNING", logger="regcache"):
+            bigger = load_model(Backbone(model="vits_reg", checkpoint=out, model_args=ARGS), 84)  # resampled table
+        assert f"trained at {SIZE} px and runs here at 84" in caplog.text  # said, not silent
         assert bigger.pos_embed.shape[1] == 36 and bigger.forward_features(torch.randn(1, 3, 84, 84)).isfinite().all()
 
 
@@ -332,6 +337,8 @@ def test_the_command_distills_and_its_extract_command_reads_the_student(world, t
     assert r.exit_code == 0, r.output
     got, = list_feature_sets(tmp_path / "x")
     assert got.layout.num_reg == 4 and len(got.index) == 11
+    listed = json.loads(CliRunner().invoke(main, ["ls", "--json", "--cache", str(tmp_path / "x")]).output)
+    assert listed["model"] == "vits_reg (cli.safetensors)" and listed["checkpoint"] == str(out.resolve())
     bad = CliRunner().invoke(main, [*args[:-3], "-o", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2 and "--out" in bad.output
 
@@ -378,6 +385,9 @@ probes:
     assert sets["phreg"].identity["checkpoint"].startswith("sha256:")
     combos = {j.model.label: [",".join(c) for c in j.settings.features] for j in run.probes}
     assert combos == {"plain": ["cls"], "phreg": ["cls", "cls,reg"]}
+    # a student's numbers name its checkpoint, never the bare register model's name
+    models = {j.model.label: set(pd.read_parquet(j.run / "results.parquet").model) for j in run.probes}
+    assert models == {"plain": {f"{NOREG} (teacher.safetensors)"}, "phreg": {f"{REG4} ({Path(ckpt).name})"}}
     again = run_pipeline(load_pipeline(tmp_path / "p.yaml"), progress=False, echo=lambda s: None)
     assert [j.status for j in again.distill] == ["cached"]
     assert {j.status for j in again.extract} == {"cached"} and {j.status for j in again.probes} == {"cached"}

@@ -9,7 +9,7 @@ from regcache.data import SampleError
 from regcache.extract import extract, extract_many
 from regcache.store import FeatureSet
 
-from conftest import NOREG, REG, config, make_checkpoint, make_shards
+from conftest import NOREG, REG, RESIZE, SIZE, config, make_checkpoint, make_shards
 from test_extract import png, write_raw
 
 
@@ -75,3 +75,21 @@ def test_the_command_line_shows_bad_input_in_one_line_and_its_traceback_on_reque
     monkeypatch.setenv("REGCACHE_TRACEBACK", "1")
     shown = CliRunner().invoke(main, args)
     assert shown.exit_code == 1 and shown.exception is not None and not isinstance(shown.exception, SystemExit)
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_set_is_made(reg_ckpt, tmp_path):
+    """--device gpu was a torch traceback, and --device cuda without a GPU left an empty 0/1 set behind."""
+    import torch
+    from click.testing import CliRunner
+
+    from regcache.cli import main
+
+    shards = make_shards(tmp_path / "s", n_shards=1, per_shard=4)
+    base = ["extract", "-m", REG, "--checkpoint", str(reg_ckpt), "-d", shards, "--size", str(SIZE), "--resize",
+            str(RESIZE), "--cache", str(tmp_path / "c"), "-q"]
+    r = CliRunner().invoke(main, [*base, "--device", "gpu"])
+    assert r.exit_code == 1 and "unknown device 'gpu' (cpu, cuda" in r.output, r.output
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, [*base, "--device", "cuda"])
+        assert r.exit_code == 1 and "torch finds 0 CUDA devices" in r.output, r.output
+    assert not list((tmp_path / "c").rglob("regcache.json"))

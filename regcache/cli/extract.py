@@ -116,9 +116,10 @@ def models_cmd():
     click.echo("Any other timm ViT name (arch or arch.tag) works as is, at timm's own input size.")
 
 
-@main.group(short_help="Test-time registers for a ViT trained without them: find their neurons.")
+@main.group(short_help="Registers for a ViT without them: find (test-time), distill (PH-Reg).")
 def registers():
-    """Test-time registers (Jiang et al. 2025) for a ViT trained without registers."""
+    """Registers for a ViT trained without them: test-time registers (Jiang et al. 2025; `find` their neurons, then
+    extract with --test-time-registers) or post-hoc registers (PH-Reg, Chen et al. 2025; `distill` a student)."""
 
 
 @registers.command("find")

@@ -158,6 +158,7 @@ def extract_many(settings: Sequence[ExtractSettings]) -> list[ExtractResult]:
     if s0.finalize:
         found = None if s0.store else (shard_ids(ds, Path(s0.cache) / ".digests"), list_feature_sets(s0.cache))
         return [_finalize_only(s, ds, t0, found) for s in settings]
+    resolve_device(s0.device)  # an unknown or absent device is refused before any set is made
     for s in settings:
         resolve_name(s.model)  # an unknown name lists the aliases, before any data are read
     check_shards_exist(ds)

@@ -270,12 +270,15 @@ def write_report(run: PipelineRun) -> Path:
     parts = [f"# {pl.name}\n\nPipeline {pl.path} (sha256 {pl.text_sha256[:12]})"
              + (f", overrides {json.dumps(pl.overrides)}" if pl.overrides else "") + "."]
     for table in pl.tables:
-        done = {str(j.run): j.model.label for j in run.probes
+        done = {str(j.run): j.model for j in run.probes
                 if j.block.name == table and j.run and (j.run / "job.json").is_file()}
         if not done:
             continue
         df = merge(done)
-        df["model"] = df.run.map(done)  # the pipeline's label: two entries of one model stay apart
+        # a label the entry gives keeps two entries of one model apart; else the run's own name for its model,
+        # which names a checkpoint that is not the model's own weights (a student is never its teacher's name)
+        df["model"] = [m.label if m.label != (m.teacher or m.source)["model"] else own
+                       for m, own in zip(df.run.map(done), df.model)]
         keys = ["model", "features", "set", "metric", "scorer", "role"]
         if not df[df.role != "selection"].duplicated(keys).any():  # one run per model: rows by model, not run
             df = df.drop(columns="run")

@@ -143,6 +143,7 @@ def knn(s: "KnnSettings") -> Table:
 
     check_out(s.out)
     train, tests, num_classes, sets = _sets(s)
+    model = sets.train.fs.meta.model.label(s.model)  # with the checkpoint's file where it is not the name's own
     if max(s.k) > len(train):
         raise ProbeError(f"k={max(s.k)} neighbours, but {s.train} has {len(train)} training rows (view 0): "
                          f"give k at most {len(train)}")
@@ -154,7 +155,7 @@ def knn(s: "KnnSettings") -> Table:
                                 s.temperature, s.device)
             for k, sc in scores.items():
                 for metric, kk in _top(t, num_classes):
-                    rows.append({"model": s.model, "features": ",".join(combo), "set": t.name, "role": role,
+                    rows.append({"model": model, "features": ",".join(combo), "set": t.name, "role": role,
                                  "k": k, "temperature": s.temperature, "metric": metric,
                                  "value": topk_accuracy(sc, t.labels, kk, t.subset), "n": len(t),
                                  "train_rows": len(train)})
@@ -171,6 +172,7 @@ def fewshot(s: "FewshotSettings") -> Table:
 
     check_out(s.out)
     train, tests, num_classes, sets = _sets(s)
+    model = sets.train.fs.meta.model.label(s.model)  # with the checkpoint's file where it is not the name's own
     rows = []
     work = [(combo, role, t) for combo in s.features for role, t in tests]
     bar = progress(total=len(work) * len(s.shots) * len(s.seeds), desc="fewshot", unit="fit", disable=s.quiet)
@@ -179,7 +181,7 @@ def fewshot(s: "FewshotSettings") -> Table:
             for metric in ("top1", "top5", "mean_per_class_recall"):
                 if metric == "top5" and ("top5", 5) not in _top(t, num_classes):
                     continue
-                rows.append({"model": s.model, "features": ",".join(combo), "set": t.name, "role": role,
+                rows.append({"model": model, "features": ",".join(combo), "set": t.name, "role": role,
                              "shots": r["shots"], "seed": r["seed"], "C": s.C, "metric": metric,
                              "value": r[metric], "n": len(t), "train_rows": r["train_rows"]})
     bar.close()

@@ -126,7 +126,8 @@ def _load(s: ProbeSettings, sets: RunSets, union: Sequence[str]) -> _Data:
                  val, _bank(train), _groups(sets.anomaly))
 
 
-def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: list[Row], protocol: dict):
+def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: list[Row], protocol: dict,
+                  model: str):
     import pandas as pd
 
     scores: dict = {}
@@ -134,7 +135,7 @@ def _evaluate_all(s: ProbeSettings, heads: Sequence[Head], data: _Data, rows: li
         rows = rows + evaluate(head, data.test, data.ood_gen, data.anomalies, s.scorers, data.bank,
                                s.scorer_args, scores, s.device, data.groups)
     df = pd.DataFrame([asdict(r) for r in rows])
-    df.insert(0, "model", s.model)
+    df.insert(0, "model", model)  # with the checkpoint's file where it is not the name's own weights
     df["seed"] = s.seed
     # the protocol travels with every number, so that `report` can state it for merged runs too
     df["selection_set"] = protocol.get("selection_set") or ""
@@ -229,7 +230,8 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
     if s.refit:
         heads = refit(heads, data.train, data.val, data.num_classes, s)
         protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
-    df, scores = _evaluate_all(s, list(heads.values()), data, selection, protocol)
+    df, scores = _evaluate_all(s, list(heads.values()), data, selection, protocol,
+                               sets.train.fs.meta.model.label(s.model))
     warnings = []
     if s.augmented and len(protocol["train_views"]) < 2:
         warnings.append(f"the protocol trains on augmented views, but {s.train} holds the plain crop only "
@@ -309,7 +311,7 @@ def score(ss: ScoreSettings) -> ProbeResult:
     data = _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
                  [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, bank=bank,
                  groups=_groups(sets.anomaly))
-    df, scores = _evaluate_all(s, heads, data, [], record.protocol)
+    df, scores = _evaluate_all(s, heads, data, [], record.protocol, sets.train.fs.meta.model.label(s.model))
     result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol, id_classes)
     result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scores(d, result))
     record_run(s.cache, result.out, [n.fs.path for _, n in sets.items()])

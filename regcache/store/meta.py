@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from ..features import FEATURES, TokenLayout
 from ..names import slug
+from ..registry import MODELS
 
 #: 4: unit records bound to their set and unit, files with their chunks' crc32c, tables with page checksums and a
 #: content digest, the identity from each shard's full sha256; 3: typed record, sampled shard digests (read only)
@@ -109,6 +110,15 @@ class ModelRecord(Record):
     timm_name: str
     checkpoint: Optional[str] = None
     test_time_registers: Optional[dict[str, Any]] = None  # file, digest, k, patches, neurons
+
+    def label(self, typed: str | None = None) -> str:
+        """``typed`` (the name a command was given; default the recorded one) with the checkpoint's file name
+        where the weights are a file the name does not imply (a distilled student, fine-tuned weights), so that
+        such a set never reads as the hub's model in a listing or a table."""
+        alias = MODELS.get(self.name)
+        own = alias.weights if alias is not None else None
+        file = Path(self.checkpoint).name if self.checkpoint else None
+        return f"{typed or self.name} ({file})" if file and file != own else typed or self.name
 
 
 class Provenance(Record):
