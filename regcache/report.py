@@ -151,10 +151,11 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
                            *(f"{name} ({len(m)} set{'s' if len(m) > 1 else ''})" for name, m in groups.items())], rows)]
     n_of = {(r.set, r.role): r.n for r in res.itertuples()}
     counts = ", ".join(f"{label}: n={n_of[(s, r)]}" for s, r, label in _columns(res[~res.set.str.startswith("mean")]))
-    out = ["\n".join(out), f"Sample counts: {counts}. FPR95: ID positive, threshold keeping 95% of ID, fraction of "
-           "OOD accepted (Hendrycks & Gimpel; Liu et al.). Means are unweighted over sets; near-ood/far-ood group the "
-           "sets by their manifest's split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and "
-           "the scorers' hyperparameters are in results.parquet."]
+    detection = (" FPR95: ID positive, threshold keeping 95% of ID, fraction of OOD accepted (Hendrycks & Gimpel; "
+                 "Liu et al.). Means are unweighted over sets; near-ood/far-ood group the sets by their manifest's "
+                 "split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and the scorers' "
+                 "hyperparameters are in results.parquet." if ano_sets else "")
+    out = ["\n".join(out), f"Sample counts: {counts}.{detection}"]
     pooled_note = None
     if spread:
         pooled_note = (f"Each cell: the mean over seeds {seeds} ± their sample standard deviation (runs that differ "
