@@ -149,8 +149,11 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
         out += ["", f"### OOD detection ({METRIC_LABELS['fpr95']} / {METRIC_LABELS['auroc']}, %, seed {seeds})", "",
                 *md_table(["model", "features", "scorer", *ano_sets,
                            *(f"{name} ({len(m)} set{'s' if len(m) > 1 else ''})" for name, m in groups.items())], rows)]
-    n_of = {(r.set, r.role): r.n for r in res.itertuples()}
-    counts = ", ".join(f"{label}: n={n_of[(s, r)]}" for s, r, label in _columns(res[~res.set.str.startswith("mean")]))
+    n_of: dict = {}
+    for r in res.itertuples():
+        n_of.setdefault((r.set, r.role), set()).add(int(r.n))
+    counts = ", ".join(f"{label}: n={' or '.join(map(str, sorted(n_of[(s, r)])))}"
+                       for s, r, label in _columns(res[~res.set.str.startswith("mean")]))
     detection = (" FPR95: ID positive, threshold keeping 95% of ID, fraction of OOD accepted (Hendrycks & Gimpel; "
                  "Liu et al.). Means are unweighted over sets; near-ood/far-ood group the sets by their manifest's "
                  "split. Every metric (the OOD-positive FPR95 as OpenOOD reports it, AUPR, AP) and the scorers' "
@@ -167,7 +170,11 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
             pooled_note += (f", which for a top-1 of {100 * p:.0f} % on {ids.set.iloc[0]}'s {n:,} images is "
                             f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (binomial standard error)")
         pooled_note += "."
-    out += [*_protocol_notes(res), *filter(None, [pooled_note or _merge_note(res)]), *_skipped(res)]
+    unchecked = results.attrs.get("unchecked")
+    unchecked_note = (f"Not checked: {', '.join(unchecked)} {'has' if len(unchecked) == 1 else 'have'} no run record "
+                      "(config.json), so whether a set of one name holds the same images in every run is unknown."
+                      if unchecked else None)
+    out += [*_protocol_notes(res), *filter(None, [pooled_note or _merge_note(res), unchecked_note]), *_skipped(res)]
     return "\n\n".join(out) + "\n"
 
 
@@ -244,12 +251,14 @@ def report(runs: Iterable[str | os.PathLike], out: str | os.PathLike | None = No
 
 def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
     """The long results of several run directories (or results.parquet files), one table."""
-    frames, seen = [], {}
+    frames, seen, unchecked = [], {}, []
     for r in runs:
         p = Path(r)
         p = p / "results.parquet" if p.is_dir() else p
         if not p.is_file():
             raise FileNotFoundError(f"{r}: no results.parquet")
+        if not (p.parent / "config.json").is_file():
+            unchecked.append(str(r))
         for name, content in _set_contents(p.parent).items():
             first = seen.setdefault(name, (content, p.parent))
             if first[0] != content:
@@ -258,7 +267,10 @@ def merge(runs: Iterable[str | os.PathLike]) -> pd.DataFrame:
         df = pd.read_parquet(p)
         df.insert(0, "run", str(p.parent))
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    out = pd.concat(frames, ignore_index=True)
+    if unchecked and len(frames) > 1:
+        out.attrs["unchecked"] = unchecked
+    return out
 
 
 #: settings that do not change what a run measures (where it writes, how it shows progress, where it runs)

@@ -388,6 +388,8 @@ probes:
     # a student's numbers name its checkpoint, never the bare register model's name
     models = {j.model.label: set(pd.read_parquet(j.run / "results.parquet").model) for j in run.probes}
     assert models == {"plain": {f"{NOREG} (teacher.safetensors)"}, "phreg": {f"{REG4} ({Path(ckpt).name})"}}
+    report = (tmp_path / "out" / "report.md").read_text()  # the entries' labels, tagged with their weights
+    assert "| plain (teacher.safetensors) |" in report and f"| phreg ({Path(ckpt).name}) |" in report, report
     again = run_pipeline(load_pipeline(tmp_path / "p.yaml"), progress=False, echo=lambda s: None)
     assert [j.status for j in again.distill] == ["cached"]
     assert {j.status for j in again.extract} == {"cached"} and {j.status for j in again.probes} == {"cached"}

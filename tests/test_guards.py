@@ -92,6 +92,37 @@ def test_score_and_report_refuse_a_set_extracted_again_from_other_images(sets, r
     assert r.exit_code != 0 and "holds other images" in r.output, r.output
 
 
+def test_report_checks_a_score_output_against_the_runs_it_is_merged_with(sets, reg_ckpt, tmp_path):
+    """score wrote no run record, so report merged its anomaly set with another run's set of the same name over
+    other images, one column, no word (found by a hostile pass); a bare results file is merged with a note."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from conftest import REG, config, make_shards
+    from regcache.cli import main
+    from regcache.extract import extract
+
+    root = tmp_path / "r"
+    shutil.copytree(sets / "cache", root / "cache")
+    extract(config(REG, reg_ckpt, make_shards(tmp_path / "w1", n_shards=1, per_shard=6, seed=3), root / "cache",
+                   name="w", role="anomaly"))
+    assert _probe(root, "--train", "train", "--test", "val", "--anomaly", "w").exit_code == 0
+    (run,) = (root / "runs").iterdir()
+    w2 = extract(config(REG, reg_ckpt, make_shards(tmp_path / "w2", n_shards=1, per_shard=5, seed=4), root / "cache",
+                        name="w", role="anomaly"))
+    r = CliRunner().invoke(main, ["score", str(run), "--anomaly", str(w2.path), "--cache", str(root / "cache"),
+                                  "--out", str(tmp_path / "scored")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["report", str(run), str(tmp_path / "scored")])
+    assert r.exit_code == 1 and "holds other images" in r.output, r.output
+    (tmp_path / "bare").mkdir()
+    shutil.copy(tmp_path / "scored" / "results.parquet", tmp_path / "bare" / "results.parquet")
+    r = CliRunner().invoke(main, ["report", str(run), str(tmp_path / "bare")])
+    assert r.exit_code == 0 and "Not checked: " + str(tmp_path / "bare") in r.output and "n=5 or 6" in r.output, \
+        r.output
+
+
 # --------------------------------------------------------------------------- inputs refused up front
 
 def test_a_class_named_twice_is_refused_in_the_manifest_and_in_the_probe(tmp_path):
@@ -211,3 +242,17 @@ def test_test_time_registers_refuse_gated_mlps():
     with pytest.raises(RegisterError, match="gated MLP"):
         _check_model(model)
     _check_model(VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2))
+
+
+def test_random_weights_are_named_so_in_listings(tmp_path):
+    """A set of timm's random weights was listed (and reported) under the hub model's bare name."""
+    from conftest import NOREG, RESIZE, SIZE, make_shards
+    from regcache.extract import extract
+    from regcache.housekeeping import listing
+    from regcache.settings import ExtractSettings
+
+    data = make_shards(tmp_path / "s", n_shards=1, per_shard=3)
+    extract(ExtractSettings.make({"model": NOREG, "random_init": 7, "model_args": {"depth": 1}, "data": data,
+                                  "cache": tmp_path / "c", "size": SIZE, "resize": RESIZE, "workers": 0, "quiet": True}))
+    (row,) = listing(tmp_path / "c")
+    assert row["model"] == f"{NOREG} (random-init 7)"

@@ -21,6 +21,7 @@ from .. import __version__
 from ..data import MissingShards
 from ..report import markdown, merge
 from ..store import Description, FeatureSet
+from ..store.meta import weights_tag
 from .blocks import STAGES, PipelineError
 from .jobs import ExtractJob, RunJob, analysis_jobs, extract_jobs, passes, probe_jobs
 from .load import Pipeline, pipeline_env
@@ -275,10 +276,10 @@ def write_report(run: PipelineRun) -> Path:
         if not done:
             continue
         df = merge(done)
-        # a label the entry gives keeps two entries of one model apart; else the run's own name for its model,
-        # which names a checkpoint that is not the model's own weights (a student is never its teacher's name)
-        df["model"] = [m.label if m.label != (m.teacher or m.source)["model"] else own
-                       for m, own in zip(df.run.map(done), df.model)]
+        # the entry's label (two entries of one model stay apart), tagged as its sets are where the weights are
+        # not the model's own: a student or a fine-tuned checkpoint never reads as the hub's model
+        df["model"] = df.run.map({r: m.label + weights_tag(m.name, m.source.get("checkpoint"),
+                                                           m.source.get("random_init")) for r, m in done.items()})
         keys = ["model", "features", "set", "metric", "scorer", "role"]
         if not df[df.role != "selection"].duplicated(keys).any():  # one run per model: rows by model, not run
             df = df.drop(columns="run")

@@ -170,6 +170,14 @@ def write_scores(out: Path, result, plots: bool = True) -> None:
             plot_scores(out / "plots", result.scores)
 
 
+def write_scored(out: Path, result, s) -> None:
+    """What `score` leaves: its numbers and config.json (the sets it read, with what they held), so that `report`
+    checks them against the other runs' as it checks probe runs'."""
+    write_scores(out, result)
+    with writing(out / "config.json") as f:
+        f.write_bytes(run_record(result, s).to_json())
+
+
 def write_run(out: Path, result, s) -> None:
     """Everything a probe run leaves: its numbers (`write_scores`), heads.safetensors and config.json."""
     write_scores(out, result, plots=s.plots)
@@ -313,7 +321,7 @@ def score(ss: ScoreSettings) -> ProbeResult:
                  groups=_groups(sets.anomaly))
     df, scores = _evaluate_all(s, heads, data, [], record.protocol, sets.train.fs.meta.model.label(s.model))
     result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol, id_classes)
-    result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scores(d, result))
+    result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scored(d, result, s))
     record_run(s.cache, result.out, [n.fs.path for _, n in sets.items()])
     return result
 

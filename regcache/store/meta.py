@@ -110,15 +110,22 @@ class ModelRecord(Record):
     timm_name: str
     checkpoint: Optional[str] = None
     test_time_registers: Optional[dict[str, Any]] = None  # file, digest, k, patches, neurons
+    random_init: Optional[int] = None  # timm's random weights under this seed (recorded since schema 4's labels)
 
     def label(self, typed: str | None = None) -> str:
-        """``typed`` (the name a command was given; default the recorded one) with the checkpoint's file name
-        where the weights are a file the name does not imply (a distilled student, fine-tuned weights), so that
-        such a set never reads as the hub's model in a listing or a table."""
-        alias = MODELS.get(self.name)
-        own = alias.weights if alias is not None else None
-        file = Path(self.checkpoint).name if self.checkpoint else None
-        return f"{typed or self.name} ({file})" if file and file != own else typed or self.name
+        """``typed`` (the name a command was given; default the recorded one) with `weights_tag`."""
+        return (typed or self.name) + weights_tag(self.name, self.checkpoint, self.random_init)
+
+
+def weights_tag(model: str, checkpoint: str | os.PathLike | None, random_init: int | None = None) -> str:
+    """`` (FILE)`` where the weights are a file the model's name does not imply (a distilled student, fine-tuned
+    weights), `` (random-init SEED)`` for timm's random ones, else nothing: such a set never reads as the hub's
+    model in a listing or a table."""
+    if random_init is not None:
+        return f" (random-init {random_init})"
+    alias = MODELS.get(model)
+    file = Path(checkpoint).name if checkpoint else None
+    return f" ({file})" if file and file != (alias.weights if alias is not None else None) else ""
 
 
 class Provenance(Record):
