@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
@@ -298,3 +299,23 @@ def test_submitit_local_array_per_extraction(tiny):
     assert sorted(fs.index.shard.unique()) == ["tiny-train-000000.tar", "tiny-train-000001.tar"]
     _run(tiny, "out3", overrides=overrides, stages=("extract",))
     assert _statuses(tiny / "out3")["extract"] == ["cached"]
+
+
+def test_the_report_can_open_with_the_blocks_pooled_over_seeds(tiny):
+    """report: {pool_seeds: true}: one table of every block's runs, those differing only in seed pooled, mean ± sd
+    (statistics.stdev here), before the per-block tables."""
+    import statistics
+
+    text = (tiny / "tiny.yaml").read_text()
+    text = text.replace("probes:\n  - name: p\n", "probes:\n  - &p\n    name: p\n")
+    text = text.replace("analyses:\n", "  - {<<: *p, name: q, seed: 1}\nreport: {pool_seeds: true}\nanalyses:\n")
+    (tiny / "seeds.yaml").write_text(text)
+    pl = load_pipeline(tiny / "seeds.yaml", {"vars.OUT": "out-seeds"})
+    run = run_pipeline(pl, progress=False, echo=lambda s: None, stages=("extract", "probe", "report"))
+    report = (tiny / "out-seeds" / "report.md").read_text()
+    assert report.index("## p, q, pooled over seeds") < report.index("## p\n") < report.index("## q\n")
+    top1 = [100 * float(pd.read_parquet(j.run / "results.parquet").query("role == 'id' and features == 'cls'")
+                        .value.iloc[0]) for j in run.probes]
+    pooled = report.split("## p\n")[0]
+    assert f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}" in pooled, (top1, pooled)
+    assert "mean over seeds 0,1 ± their sample standard deviation" in pooled

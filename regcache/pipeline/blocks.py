@@ -89,6 +89,9 @@ AnalysisBlocks = [block(f"{kind.title()}Block", cls, doc=f"An analysis: the sett
 class ReportBlock(Settings):
     tables: Annotated[Names, Field(default_factory=list, description="Probe blocks in the report, in order "
                                                                      "[default: all].")]
+    pool_seeds: Annotated[bool, Field(False, description=(
+        "Open report.md with one table of all its blocks' runs, those that differ only in their seed pooled: "
+        "each cell the mean over the seeds ± their sample standard deviation (regcache report --pool-seeds)."))]
 
 
 class CostBlock(Settings):

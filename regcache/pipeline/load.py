@@ -88,6 +88,7 @@ class Pipeline:
     probes: list[Block]
     analyses: list[Block]
     tables: list[str]              # probe blocks in the report, in order
+    pool_seeds: bool               # the report opens with their runs pooled over seeds
     cost: dict                     # tflops and a label for device-hour estimates
     launcher: dict                 # kind (LAUNCHERS), parts per extraction, submitit parameters
     warnings: list[str] = field(default_factory=list)
@@ -347,8 +348,8 @@ def _build(spec: PipelineFile, file: Path, base: Path, text: str, overrides: dic
         vars=vars_, cache=Path(_path(base, spec.cache)) if spec.cache else default_cache_root(),
         out=Path(_path(base, spec.out)) if spec.out else Path.cwd() / "runs" / "pipelines" / spec.name,
         models=models, datasets=datasets, extract=_paths(spec.extract.given(), ExtractSettings, base), probes=probes,
-        analyses=analyses, tables=tables, cost=spec.cost.model_dump(), launcher=spec.launcher.model_dump(),
-        warnings=warnings)
+        analyses=analyses, tables=tables, pool_seeds=spec.report.pool_seeds, cost=spec.cost.model_dump(),
+        launcher=spec.launcher.model_dump(), warnings=warnings)
 
 
 def _check_settings(pl: Pipeline) -> None:

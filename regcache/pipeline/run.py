@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .. import __version__
 from ..data import MissingShards
-from ..report import markdown, merge
+from ..report import markdown, merge, pool_seeds
 from ..store import Description, FeatureSet
 from ..store.meta import weights_tag
 from .blocks import STAGES, PipelineError
@@ -270,16 +270,25 @@ def write_report(run: PipelineRun) -> Path:
     pl = run.pipeline
     parts = [f"# {pl.name}\n\nPipeline {pl.path} (sha256 {pl.text_sha256[:12]})"
              + (f", overrides {json.dumps(pl.overrides)}" if pl.overrides else "") + "."]
-    for table in pl.tables:
+    def labelled(blocks: list[str]):
+        """The finished runs of these blocks merged, each row's model the entry's label, tagged as its sets are
+        where the weights are not the model's own (a student never reads as the hub's model)."""
         done = {str(j.run): j.model for j in run.probes
-                if j.block.name == table and j.run and (j.run / "job.json").is_file()}
+                if j.block.name in blocks and j.run and (j.run / "job.json").is_file()}
         if not done:
-            continue
+            return None
         df = merge(done)
-        # the entry's label (two entries of one model stay apart), tagged as its sets are where the weights are
-        # not the model's own: a student or a fine-tuned checkpoint never reads as the hub's model
         df["model"] = df.run.map({r: m.label + weights_tag(m.name, m.source.get("checkpoint"),
                                                            m.source.get("random_init")) for r, m in done.items()})
+        return df
+
+    pooled = labelled(pl.tables) if pl.pool_seeds else None
+    if pooled is not None:
+        parts.append(f"## {', '.join(pl.tables)}, pooled over seeds\n\n{markdown(pool_seeds(pooled), pooled=True)}")
+    for table in pl.tables:
+        df = labelled([table])
+        if df is None:
+            continue
         keys = ["model", "features", "set", "metric", "scorer", "role"]
         if not df[df.role != "selection"].duplicated(keys).any():  # one run per model: rows by model, not run
             df = df.drop(columns="run")
