@@ -34,18 +34,22 @@ def canonical_safetensors(data: bytes) -> bytes:
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     if len(text) > n:  # the same content in another order is never longer (safetensors writes compact JSON)
         raise ValueError(f"safetensors header of {n} bytes re-serialised to {len(text)}")
     return data[:8] + text.ljust(n) + data[8 + n:]
 
 
-def remove_stale(path: Path) -> None:
-    """Remove what killed writers of ``path`` on this host left aside (`atomic_write`'s temporaries)."""
-    for tmp in path.parent.glob(f".{path.name}.{HOST}.*.tmp"):
-        pid = tmp.name[len(f".{path.name}.{HOST}."):-len(".tmp")]
-        if pid.isdigit() and not alive(int(pid)):
+def remove_stale(folder: Path, pattern: str = ".*.tmp") -> list[Path]:
+    """Remove the temporaries (`atomic_write`'s, matching ``pattern`` in ``folder``) that writers on this host
+    left when they were killed; the removed ones."""
+    gone = []
+    for tmp in folder.glob(pattern):
+        *_, host, pid, _ = tmp.name.rsplit(".", 3)
+        if host == HOST and pid.isdigit() and not alive(int(pid)):
             tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
 
 
 def alive(pid: int) -> bool:

@@ -140,7 +140,8 @@ def listing(root: str | os.PathLike) -> list[dict]:
             counts = {"rows": len(fs.index), "failed": len(fs.errors)}
         except StoreError:  # a table that does not read: named in damage
             counts = {"rows": None, "failed": None}
-        rows.append({"path": str(fs.path), "model": fs.meta.model.label(), "checkpoint": fs.meta.model.checkpoint,
+        rows.append({"path": str(fs.path), "model": fs.meta.model.name, "label": fs.model_label(),
+                     "checkpoint": fs.meta.model.checkpoint,
                      "dataset": list(fs.names()),
                      "features": list(fs.features), **counts,
                      "units": f"{len(fs.committed_units())}/{fs.num_units}", "complete": fs.complete,
@@ -149,7 +150,7 @@ def listing(root: str | os.PathLike) -> list[dict]:
                      "fingerprint": fs.fingerprint,
                      "damaged": [{"file": str(d.path), "reason": d.reason} for d in damage]})
     for path, reason in unreadable:
-        rows.append({"path": str(path), "model": None, "checkpoint": None, "dataset": None, "features": None, "rows": None,
+        rows.append({"path": str(path), "model": None, "label": None, "checkpoint": None, "dataset": None, "features": None, "rows": None,
                      "failed": None, "units": None, "complete": False, "size": None, "resize": None, "crop": None,
                      "decode": None, "precision": None, "bytes": None, "created": None, "fingerprint": None,
                      "damaged": [{"file": str(path / META), "reason": reason}]})

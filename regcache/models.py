@@ -271,7 +271,7 @@ def local_weights(arch: str | None = None) -> list[tuple[Path, str | None]]:
 def trained_size(path: str | Path) -> int | None:
     """The crop size a checkpoint records it was trained at (``img_size`` metadata, as `regcache registers distill`
     writes it); None when it records none."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # as local_weights: the header alone, no torch load
 
     if Path(path).suffix != ".safetensors":
         return None

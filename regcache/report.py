@@ -102,8 +102,9 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
     generalisation sets), and OOD detection (rows model x features x scorer; per anomaly set and for the
     means over all of them and over each group, FPR95 / AUROC).
 
-    A cell that holds several rows (seeds, duplicated runs) shows their mean, and a note says so and why;
-    ``pooled`` (rows of runs `pool_seeds` grouped): the mean over the seeds ± their sample standard deviation.
+    A cell that holds several rows (seeds, duplicated runs) shows the mean over its seeds of each seed's mean,
+    and a note says so and why; ``pooled`` (rows of runs `pool_seeds` grouped): the mean over the seeds ± their
+    sample standard deviation, with the count where a cell has fewer seeds than its table.
     """
     res = results[results.role != "selection"].copy()
     if "run" in res and res.run.nunique() > 1:  # merged runs: keep their rows apart where a model has several
@@ -113,14 +114,18 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
     seeds = ",".join(str(s) for s in sorted(set(res.seed)))
     spread = pooled and res.groupby(["model", "features"]).seed.nunique().max() > 1
 
-    def show(per_seed: pd.Series) -> str:
-        """A cell: the mean over its rows; pooled, the mean over seeds ± their sample standard deviation."""
-        if not spread or per_seed.count() < 2:
+    def show(per_seed: pd.Series, of: int) -> str:
+        """A cell: the mean over its rows; pooled, the mean over seeds ± their sample standard deviation, with
+        the count where the cell has fewer of its row's ``of`` seeds than the note under the table says."""
+        k = per_seed.count()
+        if not spread or k == 0:
             return _pct(per_seed.mean())
-        return f"{_pct(per_seed.mean())} ± {_pct(per_seed.std(ddof=1))}"
+        value = _pct(per_seed.mean()) + (f" ± {_pct(per_seed.std(ddof=1))}" if k > 1 else "")
+        return value if k == len(set(res.seed)) else f"{value} ({k} of {of} seed{'s' * (of > 1)})"
 
     def cell(g: pd.DataFrame, s: str, r: str, m: str, sc: str = "") -> str:
-        return show(g[(g.set == s) & (g.role == r) & (g.metric == m) & (g.scorer == sc)].groupby("seed").value.mean())
+        rows = g[(g.set == s) & (g.role == r) & (g.metric == m) & (g.scorer == sc)]
+        return show(rows.groupby("seed").value.mean(), g.seed.nunique())
 
     acc_cols = _columns(acc)
     out = [f"### Accuracy (top-1, %, seed {seeds})", "",
@@ -140,7 +145,7 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
                       for m in ("fpr95", "auroc")]
             if any(v.empty or v.isna().any().any() for v in values):
                 return ""
-            return " / ".join(show(v.mean(axis=1)) for v in values)
+            return " / ".join(show(v.mean(axis=1), g.seed.nunique()) for v in values)
 
         rows = [[model, f"[{feats.replace(',', ';')}]", scorer,
                  *(f"{cell(g, s, 'anomaly', 'fpr95', scorer)} / {cell(g, s, 'anomaly', 'auroc', scorer)}"
@@ -165,10 +170,13 @@ def markdown(results: pd.DataFrame, pooled: bool = False) -> str:
                        "only in their seed, pooled): the spread of what a seed draws (held-out part, initialisation, "
                        "batches), not the test sets' own sampling error")
         ids = acc[acc.role == "id"]
-        if len(ids):
-            p, n = float(ids.value.mean()), int(ids.n.iloc[0])
-            pooled_note += (f", which for a top-1 of {100 * p:.0f} % on {ids.set.iloc[0]}'s {n:,} images is "
-                            f"{100 * (p * (1 - p) / n) ** 0.5:.1f} points (binomial standard error)")
+        if len(ids):  # per row: its mean top-1 on the ID set, and that set's size
+            first = ids[ids.set == ids.set.iloc[0]]
+            rows = first.groupby(["model", "features"]).agg(p=("value", "mean"), n=("n", "first"))
+            se = sorted({f"{100 * (p * (1 - p) / n) ** 0.5:.1f}" for p, n in rows.itertuples(index=False)}, key=float)
+            pooled_note += (f", which on {first.set.iloc[0]}'s {int(first.n.iloc[0]):,} images is "
+                            f"{'–'.join(dict.fromkeys([se[0], se[-1]]))} points for the rows' top-1 (binomial "
+                            "standard error)")
         pooled_note += "."
     unchecked = results.attrs.get("unchecked")
     unchecked_note = (f"Not checked: {', '.join(unchecked)} {'has' if len(unchecked) == 1 else 'have'} no run record "
@@ -281,6 +289,8 @@ def pool_seeds(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` (`merge`) with the runs that differ only in their seed as one: ``run`` becomes the group's runs and
     ``seed`` says which draw each row is. Runs that differ in any other setting or in any set they read stay
     apart; two runs of one seed in a group are refused, since they are not independent draws."""
+    if "seed" not in df:
+        raise ValueError("these results have no seed column (not written by regcache probe or score): nothing to pool")
     groups: dict[str, list[str]] = {}
     for run in dict.fromkeys(df.run):
         f = Path(run) / "config.json"

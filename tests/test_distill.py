@@ -338,7 +338,8 @@ def test_the_command_distills_and_its_extract_command_reads_the_student(world, t
     got, = list_feature_sets(tmp_path / "x")
     assert got.layout.num_reg == 4 and len(got.index) == 11
     listed = json.loads(CliRunner().invoke(main, ["ls", "--json", "--cache", str(tmp_path / "x")]).output)
-    assert listed["model"] == "vits_reg (cli.safetensors)" and listed["checkpoint"] == str(out.resolve())
+    assert listed["label"] == "vits_reg (cli.safetensors)" and listed["checkpoint"] == str(out.resolve())
+    assert listed["model"] == "vits_reg"  # the name -m takes
     bad = CliRunner().invoke(main, [*args[:-3], "-o", str(tmp_path / "x.pt")])
     assert bad.exit_code == 2 and "--out" in bad.output
 

@@ -255,4 +255,4 @@ def test_random_weights_are_named_so_in_listings(tmp_path):
     extract(ExtractSettings.make({"model": NOREG, "random_init": 7, "model_args": {"depth": 1}, "data": data,
                                   "cache": tmp_path / "c", "size": SIZE, "resize": RESIZE, "workers": 0, "quiet": True}))
     (row,) = listing(tmp_path / "c")
-    assert row["model"] == f"{NOREG} (random-init 7)"
+    assert row["label"] == f"{NOREG} (random-init 7)" and row["model"] == NOREG

@@ -379,9 +379,24 @@ def test_report_pools_runs_that_differ_only_in_their_seed_as_mean_and_sample_sd(
     top1 = [100 * id_top1(Path(run)) for run in runs[:3]]
     assert len(set(top1)) > 1  # the seeds drew differently, so the spread is not 0 by construction
     assert f"| {statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f} |" in r.output, r.output
-    assert f"| {100 * id_top1(Path(runs[3])):.2f} |" in r.output  # lr 0.05: its own row, one seed, no spread
+    assert f"| {100 * id_top1(Path(runs[3])):.2f} (1 of 1 seed) |" in r.output  # lr 0.05: its own row, one seed
     assert "mean over seeds 0,1,2 ± their sample standard deviation" in r.output
     again = tmp_path / "s0-again"
     assert probe(caches, again, "--val", "val", "--test", "test", "--seed", "0").exit_code == 0
     r = CliRunner().invoke(main, ["report", "--pool-seeds", runs[0], str(again), runs[1]])
     assert r.exit_code == 1 and "same seed 0" in r.output and "count one draw twice" in r.output, r.output
+
+
+def test_a_pooled_cell_with_fewer_seeds_than_its_table_says_how_many():
+    """A seed whose value is missing (a skipped scorer) was dropped silently under 'the mean over seeds 0,1,2'."""
+    from regcache.report import markdown
+
+    rows = []
+    for seed, auroc in ((0, 0.7), (1, float("nan")), (2, 0.9)):
+        base = {"model": "m", "features": "cls", "run": "g", "seed": seed, "n": 10, "split": None, "lr": 0.1}
+        rows += [{**base, "set": "t", "role": "id", "metric": "top1", "scorer": "", "value": 0.5 + seed / 10},
+                 {**base, "set": "a", "role": "anomaly", "metric": "auroc", "scorer": "msp", "value": auroc},
+                 {**base, "set": "a", "role": "anomaly", "metric": "fpr95", "scorer": "msp", "value": 0.3}]
+    text = markdown(pd.DataFrame(rows), pooled=True)
+    assert "| 60.00 ± 10.00 |" in text  # every seed: no count
+    assert "30.00 ± 0.00 / 80.00 ± 14.14 (2 of 3 seeds)" in text, text

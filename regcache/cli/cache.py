@@ -35,7 +35,7 @@ def ls(**given):
     table = [head]
     for r in rows:
         cells = ["?" if r[k] is None else ",".join(r[k]) if isinstance(r[k], list) else str(r[k])
-                 for k in ("model", "dataset", "features", "rows", "failed", "units")]
+                 for k in ("label", "dataset", "features", "rows", "failed", "units")]
         crop = "?" if r["size"] is None else (f"{r['size']} of {r['resize']} ({r['crop']}"
                                               f"{', ' + r['decode'] if r['decode'] != 'pil' else ''})")
         where = str(Path(r["path"]).relative_to(s.cache)) + ("  DAMAGED" if r["damaged"] else "")

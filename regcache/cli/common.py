@@ -45,7 +45,7 @@ def errors() -> Iterator[None]:
     except SetNotFound as e:
         raise click.ClickException(f"{e}\n{make_it(e)}") from e
     except (ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("REGCACHE_TRACEBACK"):
+        if os.environ.get("REGCACHE_TRACEBACK", "").lower() in ("1", "true", "yes"):
             raise
         raise click.ClickException(str(e)) from e
 

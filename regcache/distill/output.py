@@ -22,7 +22,7 @@ from .student import Arch, DistillError
 
 def _atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
+    remove_stale(path.parent, f".{path.name}.*.tmp")
     atomic_write(path, data, DistillError)
 
 

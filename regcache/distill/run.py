@@ -98,7 +98,7 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
     sched = Schedule.of(s, n)
     run = {"targets": fs.fingerprint, "student": asdict(sarch), "registers": s.registers,
            "unlock": sorted(s.unlock), **sched.to_dict()}
-    result = DistillResult(checkpoint=s.out, record=record_file(s.out), targets=fs.path,
+    result = DistillResult(checkpoint=s.out, record=record, targets=fs.path,
                            reused_targets=targets.reused, teacher_images=targets.images,
                            teacher_seconds=targets.seconds)
     command = extract_command(alias_of(sarch) or sarch.name, sarch.args, s.out, s.data, p.preprocess)
@@ -170,7 +170,10 @@ def crops(p: Plan, keys: list[str], batch_size: int, folder: Path) -> torch.Tens
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile(dir=folder) as f:
         try:
-            os.posix_fallocate(f.fileno(), 0, math.prod(shape))
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(f.fileno(), 0, math.prod(shape))
+            else:  # macOS: no reservation, the file only grows as crops are written
+                f.truncate(math.prod(shape))
         except OSError as e:
             raise DistillError(f"{folder}: no room for the student's {len(keys):,} crops ({math.prod(shape) / 1e9:.1f} "
                                f"GB): {e.strerror or e}") from e

@@ -94,7 +94,7 @@ def save_state(path: Path, state: dict) -> None:
     """``state`` as ``path``, whole or not at all (`files.atomic_write`)."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    remove_stale(path)
+    remove_stale(path.parent, f".{path.name}.*.tmp")
     atomic_write(path, buf.getvalue(), DistillError)
 
 

@@ -84,7 +84,7 @@ def build_meta(p: Plan) -> dict:
         "features": list(p.features), "layout": p.layout, "dtype": s.dtype,
         "unit_rows": unit_capacity(s, counts), "num_units": len(ds.shards),
         "model": {"name": s.model, "timm_name": p.timm_name, "checkpoint": str(s.checkpoint) if s.checkpoint else None,
-                  "test_time_registers": p.registers, "random_init": s.random_init},
+                  "test_time_registers": p.registers},
         "dataset": {**ds.description(), "labels": ds.labels, "image": list(ds.image_keys),
                     "shards": [ds.shard_name(u) for u in range(len(ds.shards))], "urls": list(ds.shards),
                     "counts": list(ds.counts) if ds.counts else None, "sizes": counts,

@@ -73,7 +73,7 @@ class ExtractJob:
 
 def extract_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = False) -> list[ExtractJob]:
     """One job per model × dataset, planned, and marked cached where the cache already holds its set."""
-    from ..identity import plan
+    from ..identity import plan  # here, as facts(): validating a pipeline loads no torch, planning does
     from ..models import preprocess_of
 
     sets = list_feature_sets(pl.cache)

@@ -1,11 +1,11 @@
 """The distill stage: post-hoc registers for the models[] entries with a distill block (`regcache.distill`).
 
 Each such entry's checkpoint is kept under the cache root, named by a digest of what determines it
-(`distill.student_key`: the teacher's identity with its weights' bytes, the data's bytes, the views, the student's
-architecture and the training settings), so that a rerun, or another pipeline asking for the same student, finds it
-made. The entry's sets are the student's: `with_students` gives
-each distilled entry the student's backbone (timm's register architecture and the checkpoint) before extraction
-is planned, its own backbone kept as ``teacher``.
+(`distill.student_key`: the teacher's identity with its weights' bytes, the data's bytes, the views, the
+student's architecture and the training settings), so that a rerun, or another pipeline asking for the same
+student, finds it made. The entry's sets are the student's: `with_students` gives each distilled entry the
+student's backbone (timm's register architecture and the checkpoint) before extraction is planned, its own
+backbone kept as ``teacher``.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ..models import model_facts, preprocess_of
 from ..names import slug
 from ..settings import DistillSettings
 from .jobs import digest
+from .blocks import PipelineError
 from .load import Model, Pipeline
 
 
@@ -59,7 +60,11 @@ def distill_jobs(pl: Pipeline, models: list[str] | None = None, dry_run: bool = 
             continue
         draft = pl.distill_settings(m, pl.cache / "distilled" / "unnamed.safetensors")  # named below
         p = teacher_plan(draft, read=not dry_run)
-        unhashed = any(sid.digest in (UNHASHED, "missing") for sid in p.shards)
+        missing = [sid.url for sid in p.shards if sid.digest == "missing"]
+        if missing and not dry_run:
+            raise PipelineError(f"{pl.path}: models[{m.label}].distill: {len(missing)} of the data's shards are not "
+                                f"there (e.g. {missing[0]})")
+        unhashed = bool(missing) or any(sid.digest == UNHASHED for sid in p.shards)
         name = "unhashed" if unhashed else digest(student_key(draft, p))[:12]
         s = draft.model_copy(update={"out": pl.cache / "distilled" / f"{slug(draft.model)}-reg{draft.registers}-"
                                                                         f"{name}.safetensors"})

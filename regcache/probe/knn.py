@@ -143,7 +143,7 @@ def knn(s: "KnnSettings") -> Table:
 
     check_out(s.out)
     train, tests, num_classes, sets = _sets(s)
-    model = sets.train.fs.meta.model.label(s.model)  # with the checkpoint's file where it is not the name's own
+    model = sets.train.fs.model_label(s.model)  # with the checkpoint's file where it is not the name's own
     if max(s.k) > len(train):
         raise ProbeError(f"k={max(s.k)} neighbours, but {s.train} has {len(train)} training rows (view 0): "
                          f"give k at most {len(train)}")
@@ -172,7 +172,7 @@ def fewshot(s: "FewshotSettings") -> Table:
 
     check_out(s.out)
     train, tests, num_classes, sets = _sets(s)
-    model = sets.train.fs.meta.model.label(s.model)  # with the checkpoint's file where it is not the name's own
+    model = sets.train.fs.model_label(s.model)  # with the checkpoint's file where it is not the name's own
     rows = []
     work = [(combo, role, t) for combo in s.features for role, t in tests]
     bar = progress(total=len(work) * len(s.shots) * len(s.seeds), desc="fewshot", unit="fit", disable=s.quiet)

@@ -239,7 +239,7 @@ def run_probe(s: ProbeSettings, pins: Mapping[str, "Named | str | Path"] | None 
         heads = refit(heads, data.train, data.val, data.num_classes, s)
         protocol["refit_on"] = f"{data.train.name} + {data.val.name}"
     df, scores = _evaluate_all(s, list(heads.values()), data, selection, protocol,
-                               sets.train.fs.meta.model.label(s.model))
+                               sets.train.fs.model_label(s.model))
     warnings = []
     if s.augmented and len(protocol["train_views"]) < 2:
         warnings.append(f"the protocol trains on augmented views, but {s.train} holds the plain crop only "
@@ -319,7 +319,7 @@ def score(ss: ScoreSettings) -> ProbeResult:
     data = _Data(test, [labelled(n, union, id_classes, num_classes) for n in sets.eval.values()],
                  [load_split(n.fs, union, n.name) for n in sets.anomaly.values()], num_classes, bank=bank,
                  groups=_groups(sets.anomaly))
-    df, scores = _evaluate_all(s, heads, data, [], record.protocol, sets.train.fs.meta.model.label(s.model))
+    df, scores = _evaluate_all(s, heads, data, [], record.protocol, sets.train.fs.model_label(s.model))
     result = ProbeResult(df, {h.features: h for h in heads}, heads, scores, sets, record.protocol, id_classes)
     result.out = publish(ss.out, run / f"score-{stamp()}", lambda d: write_scored(d, result, s))
     record_run(s.cache, result.out, [n.fs.path for _, n in sets.items()])

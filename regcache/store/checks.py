@@ -103,7 +103,8 @@ class Checks:
         recorded, path = self.identity.get("checkpoint"), self.meta.model.checkpoint
         if not recorded:
             seed = self.identity.get("random_init")
-            return [], [f"weights: {'random init, seed ' + str(seed) if seed is not None else 'from the hub, ' + self.identity['model']}: nothing to check"]
+            what = f"random init, seed {seed}" if seed is not None else f"from the hub, {self.identity['model']}"
+            return [], [f"weights: {what}: nothing to check"]
         if not path or not Path(path).is_file():
             return [DamagedFile(Path(path or "checkpoint"), "the checkpoint this set was extracted with is not there "
                                 "(moved or removed): its weights cannot be checked")], []

@@ -110,11 +110,6 @@ class ModelRecord(Record):
     timm_name: str
     checkpoint: Optional[str] = None
     test_time_registers: Optional[dict[str, Any]] = None  # file, digest, k, patches, neurons
-    random_init: Optional[int] = None  # timm's random weights under this seed (recorded since schema 4's labels)
-
-    def label(self, typed: str | None = None) -> str:
-        """``typed`` (the name a command was given; default the recorded one) with `weights_tag`."""
-        return (typed or self.name) + weights_tag(self.name, self.checkpoint, self.random_init)
 
 
 def weights_tag(model: str, checkpoint: str | os.PathLike | None, random_init: int | None = None) -> str:

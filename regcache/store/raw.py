@@ -47,7 +47,8 @@ def _plain(codecs) -> bool:
     """Little-endian bytes (no endianness for one-byte types), then a crc32c or nothing: a codec chain read here."""
     if not isinstance(codecs, list) or not 1 <= len(codecs) <= 2 or codecs[0].get("name") != "bytes":
         return False
-    return codecs[0].get("configuration", {}).get("endian", "little") == "little" and codecs[1:] in ([], [{"name": "crc32c"}])
+    little = codecs[0].get("configuration", {}).get("endian", "little") == "little"
+    return little and codecs[1:] in ([], [{"name": "crc32c"}])
 
 
 class RawShards:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from ..features import TokenLayout
 from .checks import Checks
-from .meta import ARRAYS, INDEX_SCHEMA, NAMES, DamagedFile, Description, SetRecord, StoreError
+from .meta import ARRAYS, INDEX_SCHEMA, NAMES, DamagedFile, Description, SetRecord, StoreError, weights_tag
 from .raw import RawShards, raw_shards
 from .rows import Rows
 from .tables import read_table
@@ -71,6 +71,12 @@ class FeatureReader(Rows, Checks):
             desc = Description.read(f, "dataset description")
             out[desc.name] = desc
         return out
+
+    def model_label(self, typed: str | None = None) -> str:
+        """``typed`` (the model's name as a command was given it; default the recorded one) with `weights_tag`:
+        a set of a checkpoint that is not the name's own weights, or of random ones, never reads as the hub's."""
+        m = self.meta.model
+        return (typed or m.name) + weights_tag(m.name, m.checkpoint, self.identity.get("random_init"))
 
     def description(self, name: str | None = None) -> Description:
         """What the rows mean under ``name`` (default: the creator's name)."""

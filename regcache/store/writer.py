@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..features import FEATURES
-from ..files import HOST, alive, atomic_write
+from ..files import HOST, alive, atomic_write, remove_stale
 from .meta import ARRAYS, META, NAMES, RECORD_SCHEMA, SCHEMA_VERSION, Description, SetRecord, StoreError, fingerprint, slug
 from .tables import parquet_bytes
 
@@ -281,13 +281,7 @@ class UnitWriter:
 
     def remove_stale_temporaries(self) -> list[Path]:
         """Remove the temporary files of writers on this host that are no longer running (killed mid-write)."""
-        gone = []
-        for tmp in [*self.path.glob(".*.tmp"), *(self.path / "units").glob(".*.tmp")]:
-            *_, host, pid, _ = tmp.name.rsplit(".", 3)
-            if host == HOST and pid.isdigit() and not alive(int(pid)):
-                tmp.unlink(missing_ok=True)
-                gone.append(tmp)
-        return gone
+        return [*remove_stale(self.path), *remove_stale(self.path / "units")]
 
     def discard_if_empty(self) -> bool:
         """Remove the set if nothing was written into it (its model failed before its first shard), so that no
