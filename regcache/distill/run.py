@@ -96,8 +96,6 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
     if n == 0:
         raise DistillError(f"{s.data}: no usable image to train on")
     sched = Schedule.of(s, n)
-    run = {"targets": fs.fingerprint, "student": asdict(sarch), "registers": s.registers,
-           "unlock": sorted(s.unlock), **sched.to_dict()}
     result = DistillResult(checkpoint=s.out, record=record, targets=fs.path,
                            reused_targets=targets.reused, teacher_images=targets.images,
                            teacher_seconds=targets.seconds)
@@ -112,12 +110,12 @@ def distill(settings: DistillSettings, on_step: Callable[[int, float], None] | N
     s.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     losses, result.resumed_at = train(student, images, p.preprocess.normalize, reader(fs, rows), sched,
-                                      state_path=state_file(s.out), run=run, save_every=s.save_every,
+                                      state_path=state_file(s.out), run=key, save_every=s.save_every,
                                       device=device, on_step=on_step, quiet=s.quiet)
     result.train_seconds, result.steps, result.losses = time.perf_counter() - t0, sched.steps, losses
     digest = save_checkpoint(student, sarch, p.preprocess.size, s.out)
     save_record(result.record, {
-        "method": PAPER, "key": key, "run": run, "checkpoint": {"path": str(s.out.resolve()), "sha256": digest},
+        "method": PAPER, "key": key, "schedule": sched.to_dict(), "checkpoint": {"path": str(s.out.resolve()), "sha256": digest},
         "extract": {"command": result.command, "args": command},
         "teacher": {"model": s.model, "timm_name": p.timm_name, "identity": p.identity},
         "data": {"source": s.data, "name": p.dataset.name, "content": p.identity["data"], "images": n,
@@ -140,8 +138,9 @@ TRAINING = ("registers", "unlock", "images", "epochs", "steps", "batch_size", "l
 def student_key(s: DistillSettings, p: Plan) -> dict:
     """What determines the student, known before any image is read: the targets set's fingerprint (the teacher's
     identity with its weights' bytes, the data's bytes, the views), the student's architecture and the training
-    settings (not the device, the output or how often state is saved). The record keeps it; a rerun with the same
-    key does nothing, and a pipeline names the checkpoint by its digest."""
+    settings (not the device, the output or how often state is saved). The record keeps it and so does the saved
+    state (a state of another key is refused); a rerun with the same key does nothing, and a pipeline names the
+    checkpoint by its digest."""
     return {"targets": fingerprint(targets_identity(p, Augment.of(s))),
             "student": asdict(student_arch(teacher_arch(s), s.registers)),
             **{f: sorted(getattr(s, f)) if f == "unlock" else getattr(s, f) for f in TRAINING}}
